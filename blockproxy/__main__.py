@@ -1,0 +1,5 @@
+import sys
+
+from blockproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,327 @@
+"""Pure-Python twin of the compiled batch simulator (the reference semantics).
+
+``_fastcore/_fastcore.pyx`` implements exactly the same algorithm, operation for
+operation, so that both give bit-identical results (tested in ``tests/test_sim_diff.py``).
+Change one, change the other.
+
+What is simulated: one vLLM (V1 engine) instance, step by step from *now*, with the new
+request appended to its queue.
+
+* Every step has a token budget (``max_num_batched_tokens``) and a sequence cap
+  (``max_num_seqs``).  Running requests are served first, in admission order: a decode
+  computes one token, an unfinished prefill (or a recompute after preemption) computes a
+  chunk of what remains, as much as the budget allows.  Then waiting requests are admitted
+  FCFS while budget, sequence slots and KV blocks remain; none are admitted in a step
+  that preempted.
+* KV cache: ``num_gpu_blocks`` blocks of ``block_size`` tokens.  A request holds
+  ``ceil(computed_tokens / block_size)`` blocks.  A running request that cannot get the
+  blocks for its next chunk preempts the most recently admitted running request (which
+  may be itself): it frees its blocks, forgets its computed tokens and goes back to the
+  front of the waiting queue (recompute).
+* Prefix caching: on admission, ``cached`` prompt tokens count as already computed (at
+  most ``prompt - 1``: vLLM always computes the last prompt token).
+* A request whose computed tokens reach ``prompt + generated`` samples one output token at
+  the end of that step; it finishes when it reaches its target length (the predicted
+  output length, or ``generated + past_prediction_tokens`` once it is at or past the
+  prediction) and frees its blocks.
+* Step time = ``speed * (fixed + per_prefill_token * prefill_tokens + per_decode_seq *
+  decode_seqs + per_context_token * context_tokens)``, where a decode is a request with
+  output computing only its last sampled token, every other computed token is a prefill
+  token, and ``context_tokens`` sums ``computed + new`` over the scheduled requests.
+* Fast-forward: when every running request is decoding, all fit in the budget and no
+  waiting request can be admitted, the steps up to the one before the next finish (or
+  before the KV cache runs out) are advanced in closed form.
+
+State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``; entries
+``0..n-1`` are the instance's active requests in dispatch order):
+``COL_PROMPT``, ``COL_CACHED``, ``COL_GENERATED``, ``COL_PREDICTED``, ``COL_STARTED``
+(non-zero: admitted by the engine, i.e. in the running set).
+
+``predict()`` returns ``(ttft, e2e, queue_delay, preemptions, peak_blocks, steps)``:
+seconds from now until the new request's first token, until its last token, and until it
+is first scheduled; preemptions during the simulation; the largest number of KV blocks in
+use; engine steps simulated.  A request that can never be served (it does not fit in the
+KV cache) or a simulation longer than ``max_iterations`` loop iterations gives ``inf`` for
+the times not reached.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+COL_PROMPT = 0
+COL_CACHED = 1
+COL_GENERATED = 2
+COL_PREDICTED = 3
+COL_STARTED = 4
+NUM_COLUMNS = 5
+
+#: Largest token count accepted in any field (keeps C's 64-bit sums far from overflow).
+MAX_TOKENS = 1 << 40
+INF = math.inf
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+class InstanceModelPy:
+    """Simulator of one instance: its engine limits and step-time model (pure Python)."""
+
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, num_gpu_blocks: int,
+                 block_size: int, fixed_s: float, per_prefill_token_s: float,
+                 per_decode_seq_s: float, per_context_token_s: float = 0.0,
+                 speed: float = 1.0, past_prediction_tokens: int = 16,
+                 max_iterations: int = 100_000, fast_forward: bool = True) -> None:
+        for name, value in (("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("num_gpu_blocks", num_gpu_blocks), ("block_size", block_size),
+                            ("past_prediction_tokens", past_prediction_tokens),
+                            ("max_iterations", max_iterations)):
+            if value < 1 or value > MAX_TOKENS:
+                raise ValueError(f"{name} must be in [1, 2**40], got {value}")
+        for name, fvalue in (("fixed_s", fixed_s), ("per_prefill_token_s", per_prefill_token_s),
+                             ("per_decode_seq_s", per_decode_seq_s),
+                             ("per_context_token_s", per_context_token_s), ("speed", speed)):
+            if not (fvalue >= 0.0 and math.isfinite(fvalue)):
+                raise ValueError(f"{name} must be a finite non-negative number, got {fvalue}")
+        self.max_num_seqs = int(max_num_seqs)
+        self.max_num_batched_tokens = int(max_num_batched_tokens)
+        self.num_gpu_blocks = int(num_gpu_blocks)
+        self.block_size = int(block_size)
+        self.fixed_s = float(fixed_s)
+        self.per_prefill_token_s = float(per_prefill_token_s)
+        self.per_decode_seq_s = float(per_decode_seq_s)
+        self.per_context_token_s = float(per_context_token_s)
+        self.speed = float(speed)
+        self.past_prediction_tokens = int(past_prediction_tokens)
+        self.max_iterations = int(max_iterations)
+        self.fast_forward = bool(fast_forward)
+
+    def predict(self, state: Any, n: int, new_prompt: int, new_cached: int,
+                new_output: int) -> tuple[float, float, float, int, int, int]:
+        """Simulate the instance holding ``state[:, :n]`` plus one new request."""
+        if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
+            raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
+        cols = state[:NUM_COLUMNS, :n].tolist()
+        prompt_col = cols[COL_PROMPT] + [new_prompt]
+        cached_col = cols[COL_CACHED] + [new_cached]
+        gen_col = cols[COL_GENERATED] + [0]
+        pred_col = cols[COL_PREDICTED] + [new_output]
+        started_col = cols[COL_STARTED] + [0]
+        m = n + 1
+        for col in (prompt_col, cached_col, gen_col, pred_col, started_col):
+            for value in col:
+                if value < 0 or value > MAX_TOKENS:
+                    raise ValueError(f"state values must be in [0, 2**40], got {value}")
+        return self._run(m, prompt_col, cached_col, gen_col, pred_col, started_col)
+
+    def _run(self, m: int, prompt_col: list[int], cached_col: list[int], gen: list[int],
+             pred_col: list[int], started_col: list[int]
+             ) -> tuple[float, float, float, int, int, int]:
+        bs = self.block_size
+        budget_cap = self.max_num_batched_tokens
+        past = self.past_prediction_tokens
+        fixed = self.fixed_s
+        c_prefill = self.per_prefill_token_s
+        c_decode = self.per_decode_seq_s
+        c_context = self.per_context_token_s
+        speed = self.speed
+        new = m - 1
+
+        prompt = [0] * m
+        cached = [0] * m
+        target = [0] * m
+        comp = [0] * m
+        blocks = [0] * m
+        running: list[int] = []
+        waiting: list[int] = []  # front is index 0
+        used = 0
+        for i in range(m):
+            p = prompt_col[i] if prompt_col[i] > 1 else 1
+            prompt[i] = p
+            c = cached_col[i]
+            cached[i] = c if c < p - 1 else p - 1
+            pr = pred_col[i] if pred_col[i] > 1 else 1
+            target[i] = pr if gen[i] < pr else gen[i] + past
+            if started_col[i] != 0:
+                if gen[i] > 0:
+                    comp[i] = p + gen[i] - 1
+                else:
+                    comp[i] = cached[i]
+                blocks[i] = _ceil_div(comp[i], bs)
+                used += blocks[i]
+                running.append(i)
+            else:
+                waiting.append(i)
+        free = self.num_gpu_blocks - used
+        peak = used
+
+        t = 0.0
+        ttft = INF
+        e2e = INF
+        queue_delay = INF
+        preemptions = 0
+        steps = 0
+        iterations = 0
+        sched_idx: list[int] = []
+        sched_new: list[int] = []
+        while iterations < self.max_iterations:
+            iterations += 1
+            # ---- fast-forward a decode-only stretch --------------------------------------
+            n_run = len(running)
+            if self.fast_forward and n_run > 0 and n_run <= budget_cap:
+                all_decode = True
+                k_finish = MAX_TOKENS
+                ctx_sum = 0
+                for r in running:
+                    if gen[r] == 0 or comp[r] != prompt[r] + gen[r] - 1:
+                        all_decode = False
+                        break
+                    left = target[r] - gen[r]
+                    if left < k_finish:
+                        k_finish = left
+                    ctx_sum += comp[r]
+                if all_decode and k_finish > 2:
+                    j = k_finish - 1
+                    if self._decode_blocks_needed(running, comp, blocks, j) > free:
+                        lo = 0
+                        hi = j
+                        while lo < hi:  # largest j with need(j) <= free
+                            mid = (lo + hi + 1) // 2
+                            if self._decode_blocks_needed(running, comp, blocks, mid) <= free:
+                                lo = mid
+                            else:
+                                hi = mid - 1
+                        j = lo
+                    admissible = False
+                    if waiting and n_run < self.max_num_seqs and budget_cap - n_run > 0:
+                        h = waiting[0]
+                        total_h = prompt[h] + gen[h]
+                        comp_h = cached[h] if cached[h] < total_h - 1 else total_h - 1
+                        new_h = total_h - comp_h
+                        if new_h > budget_cap - n_run:
+                            new_h = budget_cap - n_run
+                        free_after_1 = free - self._decode_blocks_needed(running, comp, blocks, 1)
+                        admissible = _ceil_div(comp_h + new_h, bs) <= free_after_1
+                    if j > 1 and not admissible:
+                        need = self._decode_blocks_needed(running, comp, blocks, j)
+                        a = fixed + c_decode * float(n_run) + c_context * float(ctx_sum)
+                        b = c_context * (float(n_run) * float(j * (j + 1) // 2))
+                        t += speed * (float(j) * a + b)
+                        for r in running:
+                            comp[r] += j
+                            gen[r] += j
+                            nb = _ceil_div(comp[r], bs)
+                            if nb > blocks[r]:
+                                blocks[r] = nb
+                        free -= need
+                        if self.num_gpu_blocks - free > peak:
+                            peak = self.num_gpu_blocks - free
+                        steps += j
+                        continue
+            # ---- one engine step ------------------------------------------------------------
+            budget = budget_cap
+            sched_idx.clear()
+            sched_new.clear()
+            preempted = False
+            i = 0
+            while i < len(running) and budget > 0:
+                r = running[i]
+                num_new = prompt[r] + gen[r] - comp[r]
+                if num_new > budget:
+                    num_new = budget
+                need = _ceil_div(comp[r] + num_new, bs) - blocks[r]
+                if need < 0:
+                    need = 0
+                self_preempted = False
+                while need > free:
+                    victim = running.pop()
+                    free += blocks[victim]
+                    blocks[victim] = 0
+                    comp[victim] = 0
+                    waiting.insert(0, victim)
+                    preemptions += 1
+                    preempted = True
+                    if victim == r:
+                        self_preempted = True
+                        break
+                if self_preempted:
+                    break
+                free -= need
+                blocks[r] += need
+                sched_idx.append(r)
+                sched_new.append(num_new)
+                budget -= num_new
+                i += 1
+            if not preempted:
+                while waiting and budget > 0 and len(running) < self.max_num_seqs:
+                    h = waiting[0]
+                    total_h = prompt[h] + gen[h]
+                    comp_h = cached[h] if cached[h] < total_h - 1 else total_h - 1
+                    num_new = total_h - comp_h
+                    if num_new > budget:
+                        num_new = budget
+                    need = _ceil_div(comp_h + num_new, bs)
+                    if need > free:
+                        break
+                    waiting.pop(0)
+                    running.append(h)
+                    comp[h] = comp_h
+                    blocks[h] = need
+                    free -= need
+                    sched_idx.append(h)
+                    sched_new.append(num_new)
+                    budget -= num_new
+                    if h == new and queue_delay == INF:
+                        queue_delay = t
+            if self.num_gpu_blocks - free > peak:
+                peak = self.num_gpu_blocks - free
+            if not sched_idx:
+                if preempted:
+                    continue
+                break  # nothing can ever run: the new request never finishes
+            prefill_tokens = 0
+            decode_seqs = 0
+            ctx = 0
+            for k in range(len(sched_idx)):
+                r = sched_idx[k]
+                if gen[r] > 0 and comp[r] == prompt[r] + gen[r] - 1:
+                    decode_seqs += 1
+                else:
+                    prefill_tokens += sched_new[k]
+                ctx += comp[r] + sched_new[k]
+            t += speed * (fixed + c_prefill * float(prefill_tokens)
+                          + c_decode * float(decode_seqs) + c_context * float(ctx))
+            steps += 1
+            finished_any = False
+            for k in range(len(sched_idx)):
+                r = sched_idx[k]
+                comp[r] += sched_new[k]
+                if comp[r] == prompt[r] + gen[r]:
+                    gen[r] += 1
+                    if r == new and ttft == INF:
+                        ttft = t
+                    if gen[r] >= target[r]:
+                        free += blocks[r]
+                        blocks[r] = 0
+                        finished_any = True
+                        if r == new:
+                            e2e = t
+            if e2e != INF:
+                break
+            if finished_any:
+                running = [r for r in running if gen[r] < target[r]]
+        return ttft, e2e, queue_delay, preemptions, peak, steps
+
+    def _decode_blocks_needed(self, running: list[int], comp: list[int], blocks: list[int],
+                              j: int) -> int:
+        """KV blocks the running decodes must allocate to advance ``j`` steps."""
+        bs = self.block_size
+        need = 0
+        for r in running:
+            extra = _ceil_div(comp[r] + j, bs) - blocks[r]
+            if extra > 0:
+                need += extra
+        return need

@@ -1,0 +1,74 @@
+"""The batch simulator: compiled (``blockproxy._fastcore``) or its pure-Python twin.
+
+Both implement the same semantics (documented in :mod:`blockproxy._sim_py`).  The compiled
+one is bound when it imports, unless ``BLOCKPROXY_NO_EXTENSIONS`` is set; a missing
+extension falls back to the twin with one warning.  :data:`IMPLEMENTATION` says which one
+is active (``"c"`` or ``"py"``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple
+
+from blockproxy._sim_py import (
+    COL_CACHED,
+    COL_GENERATED,
+    COL_PREDICTED,
+    COL_PROMPT,
+    COL_STARTED,
+    MAX_TOKENS,
+    NUM_COLUMNS,
+    InstanceModelPy,
+)
+from blockproxy.profile import EngineLimits, Profile
+
+NO_EXTENSIONS = os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0")
+
+InstanceModelC: type | None
+try:
+    from blockproxy._fastcore import InstanceModelC
+except ImportError:  # not built (pure install or BLOCKPROXY_NO_EXTENSIONS at build time)
+    InstanceModelC = None
+
+if InstanceModelC is not None and not NO_EXTENSIONS:
+    InstanceModel: type = InstanceModelC
+    IMPLEMENTATION = "c"
+else:
+    if InstanceModelC is None and not NO_EXTENSIONS:
+        warnings.warn("blockproxy._fastcore is not built; using the pure-Python simulator "
+                      "(much slower). Reinstall with Cython available to build it.",
+                      RuntimeWarning, stacklevel=2)
+    InstanceModel = InstanceModelPy
+    IMPLEMENTATION = "py"
+
+
+class Prediction(NamedTuple):
+    """What the simulator predicts for the new request (times in seconds from now)."""
+
+    ttft: float
+    e2e: float
+    queue_delay: float
+    preemptions: int
+    peak_blocks: int
+    steps: int
+
+
+def model_from_profile(profile: Profile, limits: EngineLimits | None = None,
+                       speed: float = 1.0, past_prediction_tokens: int = 16,
+                       implementation: type | None = None):
+    """Build an instance model from a profile, optionally overriding its engine limits."""
+    eng = limits or profile.engine
+    st = profile.step_time
+    cls = implementation or InstanceModel
+    return cls(eng.max_num_seqs, eng.max_num_batched_tokens, eng.num_gpu_blocks,
+               eng.block_size, st.fixed_s, st.per_prefill_token_s, st.per_decode_seq_s,
+               st.per_context_token_s, speed, past_prediction_tokens)
+
+
+__all__ = [
+    "COL_CACHED", "COL_GENERATED", "COL_PREDICTED", "COL_PROMPT", "COL_STARTED", "MAX_TOKENS",
+    "NUM_COLUMNS", "IMPLEMENTATION", "InstanceModel", "InstanceModelC", "InstanceModelPy",
+    "Prediction", "model_from_profile",
+]
