@@ -1,0 +1,173 @@
+"""Golden tests of the simulator's semantics on small hand-computed cases.
+
+Every test runs against both implementations (``sim_impl``: compiled ``c`` and twin
+``py``) and with fast-forward on and off.  The step-time model used here is
+``1 s + 10 ms per prefill token + 100 ms per decoding sequence``, so the expected times
+can be checked with pencil and paper; the derivations are in the comments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from blockproxy.sim import Prediction
+
+FIXED = 1.0
+PREFILL = 0.01
+DECODE = 0.1
+
+
+@pytest.fixture(params=[True, False], ids=["ff", "stepwise"])
+def fast_forward(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def make_model(sim_impl, fast_forward: bool, *, max_num_seqs: int = 256,
+               max_num_batched_tokens: int = 8192, num_gpu_blocks: int = 10_000,
+               block_size: int = 16, past_prediction_tokens: int = 16):
+    return sim_impl(max_num_seqs, max_num_batched_tokens, num_gpu_blocks, block_size,
+                    FIXED, PREFILL, DECODE, 0.0, 1.0, past_prediction_tokens,
+                    fast_forward=fast_forward)
+
+
+def state(*requests: tuple[int, int, int, int, int]) -> np.ndarray:
+    """Columns (prompt, cached, generated, predicted, started), one tuple per request."""
+    arr = np.zeros((5, max(len(requests), 1)), dtype=np.int64)
+    for i, req in enumerate(requests):
+        arr[:, i] = req
+    return arr
+
+
+def predict(model, st: np.ndarray, n: int, prompt: int, cached: int, output: int) -> Prediction:
+    return Prediction(*model.predict(st, n, prompt, cached, output))
+
+
+def test_empty_instance_ttft_is_one_prefill_step(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    p = predict(model, state(), 0, 100, 0, 1)
+    # One step computing 100 prompt tokens: 1 + 100 * 0.01.
+    assert p.ttft == pytest.approx(2.0, rel=1e-12)
+    assert p.e2e == p.ttft
+    assert p.queue_delay == 0.0
+    assert (p.preemptions, p.steps) == (0, 1)
+    assert p.peak_blocks == math.ceil(100 / 16)
+
+
+def test_empty_instance_decodes_after_first_token(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    p = predict(model, state(), 0, 100, 0, 5)
+    # Prefill step 2.0 s, then 4 decode steps of 1 + 0.1 s.
+    assert p.ttft == pytest.approx(2.0, rel=1e-12)
+    assert p.e2e == pytest.approx(2.0 + 4 * 1.1, rel=1e-12)
+    assert p.steps == 5
+
+
+def test_budget_split_between_decodes_and_chunked_prefill(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward, max_num_batched_tokens=64)
+    decoding = (10, 0, 5, 100, 1)
+    p = predict(model, state(decoding, decoding, decoding), 3, 100, 0, 1)
+    # Step 1: three decodes take 3 tokens of the 64-token budget, the new prompt gets a
+    # 61-token chunk: 1 + 61 * 0.01 + 3 * 0.1 = 1.91.  Step 2: the 39 remaining prompt
+    # tokens and the three decodes: 1 + 0.39 + 0.3 = 1.69.  First token after step 2.
+    assert p.queue_delay == 0.0
+    assert p.ttft == pytest.approx(1.91 + 1.69, rel=1e-12)
+    assert p.e2e == p.ttft
+    assert p.steps == 2
+
+
+def test_sequence_cap_makes_new_request_wait(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward, max_num_seqs=2)
+    almost_done = (10, 0, 5, 10, 1)  # 5 more tokens to go
+    p = predict(model, state(almost_done, almost_done), 2, 10, 0, 1)
+    # Both slots are taken for 5 decode steps of 1 + 2 * 0.1; the new request is
+    # admitted at t = 6.0 and its 10-token prefill takes 1 + 0.1.
+    assert p.queue_delay == pytest.approx(6.0, rel=1e-12)
+    assert p.ttft == pytest.approx(7.1, rel=1e-12)
+    assert p.steps == 6
+
+
+def test_preemption_when_kv_blocks_run_out(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward, num_gpu_blocks=3, block_size=4)
+    # A: running decode, 4 prompt tokens + 1 generated (4 computed, 1 block), 2 to go.
+    running = (4, 0, 1, 4, 1)
+    p = predict(model, state(running), 1, 4, 0, 2)
+    # Step 1: A grows to 2 blocks, the new request N is admitted with 1 block (all 3
+    # used): 1 + 4 * 0.01 + 0.1 = 1.14, N's first token.
+    # Step 2: N needs a 2nd block, none is free: N, the most recently admitted, is
+    # preempted (recompute).  Only A runs: 1.1 -> 2.24.
+    # Step 3: N (5 tokens to recompute = 2 blocks) does not fit in the 1 free block;
+    # A decodes and finishes: 3.34.
+    # Step 4: N recomputes 5 tokens and samples its 2nd token: 1 + 0.05 -> 4.39.
+    assert p.ttft == pytest.approx(1.14, rel=1e-12)
+    assert p.e2e == pytest.approx(4.39, rel=1e-12)
+    assert p.queue_delay == 0.0
+    assert p.preemptions == 1
+    assert p.peak_blocks == 3
+    assert p.steps == 4
+
+
+def test_prefix_cache_hit_shortens_ttft(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    cold = predict(model, state(), 0, 100, 0, 1)
+    warm = predict(model, state(), 0, 100, 64, 1)
+    # Only the 36 uncached tokens are prefilled: 1 + 0.36.
+    assert warm.ttft == pytest.approx(1.36, rel=1e-12)
+    assert warm.ttft < cold.ttft
+    # A fully cached prompt still computes its last token: 1 + 0.01.
+    full = predict(model, state(), 0, 100, 100, 1)
+    assert full.ttft == pytest.approx(1.01, rel=1e-12)
+
+
+def test_request_past_its_prediction_finishes_soon(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward, max_num_seqs=1, past_prediction_tokens=16)
+    overdue = (10, 0, 20, 10, 1)  # generated 20 tokens, predicted 10
+    p = predict(model, state(overdue), 1, 10, 0, 1)
+    # Assumed to run 16 more decode steps of 1.1 s, then the new request's prefill.
+    assert p.queue_delay == pytest.approx(16 * 1.1, rel=1e-12)
+    assert p.ttft == pytest.approx(16 * 1.1 + 1.1, rel=1e-12)
+
+
+def test_waiting_requests_are_served_first_come_first_served(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward, max_num_seqs=1)
+    queued = (50, 0, 0, 3, 0)  # not started yet: ahead of the new request
+    p = predict(model, state(queued), 1, 10, 0, 1)
+    # The queued request: prefill (1 + 0.5) and 2 decodes (1.1 each) -> 3.7; then ours.
+    assert p.queue_delay == pytest.approx(3.7, rel=1e-12)
+    assert p.ttft == pytest.approx(3.7 + 1.1, rel=1e-12)
+
+
+def test_request_that_never_fits_gives_infinity(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward, num_gpu_blocks=2, block_size=4)
+    p = predict(model, state(), 0, 100, 0, 4)
+    assert math.isinf(p.ttft) and math.isinf(p.e2e) and math.isinf(p.queue_delay)
+
+
+def test_speed_scales_every_time(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    base = predict(model, state(), 0, 100, 0, 5)
+    model.speed = 2.0
+    slow = predict(model, state(), 0, 100, 0, 5)
+    assert slow.e2e == pytest.approx(2 * base.e2e, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [(-1, 0, 0, 1, 0), (1, 0, -5, 1, 1), (2**41, 0, 0, 1, 0)])
+def test_invalid_state_is_rejected(sim_impl, bad):
+    model = make_model(sim_impl, True)
+    with pytest.raises(ValueError):
+        model.predict(state(bad), 1, 10, 0, 1)
+
+
+def test_n_larger_than_state_is_rejected(sim_impl):
+    model = make_model(sim_impl, True)
+    with pytest.raises(ValueError):
+        model.predict(state((1, 0, 0, 1, 0)), 2, 10, 0, 1)
+
+
+def test_invalid_limits_are_rejected(sim_impl):
+    with pytest.raises(ValueError):
+        sim_impl(0, 8192, 100, 16, FIXED, PREFILL, DECODE)
+    with pytest.raises(ValueError):
+        sim_impl(8, 8192, 100, 16, -1.0, PREFILL, DECODE)
