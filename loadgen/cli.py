@@ -1,7 +1,9 @@
 """Command line of the load generator: ``loadgen COMMAND ...``.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
-``run(args) -> int``; this module only dispatches.
+``run(args) -> int``.  :func:`dispatch` imports only the module of the command being run
+(so one command's dependencies never break another) and is shared with ``blockproxy``'s
+command line.
 """
 
 from __future__ import annotations
@@ -16,37 +18,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from loadgen import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="loadgen", description="Load generator and emulated vLLM backends for blockproxy.")
-    parser.add_argument("--version", action="version", version=f"loadgen {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+def dispatch(prog: str, description: str, version: str,
+             commands: dict[str, tuple[str, str]], argv: list[str]) -> int:
+    """Run ``argv[0]``'s module; print help and return 2 for a missing/unknown command."""
+    if argv and argv[0] in commands:
+        module_name, help_text = commands[argv[0]]
         module = importlib.import_module(module_name)
-        cmd = sub.add_parser(name, help=help_text, description=module.__doc__,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(cmd)
-        cmd.set_defaults(_module=module)
-    return parser
+        parser = argparse.ArgumentParser(
+            prog=f"{prog} {argv[0]}", description=module.__doc__ or help_text,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(parser)
+        return int(module.run(parser.parse_args(argv[1:])) or 0)
+    listing = "\n".join(f"  {name:<10} {help_text}" for name, (_, help_text) in commands.items())
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=f"commands:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+    parser.add_argument("command", nargs="?", help="one of: " + ", ".join(commands))
+    args, _ = parser.parse_known_args(argv)
+    parser.print_help(sys.stderr)
+    if args.command is not None:
+        print(f"\n{prog}: unknown command {args.command!r}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if not argv:
-        parser.print_help(sys.stderr)
-        return 2
-    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        parser.print_help(sys.stderr)
-        print(f"\nloadgen: unknown command {argv[0]!r}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    if getattr(args, "_module", None) is None:
-        parser.print_help(sys.stderr)
-        return 2
-    return int(args._module.run(args) or 0)
+    from loadgen import __version__
+
+    return dispatch("loadgen", "Load generator and emulated vLLM backends for blockproxy.",
+                    __version__, COMMANDS, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
