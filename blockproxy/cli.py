@@ -13,6 +13,7 @@ from loadgen.cli import dispatch
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("blockproxy.serve", "run the proxy (the default: blockproxy --backends FILE)"),
     "demo": ("blockproxy.demo", "show blockproxy's predictions on an emulated cluster"),
     "bench": ("blockproxy.bench", "micro-benchmarks (bench sim: simulator speed)"),
 }

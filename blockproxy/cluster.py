@@ -1,0 +1,250 @@
+"""The cluster view: every instance and the requests the proxy knows are active on it.
+
+Each :class:`Instance` keeps its active requests as a columnar ``int64`` table (rows as in
+:mod:`blockproxy.sim`) in dispatch order, so the simulator reads it with no per-request
+Python objects.  The view is synchronous and deterministic: the server calls
+:meth:`Instance.reserve` at dispatch (so the next decision, a microsecond later, already
+sees the request), :meth:`Instance.first_token` / :meth:`Instance.add_tokens` while it
+streams, and :meth:`Instance.release` when it ends, whatever the policy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from blockproxy import sim
+from blockproxy.backends import BackendSpec
+from blockproxy.calibration import SpeedCalibration
+from blockproxy.profile import EngineLimits, Profile, load_profile
+
+
+@dataclass(eq=False)
+class Entry:
+    """One in-flight request on one instance."""
+
+    instance: "Instance"
+    slot: int
+    prompt_tokens: int
+    predicted_tokens: int
+    dispatched_at: float
+    predicted_ttft: float = math.nan
+    predicted_e2e: float = math.nan
+    first_token_at: float = 0.0
+    generated: int = 0
+    released: bool = False
+
+
+class Instance:
+    """One vLLM instance: its configuration, health, simulator and active requests."""
+
+    def __init__(self, spec: BackendSpec, profile: Profile, past_prediction_tokens: int = 16,
+                 calibrate: bool = True) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.url = spec.url
+        self.state = spec.state
+        self.weight = spec.weight
+        self.models: set[str] = set(spec.models or ())
+        self.model_cards: dict[str, dict[str, object]] = {}
+        self.profile = profile
+        eng = profile.engine
+        self.limits = EngineLimits(
+            max_num_seqs=spec.max_num_seqs or eng.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens or eng.max_num_batched_tokens,
+            num_gpu_blocks=spec.num_gpu_blocks or eng.num_gpu_blocks,
+            block_size=spec.block_size or eng.block_size,
+            max_model_len=eng.max_model_len)
+        self.model = sim.model_from_profile(profile, self.limits,
+                                            past_prediction_tokens=past_prediction_tokens)
+        self.calibration = SpeedCalibration(enabled=calibrate)
+        self.table = np.zeros((sim.NUM_COLUMNS, 64), dtype=np.int64)
+        self.n = 0
+        self.entries: list[Entry] = []
+        self.healthy = True
+        self.failures = 0
+        self.probe_backoff = 0.0
+        self.next_probe_at = 0.0
+        self.removed = False
+
+    # ---- routing inputs ---------------------------------------------------------------------
+    def accepts_new(self) -> bool:
+        """Whether new requests may be sent here."""
+        return self.state == "active" and self.healthy and not self.removed
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+    def predict(self, prompt_tokens: int, cached_tokens: int,
+                output_tokens: int) -> tuple[float, float, float, int, int, int]:
+        """Simulate this instance with one more request."""
+        return self.model.predict(self.table, self.n, prompt_tokens, cached_tokens,
+                                  output_tokens)
+
+    def unprocessed_tokens(self) -> int:
+        """Prompt tokens not yet computed plus output tokens still expected."""
+        t = self.table
+        n = self.n
+        waiting = t[sim.COL_STARTED, :n] == 0
+        remaining = np.maximum(t[sim.COL_PREDICTED, :n] - t[sim.COL_GENERATED, :n], 1)
+        return int((t[sim.COL_PROMPT, :n] * waiting).sum() + remaining.sum())
+
+    def llumnix_headroom(self) -> float:
+        """Llumnix's load metric: (free blocks - blocks wanted by waiting) / running."""
+        t = self.table
+        n = self.n
+        bs = self.limits.block_size
+        tokens = t[sim.COL_PROMPT, :n] + t[sim.COL_GENERATED, :n]
+        started = t[sim.COL_STARTED, :n] != 0
+        blocks = (tokens + bs - 1) // bs
+        used = int(blocks[started].sum())
+        wanted = int(blocks[~started].sum())
+        running = int(started.sum())
+        free = self.limits.num_gpu_blocks - used - wanted
+        return free / max(running, 1)
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float) -> Entry:
+        """Record a request dispatched to this instance (it is waiting until its first token)."""
+        if self.n == self.table.shape[1]:
+            grown = np.zeros((sim.NUM_COLUMNS, 2 * self.n), dtype=np.int64)
+            grown[:, :self.n] = self.table
+            self.table = grown
+        slot = self.n
+        col = self.table[:, slot]
+        col[sim.COL_PROMPT] = prompt_tokens
+        col[sim.COL_CACHED] = 0
+        col[sim.COL_GENERATED] = 0
+        col[sim.COL_PREDICTED] = predicted_tokens
+        col[sim.COL_STARTED] = 0
+        self.n += 1
+        entry = Entry(self, slot, prompt_tokens, predicted_tokens, now)
+        self.entries.append(entry)
+        return entry
+
+    def first_token(self, entry: Entry, now: float) -> None:
+        """The request produced its first token: it is running."""
+        entry.first_token_at = now
+        entry.generated = 1
+        self.table[sim.COL_STARTED, entry.slot] = 1
+        self.table[sim.COL_GENERATED, entry.slot] = 1
+
+    def add_tokens(self, entry: Entry, tokens: int) -> None:
+        """The request streamed ``tokens`` more output tokens."""
+        entry.generated += tokens
+        self.table[sim.COL_GENERATED, entry.slot] = entry.generated
+
+    def release(self, entry: Entry) -> None:
+        """The request ended (finished, failed or cancelled): drop it, keeping the order."""
+        if entry.released:
+            return
+        entry.released = True
+        i = entry.slot
+        n = self.n
+        if i < n - 1:
+            self.table[:, i:n - 1] = self.table[:, i + 1:n]
+        del self.entries[i]
+        for later in self.entries[i:]:
+            later.slot -= 1
+        self.n = n - 1
+
+    # ---- health -----------------------------------------------------------------------------
+    def record_success(self) -> None:
+        self.failures = 0
+
+    def record_failure(self, now: float, eject_after: int, probe_interval: float) -> bool:
+        """Count a failure; returns True when it ejects the instance."""
+        self.failures += 1
+        if self.healthy and self.failures >= eject_after:
+            self.healthy = False
+            self.probe_backoff = probe_interval
+            self.next_probe_at = now + probe_interval
+            return True
+        return False
+
+    def probe_failed(self, now: float) -> None:
+        self.probe_backoff = min(self.probe_backoff * 2, 30.0)
+        self.next_probe_at = now + self.probe_backoff
+
+    def probe_succeeded(self) -> None:
+        self.healthy = True
+        self.failures = 0
+
+
+@dataclass
+class ClusterView:
+    """All instances by name, built from the backends file and updated on reload."""
+
+    default_profile: str
+    past_prediction_tokens: int = 16
+    calibrate: bool = True
+    instances: dict[str, Instance] = field(default_factory=dict)
+    _profiles: dict[str, Profile] = field(default_factory=dict)
+
+    def _profile(self, name: str | None) -> Profile:
+        key = name or self.default_profile
+        if key not in self._profiles:
+            self._profiles[key] = load_profile(key)
+        return self._profiles[key]
+
+    def apply(self, specs: list[BackendSpec]) -> tuple[list[str], list[str], list[str]]:
+        """Make the view match a backends list; returns (added, removed, changed) names.
+
+        A removed instance leaves the view at once (no new requests); the requests
+        already on it keep their reference and finish normally.  A changed state, weight
+        or model list applies in place, keeping the instance's active requests.
+        """
+        added, removed, changed = [], [], []
+        wanted = {s.name: s for s in specs}
+        for name in list(self.instances):
+            if name not in wanted:
+                self.instances.pop(name).removed = True
+                removed.append(name)
+        for spec in specs:
+            current = self.instances.get(spec.name)
+            if current is None:
+                self.instances[spec.name] = Instance(spec, self._profile(spec.profile),
+                                                     self.past_prediction_tokens,
+                                                     self.calibrate)
+                added.append(spec.name)
+            elif current.spec != spec:
+                if _needs_rebuild(current.spec, spec):
+                    # Another URL or engine: a new instance; streams on the old one finish.
+                    current.removed = True
+                    self.instances[spec.name] = Instance(spec, self._profile(spec.profile),
+                                                         self.past_prediction_tokens,
+                                                         self.calibrate)
+                else:
+                    current.spec = spec
+                    current.state = spec.state
+                    current.weight = spec.weight
+                    if spec.models is not None:
+                        current.models = set(spec.models)
+                changed.append(spec.name)
+        return added, removed, changed
+
+    def candidates(self, model: str) -> list[Instance]:
+        """Instances that may take a new request for ``model`` now."""
+        return [i for i in self.instances.values() if i.accepts_new() and i.serves(model)]
+
+    def models(self) -> set[str]:
+        """Models served by healthy instances."""
+        out: set[str] = set()
+        for inst in self.instances.values():
+            if inst.healthy and not inst.removed:
+                out |= inst.models
+        return out
+
+    def knows_model(self, model: str) -> bool:
+        """False only when every instance's models are known and none serves ``model``."""
+        return any(i.serves(model) for i in self.instances.values() if not i.removed)
+
+
+def _needs_rebuild(old: BackendSpec, new: BackendSpec) -> bool:
+    return (old.url, old.profile, old.max_num_seqs, old.max_num_batched_tokens,
+            old.num_gpu_blocks, old.block_size) != (new.url, new.profile, new.max_num_seqs,
+                                                     new.max_num_batched_tokens,
+                                                     new.num_gpu_blocks, new.block_size)
+

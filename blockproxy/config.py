@@ -1,0 +1,86 @@
+"""Proxy configuration: one dataclass; every field is a CLI flag and a ``BLOCKPROXY_*`` variable.
+
+Precedence: command-line flag > environment variable > default.  The field's metadata holds
+its help text; :func:`add_config_arguments` turns the fields into argparse flags (``--field-name``)
+whose defaults come from the environment, so ``--help`` shows the value in force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "BLOCKPROXY_"
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ProxyConfig:
+    """Everything ``blockproxy serve`` can be told."""
+
+    backends: str = _opt("", "backends file (YAML, TOML or one URL per line)")
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "port to listen on")
+    policy: str = _opt("block", "routing policy (block, block_ttft, round_robin, random, "
+                                "least_requests, power_of_two, least_tokens, llumnix)")
+    sample_k: int = _opt(0, "block: simulate only k randomly sampled instances (0 = all)")
+    tie_tolerance: float = _opt(0.02, "block: predictions within this fraction of the best "
+                                      "are ties, broken at random (herding control)")
+    profile: str = _opt("llama-3.1-8b-h100-tp1", "default step-time profile (name or file)")
+    length_quantile: float = _opt(0.5, "quantile of observed output lengths used as the "
+                                       "prediction")
+    default_output_tokens: int = _opt(256, "predicted output length before anything is learned")
+    past_prediction_tokens: int = _opt(16, "simulator: tokens still expected from a request "
+                                           "already past its predicted length")
+    calibrate: bool = _opt(True, "learn each instance's true speed from observed token timings")
+    max_body_bytes: int = _opt(4 * 1024 * 1024, "largest request body accepted (413 above)")
+    max_retries: int = _opt(2, "other instances tried when one fails before the first byte")
+    connect_timeout: float = _opt(5.0, "seconds to connect to an instance")
+    read_timeout: float = _opt(600.0, "seconds of upstream silence before giving up")
+    eject_after: int = _opt(3, "consecutive failures that eject an instance")
+    probe_interval: float = _opt(1.0, "seconds between /health probes of ejected instances "
+                                      "(doubles per failure, up to 30 s)")
+    reload_interval: float = _opt(1.0, "seconds between checks of the backends file")
+    drain_timeout: float = _opt(30.0, "SIGTERM: seconds to let in-flight requests finish")
+    log_level: str = _opt("info", "logging level")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ProxyConfig":
+        """Build from parsed arguments (flags were defaulted from the environment)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`ProxyConfig` field, defaulted from ``BLOCKPROXY_<FIELD>``."""
+    for f in fields(ProxyConfig):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        default = f.default if f.default is not MISSING else None
+        kind = type(default)
+        raw = os.environ.get(env)
+        if raw is not None:
+            try:
+                default = _parse_bool(raw) if kind is bool else kind(raw)
+            except ValueError as exc:
+                parser.error(f"{env}={raw!r}: {exc}")
+        help_text = f"{f.metadata['help']} [env {env}]"
+        if kind is bool:
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text,
+                                metavar=f.name.upper())

@@ -1,0 +1,89 @@
+"""Prometheus metrics (prefix ``blockproxy_``), one registry per proxy process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from blockproxy.cluster import ClusterView
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+               1.0, 2.5)
+DECISION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2)
+ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+class _ClusterCollector:
+    """Per-instance gauges read from the live view at scrape time."""
+
+    def __init__(self, view: "ClusterView") -> None:
+        self.view = view
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        active = GaugeMetricFamily("blockproxy_instance_active_requests",
+                                   "Requests the proxy knows are active on the instance",
+                                   labels=["instance"])
+        healthy = GaugeMetricFamily("blockproxy_instance_healthy",
+                                    "1 if the instance takes traffic (not ejected)",
+                                    labels=["instance"])
+        speed = GaugeMetricFamily("blockproxy_instance_speed",
+                                  "Calibrated step-time multiplier (1 = as the profile)",
+                                  labels=["instance"])
+        for inst in self.view.instances.values():
+            active.add_metric([inst.name], inst.n)
+            healthy.add_metric([inst.name], 1.0 if inst.healthy else 0.0)
+            speed.add_metric([inst.name], inst.model.speed)
+        yield active
+        yield healthy
+        yield speed
+
+
+class Metrics:
+    """All of the proxy's metrics."""
+
+    def __init__(self, view: "ClusterView") -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("blockproxy_requests_total", "Requests by route, status, policy",
+                                ["route", "status", "policy"], registry=r)
+        self.ttft = Histogram("blockproxy_time_to_first_token_seconds",
+                              "Time to first token seen by the proxy", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("blockproxy_inter_token_latency_seconds",
+                             "Mean gap between streamed tokens of a request",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("blockproxy_e2e_request_latency_seconds",
+                             "End-to-end latency seen by the proxy", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.decision = Histogram("blockproxy_decision_seconds",
+                                  "Time to choose an instance (prediction included)",
+                                  ["policy"], buckets=DECISION_BUCKETS, registry=r)
+        self.decisions = Counter("blockproxy_decisions_total", "Routing decisions",
+                                 ["policy", "instance"], registry=r)
+        self.prediction_error = Histogram(
+            "blockproxy_prediction_abs_relative_error",
+            "|predicted - observed| / observed, per quantity", ["quantity"],
+            buckets=ERROR_BUCKETS, registry=r)
+        self.length_error = Histogram(
+            "blockproxy_output_length_abs_relative_error",
+            "|predicted - true| / true output tokens", buckets=ERROR_BUCKETS, registry=r)
+        self.retries = Counter("blockproxy_retries_total", "Requests retried on another "
+                               "instance before the first byte", ["instance"], registry=r)
+        self.ejections = Counter("blockproxy_ejections_total", "Instances ejected after "
+                                 "repeated failures", ["instance"], registry=r)
+        self.cancellations = Counter("blockproxy_cancellations_total",
+                                     "Requests cancelled because the client went away",
+                                     registry=r)
+        self.stream_failures = Counter("blockproxy_stream_failures_total",
+                                       "Upstream failures after streaming had started",
+                                       ["instance"], registry=r)
+        self.in_flight = Gauge("blockproxy_in_flight_requests", "Requests being served",
+                               registry=r)
+        r.register(_ClusterCollector(view))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

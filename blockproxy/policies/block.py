@@ -1,0 +1,41 @@
+"""``block``: send the request where the simulator predicts it finishes soonest.
+
+``block`` minimises the predicted end-to-end latency of the new request (the Block
+paper's default); ``block_ttft`` minimises its predicted time to first token.  With
+``sample_k`` > 0 only k randomly sampled instances are simulated (power-of-k).  Predictions
+within ``tie_tolerance`` of the best are ties, broken at random, so proxies deciding at
+the same moment on the same view do not all pile onto one instance.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from blockproxy.cluster import Instance
+from blockproxy.policies import Job, Prediction, register
+
+
+@register("block", "block_ttft")
+class BlockPolicy:
+    def __init__(self, name: str, rng: random.Random, sample_k: int = 0,
+                 tie_tolerance: float = 0.02, **_: object) -> None:
+        self.name = name
+        self.rng = rng
+        self.sample_k = sample_k
+        self.tie_tolerance = tie_tolerance
+        self.index = 0 if name == "block_ttft" else 1  # ttft or e2e in the prediction
+
+    def choose(self, candidates: Sequence[Instance], job: Job
+               ) -> tuple[Instance, Prediction | None]:
+        pool = candidates
+        if 0 < self.sample_k < len(candidates):
+            pool = self.rng.sample(list(candidates), self.sample_k)
+        scored = [(inst.predict(job.prompt_tokens, job.cached_tokens, job.output_tokens), inst)
+                  for inst in pool]
+        idx = self.index
+        best = min(p[idx] for p, _ in scored)
+        limit = best * (1.0 + self.tie_tolerance)
+        ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
+        prediction, chosen = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+        return chosen, prediction
