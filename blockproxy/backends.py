@@ -62,17 +62,21 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - Python 3.10 has no stdlib TOML parser
-    import tomli as tomllib
+else:  # pragma: no cover - Python 3.10 has no stdlib TOML parser; YAML still works
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
 
 STATES = ("active", "draining", "standby")
 
@@ -267,6 +271,8 @@ _TOML_LINE = re.compile(r"at line (\d+)")
 
 
 def _toml_document(text: str, chk: _Checker) -> _Document:
+    if tomllib is None:  # pragma: no cover
+        raise chk.error("reading TOML needs Python 3.11+ or the 'tomli' package; use YAML")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -64,7 +64,7 @@ def length_bucket(tokens: int, base: float = 2.0) -> int:
 class _Ring:
     """The last ``window`` observed lengths, with a cached quantile."""
 
-    __slots__ = ("values", "count", "pos", "dirty", "cached")
+    __slots__ = ("cached", "count", "dirty", "pos", "values")
 
     def __init__(self, window: int) -> None:
         self.values = np.zeros(window, dtype=np.int64)
