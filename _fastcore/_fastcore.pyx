@@ -1,0 +1,500 @@
+"""Compiled batch simulator: :class:`InstanceModelC`.
+
+A port of :class:`blockproxy._sim_py.InstanceModelPy`, whose docstring holds the
+semantics.  Both must give bit-identical results (``tests/test_sim_diff.py``), so every
+floating-point expression here has the same operands, order and int-to-double conversions
+as in the twin (the extension is compiled with ``-ffp-contract=off``: no fused
+multiply-add).  Change one, change the other.
+
+The simulation loop runs without the GIL's help: no Python objects, only the request
+records and index arrays of a scratch buffer that the model keeps and grows as needed.
+The waiting queue is ``waiting[head:m]``: it only ever loses its front (admission) or
+gains a new front (preemption), so its tail stays at ``m`` and ``head`` never goes
+below 0.  The running set is a plain array (admission order), popped from its end on
+preemption and compacted in place when requests finish.
+"""
+
+from libc.stdint cimport int64_t
+from _fastcore cimport Outcome, Req, Scratch
+from libc.stdlib cimport free, realloc
+from libc.math cimport INFINITY
+
+import math
+
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <stdint.h>
+
+    /* float(j * (j + 1) // 2) exactly as Python computes it: the triangular number is
+       formed exactly (it needs up to 81 bits for j < 2**41) and rounded once, to nearest
+       with ties to even, as Python's int -> float conversion does. */
+    static double bp_tri_as_double(int64_t j) {
+        uint64_t a, b, a_lo, a_hi, b_lo, b_hi, p0, p1, p2, p3, mid, lo, hi, v;
+        int bits, shift;
+        if (j <= 3037000498LL)  /* j * (j + 1) < 2**63 */
+            return (double)(j * (j + 1) / 2);
+        if (j % 2 == 0) { a = (uint64_t)(j / 2); b = (uint64_t)j + 1; }
+        else { a = (uint64_t)j; b = ((uint64_t)j + 1) / 2; }
+        a_lo = a & 0xffffffffu; a_hi = a >> 32; b_lo = b & 0xffffffffu; b_hi = b >> 32;
+        p0 = a_lo * b_lo; p1 = a_lo * b_hi; p2 = a_hi * b_lo; p3 = a_hi * b_hi;
+        mid = (p0 >> 32) + (p1 & 0xffffffffu) + (p2 & 0xffffffffu);
+        lo = (p0 & 0xffffffffu) | (mid << 32);
+        hi = p3 + (p1 >> 32) + (p2 >> 32) + (mid >> 32);
+        if (hi == 0)
+            return (double)lo;  /* cannot happen for j > 3037000498, kept for safety */
+        /* a, b < 2**63, so hi < 2**62: normalise to 63 bits, keep a sticky bit for the
+           dropped ones (far below the 53-bit rounding point), convert, scale back. */
+        bits = 0;
+        while ((hi >> bits) != 0) bits++;
+        shift = bits + 1;
+        v = (hi << (64 - shift)) | (lo >> shift);
+        if ((lo & ((((uint64_t)1) << shift) - 1)) != 0) v |= 1;
+        return ldexp((double)(int64_t)v, shift);
+    }
+    """
+    double bp_tri_as_double(int64_t j) noexcept nogil
+
+cdef int NUM_COLUMNS = 5
+cdef int64_t MAX_TOKENS = (<int64_t>1) << 40
+
+
+cdef inline int64_t ceil_div(int64_t a, int64_t b, int shift) noexcept nogil:
+    # ceil(a / b) for a >= 0, b >= 1 (C's truncating division then matches Python's //);
+    # shift >= 0 means b == 2**shift, the usual block size, and spares the division.
+    if shift >= 0:
+        return (a + b - 1) >> shift
+    return (a + b - 1) // b
+
+
+cdef inline int power_of_two_shift(int64_t b) noexcept nogil:
+    """log2(b) when b is a power of two, else -1."""
+    cdef int shift = 0
+    if b & (b - 1):
+        return -1
+    while (<int64_t>1 << shift) != b:
+        shift += 1
+    return shift
+
+
+cdef inline int64_t decode_blocks_needed(const Req* req, const int64_t* running,
+                                         Py_ssize_t n_run, int64_t bs, int bs_shift,
+                                         int64_t j) noexcept nogil:
+    """KV blocks the running decodes must allocate to advance ``j`` steps."""
+    cdef int64_t need = 0
+    cdef int64_t extra
+    cdef Py_ssize_t k
+    for k in range(n_run):
+        extra = (ceil_div(req[running[k]].comp + j, bs, bs_shift)
+                 - req[running[k]].blocks)
+        if extra > 0:
+            need += extra
+    return need
+
+
+cdef int64_t token_arg(object value) except? -2:
+    """A new request's field as int64, or -1 (rejected later, in the twin's order)."""
+    cdef int64_t x
+    try:
+        x = value
+    except OverflowError:
+        return -1
+    if x < 0 or x > MAX_TOKENS:
+        return -1
+    return x
+
+
+cdef Py_ssize_t first_bad_value(const int64_t* row, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if row[i] < 0 or row[i] > MAX_TOKENS:
+            return i
+    return -1
+
+
+cdef class InstanceModelC:
+    """Simulator of one instance: its engine limits and step-time model (compiled).
+
+    Same constructor, attributes and :meth:`predict` as
+    :class:`blockproxy._sim_py.InstanceModelPy`; ``speed`` and ``fast_forward`` can be
+    changed on a live model, the other attributes are read-only.
+    """
+
+    cdef readonly int64_t max_num_seqs
+    cdef readonly int64_t max_num_batched_tokens
+    cdef readonly int64_t num_gpu_blocks
+    cdef readonly int64_t block_size
+    cdef readonly double fixed_s
+    cdef readonly double per_prefill_token_s
+    cdef readonly double per_decode_seq_s
+    cdef readonly double per_context_token_s
+    cdef public double speed
+    cdef readonly int64_t past_prediction_tokens
+    cdef readonly int64_t max_iterations
+    cdef public bint fast_forward
+
+    cdef void* _buf           # scratch memory, grown as needed, freed in __dealloc__
+    cdef Py_ssize_t _buf_cap  # requests the scratch memory has room for
+    cdef Scratch _s           # the arrays carved out of _buf
+
+    def __cinit__(self, *args, **kwargs):
+        self._buf = NULL
+        self._buf_cap = 0
+
+    def __init__(self, max_num_seqs, max_num_batched_tokens, num_gpu_blocks,
+                 block_size, fixed_s, per_prefill_token_s,
+                 per_decode_seq_s, per_context_token_s=0.0,
+                 speed=1.0, past_prediction_tokens=16,
+                 max_iterations=100_000, fast_forward=True):
+        for name, value in (("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("num_gpu_blocks", num_gpu_blocks), ("block_size", block_size),
+                            ("past_prediction_tokens", past_prediction_tokens),
+                            ("max_iterations", max_iterations)):
+            if value < 1 or value > (1 << 40):
+                raise ValueError(f"{name} must be in [1, 2**40], got {value}")
+        for name, fvalue in (("fixed_s", fixed_s), ("per_prefill_token_s", per_prefill_token_s),
+                             ("per_decode_seq_s", per_decode_seq_s),
+                             ("per_context_token_s", per_context_token_s), ("speed", speed)):
+            if not (fvalue >= 0.0 and math.isfinite(fvalue)):
+                raise ValueError(f"{name} must be a finite non-negative number, got {fvalue}")
+        self.max_num_seqs = int(max_num_seqs)
+        self.max_num_batched_tokens = int(max_num_batched_tokens)
+        self.num_gpu_blocks = int(num_gpu_blocks)
+        self.block_size = int(block_size)
+        self.fixed_s = float(fixed_s)
+        self.per_prefill_token_s = float(per_prefill_token_s)
+        self.per_decode_seq_s = float(per_decode_seq_s)
+        self.per_context_token_s = float(per_context_token_s)
+        self.speed = float(speed)
+        self.past_prediction_tokens = int(past_prediction_tokens)
+        self.max_iterations = int(max_iterations)
+        self.fast_forward = bool(fast_forward)
+
+    def __dealloc__(self):
+        free(self._buf)
+
+    def __reduce__(self):
+        return (type(self), (self.max_num_seqs, self.max_num_batched_tokens,
+                             self.num_gpu_blocks, self.block_size, self.fixed_s,
+                             self.per_prefill_token_s, self.per_decode_seq_s,
+                             self.per_context_token_s, self.speed,
+                             self.past_prediction_tokens, self.max_iterations,
+                             self.fast_forward))
+
+    cdef int _reserve(self, Py_ssize_t m) except -1:
+        """Make the scratch buffer hold at least ``m`` requests."""
+        cdef Py_ssize_t cap, per
+        cdef char* p
+        if m <= self._buf_cap:
+            return 0
+        cap = m if m > 2 * self._buf_cap else 2 * self._buf_cap
+        if cap < 64:
+            cap = 64
+        per = sizeof(Req) + 4 * sizeof(int64_t)
+        if cap > (<Py_ssize_t>0x7fffffffffffffff) // per:
+            raise MemoryError()
+        p = <char*>realloc(self._buf, cap * per)
+        if p == NULL:
+            raise MemoryError()
+        self._buf = p
+        self._buf_cap = cap
+        self._s.req = <Req*>p
+        p += cap * sizeof(Req)
+        self._s.running = <int64_t*>p
+        self._s.waiting = self._s.running + cap
+        self._s.sched_idx = self._s.waiting + cap
+        self._s.sched_new = self._s.sched_idx + cap
+        return 0
+
+    def predict(self, state, n, new_prompt, new_cached, new_output):
+        """Simulate the instance holding ``state[:, :n]`` plus one new request.
+
+        ``state`` is a C-contiguous ``int64`` array of shape ``(5, capacity)`` (read-only
+        is fine; other integer arrays are converted).  Returns ``(ttft, e2e,
+        queue_delay, preemptions, peak_blocks, steps)``.
+        """
+        cdef const int64_t[:, ::1] view
+        cdef Py_ssize_t nn, col, bad, cap
+        cdef int64_t extra[5]
+        cdef const int64_t* data
+        cdef Outcome out
+        try:
+            view = state
+        except (ValueError, TypeError, BufferError):
+            dtype = getattr(state, "dtype", None)
+            if dtype is None or getattr(dtype, "kind", "") not in ("i", "u", "b"):
+                raise
+            import numpy
+            view = numpy.ascontiguousarray(state, dtype=numpy.int64)
+        try:
+            nn = n
+        except OverflowError:
+            nn = -1
+        if nn < 0 or nn > view.shape[1] or view.shape[0] < NUM_COLUMNS:
+            raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
+        extra[0] = token_arg(new_prompt)
+        extra[1] = token_arg(new_cached)
+        extra[2] = 0
+        extra[3] = token_arg(new_output)
+        extra[4] = 0
+        cap = view.shape[1]
+        data = &view[0, 0] if cap > 0 else NULL
+        for col in range(NUM_COLUMNS):
+            bad = first_bad_value(data + col * cap, nn) if nn > 0 else -1
+            if bad >= 0:
+                raise ValueError(f"state values must be in [0, 2**40], got {data[col * cap + bad]}")
+            if extra[col] < 0:
+                value = (new_prompt, new_cached, 0, new_output, 0)[col]
+                raise ValueError(f"state values must be in [0, 2**40], got {value}")
+        self._reserve(nn + 1)
+        out = self._run(data, cap, nn, extra[0], extra[1], extra[3])
+        return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps)
+
+    cdef Outcome _run(self, const int64_t* state, Py_ssize_t stride, Py_ssize_t n,
+                      int64_t new_prompt, int64_t new_cached,
+                      int64_t new_output) noexcept nogil:
+        cdef Req* req = self._s.req
+        cdef int64_t* running = self._s.running
+        cdef int64_t* waiting = self._s.waiting
+        cdef int64_t* sched_idx = self._s.sched_idx
+        cdef int64_t* sched_new = self._s.sched_new
+        cdef int64_t bs = self.block_size
+        cdef int bs_shift = power_of_two_shift(bs)
+        cdef int64_t budget_cap = self.max_num_batched_tokens
+        cdef int64_t max_num_seqs = self.max_num_seqs
+        cdef int64_t num_gpu_blocks = self.num_gpu_blocks
+        cdef int64_t past = self.past_prediction_tokens
+        cdef int64_t max_iterations = self.max_iterations
+        cdef bint fast_forward = self.fast_forward
+        cdef double fixed = self.fixed_s
+        cdef double c_prefill = self.per_prefill_token_s
+        cdef double c_decode = self.per_decode_seq_s
+        cdef double c_context = self.per_context_token_s
+        cdef double speed = self.speed
+        cdef Py_ssize_t m = n + 1
+        cdef int64_t new = m - 1
+        cdef Py_ssize_t n_running = 0, head, n_waiting = 0, n_sched, i, k, w, n_run
+        cdef int64_t p, c, g, pr, r, h, victim, used = 0, free_blocks, peak
+        cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
+        cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
+        cdef int64_t prefill_tokens, decode_seqs, ctx
+        cdef int64_t preemptions = 0, steps = 0, iterations = 0
+        cdef bint all_decode, admissible, preempted, self_preempted, finished_any
+        cdef double t = 0.0, a, b
+        cdef Outcome out
+        out.ttft = INFINITY
+        out.e2e = INFINITY
+        out.queue_delay = INFINITY
+
+        # ---- initial state: existing requests, then the new one ---------------------------
+        # Waiting requests are collected in sched_idx, then moved to the tail of `waiting`.
+        for i in range(m):
+            if i < n:
+                p = state[i]
+                c = state[stride + i]
+                g = state[2 * stride + i]
+                pr = state[3 * stride + i]
+            else:
+                p = new_prompt
+                c = new_cached
+                g = 0
+                pr = new_output
+            if p <= 1:
+                p = 1
+            req[i].prompt = p
+            req[i].cached = c if c < p - 1 else p - 1
+            req[i].gen = g
+            if pr <= 1:
+                pr = 1
+            req[i].target = pr if g < pr else g + past
+            req[i].comp = 0
+            req[i].blocks = 0
+            if i < n and state[4 * stride + i] != 0:
+                if g > 0:
+                    req[i].comp = p + g - 1
+                else:
+                    req[i].comp = req[i].cached
+                req[i].blocks = ceil_div(req[i].comp, bs, bs_shift)
+                used += req[i].blocks
+                running[n_running] = i
+                n_running += 1
+            else:
+                sched_idx[n_waiting] = i
+                n_waiting += 1
+        head = m - n_waiting
+        for k in range(n_waiting):
+            waiting[head + k] = sched_idx[k]
+        free_blocks = num_gpu_blocks - used
+        peak = used
+
+        while iterations < max_iterations:
+            iterations += 1
+            # ---- fast-forward a decode-only stretch ----------------------------------------
+            n_run = n_running
+            if fast_forward and n_run > 0 and n_run <= budget_cap:
+                all_decode = True
+                k_finish = MAX_TOKENS
+                ctx_sum = 0
+                for k in range(n_run):
+                    r = running[k]
+                    g = req[r].gen
+                    if g == 0 or req[r].comp != req[r].prompt + g - 1:
+                        all_decode = False
+                        break
+                    left = req[r].target - g
+                    if left < k_finish:
+                        k_finish = left
+                    ctx_sum += req[r].comp
+                if all_decode and k_finish > 2:
+                    j = k_finish - 1
+                    # The twin recomputes need(j) when it applies the stretch; the state has
+                    # not changed by then, so the value found here is reused.
+                    need = decode_blocks_needed(req, running, n_run, bs, bs_shift, j)
+                    if need > free_blocks:
+                        lo = 0
+                        hi = j
+                        while lo < hi:  # largest j with need(j) <= free
+                            mid = (lo + hi + 1) // 2
+                            need_mid = decode_blocks_needed(req, running, n_run, bs, bs_shift,
+                                                            mid)
+                            if need_mid <= free_blocks:
+                                lo = mid
+                                need = need_mid
+                            else:
+                                hi = mid - 1
+                        j = lo  # if j stays 0, need is stale but unused: no stretch below
+                    admissible = False
+                    # Admissibility only matters for a stretch (j > 1) and has no side effect.
+                    if j > 1 and head < m and n_run < max_num_seqs and budget_cap - n_run > 0:
+                        h = waiting[head]
+                        total_h = req[h].prompt + req[h].gen
+                        comp_h = req[h].cached if req[h].cached < total_h - 1 else total_h - 1
+                        new_h = total_h - comp_h
+                        if new_h > budget_cap - n_run:
+                            new_h = budget_cap - n_run
+                        free_after_1 = free_blocks - decode_blocks_needed(req, running, n_run,
+                                                                          bs, bs_shift, 1)
+                        admissible = ceil_div(comp_h + new_h, bs, bs_shift) <= free_after_1
+                    if j > 1 and not admissible:
+                        a = fixed + c_decode * <double>n_run + c_context * <double>ctx_sum
+                        b = c_context * (<double>n_run * bp_tri_as_double(j))
+                        t += speed * (<double>j * a + b)
+                        for k in range(n_run):
+                            r = running[k]
+                            req[r].comp += j
+                            req[r].gen += j
+                            nb = ceil_div(req[r].comp, bs, bs_shift)
+                            if nb > req[r].blocks:
+                                req[r].blocks = nb
+                        free_blocks -= need
+                        if num_gpu_blocks - free_blocks > peak:
+                            peak = num_gpu_blocks - free_blocks
+                        steps += j
+                        continue
+            # ---- one engine step -----------------------------------------------------------
+            budget = budget_cap
+            n_sched = 0
+            preempted = False
+            i = 0
+            while i < n_running and budget > 0:
+                r = running[i]
+                num_new = req[r].prompt + req[r].gen - req[r].comp
+                if num_new > budget:
+                    num_new = budget
+                need = ceil_div(req[r].comp + num_new, bs, bs_shift) - req[r].blocks
+                if need < 0:
+                    need = 0
+                self_preempted = False
+                while need > free_blocks:
+                    n_running -= 1
+                    victim = running[n_running]
+                    free_blocks += req[victim].blocks
+                    req[victim].blocks = 0
+                    req[victim].comp = 0
+                    head -= 1
+                    waiting[head] = victim
+                    preemptions += 1
+                    preempted = True
+                    if victim == r:
+                        self_preempted = True
+                        break
+                if self_preempted:
+                    break
+                free_blocks -= need
+                req[r].blocks += need
+                sched_idx[n_sched] = r
+                sched_new[n_sched] = num_new
+                n_sched += 1
+                budget -= num_new
+                i += 1
+            if not preempted:
+                while head < m and budget > 0 and n_running < max_num_seqs:
+                    h = waiting[head]
+                    total_h = req[h].prompt + req[h].gen
+                    comp_h = req[h].cached if req[h].cached < total_h - 1 else total_h - 1
+                    num_new = total_h - comp_h
+                    if num_new > budget:
+                        num_new = budget
+                    need = ceil_div(comp_h + num_new, bs, bs_shift)
+                    if need > free_blocks:
+                        break
+                    head += 1
+                    running[n_running] = h
+                    n_running += 1
+                    req[h].comp = comp_h
+                    req[h].blocks = need
+                    free_blocks -= need
+                    sched_idx[n_sched] = h
+                    sched_new[n_sched] = num_new
+                    n_sched += 1
+                    budget -= num_new
+                    if h == new and out.queue_delay == INFINITY:
+                        out.queue_delay = t
+            if num_gpu_blocks - free_blocks > peak:
+                peak = num_gpu_blocks - free_blocks
+            if n_sched == 0:
+                if preempted:
+                    continue
+                break  # nothing can ever run: the new request never finishes
+            prefill_tokens = 0
+            decode_seqs = 0
+            ctx = 0
+            for k in range(n_sched):
+                r = sched_idx[k]
+                if req[r].gen > 0 and req[r].comp == req[r].prompt + req[r].gen - 1:
+                    decode_seqs += 1
+                else:
+                    prefill_tokens += sched_new[k]
+                ctx += req[r].comp + sched_new[k]
+            t += speed * (fixed + c_prefill * <double>prefill_tokens
+                          + c_decode * <double>decode_seqs + c_context * <double>ctx)
+            steps += 1
+            finished_any = False
+            for k in range(n_sched):
+                r = sched_idx[k]
+                req[r].comp += sched_new[k]
+                if req[r].comp == req[r].prompt + req[r].gen:
+                    req[r].gen += 1
+                    if r == new and out.ttft == INFINITY:
+                        out.ttft = t
+                    if req[r].gen >= req[r].target:
+                        free_blocks += req[r].blocks
+                        req[r].blocks = 0
+                        finished_any = True
+                        if r == new:
+                            out.e2e = t
+            if out.e2e != INFINITY:
+                break
+            if finished_any:
+                w = 0
+                for k in range(n_running):
+                    r = running[k]
+                    if req[r].gen < req[r].target:
+                        running[w] = r
+                        w += 1
+                n_running = w
+        out.preemptions = preemptions
+        out.peak = peak
+        out.steps = steps
+        return out
