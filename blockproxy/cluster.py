@@ -56,7 +56,7 @@ class Instance:
             max_num_batched_tokens=spec.max_num_batched_tokens or eng.max_num_batched_tokens,
             num_gpu_blocks=spec.num_gpu_blocks or eng.num_gpu_blocks,
             block_size=spec.block_size or eng.block_size,
-            max_model_len=eng.max_model_len)
+            max_model_len=spec.max_model_len or eng.max_model_len)
         self.model = sim.model_from_profile(profile, self.limits,
                                             past_prediction_tokens=past_prediction_tokens)
         self.calibration = SpeedCalibration(enabled=calibrate)
@@ -243,8 +243,8 @@ class ClusterView:
 
 
 def _needs_rebuild(old: BackendSpec, new: BackendSpec) -> bool:
-    return (old.url, old.profile, old.max_num_seqs, old.max_num_batched_tokens,
-            old.num_gpu_blocks, old.block_size) != (new.url, new.profile, new.max_num_seqs,
-                                                     new.max_num_batched_tokens,
-                                                     new.num_gpu_blocks, new.block_size)
+    def engine(s: BackendSpec) -> tuple[object, ...]:
+        return (s.url, s.profile, s.max_num_seqs, s.max_num_batched_tokens, s.num_gpu_blocks,
+                s.block_size, s.max_model_len)
+    return engine(old) != engine(new)
 
