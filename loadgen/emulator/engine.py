@@ -24,6 +24,9 @@ from loadgen.emulator.scheduler import FINISHED, EngineRequest, Scheduler, StepP
 
 #: Lateness (wall seconds) beyond which the pacing clock is reset rather than caught up.
 RESYNC_S = 0.25
+#: Bounds and gain of the wake-up latency compensation (see ``Engine.run``).
+MAX_WAKE_BIAS_S = 0.002
+WAKE_BIAS_GAIN = 0.05
 #: Step records kept for ``/debug/engine``.
 STEP_HISTORY = 4096
 
@@ -70,6 +73,9 @@ class Engine:
         self._scale = timing.time_scale * timing.speed_factor
         self._noise_mu = -0.5 * timing.noise_sigma ** 2  # mean-one lognormal
         self._wake = asyncio.Event()
+        # Event-loop timers fire up to ~1 ms late (millisecond resolution); sleeping this
+        # much less than asked keeps the mean step end on its deadline.
+        self._wake_bias = 0.0
 
     def submit(self, req: EngineRequest) -> None:
         """Queue a request and wake the loop."""
@@ -118,9 +124,12 @@ class Engine:
             model_s, true_s = self.step_seconds(plan)
             start = next_end
             next_end = start + true_s
-            delay = next_end - clock()
+            delay = next_end - clock() - self._wake_bias
             await asyncio.sleep(delay if delay > 0 else 0)
             end = clock()
+            if delay > 0:
+                bias = self._wake_bias + WAKE_BIAS_GAIN * (end - next_end)
+                self._wake_bias = min(MAX_WAKE_BIAS_S, max(0.0, bias))
             self._finish_step(plan, end)
             self.num_steps += 1
             self.steps.append(StepRecord(start, next_end, end, model_s, true_s,
