@@ -3,8 +3,11 @@
 ``block`` minimises the predicted end-to-end latency of the new request (the Block
 paper's default); ``block_ttft`` minimises its predicted time to first token.  With
 ``sample_k`` > 0 only k randomly sampled instances are simulated (power-of-k).  Predictions
-within ``tie_tolerance`` of the best are ties, broken at random, so proxies deciding at
-the same moment on the same view do not all pile onto one instance.
+within ``tie_tolerance`` of the best are ties: on a fast GPU one more decoding sequence
+changes a step's time by a fraction of a percent, so at light load every instance predicts
+about the same latency and only the tie-break spreads a burst.  Ties go to the instance
+with the fewest active requests, and at random among those, so proxies deciding at the
+same moment on the same view do not all pile onto one instance.
 """
 
 from __future__ import annotations
@@ -37,5 +40,8 @@ class BlockPolicy:
         best = min(p[idx] for p, _ in scored)
         limit = best * (1.0 + self.tie_tolerance)
         ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
+        if len(ties) > 1:
+            fewest = min(inst.n for _, inst in ties)
+            ties = [(p, inst) for p, inst in ties if inst.n == fewest]
         prediction, chosen = ties[0] if len(ties) == 1 else self.rng.choice(ties)
         return chosen, prediction

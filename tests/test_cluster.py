@@ -1,0 +1,78 @@
+"""The cluster view: reservations keep dispatch order, progress reaches the table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from blockproxy import sim
+from blockproxy.backends import BackendSpec
+from blockproxy.cluster import ClusterView
+
+
+def view_with(*names: str, **spec_fields: object) -> ClusterView:
+    view = ClusterView("llama-3.1-8b-h100-tp1")
+    view.apply([BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=n, **spec_fields)
+                for i, n in enumerate(names)])
+    return view
+
+
+def test_reserve_and_release_keep_dispatch_order():
+    inst = view_with("a").instances["a"]
+    entries = [inst.reserve(100 + i, 10, now=float(i)) for i in range(5)]
+    inst.release(entries[1])
+    inst.release(entries[1])  # twice is harmless
+    assert inst.n == 4
+    assert list(inst.table[sim.COL_PROMPT, :4]) == [100, 102, 103, 104]
+    assert [e.slot for e in inst.entries] == [0, 1, 2, 3]
+    inst.first_token(entries[3], now=9.0)
+    inst.add_tokens(entries[3], 4)
+    assert inst.table[sim.COL_STARTED, entries[3].slot] == 1
+    assert inst.table[sim.COL_GENERATED, entries[3].slot] == 5
+
+
+def test_table_grows_past_its_capacity():
+    inst = view_with("a").instances["a"]
+    entries = [inst.reserve(i + 1, 1, 0.0) for i in range(200)]
+    assert inst.n == 200
+    assert np.array_equal(inst.table[sim.COL_PROMPT, :200], np.arange(1, 201))
+    for e in entries:
+        inst.release(e)
+    assert inst.n == 0
+
+
+def test_more_load_predicts_longer_latency():
+    inst = view_with("a").instances["a"]
+    empty = inst.predict(500, 0, 100)
+    for _ in range(50):
+        inst.reserve(2000, 300, 0.0)
+    assert inst.predict(500, 0, 100)[1] > empty[1]
+
+
+def test_apply_adds_removes_and_changes_in_place():
+    view = view_with("a", "b")
+    a = view.instances["a"]
+    entry = a.reserve(10, 10, 0.0)
+    added, removed, changed = view.apply([
+        BackendSpec(url="http://127.0.0.1:9000", name="a", state="draining"),
+        BackendSpec(url="http://127.0.0.1:9002", name="c")])
+    assert (added, removed, changed) == (["c"], ["b"], ["a"])
+    assert view.instances["a"] is a and a.state == "draining" and a.n == 1
+    assert [i.name for i in view.candidates("any")] == ["c"]
+    a.release(entry)
+
+
+def test_engine_overrides_from_the_backends_file():
+    inst = view_with("a", max_num_seqs=4, num_gpu_blocks=100).instances["a"]
+    assert inst.limits.max_num_seqs == 4 and inst.limits.num_gpu_blocks == 100
+    assert inst.model.max_num_seqs == 4
+
+
+def test_load_metrics_of_the_baselines():
+    inst = view_with("a", num_gpu_blocks=1000).instances["a"]
+    running = inst.reserve(160, 100, 0.0)
+    inst.first_token(running, 0.0)
+    inst.reserve(320, 50, 0.0)  # waiting
+    # unprocessed: waiting prompt 320 + remaining outputs (99 + 50)
+    assert inst.unprocessed_tokens() == 320 + 99 + 50
+    # headroom: (1000 - 11 used - 20 wanted) / 1 running
+    assert inst.llumnix_headroom() == 1000 - 11 - 20
