@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadgen.bench_emulator",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--instances", default="1,2,4,8,16,32",
+    parser.add_argument("--instances", default="1,2,3,4,5,6,8,16,32",
                         help="instance counts to try, in order")
     parser.add_argument("--streams", type=int, default=16,
                         help="concurrent closed-loop streams per instance")

@@ -26,7 +26,7 @@ from loadgen.emulator.scheduler import FINISHED, EngineRequest, Scheduler, StepP
 RESYNC_S = 0.25
 #: Bounds and gain of the wake-up latency compensation (see ``Engine.run``).
 MAX_WAKE_BIAS_S = 0.002
-WAKE_BIAS_GAIN = 0.05
+WAKE_BIAS_STEP_S = 10e-6
 #: Step records kept for ``/debug/engine``.
 STEP_HISTORY = 4096
 
@@ -74,7 +74,7 @@ class Engine:
         self._noise_mu = -0.5 * timing.noise_sigma ** 2  # mean-one lognormal
         self._wake = asyncio.Event()
         # Event-loop timers fire up to ~1 ms late (millisecond resolution); sleeping this
-        # much less than asked keeps the mean step end on its deadline.
+        # much less than asked keeps the median step end on its deadline.
         self._wake_bias = 0.0
 
     def submit(self, req: EngineRequest) -> None:
@@ -128,8 +128,12 @@ class Engine:
             await asyncio.sleep(delay if delay > 0 else 0)
             end = clock()
             if delay > 0:
-                bias = self._wake_bias + WAKE_BIAS_GAIN * (end - next_end)
-                self._wake_bias = min(MAX_WAKE_BIAS_S, max(0.0, bias))
+                # A sign update converges to the median lateness, unmoved by rare long
+                # delays (a busy event loop), which no sleep could have avoided.
+                if end > next_end:
+                    self._wake_bias = min(MAX_WAKE_BIAS_S, self._wake_bias + WAKE_BIAS_STEP_S)
+                else:
+                    self._wake_bias = max(0.0, self._wake_bias - WAKE_BIAS_STEP_S)
             self._finish_step(plan, end)
             self.num_steps += 1
             self.steps.append(StepRecord(start, next_end, end, model_s, true_s,
