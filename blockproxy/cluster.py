@@ -35,6 +35,8 @@ class Entry:
     first_token_at: float = 0.0
     generated: int = 0
     released: bool = False
+    #: False for non-streaming requests: their progress is estimated, not observed.
+    observed: bool = True
 
 
 class Instance:
@@ -149,6 +151,27 @@ class Instance:
         for later in self.entries[i:]:
             later.slot -= 1
         self.n = n - 1
+
+    def estimate_progress(self, now: float) -> None:
+        """Advance unobserved (non-streaming) requests along their own prediction.
+
+        Nothing comes back from a non-streaming request until it ends; without this the
+        simulator would think it is still waiting to start long after it began decoding.
+        """
+        for entry in self.entries:
+            if entry.observed or not math.isfinite(entry.predicted_ttft):
+                continue
+            elapsed = now - entry.dispatched_at
+            if elapsed < entry.predicted_ttft:
+                continue
+            if not entry.first_token_at:
+                self.first_token(entry, entry.dispatched_at + entry.predicted_ttft)
+            decode_time = entry.predicted_e2e - entry.predicted_ttft
+            if entry.predicted_tokens > 1 and decode_time > 0:
+                per_token = decode_time / (entry.predicted_tokens - 1)
+                tokens = 1 + int((elapsed - entry.predicted_ttft) / per_token)
+                if tokens > entry.generated:
+                    self.add_tokens(entry, tokens - entry.generated)
 
     # ---- health -----------------------------------------------------------------------------
     def record_success(self) -> None:

@@ -71,7 +71,8 @@ async def serve(proxy: Proxy, watcher: BackendsWatcher) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(proxy.probe_loop())]
+    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(proxy.probe_loop()),
+             asyncio.create_task(proxy.progress_loop())]
     log.info("blockproxy listening on http://%s:%d (policy %s, %d instances)", config.host,
              config.port, config.policy, len(proxy.view.instances))
     print(f"blockproxy listening on http://{config.host}:{config.port}", flush=True)

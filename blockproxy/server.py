@@ -176,6 +176,7 @@ class Proxy:
             if not pool:
                 break
             entry = self._dispatch(pool, job)
+            entry.observed = info.stream
             inst = entry.instance
             tried.append(inst)
             try:
@@ -376,6 +377,15 @@ class Proxy:
         return web.Response(status=status, body=payload, content_type=ctype)
 
     # ---- background work ----------------------------------------------------------------------
+    async def progress_loop(self, interval: float = 0.05) -> None:
+        """Estimate the progress of non-streaming requests (see Instance.estimate_progress)."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.perf_counter()
+            for inst in self.view.instances.values():
+                if inst.n:
+                    inst.estimate_progress(now)
+
     async def probe_loop(self) -> None:
         """Bring ejected instances back when ``/health`` answers; discover model lists."""
         discovered_at: dict[str, float] = {}

@@ -76,3 +76,19 @@ def test_load_metrics_of_the_baselines():
     assert inst.unprocessed_tokens() == 320 + 99 + 50
     # headroom: (1000 - 11 used - 20 wanted) / 1 running
     assert inst.llumnix_headroom() == 1000 - 11 - 20
+
+
+def test_unobserved_requests_progress_along_their_prediction():
+    inst = view_with("a").instances["a"]
+    entry = inst.reserve(100, 11, now=0.0)
+    entry.observed = False
+    entry.predicted_ttft, entry.predicted_e2e = 1.0, 2.0  # 10 decode steps of 0.1 s
+    inst.estimate_progress(0.5)
+    assert inst.table[sim.COL_STARTED, 0] == 0
+    inst.estimate_progress(1.55)
+    assert inst.table[sim.COL_STARTED, 0] == 1
+    assert inst.table[sim.COL_GENERATED, 0] == 6
+    streamed = inst.reserve(100, 11, now=0.0)
+    streamed.predicted_ttft, streamed.predicted_e2e = 1.0, 2.0
+    inst.estimate_progress(1.9)
+    assert inst.table[sim.COL_GENERATED, 0] == 9 and inst.table[sim.COL_STARTED, 1] == 0
