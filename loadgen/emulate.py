@@ -3,7 +3,7 @@
 Each instance speaks vLLM's HTTP API (completions and chat, streaming or not, /v1/models,
 /health, /version, /metrics) and runs its own continuous-batching engine whose step
 time follows the profile x speed factor x time-scale, with lognormal noise and rare
-stalls.  A speed factor is a step-time multiplier (1.25 = 25%% slower).  The true output
+stalls.  A speed factor is a step-time multiplier (1.25 = 25% slower).  The true output
 length comes from the ``x-loadgen-output-tokens`` header when present.
 """
 

@@ -223,8 +223,29 @@ async def test_disconnect_aborts(emu: Emulator, session: aiohttp.ClientSession) 
     async def aborted() -> bool:
         samples = await get_metrics(session, url)
         return (metric(samples, "vllm:num_requests_running") == 0
-                and metric(samples, "vllm:request_success_total", finished_reason="abort") == 1
+                and metric(samples, "vllm:request_success_total", finished_reason="abort") >= 1
                 and metric(samples, "vllm:kv_cache_usage_perc") == 0)
+    await wait_for(aborted)
+
+
+async def test_disconnect_aborts_non_streaming(emu: Emulator,
+                                              session: aiohttp.ClientSession) -> None:
+    url = emu.url(2)
+    before = metric(await get_metrics(session, url), "vllm:request_success_total",
+                    finished_reason="abort")
+    task = asyncio.create_task(session.post(f"{url}/v1/completions", headers={HEADER: "100000"},
+                                            json={"prompt": "never answered"}))
+
+    async def running() -> bool:
+        return metric(await get_metrics(session, url), "vllm:num_requests_running") == 1
+    await wait_for(running)
+    task.cancel()  # closes the connection while the request is in the batch
+    await asyncio.gather(task, return_exceptions=True)
+
+    async def aborted() -> bool:
+        samples = await get_metrics(session, url)
+        return (metric(samples, "vllm:num_requests_running") == 0 and metric(
+            samples, "vllm:request_success_total", finished_reason="abort") == before + 1)
     await wait_for(aborted)
 
 
