@@ -10,8 +10,8 @@ reads the engines' step records (``/debug/engine``) over a measurement window:
 * lateness: how late steps end relative to their deadline (median and p99, ms), and the
   median lateness as a fraction of the mean step.
 
-N is sustainable while both drifts and the relative median lateness stay within 5%.  It stops at the first N that
-exceeds it.  Run: ``python -m loadgen.bench_emulator --json``.
+N is sustainable while both drifts and the relative median lateness stay within 5%; the
+sweep stops at the first N that exceeds it.  Run: ``python -m loadgen.bench_emulator --json``.
 """
 
 from __future__ import annotations
