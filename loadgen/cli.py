@@ -15,6 +15,8 @@ import sys
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "emulate": ("loadgen.emulate", "start emulated vLLM instances (no GPU needed)"),
+    "run": ("loadgen.run", "one benchmark run against an OpenAI-compatible endpoint"),
+    "capacity": ("loadgen.capacity", "highest request rate that meets an SLO"),
 }
 
 
