@@ -40,7 +40,8 @@ setup(
     packages=find_packages(include=["blockproxy", "blockproxy.*", "loadgen", "loadgen.*"])
     + ["blockproxy.profiles"],
     package_dir={"blockproxy.profiles": "profiles"},
-    package_data={"blockproxy.profiles": ["*.json"], "blockproxy": ["data/*"]},
+    package_data={"blockproxy.profiles": ["*.json"], "blockproxy": ["data/*"],
+                  "loadgen": ["data/*"]},
     ext_modules=extensions(),
     zip_safe=False,
 )
