@@ -1,0 +1,179 @@
+"""``loadgen run``/``capacity`` end to end against a real ``loadgen emulate``, the client's
+failure accounting against small in-process servers, and the capacity search logic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from loadgen.capacity import find_capacity, scan_capacity, slo_check
+from loadgen.run import run_benchmark
+from loadgen.workload import RequestSpec, load_trace
+from tests.procs import ROOT, Emulator, free_ports
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Emulator:
+    with Emulator(tmp_path_factory.mktemp("emu"), instances=1, time_scale=0.1) as emu:
+        yield emu
+
+
+@pytest.fixture
+def trace(tmp_path: Path) -> Path:
+    path = tmp_path / "azure.csv"
+    rows = [f"2023-11-16 18:15:{i // 2:02d}.{i % 2 * 5}000000,{40 + 37 * i},{3 + 5 * i}"
+            for i in range(N)]
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_cli_run_against_emulator(emulator: Emulator, trace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadgen.cli", "run", "--target", emulator.urls[0],
+         "--trace", str(trace), "--use-trace-timestamps", "--rate-multiplier", "2",
+         "--time-scale", "0.1", "--max-tokens-policy", "true", "--goodput", "ttft:60000",
+         "--metric-percentiles", "50,90,99", "--json", str(out), "--detail"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Serving Benchmark Result" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["completed"] == N and result["failed"] == 0
+    for key in ("duration", "total_input_tokens", "total_output_tokens", "request_throughput",
+                "request_goodput", "output_throughput", "total_token_throughput",
+                "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p50_ttft_ms", "p90_tpot_ms",
+                "p99_itl_ms", "p99_e2el_ms", "goodput_ratio", "unscaled", "seed",
+                "num_prompts", "target", "burstiness", "max_concurrency", "request_rate"):
+        assert key in result, key
+    specs = load_trace(trace)
+    assert result["total_input_tokens"] == sum(s.prompt_tokens for s in specs)
+    # The emulator generated exactly the lengths of x-loadgen-output-tokens.
+    assert [r["output_tokens"] for r in result["per_request"]] == \
+        [s.output_tokens for s in specs]
+    assert result["unscaled"]["mean_ttft_ms"] == pytest.approx(result["mean_ttft_ms"] * 10)
+
+
+async def test_closed_loop_chat_and_cap_policy(emulator: Emulator) -> None:
+    specs = [RequestSpec(30 + i, 4 + i, 0.0) for i in range(6)]
+    m = await run_benchmark(emulator.urls[0], specs, endpoint="/v1/chat/completions",
+                            max_concurrency=2, max_tokens_policy="cap", max_tokens_cap=6,
+                            detail=True)
+    assert m["completed"] == 6 and m["failed"] == 0 and m["max_concurrency"] == 2
+    # Lengths above the cap stop at the cap, as max_tokens does on vLLM.
+    assert [r["output_tokens"] for r in m["per_request"]] == [4, 5, 6, 6, 6, 6]
+    assert [r["prompt_tokens"] for r in m["per_request"]] == [30, 31, 32, 33, 34, 35]
+
+
+async def test_http_and_connection_errors_count_as_failed(emulator: Emulator) -> None:
+    specs = [RequestSpec(10, 3, 0.0)] * 2
+    m = await run_benchmark(emulator.urls[0], specs, model="no-such-model", detail=True)
+    assert m["failed"] == 2 and m["completed"] == 0
+    assert m["per_request"][0]["error"].startswith("HTTP 404")
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
+    m = await run_benchmark(dead, specs, detail=True)
+    assert m["failed"] == 2 and m["per_request"][0]["error"]
+
+
+def _stream_app(body: bytes) -> web.Application:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(body)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    return app
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator:
+    runners: list[web.AppRunner] = []
+
+    async def start(body: bytes) -> str:
+        runner = web.AppRunner(_stream_app(body))
+        await runner.setup()
+        port = free_ports(1)[0]
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def _chunk(text: str) -> bytes:
+    return b'data: {"choices":[{"index":0,"text":' + json.dumps(text).encode() + b'}]}\n\n'
+
+
+async def test_truncated_stream_and_error_event_fail(serve) -> None:
+    spec = [RequestSpec(5, 2, 0.0)]
+    m = await run_benchmark(await serve(_chunk(" a") + _chunk(" b")), spec, detail=True)
+    assert m["failed"] == 1 and "[DONE]" in m["per_request"][0]["error"]
+    error = b'data: {"error":{"message":"backend died","code":502}}\n\n'
+    m = await run_benchmark(await serve(_chunk(" a") + error), spec, detail=True)
+    assert m["failed"] == 1 and "backend died" in m["per_request"][0]["error"]
+    # Without a usage chunk the output length is the number of text chunks.
+    ok = b": keep-alive\n\n" + _chunk(" a") + _chunk(" b") + _chunk(" c") + b"data: [DONE]\n\n"
+    m = await run_benchmark(await serve(ok), spec, detail=True)
+    assert m["completed"] == 1 and m["per_request"][0]["output_tokens"] == 3
+    assert len(m["per_request"][0]["itl_ms"]) == 2
+
+
+def _fake_run(capacity: float, calls: list[float]):
+    async def run_once(value: float) -> dict:
+        calls.append(value)
+        return {"completed": 10, "failed": 0, "p99_ttft_ms": 100.0 * value / capacity}
+    return run_once
+
+
+async def test_find_capacity_bisects_within_budget() -> None:
+    calls: list[float] = []
+    result = await find_capacity(_fake_run(5.0, calls), 1.0, 32.0, 8,
+                                 slo_check(p99_ttft_ms=100.0))
+    assert len(calls) == 8 and calls[:2] == [1.0, 32.0]
+    assert result["runs"] == 8
+    assert result["capacity"] <= 5.0 < result["lowest_fail"]
+    assert result["lowest_fail"] / result["capacity"] < 1.1
+    assert [p["value"] for p in result["curve"]] == sorted(calls)
+
+
+async def test_find_capacity_edges() -> None:
+    calls: list[float] = []
+    low = await find_capacity(_fake_run(0.5, calls), 1.0, 8.0, 5, slo_check(100.0))
+    assert low["capacity"] is None and calls == [1.0]
+    high = await find_capacity(_fake_run(50.0, []), 1.0, 8.0, 5, slo_check(100.0))
+    assert high["capacity"] == 8.0 and high["runs"] == 2
+    scan = await scan_capacity(_fake_run(3.0, []), [4, 1, 2, 3], slo_check(100.0))
+    assert scan["capacity"] == 3 and scan["lowest_fail"] == 4
+
+
+def test_slo_check_rules() -> None:
+    check = slo_check(p99_ttft_ms=100.0, min_goodput_ratio=0.9)
+    assert check({"completed": 5, "failed": 0, "p99_ttft_ms": 90.0, "goodput_ratio": 0.95})
+    assert not check({"completed": 5, "failed": 0, "p99_ttft_ms": 90.0, "goodput_ratio": 0.5})
+    assert not check({"completed": 5, "failed": 1, "p99_ttft_ms": 9.0, "goodput_ratio": 1.0})
+    assert not check({"completed": 0, "failed": 0, "p99_ttft_ms": 0.0, "goodput_ratio": 1.0})
+
+
+def test_cli_capacity_against_emulator(emulator: Emulator, trace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "capacity.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadgen.cli", "capacity", "--target", emulator.urls[0],
+         "--trace", str(trace), "--use-trace-timestamps", "--time-scale", "0.1",
+         "--slo-ttft-p99-ms", "600000", "--multipliers", "1,4", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "capacity (rate_multiplier): 4" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [p["value"] for p in result["curve"]] == [1.0, 4.0]
+    assert all(p["passed"] for p in result["curve"])
