@@ -18,7 +18,6 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from loadgen import measure
 from loadgen.run import add_workload_arguments, benchmark_kwargs, run_benchmark, \
     specs_from_args, write_json
 

@@ -224,6 +224,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="include per-request records in the JSON")
 
 
+def _timestamped(args: argparse.Namespace) -> bool:
+    """Whether the flags name a trace with its own arrival times."""
+    if not args.trace or args.format in ("lengths", "synthetic"):
+        return False
+    fmt = args.format if args.format != "auto" else detect_format(resolve_trace(args.trace))
+    return fmt != "lengths"
+
+
 def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
     """The workload the flags describe (arrival times in trace seconds)."""
     if args.trace and args.format != "synthetic":
@@ -238,9 +246,7 @@ def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
     if args.use_trace_timestamps and len(specs) > 1 and all(s.arrival_s == 0 for s in specs):
         raise ValueError("this workload has no timestamps: use --request-rate instead of "
                          "--use-trace-timestamps")
-    untimed = not args.trace or args.format in ("lengths", "synthetic") or (
-        detect_format(resolve_trace(args.trace)) == "lengths" if args.format == "auto" else False)
-    if untimed and args.duration is not None and not math.isinf(args.request_rate):
+    if not _timestamped(args) and args.duration is not None and not math.isinf(args.request_rate):
         # No timestamps: --duration cuts the synthetic arrival process (the runner draws
         # the same times again from the same seed).
         specs = slice_specs(assign_arrivals(specs, args.request_rate, args.burstiness,

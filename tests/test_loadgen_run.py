@@ -177,3 +177,46 @@ def test_cli_capacity_against_emulator(emulator: Emulator, trace: Path, tmp_path
     result = json.loads(out.read_text())
     assert [p["value"] for p in result["curve"]] == [1.0, 4.0]
     assert all(p["passed"] for p in result["curve"])
+
+
+def _args(*argv: str):
+    import argparse
+
+    from loadgen.run import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--target", "http://127.0.0.1:1", *argv])
+
+
+def test_workload_flags(trace: Path, tmp_path: Path) -> None:
+    from loadgen.run import benchmark_kwargs, specs_from_args
+
+    lengths = tmp_path / "lengths.csv"
+    lengths.write_text("num_prefill_tokens,num_decode_tokens\n"
+                       + "".join(f"{10 + i},{2 + i}\n" for i in range(500)))
+    # No timestamps: --duration cuts the Poisson process (about rate x duration requests).
+    specs = specs_from_args(_args("--trace", str(lengths), "--request-rate", "50",
+                                  "--duration", "2", "--seed", "1"))
+    assert 60 < len(specs) < 140 and specs[-1].arrival_s < 2.0
+    with pytest.raises(ValueError):
+        specs_from_args(_args("--trace", str(lengths), "--use-trace-timestamps"))
+    assert len(specs_from_args(_args("--trace", str(trace), "--duration", "2"))) == 4
+    assert len(specs_from_args(_args("--num-requests", "7"))) == 7
+    kwargs = benchmark_kwargs(_args("--goodput", "ttft:5", "tpot:1",
+                                    "--metric-percentiles", "90,99"))
+    assert kwargs["goodput"] == {"ttft": 5.0, "tpot": 1.0}
+    assert kwargs["percentiles"] == [90.0, 99.0]
+
+
+def test_progress_bar_draws_to_its_stream() -> None:
+    import io
+
+    from loadgen.run import Progress
+
+    out = io.StringIO()
+    bar = Progress(2, stream=out, width=10)
+    bar.update(True)
+    bar.update(False)
+    bar.close()
+    assert "2/2 failed 1" in out.getvalue() and "[##########]" in out.getvalue()
