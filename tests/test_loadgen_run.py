@@ -220,3 +220,15 @@ def test_progress_bar_draws_to_its_stream() -> None:
     bar.update(False)
     bar.close()
     assert "2/2 failed 1" in out.getvalue() and "[##########]" in out.getvalue()
+
+
+async def test_run_through_blockproxy_with_hint(emulator: Emulator, tmp_path: Path) -> None:
+    from tests.procs import Proxy, write_backends
+
+    backends = write_backends(tmp_path / "backends.yaml", [{"url": emulator.urls[0]}])
+    with Proxy(tmp_path, backends) as proxy:
+        specs = [RequestSpec(20 + i, 2 + i, 0.01 * i) for i in range(5)]
+        m = await run_benchmark(proxy.url, specs, use_trace_arrivals=True, time_scale=0.1,
+                                hint=True, detail=True)
+    assert m["completed"] == 5 and m["failed"] == 0
+    assert [r["output_tokens"] for r in m["per_request"]] == [2, 3, 4, 5, 6]
