@@ -41,10 +41,11 @@ cdef extern from *:
         mid = (p0 >> 32) + (p1 & 0xffffffffu) + (p2 & 0xffffffffu);
         lo = (p0 & 0xffffffffu) | (mid << 32);
         hi = p3 + (p1 >> 32) + (p2 >> 32) + (mid >> 32);
-        if (hi == 0)
-            return (double)lo;  /* cannot happen for j > 3037000498, kept for safety */
+        if (hi == 0 && (lo >> 63) == 0)
+            return (double)(int64_t)lo;
         /* a, b < 2**63, so hi < 2**62: normalise to 63 bits, keep a sticky bit for the
-           dropped ones (far below the 53-bit rounding point), convert, scale back. */
+           dropped ones (below the 53-bit rounding point), convert (signed, correctly
+           rounded), scale back exactly. */
         bits = 0;
         while ((hi >> bits) != 0) bits++;
         shift = bits + 1;
