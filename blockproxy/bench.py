@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -46,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=DEFAULT_PROFILE,
                         help="profile name or file: engine limits and step-time model")
     parser.add_argument("--lengths", default=None,
-                        help="CSV with num_prefill_tokens,num_decode_tokens columns (default: "
-                             f"shared/traces/{LENGTHS_FILE} next to or inside the checkout)")
+                        help="CSV with num_prefill_tokens,num_decode_tokens columns; when "
+                             f"not given, shared/traces/{LENGTHS_FILE} next to or inside "
+                             "the checkout, else synthetic lengths")
     parser.add_argument("--states", type=int, default=20,
                         help="random instance states per size")
     parser.add_argument("--seed", type=int, default=1, help="random seed")
@@ -231,6 +233,9 @@ def print_table(result: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``blockproxy bench``."""
+    if args.lengths and not Path(args.lengths).is_file():
+        print(f"blockproxy bench: --lengths {args.lengths}: no such file", file=sys.stderr)
+        return 2
     result = bench_sim(args)
     if args.json:
         print(json.dumps(result, indent=2))
