@@ -1,0 +1,333 @@
+"""Start and stop an emulated vLLM cluster and blockproxy processes, cleanup guaranteed.
+
+:class:`EmulatedCluster` runs ``loadgen emulate``; :class:`ProxyProcess` runs ``blockproxy
+serve`` in front of it.  Both are async context managers (``start()`` waits for every
+``/health``; ``stop()`` is synchronous so it also works from ``finally`` and ``atexit``).
+
+How cleanup is guaranteed:
+
+* every child runs in its own session, so a Ctrl-C typed at the terminal reaches only the
+  parent, which then stops its children in order (rather than every process dying at
+  once, mid-request);
+* ``stop()`` sends SIGTERM to the PID it started, waits, then SIGKILLs it;
+* a module-level registry stops whatever is still running at interpreter exit;
+* on Linux each child also gets ``PR_SET_PDEATHSIG`` = SIGTERM, so even a SIGKILLed parent
+  leaves no emulator or proxy behind.
+
+One emulator process sustains about 6 busy instances at time-scale 1 before its step
+timing drifts, so a cluster is split over ``ceil(N / instances_per_process)`` processes
+(default 6 instances each) on one range of consecutive ports; a larger time-scale (slower
+emulated GPU) keeps a busy cluster faithful on a small machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+HOST = "127.0.0.1"
+#: seconds between SIGTERM and SIGKILL
+STOP_TIMEOUT_S = 5.0
+#: seconds to wait for ``/health`` after a start
+START_TIMEOUT_S = 30.0
+#: tries with fresh ports when a child dies at start (another process took a port)
+START_ATTEMPTS = 3
+#: emulator flags that change an engine limit; the proxy is told the same value
+_LIMIT_FLAGS = ("max-num-seqs", "max-num-batched-tokens", "num-gpu-blocks", "block-size",
+                "max-model-len")
+
+_live: set["ChildProcess"] = set()
+
+
+def free_port_range(count: int, attempts: int = 100) -> int:
+    """A base port P such that P .. P+count-1 can be bound on 127.0.0.1 right now."""
+    for _ in range(attempts):
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((HOST, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports on {HOST}")
+
+
+def _child_env() -> dict[str, str]:
+    # Children run ``-m loadgen.cli`` / ``-m blockproxy``: make this checkout importable
+    # even when it is not installed.
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: SIGTERM when the parent thread dies.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ChildProcess:
+    """One child process with its output in a log file, stopped by PID."""
+
+    def __init__(self, args: Sequence[str], name: str, log_dir: Path) -> None:
+        self.args = list(args)
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(
+            self.args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=_child_env(),
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        _live.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit status."""
+        try:
+            if self.popen.poll() is None:
+                self.popen.send_signal(signal.SIGTERM)
+                try:
+                    self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait(timeout)
+        finally:
+            _live.discard(self)
+            self._log.close()
+        return self.popen.returncode
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@atexit.register
+def stop_all() -> None:
+    """Stop every child still running (the backstop behind each owner's ``finally``)."""
+    for child in list(_live):
+        child.stop()
+
+
+async def wait_healthy(urls: Sequence[str], children: Sequence[ChildProcess],
+                       timeout: float = START_TIMEOUT_S) -> None:
+    """Return when every ``url/health`` answers 200; raise if a child exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    pending = list(urls)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+        while pending:
+            for child in children:
+                if not child.running():
+                    raise RuntimeError(f"{child.name} exited with {child.popen.returncode}:\n"
+                                       f"{child.log_tail()}")
+            url = pending[0]
+            try:
+                async with session.get(url + "/health") as resp:
+                    if resp.status == 200:
+                        pending.pop(0)
+                        continue
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
+            await asyncio.sleep(0.05)
+
+
+class _Managed:
+    """Shared start/stop plumbing: children, a temp dir for logs, context managers."""
+
+    kind = "process"
+
+    def __init__(self, log_dir: str | Path | None) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if log_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"loadgen-{self.kind}-")
+            log_dir = self._tmp.name
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[ChildProcess] = []
+        self.urls: list[str] = []
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.pid for c in self.children]
+
+    def _launch(self) -> tuple[list[ChildProcess], list[str]]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Start the processes and wait until every URL is healthy."""
+        for attempt in range(START_ATTEMPTS):
+            self.children, self.urls = [], []
+            try:
+                self.children, self.urls = self._launch()
+                await wait_healthy(self.urls, self.children)
+                return
+            except RuntimeError as exc:
+                # A child that lost a port race to another process is retried on new
+                # ports; any other early exit (bad flags, bad profile) is final.
+                self.stop(keep_logs=True)
+                if attempt == START_ATTEMPTS - 1 or "in use" not in str(exc).lower():
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+
+    def stop(self, keep_logs: bool = False) -> None:
+        """Stop every child (SIGTERM, then SIGKILL); safe to call twice."""
+        children, self.children = self.children, []
+        for child in children:
+            child.stop()
+        if self._tmp is not None and not keep_logs:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    async def __aenter__(self) -> "_Managed":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmulatedCluster(_Managed):
+    """N emulated vLLM instances (``loadgen emulate``) on consecutive free ports."""
+
+    kind = "emulator"
+
+    def __init__(self, instances: int, *, profile: str, time_scale: float = 1.0,
+                 speed_factors: Sequence[float] | None = None, seed: int = 0,
+                 extra_args: Sequence[str] = (), instances_per_process: int = 6,
+                 log_dir: str | Path | None = None) -> None:
+        if instances < 1 or instances_per_process < 1:
+            raise ValueError("instances and instances_per_process must be at least 1")
+        if speed_factors and len(speed_factors) not in (1, instances):
+            raise ValueError(f"{len(speed_factors)} speed factors for {instances} instances")
+        super().__init__(log_dir)
+        self.instances = instances
+        self.profile = profile
+        self.time_scale = time_scale
+        self.speed_factors = list(speed_factors or [1.0])
+        self.seed = seed
+        self.extra_args = list(extra_args)
+        self.instances_per_process = instances_per_process
+
+    def _launch(self) -> tuple[list[ChildProcess], list[str]]:
+        base = free_port_range(self.instances)
+        children: list[ChildProcess] = []
+        try:
+            for k, first in enumerate(range(0, self.instances, self.instances_per_process)):
+                count = min(self.instances_per_process, self.instances - first)
+                factors = (self.speed_factors if len(self.speed_factors) == 1
+                           else self.speed_factors[first:first + count])
+                # Process k > 0 gets another seed so its engines' noise differs from
+                # process 0's (the emulator seeds instance i with a function of seed, i).
+                args = [sys.executable, "-m", "loadgen.cli", "emulate",
+                        "--instances", str(count), "--base-port", str(base + first),
+                        "--host", HOST, "--profile", self.profile,
+                        "--time-scale", repr(self.time_scale),
+                        "--speed-factors", ",".join(repr(f) for f in factors),
+                        "--seed", str(self.seed + 1000 * k), *self.extra_args]
+                children.append(ChildProcess(args, f"emulator-{base + first}", self.log_dir))
+        except BaseException:
+            for child in children:
+                child.stop()
+            raise
+        return children, [f"http://{HOST}:{base + i}" for i in range(self.instances)]
+
+    def backend_entries(self) -> list[dict[str, Any]]:
+        """Backends-file entries for the running instances (limits overridden by the
+        emulator flags are passed on, as an operator would configure them)."""
+        limits = engine_limits_from_args(self.extra_args)
+        return [{"url": url, "name": f"i{i}", "profile": self.profile, **limits}
+                for i, url in enumerate(self.urls)]
+
+
+def engine_limits_from_args(args: Sequence[str]) -> dict[str, int]:
+    """Backends-file fields for ``--max-num-seqs N`` style emulator flags in ``args``."""
+    out: dict[str, int] = {}
+    items = list(args)
+    for i, item in enumerate(items):
+        flag, eq, value = item.partition("=")
+        name = flag.removeprefix("--")
+        if name in _LIMIT_FLAGS:
+            if not eq:
+                value = items[i + 1] if i + 1 < len(items) else ""
+            try:
+                out[name.replace("-", "_")] = int(value)
+            except ValueError:
+                raise ValueError(f"emulator flag {flag} needs an integer: {value!r}") from None
+    return out
+
+
+class ProxyProcess(_Managed):
+    """``blockproxy serve`` with a temporary backends file, on a free (or given) port."""
+
+    kind = "proxy"
+
+    def __init__(self, backends: Sequence[str | dict[str, Any]], policy: str = "block",
+                 extra_args: Sequence[str] = (), port: int | None = None,
+                 profile: str | None = None, log_dir: str | Path | None = None) -> None:
+        super().__init__(log_dir)
+        self.entries = [b if isinstance(b, dict) else {"url": b, "name": f"i{i}"}
+                        for i, b in enumerate(backends)]
+        self.policy = policy
+        self.extra_args = list(extra_args)
+        self.port = port
+        self.profile = profile
+        self.url = ""
+
+    def _launch(self) -> tuple[list[ChildProcess], list[str]]:
+        port = self.port or free_port_range(1)
+        backends = self.log_dir / "backends.yaml"
+        backends.write_text(json.dumps({"backends": self.entries}))  # JSON is valid YAML
+        args = [sys.executable, "-m", "blockproxy", "serve", "--backends", str(backends),
+                "--host", HOST, "--port", str(port), "--policy", self.policy]
+        if self.profile:
+            args += ["--profile", self.profile]
+        child = ChildProcess([*args, *self.extra_args], f"proxy-{port}", self.log_dir)
+        self.url = f"http://{HOST}:{port}"
+        return [child], [self.url]
+
+    async def get_text(self, path: str) -> str:
+        """GET a path of the proxy (``/metrics``, ``/debug/cluster``) as text."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async with s.get(self.url + path) as resp:
+                resp.raise_for_status()
+                return await resp.text()
+
