@@ -6,8 +6,10 @@ floating-point expression here has the same operands, order and int-to-double co
 as in the twin (the extension is compiled with ``-ffp-contract=off``: no fused
 multiply-add).  Change one, change the other.
 
-The simulation loop runs without the GIL's help: no Python objects, only the request
-records and index arrays of a scratch buffer that the model keeps and grows as needed.
+The simulation loop is a ``nogil`` C function (so Cython rejects any Python object in
+it): it works on request records and index arrays in a scratch buffer that the model
+keeps and grows as needed.  The GIL stays held during ``predict()``, so calls on one
+model never overlap.
 The waiting queue is ``waiting[head:m]``: it only ever loses its front (admission) or
 gains a new front (preemption), so its tail stays at ``m`` and ``head`` never goes
 below 0.  The running set is a plain array (admission order), popped from its end on
