@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "emulate": ("loadgen.emulate", "start emulated vLLM instances (no GPU needed)"),
     "run": ("loadgen.run", "one benchmark run against an OpenAI-compatible endpoint"),
     "capacity": ("loadgen.capacity", "highest request rate that meets an SLO"),
+    "compare": ("loadgen.compare", "routing policies side by side on fresh emulated clusters"),
+    "report": ("loadgen.report", "tables and PNG plots from saved results"),
 }
 
 

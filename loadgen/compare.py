@@ -1,0 +1,362 @@
+"""Compare routing policies on the same workload: ``loadgen compare --policies a,b,...``.
+
+For each policy a FRESH emulated cluster (``loadgen emulate``) and a FRESH ``blockproxy
+serve --policy NAME`` are started, the same trace slice is replayed through the proxy with
+the same seed (:func:`loadgen.run.run_benchmark`), the proxy's ``/metrics`` are scraped for
+its prediction errors and routing decisions, and both processes are stopped.  Fresh
+processes matter: the emulator's prefix cache and the proxy's learned state (calibrated
+speeds, output lengths) would otherwise carry over from one policy to the next.
+
+``block*`` is the pseudo-policy ``block`` with the true output length sent to the proxy
+in the ``x-blockproxy-output-tokens`` hint header (the oracle upper bound).
+
+``--capacity`` also searches each policy's highest load meeting the SLO
+(:func:`loadgen.capacity.find_capacity`); every probe gets its own fresh cluster and
+proxy, for the same reason.  ``--seeds 1,2,3`` repeats the whole comparison per seed
+(prompts, arrivals of rate-driven runs, emulator noise) and reports per-seed and median
+figures.
+
+Time scale: ``--time-scale S`` slows the emulated GPU S times (arrival gaps are stretched
+to match), which keeps a busy cluster faithful on a small machine: one emulator process
+sustains about 6 busy instances / ~15k streamed tokens/s at S=1 before its step timing
+drifts.  Tables then show real-GPU (unscaled) times.  Every process started is stopped,
+also on Ctrl-C or SIGTERM (see :mod:`loadgen.cluster`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import re
+import signal
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from loadgen import report
+from loadgen.capacity import find_capacity, slo_check
+from loadgen.cluster import EmulatedCluster, ProxyProcess
+from loadgen.run import add_workload_arguments, benchmark_kwargs, specs_from_args, \
+    run_benchmark, write_json
+from loadgen.workload import RequestSpec, detect_format, resolve_trace
+
+#: suffix of a policy name that sends the true output length as the proxy's hint
+HINT_SUFFIX = "*"
+#: per-request fields kept for CDFs (the ITL lists would make the JSON huge)
+_PER_REQUEST_KEYS = ("start_s", "success", "prompt_tokens", "output_tokens", "ttft_ms",
+                     "e2el_ms", "tpot_ms")
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+Specs = Sequence[RequestSpec] | Callable[[int], Sequence[RequestSpec]]
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def proxy_policy(name: str) -> tuple[str, bool]:
+    """``"block*"`` -> ``("block", True)``: the proxy's policy and whether to send the hint."""
+    if name.endswith(HINT_SUFFIX):
+        return name[:-len(HINT_SUFFIX)], True
+    return name, False
+
+
+def parse_proxy_metrics(text: str) -> dict[str, Any]:
+    """Mean prediction errors and decisions per instance from the proxy's ``/metrics``.
+
+    Means are ``_sum / _count`` of the absolute relative error histograms (None before any
+    observation).
+    """
+    sums: dict[tuple[str, str], float] = {}
+    decisions: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        name, labels_text, value = match.groups()
+        labels = dict(_LABEL.findall(labels_text or ""))
+        if name == "blockproxy_decisions_total":
+            instance = labels.get("instance", "?")
+            decisions[instance] = decisions.get(instance, 0) + float(value)
+        elif name.startswith("blockproxy_prediction_abs_relative_error_"):
+            sums[(labels.get("quantity", "?"), name.rsplit("_", 1)[1])] = float(value)
+        elif name.startswith("blockproxy_output_length_abs_relative_error_"):
+            sums[("output_length", name.rsplit("_", 1)[1])] = float(value)
+    errors: dict[str, float | None] = {}
+    for quantity in ("ttft", "e2e", "output_length"):
+        count = sums.get((quantity, "count"), 0.0)
+        errors[quantity] = sums[(quantity, "sum")] / count if count else None
+    return {"prediction_error": errors,
+            "decisions": {k: int(v) for k, v in sorted(decisions.items())}}
+
+
+def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
+    if "per_request" in metrics:
+        metrics["per_request"] = [{k: row.get(k) for k in _PER_REQUEST_KEYS}
+                                  for row in metrics["per_request"]]
+    return metrics
+
+
+class Lab:
+    """How to build one fresh cluster + proxy, and run a benchmark through them."""
+
+    def __init__(self, *, instances: int, profile: str, time_scale: float = 1.0,
+                 speed_factors: Sequence[float] | None = None,
+                 emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
+                 log: Log = _stderr) -> None:
+        self.instances, self.profile, self.time_scale = instances, profile, time_scale
+        self.speed_factors = speed_factors
+        self.emulator_args, self.proxy_args = list(emulator_args), list(proxy_args)
+        self.log = log
+
+    async def run(self, policy: str, specs: Sequence[RequestSpec], seed: int,
+                  run_kwargs: dict[str, Any], detail: bool) -> dict[str, Any]:
+        """One benchmark of ``policy`` on a fresh cluster and proxy; both stopped after."""
+        name, hint = proxy_policy(policy)
+        cluster = EmulatedCluster(self.instances, profile=self.profile,
+                                  time_scale=self.time_scale, speed_factors=self.speed_factors,
+                                  seed=seed, extra_args=self.emulator_args)
+        async with cluster:
+            proxy = ProxyProcess(cluster.backend_entries(), name, self.proxy_args,
+                                 profile=self.profile)
+            async with proxy:
+                self.log(f"  {policy}: emulator pids {cluster.pids}, proxy pid {proxy.pids[0]}"
+                         f" at {proxy.url}")
+                kwargs = {**run_kwargs, "hint": hint or run_kwargs.get("hint", False),
+                          "time_scale": self.time_scale, "seed": seed}
+                metrics = await run_benchmark(proxy.url, specs, detail=detail, **kwargs)
+                scraped = parse_proxy_metrics(await proxy.get_text("/metrics"))
+        return {"policy": name, "hint": kwargs["hint"], "metrics": _compact(metrics),
+                "proxy": scraped}
+
+
+async def _capacity(lab: Lab, policy: str, specs: Sequence[RequestSpec], seed: int,
+                    run_kwargs: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    knob = "rate_multiplier" if run_kwargs.get("use_trace_arrivals") else "request_rate"
+    check = slo_check(cfg.get("slo_ttft_p99_ms"), cfg.get("min_goodput_ratio"),
+                      cfg.get("max_failed", 0))
+
+    def meets(metrics: dict) -> bool:
+        # The SLO is in real-GPU time.
+        return check(report.real_view(metrics))
+
+    async def run_once(value: float) -> dict:
+        entry = await lab.run(policy, specs, seed, {**run_kwargs, knob: value}, detail=False)
+        metrics = entry["metrics"]
+        lab.log(f"  {policy} capacity probe {knob}={value:.4g}: p99 TTFT "
+                f"{report.real_view(metrics)['p99_ttft_ms']:.0f} ms, failed "
+                f"{metrics['failed']} -> {'pass' if meets(metrics) else 'FAIL'}")
+        return metrics
+
+    result = await find_capacity(run_once, cfg["lo"], cfg["hi"], cfg["iterations"], meets)
+    result.update({"knob": knob, **{k: cfg.get(k) for k in (
+        "slo_ttft_p99_ms", "min_goodput_ratio", "max_failed")}})
+    return result
+
+
+async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec], *,
+                           instances: int, profile: str, time_scale: float = 1.0,
+                           speed_factors: Sequence[float] | None = None,
+                           emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
+                           seed: int = 0, capacity: dict[str, Any] | None = None,
+                           log: Log = _stderr, **run_kwargs: Any) -> dict[str, Any]:
+    """Run every policy on a fresh cluster + proxy with the same specs and seed.
+
+    ``run_kwargs`` go to :func:`run_benchmark` (``rate_multiplier``, ``request_rate``,
+    ``use_trace_arrivals``, ``hint``, ``goodput``, ``percentiles``, ...).  ``capacity``
+    (``lo``, ``hi``, ``iterations``, ``slo_ttft_p99_ms``, optional ``min_goodput_ratio``,
+    ``max_failed``) adds a capacity search per policy.  Returns ``{"seed", "policies":
+    {name: {"policy", "hint", "metrics" (with per_request), "proxy": {"prediction_error",
+    "decisions"}, ["capacity"]}}}``.
+    """
+    lab = Lab(instances=instances, profile=profile, time_scale=time_scale,
+              speed_factors=speed_factors, emulator_args=emulator_args,
+              proxy_args=proxy_args, log=log)
+    results: dict[str, Any] = {}
+    for policy in policies:
+        log(f"[seed {seed}] {policy}")
+        entry = await lab.run(policy, specs, seed, run_kwargs, detail=True)
+        m = report.real_view(entry["metrics"])
+        log(f"  {policy}: completed {m['completed']}, failed {m['failed']}, "
+            f"p99 TTFT {m['p99_ttft_ms']:.0f} ms")
+        if capacity:
+            entry["capacity"] = await _capacity(lab, policy, specs, seed, run_kwargs, capacity)
+        results[policy] = entry
+    return {"seed": seed, "policies": results}
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per policy: the headline figures per seed and their median across seeds."""
+    out: dict[str, Any] = {}
+    for run in runs:
+        for policy, entry in run["policies"].items():
+            per_seed = out.setdefault(policy, {"per_seed": {}})["per_seed"]
+            per_seed[str(run["seed"])] = report.headline(entry)
+    for summary in out.values():
+        rows = list(summary["per_seed"].values())
+        summary["median"] = {key: (statistics.median(vals) if vals else None)
+                             for key in rows[0]
+                             for vals in [[r[key] for r in rows if r[key] is not None]]}
+    return out
+
+
+async def compare_seeds(policies: Sequence[str], specs: Specs, seeds: Sequence[int],
+                        **kwargs: Any) -> dict[str, Any]:
+    """:func:`compare_policies` once per seed (``specs`` may be a function of the seed),
+    with a :func:`summarize` block; the layout ``loadgen report`` reads."""
+    runs = []
+    for seed in seeds:
+        seed_specs = specs(seed) if callable(specs) else specs
+        runs.append(await compare_policies(policies, seed_specs, seed=seed, **kwargs))
+    return {"kind": report.COMPARE_KIND, "policies": list(policies), "seeds": list(seeds),
+            "time_scale": kwargs.get("time_scale", 1.0), "runs": runs,
+            "summary": summarize(runs)}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _csv(convert: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [convert(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad list: {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("empty list")
+        return values
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``loadgen compare`` (the workload flags are ``loadgen run``'s)."""
+    add_workload_arguments(parser)
+    # The target is the proxy this command starts, so --target is not a flag here.
+    for action in parser._actions:
+        if action.dest == "target":
+            action.required, action.help, action.default = False, argparse.SUPPRESS, None
+    parser.add_argument("--policies", type=_csv(str), default=["block", "round_robin"],
+                        help="comma-separated proxy policies; 'block*' = block with the true "
+                             "output length as the proxy's hint")
+    parser.add_argument("--instances", type=int, default=2, help="emulated instances")
+    parser.add_argument("--profile", default="llama-3.1-8b-h100-tp1",
+                        help="profile of the emulator and the proxy")
+    parser.add_argument("--speed-factors", type=_csv(float),
+                        help="emulator step-time multiplier per instance (hidden from proxy)")
+    parser.add_argument("--seeds", type=_csv(int),
+                        help="repeat the comparison per seed (default: --seed)")
+    parser.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
+                        help="passed to blockproxy serve, e.g. --proxy-arg=--tie-tolerance=0.02 "
+                             "(repeatable)")
+    parser.add_argument("--emulator-arg", action="append", default=[], metavar="ARG",
+                        help="passed to loadgen emulate, e.g. --emulator-arg=--max-num-seqs=64 "
+                             "(repeatable)")
+    parser.add_argument("--capacity", action="store_true",
+                        help="also search each policy's capacity (fresh cluster per probe)")
+    parser.add_argument("--slo-ttft-p99-ms", type=float, default=2000.0,
+                        help="capacity SLO: P99 TTFT bound in real-GPU ms")
+    parser.add_argument("--min-goodput-ratio", type=float,
+                        help="capacity SLO: also require good/sent >= this (needs --goodput)")
+    parser.add_argument("--max-failed", type=int, default=0,
+                        help="capacity SLO: failed requests allowed per probe")
+    parser.add_argument("--rate-lo", type=float, default=1.0,
+                        help="capacity: lowest rate (or rate multiplier) searched")
+    parser.add_argument("--rate-hi", type=float, default=32.0,
+                        help="capacity: highest rate (or rate multiplier) searched")
+    parser.add_argument("--iterations", type=int, default=5, help="capacity: probes per policy")
+    parser.add_argument("--json", metavar="OUT", help="write every result here (for "
+                                                      "loadgen report)")
+    parser.add_argument("--plot", metavar="OUT.png", help="draw CDFs and bars here")
+
+
+def _has_timestamps(args: argparse.Namespace) -> bool:
+    if not args.trace or args.format in ("lengths", "synthetic"):
+        return False
+    fmt = args.format if args.format != "auto" else detect_format(resolve_trace(args.trace))
+    return fmt != "lengths"
+
+
+def _config(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("trace", "format", "start", "duration", "num_requests", "clip_context",
+            "instances", "profile", "speed_factors", "proxy_arg", "emulator_arg")
+    cfg = {k: getattr(args, k) for k in keys}
+    cfg.update({k: v for k, v in kwargs.items() if k != "progress"})
+    cfg["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
+    return cfg
+
+
+def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Validate flags; returns (run_benchmark kwargs, capacity config or None)."""
+    if args.instances < 1:
+        raise ValueError("--instances must be at least 1")
+    if not args.use_trace_timestamps and math.isinf(args.request_rate) \
+            and _has_timestamps(args):
+        args.use_trace_timestamps = True  # default for traces with their own times
+    specs_from_args(args)  # fail early on an empty or unreadable workload
+    kwargs = benchmark_kwargs(args)
+    if 99.0 not in kwargs["percentiles"]:
+        kwargs["percentiles"] = [*kwargs["percentiles"], 99.0]  # the table needs p99
+    for key in ("time_scale", "seed"):
+        kwargs.pop(key)
+    kwargs["progress"] = False  # per-policy lines on stderr instead of a bar
+    capacity = None
+    if args.capacity:
+        if not 0 < args.rate_lo <= args.rate_hi or args.iterations < 1:
+            raise ValueError("need 0 < --rate-lo <= --rate-hi and --iterations >= 1")
+        if args.min_goodput_ratio is not None and not kwargs["goodput"]:
+            raise ValueError("--min-goodput-ratio needs --goodput")
+        capacity = {"lo": args.rate_lo, "hi": args.rate_hi, "iterations": args.iterations,
+                    "slo_ttft_p99_ms": args.slo_ttft_p99_ms,
+                    "min_goodput_ratio": args.min_goodput_ratio, "max_failed": args.max_failed}
+    return kwargs, capacity
+
+
+async def _main(args: argparse.Namespace, kwargs: dict[str, Any],
+                capacity: dict[str, Any] | None) -> dict[str, Any]:
+    # SIGTERM cancels the run like Ctrl-C does, so every ``finally`` stops its processes.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+    def specs_for(seed: int) -> Sequence[RequestSpec]:
+        args.seed = seed  # synthetic lengths and rate-cut slices depend on the seed
+        return specs_from_args(args)
+
+    result = await compare_seeds(
+        args.policies, specs_for, args.seeds or [args.seed], instances=args.instances,
+        profile=args.profile, time_scale=args.time_scale, speed_factors=args.speed_factors,
+        emulator_args=args.emulator_arg, proxy_args=args.proxy_arg, capacity=capacity,
+        **kwargs)
+    result["config"] = _config(args, kwargs)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    """``loadgen compare``: the table on stdout, JSON to ``--json``, PNG to ``--plot``."""
+    try:
+        kwargs, capacity = _prepare(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"loadgen compare: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = asyncio.run(_main(args, kwargs, capacity))
+    except KeyboardInterrupt:
+        print("loadgen compare: interrupted; every process it started is stopped",
+              file=sys.stderr)
+        return 130
+    except asyncio.CancelledError:
+        print("loadgen compare: terminated; every process it started is stopped",
+              file=sys.stderr)
+        return 143
+    print(report.format_compare(result))
+    if args.json:
+        write_json(args.json, result)
+    if args.plot:
+        report.plot_results([result], args.plot)
+    ok = all(entry["metrics"]["completed"] > 0
+             for run_ in result["runs"] for entry in run_["policies"].values())
+    return 0 if ok else 1
