@@ -60,6 +60,8 @@ cdef extern from *:
 
 cdef int NUM_COLUMNS = 5
 cdef int64_t MAX_TOKENS = (<int64_t>1) << 40
+# No request holds more tokens than this, so a larger KV cache never limits a target.
+cdef int64_t KV_TOKENS_CAP = (<int64_t>1) << 42
 
 
 cdef inline int64_t ceil_div(int64_t a, int64_t b, int shift) noexcept nogil:
@@ -210,8 +212,11 @@ cdef class InstanceModelC:
         self._s.sched_new = self._s.sched_idx + cap
         return 0
 
-    def predict(self, state, n, new_prompt, new_cached, new_output):
+    def predict(self, state, n, new_prompt, new_cached, new_output, double bound=INFINITY):
         """Simulate the instance holding ``state[:, :n]`` plus one new request.
+
+        The simulation stops once its clock passes ``bound`` seconds (times not reached
+        are ``inf``).
 
         ``state`` is a C-contiguous ``int64`` array of shape ``(5, capacity)`` (read-only
         is fine; other integer arrays are converted).  Returns ``(ttft, e2e,
@@ -251,12 +256,12 @@ cdef class InstanceModelC:
                 value = (new_prompt, new_cached, 0, new_output, 0)[col]
                 raise ValueError(f"state values must be in [0, 2**40], got {value}")
         self._reserve(nn + 1)
-        out = self._run(data, cap, nn, extra[0], extra[1], extra[3])
+        out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound)
         return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps)
 
     cdef Outcome _run(self, const int64_t* state, Py_ssize_t stride, Py_ssize_t n,
                       int64_t new_prompt, int64_t new_cached,
-                      int64_t new_output) noexcept nogil:
+                      int64_t new_output, double bound) noexcept nogil:
         cdef Req* req = self._s.req
         cdef int64_t* running = self._s.running
         cdef int64_t* waiting = self._s.waiting
@@ -282,7 +287,10 @@ cdef class InstanceModelC:
         cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
         cdef int64_t prefill_tokens, decode_seqs, ctx
-        cdef int64_t preemptions = 0, steps = 0, iterations = 0
+        cdef int64_t preemptions = 0, steps = 0, iterations = 0, tg, fit
+        cdef int64_t kv_tokens = KV_TOKENS_CAP
+        if num_gpu_blocks <= KV_TOKENS_CAP // bs:
+            kv_tokens = num_gpu_blocks * bs
         cdef bint all_decode, admissible, preempted, self_preempted, finished_any
         cdef double t = 0.0, a, b
         cdef Outcome out
@@ -310,7 +318,11 @@ cdef class InstanceModelC:
             req[i].gen = g
             if pr <= 1:
                 pr = 1
-            req[i].target = pr if g < pr else g + past
+            tg = pr if g < pr else g + past
+            fit = kv_tokens - p + 1
+            if tg > fit:
+                tg = fit if fit > 1 else 1
+            req[i].target = tg
             req[i].comp = 0
             req[i].blocks = 0
             if i < n and state[4 * stride + i] != 0:
@@ -331,7 +343,7 @@ cdef class InstanceModelC:
         free_blocks = num_gpu_blocks - used
         peak = used
 
-        while iterations < max_iterations:
+        while iterations < max_iterations and t <= bound:
             iterations += 1
             # ---- fast-forward a decode-only stretch ----------------------------------------
             n_run = n_running

@@ -23,7 +23,9 @@ request appended to its queue.
 * A request whose computed tokens reach ``prompt + generated`` samples one output token at
   the end of that step; it finishes when it reaches its target length (the predicted
   output length, or ``generated + past_prediction_tokens`` once it is at or past the
-  prediction) and frees its blocks.
+  prediction) and frees its blocks.  No target lets a request's KV outgrow the whole
+  cache (``prompt + target - 1 <= num_gpu_blocks * block_size``): vLLM's context limit
+  guarantees that, and without the cap such a request would preempt itself forever.
 * Step time = ``speed * (fixed + per_prefill_token * prefill_tokens + per_decode_seq *
   decode_seqs + per_context_token * context_tokens)``, where a decode is a request with
   output computing only its last sampled token, every other computed token is a prefill
@@ -37,12 +39,14 @@ State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``;
 ``COL_PROMPT``, ``COL_CACHED``, ``COL_GENERATED``, ``COL_PREDICTED``, ``COL_STARTED``
 (non-zero: admitted by the engine, i.e. in the running set).
 
-``predict()`` returns ``(ttft, e2e, queue_delay, preemptions, peak_blocks, steps)``:
+``predict(state, n, new_prompt, new_cached, new_output, bound=inf)`` returns ``(ttft, e2e,
+queue_delay, preemptions, peak_blocks, steps)``:
 seconds from now until the new request's first token, until its last token, and until it
 is first scheduled; preemptions during the simulation; the largest number of KV blocks in
 use; engine steps simulated.  A request that can never be served (it does not fit in the
-KV cache) or a simulation longer than ``max_iterations`` loop iterations gives ``inf`` for
-the times not reached.
+KV cache), a simulation longer than ``max_iterations`` loop iterations, or one whose clock
+passes ``bound`` seconds (a caller that only wants to know whether this instance beats
+the best one so far) gives ``inf`` for the times not reached.
 """
 
 from __future__ import annotations
@@ -59,7 +63,16 @@ NUM_COLUMNS = 5
 
 #: Largest token count accepted in any field (keeps C's 64-bit sums far from overflow).
 MAX_TOKENS = 1 << 40
+#: No request holds more tokens than this, so a larger KV cache never limits a target.
+KV_TOKENS_CAP = 1 << 42
 INF = math.inf
+
+
+def kv_capacity_tokens(num_gpu_blocks: int, block_size: int) -> int:
+    """Tokens the KV cache holds, saturated at :data:`KV_TOKENS_CAP` (no C overflow)."""
+    if num_gpu_blocks > KV_TOKENS_CAP // block_size:
+        return KV_TOKENS_CAP
+    return num_gpu_blocks * block_size
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -100,7 +113,8 @@ class InstanceModelPy:
         self.fast_forward = bool(fast_forward)
 
     def predict(self, state: Any, n: int, new_prompt: int, new_cached: int,
-                new_output: int) -> tuple[float, float, float, int, int, int]:
+                new_output: int, bound: float = INF
+                ) -> tuple[float, float, float, int, int, int]:
         """Simulate the instance holding ``state[:, :n]`` plus one new request."""
         if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
             raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
@@ -115,10 +129,11 @@ class InstanceModelPy:
             for value in col:
                 if value < 0 or value > MAX_TOKENS:
                     raise ValueError(f"state values must be in [0, 2**40], got {value}")
-        return self._run(m, prompt_col, cached_col, gen_col, pred_col, started_col)
+        return self._run(m, prompt_col, cached_col, gen_col, pred_col, started_col,
+                         float(bound))
 
     def _run(self, m: int, prompt_col: list[int], cached_col: list[int], gen: list[int],
-             pred_col: list[int], started_col: list[int]
+             pred_col: list[int], started_col: list[int], bound: float
              ) -> tuple[float, float, float, int, int, int]:
         bs = self.block_size
         budget_cap = self.max_num_batched_tokens
@@ -129,6 +144,7 @@ class InstanceModelPy:
         c_context = self.per_context_token_s
         speed = self.speed
         new = m - 1
+        kv_tokens = kv_capacity_tokens(self.num_gpu_blocks, bs)
 
         prompt = [0] * m
         cached = [0] * m
@@ -144,7 +160,11 @@ class InstanceModelPy:
             c = cached_col[i]
             cached[i] = c if c < p - 1 else p - 1
             pr = pred_col[i] if pred_col[i] > 1 else 1
-            target[i] = pr if gen[i] < pr else gen[i] + past
+            tg = pr if gen[i] < pr else gen[i] + past
+            fit = kv_tokens - p + 1
+            if tg > fit:
+                tg = fit if fit > 1 else 1
+            target[i] = tg
             if started_col[i] != 0:
                 if gen[i] > 0:
                     comp[i] = p + gen[i] - 1
@@ -167,7 +187,7 @@ class InstanceModelPy:
         iterations = 0
         sched_idx: list[int] = []
         sched_new: list[int] = []
-        while iterations < self.max_iterations:
+        while iterations < self.max_iterations and t <= bound:
             iterations += 1
             # ---- fast-forward a decode-only stretch --------------------------------------
             n_run = len(running)

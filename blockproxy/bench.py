@@ -1,4 +1,9 @@
-"""Micro-benchmarks.  ``bench sim``: how long one simulator prediction takes.
+"""Benchmarks that print figures: ``bench sim``, ``bench decision``, ``bench overhead``.
+
+``bench decision`` and ``bench overhead`` are documented in
+:mod:`blockproxy.bench_decision` and :mod:`blockproxy.bench_overhead`.
+
+``bench sim``: how long one simulator prediction takes.
 
 For the compiled simulator and its pure-Python twin, times one ``predict()`` on one
 instance holding 16, 64 and 256 active requests and prints the median microseconds per
@@ -41,8 +46,10 @@ KV_FILL = 0.9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", choices=["sim"], default="sim",
-                        help="what to benchmark")
+    parser.add_argument("what", nargs="?", choices=["sim", "decision", "overhead"],
+                        default="sim",
+                        help="sim: one prediction; decision: one routing decision over 4 and "
+                             "16 instances; overhead: TTFT added by the proxy vs direct")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--profile", default=DEFAULT_PROFILE,
                         help="profile name or file: engine limits and step-time model")
@@ -58,6 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gets 5 batches per state, the twin 1)")
     parser.add_argument("--skip-py", action="store_true",
                         help="do not time the pure-Python twin (it takes a while at 256)")
+    decision = parser.add_argument_group("bench decision")
+    decision.add_argument("--decisions", type=int, default=2000, help="decisions timed")
+    decision.add_argument("--active", type=int, default=64,
+                          help="active requests per instance")
+    decision.add_argument("--policies", default="block,least_tokens,round_robin",
+                          help="policies to time")
+    from blockproxy.bench_overhead import add_arguments as add_overhead_arguments
+
+    add_overhead_arguments(parser.add_argument_group("bench overhead"))
 
 
 def find_lengths_file(explicit: str | None) -> Path | None:
@@ -236,9 +252,18 @@ def run(args: argparse.Namespace) -> int:
     if args.lengths and not Path(args.lengths).is_file():
         print(f"blockproxy bench: --lengths {args.lengths}: no such file", file=sys.stderr)
         return 2
-    result = bench_sim(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if args.what == "sim":
+        result = bench_sim(args)
+        if not args.json:
+            print_table(result)
+            return 0
+    elif args.what == "decision":
+        from blockproxy.bench_decision import bench_decision
+
+        result = bench_decision(args)
     else:
-        print_table(result)
+        from blockproxy.bench_overhead import bench_overhead
+
+        result = bench_overhead(args)
+    print(json.dumps(result, indent=2))
     return 0

@@ -79,11 +79,11 @@ class Instance:
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models
 
-    def predict(self, prompt_tokens: int, cached_tokens: int,
-                output_tokens: int) -> tuple[float, float, float, int, int, int]:
-        """Simulate this instance with one more request."""
+    def predict(self, prompt_tokens: int, cached_tokens: int, output_tokens: int,
+                bound: float = math.inf) -> tuple[float, float, float, int, int, int]:
+        """Simulate this instance with one more request (stopping past ``bound`` seconds)."""
         return self.model.predict(self.table, self.n, prompt_tokens, cached_tokens,
-                                  output_tokens)
+                                  output_tokens, bound)
 
     def unprocessed_tokens(self) -> int:
         """Prompt tokens not yet computed plus output tokens still expected."""

@@ -88,3 +88,19 @@ def test_random_uses_every_instance():
     insts = cluster(3)
     policy = make_policy("random", random.Random(7))
     assert {policy.choose(insts, JOB)[0].name for _ in range(60)} == {"i0", "i1", "i2"}
+
+
+def test_block_branch_and_bound_chooses_as_full_simulation_would():
+    rng = random.Random(5)
+    insts = cluster(8)
+    for inst in insts:
+        load(inst, rng.randint(0, 120), prompt=rng.randint(100, 3000),
+             output=rng.randint(50, 600))
+    policy = make_policy("block", random.Random(0), tie_tolerance=0.0)
+    for _ in range(30):
+        job = Job(rng.randint(10, 4000), 0, rng.randint(1, 800))
+        full = {inst.name: inst.predict(*job) for inst in insts}
+        best = min(p[1] for p in full.values())
+        chosen, prediction = policy.choose(insts, job)
+        assert prediction == full[chosen.name]
+        assert prediction[1] == best

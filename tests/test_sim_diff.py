@@ -165,9 +165,10 @@ def huge_cases(draw: st.DrawFn) -> tuple[dict, np.ndarray, int, tuple[int, int, 
     return cfg, arr, n, (draw(huge()), draw(huge()), draw(huge()))
 
 
-def run_both(c_cls: type, cfg: dict, arr: np.ndarray, n: int, new: tuple[int, int, int]):
-    c = c_cls(**cfg).predict(arr, n, *new)
-    py = InstanceModelPy(**cfg).predict(arr, n, *new)
+def run_both(c_cls: type, cfg: dict, arr: np.ndarray, n: int, new: tuple[int, int, int],
+             bound: float = math.inf):
+    c = c_cls(**cfg).predict(arr, n, *new, bound)
+    py = InstanceModelPy(**cfg).predict(arr, n, *new, bound)
     return c, py
 
 
@@ -179,7 +180,8 @@ def test_random_states_identical(data: st.DataObject) -> None:
     c_cls = c_impl_or_skip()
     cfg = data.draw(configs())
     arr, n, new = data.draw(states(cfg["block_size"]))
-    c, py = run_both(c_cls, cfg, arr, n, new)
+    bound = data.draw(st.sampled_from([math.inf, 0.0, 1e-3, 0.05, 1.0, 30.0]))
+    c, py = run_both(c_cls, cfg, arr, n, new, bound)
     assert c == py
     assert [type(x) for x in c] == [float, float, float, int, int, int]
 

@@ -171,3 +171,21 @@ def test_invalid_limits_are_rejected(sim_impl):
         sim_impl(0, 8192, 100, 16, FIXED, PREFILL, DECODE)
     with pytest.raises(ValueError):
         sim_impl(8, 8192, 100, 16, -1.0, PREFILL, DECODE)
+
+
+def test_request_longer_than_the_kv_cache_is_capped_not_preempted_forever(sim_impl,
+                                                                          fast_forward):
+    # 2 blocks of 4 tokens hold 8 tokens: a 4-token prompt can grow to 5 output tokens
+    # (the 5th is sampled, never stored).  Prefill 1 + 0.04, then 4 decodes of 1.1.
+    model = make_model(sim_impl, fast_forward, num_gpu_blocks=2, block_size=4)
+    p = predict(model, state(), 0, 4, 0, 100)
+    assert p.e2e == pytest.approx(1.04 + 4 * 1.1, rel=1e-12)
+    assert p.preemptions == 0 and p.peak_blocks == 2
+
+
+def test_bound_stops_a_simulation_that_is_already_too_slow(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    full = predict(model, state(), 0, 100, 0, 5)  # ttft 2.0, e2e 6.4
+    cut = Prediction(*model.predict(state(), 0, 100, 0, 5, 3.0))
+    assert cut.ttft == full.ttft and math.isinf(cut.e2e)
+    assert Prediction(*model.predict(state(), 0, 100, 0, 5, 10.0)) == full

@@ -8,10 +8,16 @@ changes a step's time by a fraction of a percent, so at light load every instanc
 about the same latency and only the tie-break spreads a burst.  Ties go to the instance
 with the fewest active requests, and at random among those, so proxies deciding at the
 same moment on the same view do not all pile onto one instance.
+
+Branch and bound: candidates are simulated from the least to the most loaded, and each
+simulation stops as soon as its clock passes the best prediction so far (plus the tie
+tolerance): an instance already slower than that cannot win, and its exact latency is
+not needed.  The choice is the same as with full simulations, at a fraction of the cost.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -34,14 +40,26 @@ class BlockPolicy:
         pool = candidates
         if 0 < self.sample_k < len(candidates):
             pool = self.rng.sample(list(candidates), self.sample_k)
-        scored = [(inst.predict(job.prompt_tokens, job.cached_tokens, job.output_tokens), inst)
-                  for inst in pool]
         idx = self.index
-        best = min(p[idx] for p, _ in scored)
-        limit = best * (1.0 + self.tie_tolerance)
+        slack = 1.0 + self.tie_tolerance
+        scored = []
+        best = math.inf
+        for inst in sorted(pool, key=_active) if idx == 1 else pool:
+            # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
+            bound = best * slack if idx == 1 else math.inf
+            prediction = inst.predict(job.prompt_tokens, job.cached_tokens, job.output_tokens,
+                                      bound)
+            scored.append((prediction, inst))
+            if prediction[idx] < best:
+                best = prediction[idx]
+        limit = best * slack
         ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
         if len(ties) > 1:
             fewest = min(inst.n for _, inst in ties)
             ties = [(p, inst) for p, inst in ties if inst.n == fewest]
         prediction, chosen = ties[0] if len(ties) == 1 else self.rng.choice(ties)
         return chosen, prediction
+
+
+def _active(inst: Instance) -> int:
+    return inst.n

@@ -1,0 +1,146 @@
+"""``bench overhead``: the TTFT blockproxy adds compared with a direct connection.
+
+Starts one emulated instance (``loadgen emulate``) and one blockproxy in front of it, then
+runs the same closed-loop streaming workload (``loadgen``'s runner: N concurrent streams,
+a short prompt, output lengths drawn uniformly so that the streams do not finish in
+lockstep and arrive in waves) directly against the instance and through the proxy,
+alternating rounds so that machine noise hits both alike.  One instance keeps
+routing out of the picture: what differs is the proxy's own work (parse, predict, choose,
+forward, relay every chunk).  The emulator runs time-scaled so that one process can serve
+hundreds of streams faithfully; the added TTFT is reported in wall-clock milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+from loadgen.run import run_benchmark
+from loadgen.workload import RequestSpec
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url + "/health", timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not become healthy")
+
+
+@contextlib.contextmanager
+def _process(args: list[str], health_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_healthy(health_url, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def add_arguments(parser: argparse._ActionsContainer) -> None:
+    """Flags of ``bench overhead`` (``--profile`` comes from ``bench``)."""
+    parser.add_argument("--concurrency", default="50,200", help="concurrent streams to test")
+    parser.add_argument("--requests-per-stream", type=int, default=4,
+                        help="requests each stream sends per round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="direct/proxy alternations per concurrency")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--output-tokens", default="32,96",
+                        help="range of output lengths (uniform)")
+    parser.add_argument("--time-scale", type=float, default=4.0,
+                        help="emulator time scale (slower steps keep one process faithful)")
+    parser.add_argument("--policy", default="block", help="the proxy's policy")
+
+
+async def _ttfts(target: str, concurrency: int, count: int, args: argparse.Namespace
+                 ) -> tuple[list[float], float]:
+    """TTFTs (ms) of ``count`` requests at ``concurrency``, and the chunks per second."""
+    lo, hi = (int(x) for x in args.output_tokens.split(","))
+    rng = random.Random(count)
+    specs = [RequestSpec(args.prompt_tokens, rng.randint(lo, hi), 0.0) for _ in range(count)]
+    result = await run_benchmark(target, specs, max_concurrency=concurrency,
+                                 max_tokens_policy="true", detail=True, seed=1)
+    if result["failed"]:
+        raise RuntimeError(f"{result['failed']} requests failed against {target}")
+    return [r["ttft_ms"] for r in result["per_request"]], result["output_throughput"]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    emu_port = _free_port()
+    emulator_url = f"http://127.0.0.1:{emu_port}"
+    proxy_port = _free_port()
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
+    result: dict[str, Any] = {"unit": "ms", "time_scale": args.time_scale,
+                              "prompt_tokens": args.prompt_tokens,
+                              "output_tokens": args.output_tokens, "policy": args.policy}
+    with tempfile.TemporaryDirectory() as tmp:
+        backends = Path(tmp) / "backends.yaml"
+        backends.write_text(json.dumps({"backends": [{"url": emulator_url, "name": "i0"}]}))
+        emulator_cmd = [sys.executable, "-m", "loadgen.cli", "emulate", "--instances", "1",
+                        "--base-port", str(emu_port), "--profile", args.profile,
+                        "--time-scale", str(args.time_scale), "--stall-prob", "0"]
+        proxy_cmd = [sys.executable, "-m", "blockproxy", "serve", "--backends", str(backends),
+                     "--port", str(proxy_port), "--policy", args.policy,
+                     "--profile", args.profile, "--log-level", "warning"]
+        env_note = os.environ.get("BLOCKPROXY_NO_EXTENSIONS")
+        result["simulator"] = "py" if env_note not in (None, "", "0") else "c"
+        with _process(emulator_cmd, emulator_url), _process(proxy_cmd, proxy_url):
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                count = concurrency * args.requests_per_stream
+                direct: list[float] = []
+                proxied: list[float] = []
+                rates = []
+                asyncio.run(_ttfts(proxy_url, concurrency, concurrency, args))  # warm-up
+                for _ in range(args.rounds):
+                    ttfts, _rate = asyncio.run(_ttfts(emulator_url, concurrency, count, args))
+                    direct += ttfts
+                    ttfts, rate = asyncio.run(_ttfts(proxy_url, concurrency, count, args))
+                    proxied += ttfts
+                    rates.append(rate)
+                row: dict[str, Any] = {"chunks_per_s_through_proxy": round(sum(rates) / len(rates))}
+                for q in (50, 99):
+                    d, p = _percentile(direct, q), _percentile(proxied, q)
+                    row[f"direct_p{q}_ttft_ms"] = round(d, 3)
+                    row[f"proxy_p{q}_ttft_ms"] = round(p, 3)
+                    row[f"added_p{q}_ttft_ms"] = round(p - d, 3)
+                row["requests_each"] = len(direct)
+                result[str(concurrency)] = row
+    return result
