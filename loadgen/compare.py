@@ -45,8 +45,8 @@ from loadgen.workload import RequestSpec, detect_format, resolve_trace
 #: suffix of a policy name that sends the true output length as the proxy's hint
 HINT_SUFFIX = "*"
 #: per-request fields kept for CDFs (the ITL lists would make the JSON huge)
-_PER_REQUEST_KEYS = ("start_s", "success", "prompt_tokens", "output_tokens", "ttft_ms",
-                     "e2el_ms", "tpot_ms")
+_PER_REQUEST_KEYS = ("start_s", "success", "error", "prompt_tokens", "output_tokens",
+                     "ttft_ms", "e2el_ms", "tpot_ms")
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
@@ -181,8 +181,10 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
         log(f"[seed {seed}] {policy}")
         entry = await lab.run(policy, specs, seed, run_kwargs, detail=True)
         m = report.real_view(entry["metrics"])
+        errors = [r["error"] for r in m.get("per_request", []) if not r["success"]]
         log(f"  {policy}: completed {m['completed']}, failed {m['failed']}, "
-            f"p99 TTFT {m['p99_ttft_ms']:.0f} ms")
+            f"p99 TTFT {m['p99_ttft_ms']:.0f} ms"
+            + (f"; first error: {errors[0][:300]}" if errors else ""))
         if capacity:
             entry["capacity"] = await _capacity(lab, policy, specs, seed, run_kwargs, capacity)
         results[policy] = entry

@@ -1,0 +1,176 @@
+"""loadgen compare and loadgen.cluster: real runs on loopback, cleanup on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loadgen.cluster import EmulatedCluster, ProxyProcess, engine_limits_from_args
+from loadgen.compare import parse_proxy_metrics, proxy_policy, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = "llama-3.1-8b-h100-tp1"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone: it has stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _children(pid: int) -> set[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def _compare(*args: str) -> list[str]:
+    return [sys.executable, "-m", "loadgen.cli", "compare", "--trace", "azure-conv",
+            "--instances", "2", "--profile", PROFILE, "--emulator-arg=--stall-prob=0", *args]
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_proxy_policy_names_the_hinted_variant():
+    assert proxy_policy("block*") == ("block", True)
+    assert proxy_policy("round_robin") == ("round_robin", False)
+
+
+def test_parse_proxy_metrics_means_and_decisions():
+    text = "\n".join([
+        "# HELP blockproxy_decisions_total Routing decisions",
+        'blockproxy_decisions_total{instance="i0",policy="block"} 3.0',
+        'blockproxy_decisions_total{instance="i1",policy="block"} 5.0',
+        'blockproxy_prediction_abs_relative_error_bucket{le="0.1",quantity="ttft"} 1.0',
+        'blockproxy_prediction_abs_relative_error_sum{quantity="ttft"} 2.0',
+        'blockproxy_prediction_abs_relative_error_count{quantity="ttft"} 8.0',
+        'blockproxy_prediction_abs_relative_error_sum{quantity="e2e"} 0.0',
+        'blockproxy_prediction_abs_relative_error_count{quantity="e2e"} 0.0',
+        "blockproxy_output_length_abs_relative_error_sum 4.0",
+        "blockproxy_output_length_abs_relative_error_count 8.0",
+    ])
+    parsed = parse_proxy_metrics(text)
+    assert parsed["decisions"] == {"i0": 3, "i1": 5}
+    assert parsed["prediction_error"] == {"ttft": 0.25, "e2e": None, "output_length": 0.5}
+
+
+def test_engine_limits_from_emulator_args_reach_the_backends_file():
+    args = ["--max-num-seqs=64", "--stall-prob", "0", "--num-gpu-blocks", "1000"]
+    assert engine_limits_from_args(args) == {"max_num_seqs": 64, "num_gpu_blocks": 1000}
+    with pytest.raises(ValueError):
+        engine_limits_from_args(["--block-size=x"])
+
+
+def test_summarize_takes_medians_across_seeds():
+    def run(seed: int, p99: float) -> dict:
+        metrics = {"completed": 10, "failed": 0, "p99_ttft_ms": p99, "p99_e2el_ms": 1.0}
+        return {"seed": seed, "policies": {"block": {"metrics": metrics}}}
+
+    summary = summarize([run(1, 10.0), run(2, 30.0), run(3, 20.0)])
+    assert summary["block"]["median"]["p99_ttft_ms"] == 20.0
+    assert summary["block"]["per_seed"]["2"]["p99_ttft_ms"] == 30.0
+    assert summary["block"]["median"]["capacity"] is None
+
+
+# --------------------------------------------------------------------------- processes
+
+
+async def test_cluster_over_several_processes_and_proxy_stop_by_pid():
+    cluster = EmulatedCluster(3, profile=PROFILE, time_scale=0.5, instances_per_process=2,
+                              extra_args=["--max-num-seqs=32"])
+    async with cluster:
+        assert len(cluster.pids) == 2 and len(cluster.urls) == 3
+        ports = [int(u.rsplit(":", 1)[1]) for u in cluster.urls]
+        assert ports == list(range(ports[0], ports[0] + 3))
+        assert cluster.backend_entries()[2]["max_num_seqs"] == 32
+        async with ProxyProcess(cluster.backend_entries(), "least_requests",
+                                profile=PROFILE) as proxy:
+            assert "blockproxy_decisions_total" in await proxy.get_text("/metrics")
+            pids = [*cluster.pids, *proxy.pids]
+            assert all(_alive(p) for p in pids)
+    assert not any(_alive(p) for p in pids)
+
+
+async def test_proxy_with_bad_flags_fails_fast_and_leaves_nothing():
+    proxy = ProxyProcess(["http://127.0.0.1:9"], "no_such_policy")
+    with pytest.raises(RuntimeError):
+        await proxy.start()
+    assert proxy.children == []
+
+
+def test_compare_run_writes_json_table_and_plot(tmp_path: Path):
+    out, png = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    proc = subprocess.run(
+        _compare("--policies", "block,round_robin", "--num-requests", "30",
+                 "--rate-multiplier", "8", "--time-scale", "0.5", "--goodput", "ttft:500",
+                 "--json", str(out), "--plot", str(png)),
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "real-GPU times" in proc.stdout and "p99_ttft vs rr" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["kind"] == "loadgen-compare" and result["policies"] == ["block",
+                                                                         "round_robin"]
+    (run,) = result["runs"]
+    for policy, entry in run["policies"].items():
+        metrics = entry["metrics"]
+        assert metrics["completed"] == 30 and metrics["failed"] == 0, policy
+        assert len(metrics["per_request"]) == 30
+        assert "unscaled" in metrics and "request_goodput" in metrics
+        assert sum(entry["proxy"]["decisions"].values()) == 30
+    assert run["policies"]["round_robin"]["proxy"]["decisions"] == {"i0": 15, "i1": 15}
+    assert run["policies"]["block"]["proxy"]["prediction_error"]["ttft"] is not None
+    assert result["summary"]["round_robin"]["median"]["completed"] == 30
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_interrupted_compare_stops_every_process_it_started(tmp_path: Path, sig: int):
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        # Slow enough (trace pace, many requests) to still be running when signalled.
+        proc = subprocess.Popen(
+            _compare("--policies", "round_robin,block", "--num-requests", "400",
+                     "--json", str(tmp_path / "never.json")),
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "proxy pid" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "compare never started its proxy"
+            time.sleep(0.05)
+        match = re.search(r"emulator pids \[([\d, ]+)\], proxy pid (\d+)", log.read_text())
+        assert match
+        printed = {int(p) for p in match.group(1).split(",")} | {int(match.group(2))}
+        children = _children(proc.pid)
+        assert printed <= children
+        time.sleep(0.5)  # let requests be in flight
+        proc.send_signal(sig)
+        rc = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == (130 if sig == signal.SIGINT else 143), log.read_text()
+    assert "every process it started is stopped" in log.read_text()
+    assert not any(_alive(p) for p in children)
+    assert not (tmp_path / "never.json").exists()
