@@ -8,6 +8,7 @@ Only :mod:`blockproxy.upstream` talks to the instances.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import random
@@ -38,7 +39,7 @@ EVENT = b"data: "
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 _FINISH = re.compile(rb'"finish_reason":\s*"(\w+)"')
-TAIL_BYTES = 4096
+TAIL_CHUNKS = 3
 
 
 def error_response(err: ApiError) -> web.Response:
@@ -223,7 +224,8 @@ class Proxy:
                                 content_type=upstream.content_type or "application/json")
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await response.prepare(request)
-        tail = b""
+        # The last chunks hold finish_reason, usage and [DONE]; keep just those.
+        tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
         try:
             async for data in upstream.iter_chunks():
                 now = time.perf_counter()
@@ -235,8 +237,9 @@ class Proxy:
                         count -= 1
                     if count:
                         inst.add_tokens(entry, count)
-                tail = (tail + data)[-TAIL_BYTES:]
-            if b"[DONE]" not in tail:
+                tail.append(data)
+            ending = b"".join(tail)
+            if b"[DONE]" not in ending:
                 raise UpstreamError("the stream ended without [DONE]")
         except UpstreamError as exc:
             self.metrics.stream_failures.labels(inst.name).inc()
@@ -250,7 +253,7 @@ class Proxy:
         except (ConnectionResetError, asyncio.CancelledError):
             self.metrics.cancellations.inc()
             raise
-        self._learn_stream(info, entry, tail, time.perf_counter())
+        self._learn_stream(info, entry, ending, time.perf_counter())
         self.metrics.requests.labels(info.route, "200", self.policy.name).inc()
         await response.write_eof()
         return response
