@@ -153,6 +153,7 @@ def plot_results(results: Sequence[dict[str, Any]], out: str | Path,
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -161,8 +162,11 @@ def plot_results(results: Sequence[dict[str, Any]], out: str | Path,
     scales = {s["time_scale"] for s in series}
     unit = "ms" if scales == {1.0} else "real-GPU ms"
     has_capacity = any(e.get("capacity") for s in series for e in s["entries"])
-    panels = 4 if has_capacity else 3
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4))
+    # Capacity adds a fourth panel: a 2x2 grid keeps each one readable.
+    rows, cols = (2, 2) if has_capacity else (1, 3)
+    fig, grid = plt.subplots(rows, cols, figsize=(5.6 * cols, 4.4 * rows), squeeze=False)
+    axes = list(grid.flat)
+    plain = matplotlib.ticker.FuncFormatter(_log_tick)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     for ax, key, title in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "e2el_ms", "E2E latency")):
@@ -172,6 +176,8 @@ def plot_results(results: Sequence[dict[str, Any]], out: str | Path,
                 ax.plot(values, np.arange(1, len(values) + 1) / len(values),
                         color=colors[i % len(colors)], label=s["label"])
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel(f"{title} ({unit}, log)")
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{title} CDF")
@@ -194,11 +200,22 @@ def plot_results(results: Sequence[dict[str, Any]], out: str | Path,
 
     if has_capacity:
         _plot_capacity(axes[3], series, colors, unit)
+        for axis in (axes[3].xaxis, axes[3].yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain)
     fig.tight_layout()
     path = Path(out)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _log_tick(value: float, _pos: object = None) -> str:
+    # Plain numbers at 1, 2 and 5 x 10^k: readable when a log axis spans under a decade.
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(mantissa, 6) in (1.0, 2.0, 5.0) else ""
 
 
 def _multi_seed(series: Sequence[dict[str, Any]]) -> bool:
