@@ -14,17 +14,23 @@ import math
 
 
 class SpeedCalibration:
-    """Exponentially weighted estimate of one instance's step-time multiplier."""
+    """Exponentially weighted estimate of one instance's step-time multiplier.
 
-    MIN_SPEED = 0.1
-    MAX_SPEED = 10.0
+    It starts at ``initial`` (the configured speed) and stays within ``RANGE`` times of it
+    either way, so a few wild observations cannot make an instance look absurdly fast.
+    """
 
-    def __init__(self, enabled: bool = True, weight: float = 0.1, warmup: int = 5) -> None:
+    RANGE = 10.0
+
+    def __init__(self, enabled: bool = True, initial: float = 1.0, weight: float = 0.1,
+                 warmup: int = 5) -> None:
         self.enabled = enabled
         self.weight = weight
         self.warmup = warmup
         self.samples = 0
-        self._log_speed = 0.0
+        self.min_speed = initial / self.RANGE
+        self.max_speed = initial * self.RANGE
+        self._log_speed = math.log(initial)
 
     @property
     def speed(self) -> float:
@@ -42,7 +48,7 @@ class SpeedCalibration:
                 or not math.isfinite(predicted_tpot):
             return self.speed
         implied = speed_used * observed_tpot / predicted_tpot
-        implied = min(max(implied, self.MIN_SPEED), self.MAX_SPEED)
+        implied = min(max(implied, self.min_speed), self.max_speed)
         self.samples += 1
         # Average the first samples plainly, then switch to the exponential weight.
         weight = max(self.weight, 1.0 / self.samples) if self.samples <= self.warmup \

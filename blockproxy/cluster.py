@@ -43,7 +43,7 @@ class Instance:
     """One vLLM instance: its configuration, health, simulator and active requests."""
 
     def __init__(self, spec: BackendSpec, profile: Profile, past_prediction_tokens: int = 16,
-                 calibrate: bool = True) -> None:
+                 calibrate: bool = True, speed: float = 1.0) -> None:
         self.spec = spec
         self.name = spec.name
         self.url = spec.url
@@ -59,9 +59,9 @@ class Instance:
             num_gpu_blocks=spec.num_gpu_blocks or eng.num_gpu_blocks,
             block_size=spec.block_size or eng.block_size,
             max_model_len=spec.max_model_len or eng.max_model_len)
-        self.model = sim.model_from_profile(profile, self.limits,
+        self.model = sim.model_from_profile(profile, self.limits, speed=speed,
                                             past_prediction_tokens=past_prediction_tokens)
-        self.calibration = SpeedCalibration(enabled=calibrate)
+        self.calibration = SpeedCalibration(enabled=calibrate, initial=speed)
         self.table = np.zeros((sim.NUM_COLUMNS, 64), dtype=np.int64)
         self.n = 0
         self.entries: list[Entry] = []
@@ -203,6 +203,7 @@ class ClusterView:
     default_profile: str
     past_prediction_tokens: int = 16
     calibrate: bool = True
+    speed: float = 1.0
     instances: dict[str, Instance] = field(default_factory=dict)
     _profiles: dict[str, Profile] = field(default_factory=dict)
 
@@ -211,6 +212,10 @@ class ClusterView:
         if key not in self._profiles:
             self._profiles[key] = load_profile(key)
         return self._profiles[key]
+
+    def _new_instance(self, spec: BackendSpec) -> Instance:
+        return Instance(spec, self._profile(spec.profile), self.past_prediction_tokens,
+                        self.calibrate, self.speed)
 
     def apply(self, specs: list[BackendSpec]) -> tuple[list[str], list[str], list[str]]:
         """Make the view match a backends list; returns (added, removed, changed) names.
@@ -228,17 +233,13 @@ class ClusterView:
         for spec in specs:
             current = self.instances.get(spec.name)
             if current is None:
-                self.instances[spec.name] = Instance(spec, self._profile(spec.profile),
-                                                     self.past_prediction_tokens,
-                                                     self.calibrate)
+                self.instances[spec.name] = self._new_instance(spec)
                 added.append(spec.name)
             elif current.spec != spec:
                 if _needs_rebuild(current.spec, spec):
                     # Another URL or engine: a new instance; streams on the old one finish.
                     current.removed = True
-                    self.instances[spec.name] = Instance(spec, self._profile(spec.profile),
-                                                         self.past_prediction_tokens,
-                                                         self.calibrate)
+                    self.instances[spec.name] = self._new_instance(spec)
                 else:
                     current.spec = spec
                     current.state = spec.state

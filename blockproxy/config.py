@@ -32,6 +32,9 @@ class ProxyConfig:
     tie_tolerance: float = _opt(0.02, "block: predictions within this fraction of the best "
                                       "are ties, broken at random (herding control)")
     profile: str = _opt("llama-3.1-8b-h100-tp1", "default step-time profile (name or file)")
+    speed: float = _opt(1.0, "step-time multiplier applied to every profile, e.g. the "
+                             "--time-scale of emulated instances; calibration refines it per "
+                             "instance")
     length_quantile: float = _opt(0.5, "quantile of observed output lengths used as the "
                                        "prediction")
     default_output_tokens: int = _opt(256, "predicted output length before anything is learned")

@@ -56,7 +56,8 @@ class Proxy:
     def __init__(self, config: ProxyConfig, specs: list[BackendSpec],
                  rng: random.Random | None = None) -> None:
         self.config = config
-        self.view = ClusterView(config.profile, config.past_prediction_tokens, config.calibrate)
+        self.view = ClusterView(config.profile, config.past_prediction_tokens, config.calibrate,
+                                config.speed)
         self.view.apply(specs)
         self.rng = rng or random.Random()
         self.policy = make_policy(config.policy, self.rng, sample_k=config.sample_k,
