@@ -114,6 +114,13 @@ class Lab:
         self.emulator_args, self.proxy_args = list(emulator_args), list(proxy_args)
         self.log = log
 
+    def _proxy_args(self) -> list[str]:
+        # The proxy is told the emulator's time scale (``--speed``), as an operator knows
+        # its GPU; calibration only refines it.  An explicit --proxy-arg=--speed wins.
+        if any(a.split("=")[0] == "--speed" for a in self.proxy_args):
+            return self.proxy_args
+        return ["--speed", repr(self.time_scale), *self.proxy_args]
+
     async def run(self, policy: str, specs: Sequence[RequestSpec], seed: int,
                   run_kwargs: dict[str, Any], detail: bool) -> dict[str, Any]:
         """One benchmark of ``policy`` on a fresh cluster and proxy; both stopped after."""
@@ -122,7 +129,7 @@ class Lab:
                                   time_scale=self.time_scale, speed_factors=self.speed_factors,
                                   seed=seed, extra_args=self.emulator_args)
         async with cluster:
-            proxy = ProxyProcess(cluster.backend_entries(), name, self.proxy_args,
+            proxy = ProxyProcess(cluster.backend_entries(), name, self._proxy_args(),
                                  profile=self.profile)
             async with proxy:
                 self.log(f"  {policy}: emulator pids {cluster.pids}, proxy pid {proxy.pids[0]}"
