@@ -1,57 +1,65 @@
 """Online calibration: learn how fast an instance really is from observed token timings.
 
 The profile says how long a step *should* take; the instance may be a slower GPU, run
-another model build or share its host.  For every finished request the proxy compares
-the observed time per output token with the time the simulator predicted at dispatch,
-and keeps an exponentially weighted estimate (in log space, so a 2x error up and down
-weigh the same) of the instance's step-time multiplier.  The simulator's ``speed`` is set
-to that estimate, so an unknown GPU is learned within a few dozen requests.
+another model build, share its host, or be a time-scaled emulator.  While a request
+streams, the gap between two of its chunks is one engine step.  When the proxy's view of
+the instance shows no prefill pending (every request on it has produced its first token),
+that step was a pure decode step, whose model time is ``fixed + per_decode_seq x running``.
+The median of observed / model over a window of such steps is the instance's step-time
+multiplier, and the simulator's ``speed`` is set to it.
+
+Why not compare a finished request's time per token with the prediction made at
+dispatch: under load, prefills of requests that arrive *later* slow its decode steps down,
+which no prediction at dispatch can know; that comparison blames the hardware for future
+traffic and drifts (we measured 3x).  Pure decode steps have no such bias, and the median
+shrugs off the odd step that did include an unseen prefill or a stall.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 
 class SpeedCalibration:
-    """Exponentially weighted estimate of one instance's step-time multiplier.
+    """Median of observed / model time over recent pure decode steps of one instance.
 
     It starts at ``initial`` (the configured speed) and stays within ``RANGE`` times of it
-    either way, so a few wild observations cannot make an instance look absurdly fast.
+    either way, so a burst of odd observations cannot make an instance look absurdly fast.
     """
 
     RANGE = 10.0
 
-    def __init__(self, enabled: bool = True, initial: float = 1.0, weight: float = 0.1,
-                 warmup: int = 5) -> None:
+    def __init__(self, enabled: bool = True, initial: float = 1.0, window: int = 256,
+                 min_samples: int = 16, update_every: int = 16) -> None:
         self.enabled = enabled
-        self.weight = weight
-        self.warmup = warmup
+        self.window = window
+        self.min_samples = min_samples
+        self.update_every = update_every
         self.samples = 0
         self.min_speed = initial / self.RANGE
         self.max_speed = initial * self.RANGE
-        self._log_speed = math.log(initial)
+        self.speed = initial
+        self._ratios: list[float] = []
+        self._next = 0
 
-    @property
-    def speed(self) -> float:
-        """Current estimate (1.0 = as fast as the profile)."""
-        return math.exp(self._log_speed)
-
-    def observe(self, speed_used: float, predicted_tpot: float, observed_tpot: float) -> float:
-        """Fold in one request's observed vs predicted time per output token.
-
-        ``predicted_tpot`` was computed with the simulator's speed ``speed_used``; the
-        instance's multiplier implied by this request is ``speed_used * observed /
-        predicted``.  Returns the updated estimate.
-        """
-        if not self.enabled or not (predicted_tpot > 0 and observed_tpot > 0) \
-                or not math.isfinite(predicted_tpot):
-            return self.speed
-        implied = speed_used * observed_tpot / predicted_tpot
-        implied = min(max(implied, self.min_speed), self.max_speed)
+    def observe_step(self, observed_s: float, model_s: float) -> bool:
+        """Fold in one pure decode step; returns True when :attr:`speed` was updated."""
+        if not self.enabled or not (observed_s > 0 and model_s > 0) or \
+                not math.isfinite(observed_s):
+            return False
+        ratio = observed_s / model_s
+        if ratio < self.speed / 4:
+            # Two events in one step (a usage chunk or [DONE] right behind the last token).
+            return False
+        if len(self._ratios) < self.window:
+            self._ratios.append(ratio)
+        else:
+            self._ratios[self._next] = ratio
+            self._next = (self._next + 1) % self.window
         self.samples += 1
-        # Average the first samples plainly, then switch to the exponential weight.
-        weight = max(self.weight, 1.0 / self.samples) if self.samples <= self.warmup \
-            else self.weight
-        self._log_speed += weight * (math.log(implied) - self._log_speed)
-        return self.speed
+        if self.samples < self.min_samples or self.samples % self.update_every:
+            return False
+        median = statistics.median(self._ratios)
+        self.speed = min(max(median, self.min_speed), self.max_speed)
+        return True

@@ -33,6 +33,7 @@ class Entry:
     predicted_ttft: float = math.nan
     predicted_e2e: float = math.nan
     first_token_at: float = 0.0
+    last_chunk_at: float = 0.0
     generated: int = 0
     released: bool = False
     #: False for non-streaming requests: their progress is estimated, not observed.
@@ -64,6 +65,10 @@ class Instance:
         self.calibration = SpeedCalibration(enabled=calibrate, initial=speed)
         self.table = np.zeros((sim.NUM_COLUMNS, 64), dtype=np.int64)
         self.n = 0
+        #: requests dispatched here that have not produced their first token yet
+        self.unstarted = 0
+        st = profile.step_time
+        self._decode_step = (st.fixed_s, st.per_decode_seq_s)
         self.entries: list[Entry] = []
         self.healthy = True
         self.failures = 0
@@ -122,6 +127,7 @@ class Instance:
         col[sim.COL_PREDICTED] = predicted_tokens
         col[sim.COL_STARTED] = 0
         self.n += 1
+        self.unstarted += 1
         entry = Entry(self, slot, prompt_tokens, predicted_tokens, now)
         self.entries.append(entry)
         return entry
@@ -129,7 +135,9 @@ class Instance:
     def first_token(self, entry: Entry, now: float) -> None:
         """The request produced its first token: it is running."""
         entry.first_token_at = now
+        entry.last_chunk_at = now
         entry.generated = 1
+        self.unstarted -= 1
         self.table[sim.COL_STARTED, entry.slot] = 1
         self.table[sim.COL_GENERATED, entry.slot] = 1
 
@@ -138,11 +146,27 @@ class Instance:
         entry.generated += tokens
         self.table[sim.COL_GENERATED, entry.slot] = entry.generated
 
+    def streamed_chunk(self, entry: Entry, now: float) -> None:
+        """One more token of a streaming request arrived alone: one engine step passed.
+
+        With no prefill pending here, that step was a pure decode step of the running
+        requests, a clean sample for calibration.
+        """
+        gap = now - entry.last_chunk_at
+        entry.last_chunk_at = now
+        self.add_tokens(entry, 1)
+        if self.unstarted == 0:
+            fixed, per_decode = self._decode_step
+            if self.calibration.observe_step(gap, fixed + per_decode * self.n):
+                self.model.speed = self.calibration.speed
+
     def release(self, entry: Entry) -> None:
         """The request ended (finished, failed or cancelled): drop it, keeping the order."""
         if entry.released:
             return
         entry.released = True
+        if not entry.first_token_at:
+            self.unstarted -= 1
         i = entry.slot
         n = self.n
         if i < n - 1:

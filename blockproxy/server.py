@@ -232,7 +232,9 @@ class Proxy:
                 now = time.perf_counter()
                 await response.write(data)
                 count = data.count(EVENT)
-                if count:
+                if count == 1 and entry.first_token_at:
+                    inst.streamed_chunk(entry, now)
+                elif count:
                     if not entry.first_token_at:
                         inst.first_token(entry, now)
                         count -= 1
@@ -285,6 +287,12 @@ class Proxy:
         inst = entry.instance
         e2e = done - entry.dispatched_at
         m = self.metrics
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("done on %s: prompt %s~%d, output %d (predicted %d), ttft %.4f (predicted "
+                      "%.4f), e2e %.4f (predicted %.4f)", inst.name, prompt_tokens,
+                      entry.prompt_tokens, output, entry.predicted_tokens,
+                      (entry.first_token_at or done) - entry.dispatched_at, entry.predicted_ttft,
+                      e2e, entry.predicted_e2e)
         m.e2e.observe(e2e)
         if prompt_tokens is not None:
             self.tokens.observe(info.model, info.prompt_chars, prompt_tokens)
@@ -301,13 +309,7 @@ class Proxy:
                 m.prediction_error.labels("ttft").observe(
                     abs(entry.predicted_ttft - ttft) / ttft)
             if output > 1:
-                tpot = (done - entry.first_token_at) / (output - 1)
-                m.itl.observe(tpot)
-                if entry.predicted_tokens > 1 and math.isfinite(entry.predicted_e2e):
-                    predicted_tpot = (entry.predicted_e2e - entry.predicted_ttft) / \
-                        (entry.predicted_tokens - 1)
-                    inst.model.speed = inst.calibration.observe(inst.model.speed,
-                                                                predicted_tpot, tpot)
+                m.itl.observe((done - entry.first_token_at) / (output - 1))
 
     # ---- other endpoints ----------------------------------------------------------------------
     async def handle_models(self, request: web.Request) -> web.Response:
