@@ -1,0 +1,182 @@
+"""What this proxy knows of the other proxies' requests, one :class:`Origin` per proxy.
+
+Synchronous and deterministic (times are passed in), so it is tested without sockets.
+Each origin's entries are mirrored into the cluster view through a :class:`Sink`.
+
+Rules (DESIGN.md section 3):
+- a datagram whose ``seq`` was already seen from this origin and incarnation is a replay;
+- an older incarnation is stale; a newer one replaces the origin (its entries go);
+- deltas apply in ``dseq`` order; a gap stops delta application until the next complete
+  snapshot, which replaces all the origin's entries;
+- an origin silent for ``expiry`` seconds is dropped with its entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from blockproxy.gossip import codec
+from blockproxy.gossip.codec import Datagram, Rejected
+
+#: how far back seqs are remembered for replay detection
+REPLAY_WINDOW = 4096
+
+Key = tuple[str, int]  # (instance name, request id)
+Row = list[int]  # [prompt, predicted, started, generated]
+
+
+class Sink(Protocol):
+    """Where remote entries go (the cluster view)."""
+
+    def upsert_remote(self, origin: int, instance: str, rid: int, prompt: int,
+                      predicted: int, started: int, generated: int) -> None: ...
+
+    def remove_remote(self, origin: int, instance: str, rid: int) -> None: ...
+
+
+@dataclass
+class _Snapshot:
+    snap_id: int
+    parts: int
+    dseq: int
+    received: dict[int, list[list[object]]] = field(default_factory=dict)
+
+
+@dataclass
+class Origin:
+    """One remote proxy (one incarnation of it)."""
+
+    origin: int
+    incarnation: int
+    last_heard: float
+    max_seq: int = -1
+    seen: set[int] = field(default_factory=set)
+    #: next delta expected; None until the first snapshot (or after a gap)
+    next_dseq: int | None = None
+    entries: dict[Key, Row] = field(default_factory=dict)
+    snapshot: _Snapshot | None = None
+    gaps: int = 0
+
+    def check_replay(self, seq: int) -> None:
+        if seq in self.seen or seq <= self.max_seq - REPLAY_WINDOW:
+            raise Rejected("replayed")
+        self.seen.add(seq)
+        if seq > self.max_seq:
+            self.max_seq = seq
+            if len(self.seen) > 2 * REPLAY_WINDOW:
+                floor = seq - REPLAY_WINDOW
+                self.seen = {s for s in self.seen if s > floor}
+
+
+class RemoteState:
+    """All remote origins; apply verified datagrams, expire the silent."""
+
+    def __init__(self, sink: Sink, expiry: float) -> None:
+        self.sink = sink
+        self.expiry = expiry
+        self.origins: dict[int, Origin] = {}
+
+    def apply(self, dg: Datagram, now: float) -> None:
+        """Apply one verified datagram (raises :class:`Rejected` for replays and stale ones)."""
+        org = self.origins.get(dg.origin)
+        if org is not None and dg.incarnation < org.incarnation:
+            raise Rejected("stale")
+        if org is None or dg.incarnation > org.incarnation:
+            if org is not None:
+                self._drop(org)  # a restarted proxy replaces its old self
+            org = self.origins[dg.origin] = Origin(dg.origin, dg.incarnation, now)
+        org.check_replay(dg.seq)
+        org.last_heard = now
+        if dg.kind == codec.DELTA:
+            self._delta(org, dg.payload)
+        elif dg.kind == codec.SNAPSHOT:
+            self._snapshot_part(org, dg.payload)
+        elif dg.kind == codec.BYE:
+            self._drop(org)
+            del self.origins[org.origin]
+
+    def expire(self, now: float) -> list[int]:
+        """Drop origins silent for longer than ``expiry``; returns their ids."""
+        gone = [o for o in self.origins.values() if now - o.last_heard > self.expiry]
+        for org in gone:
+            self._drop(org)
+            del self.origins[org.origin]
+        return [o.origin for o in gone]
+
+    def staleness(self, now: float) -> float:
+        """Age of the oldest origin's last datagram (0 with no origins)."""
+        return max((now - o.last_heard for o in self.origins.values()), default=0.0)
+
+    def entry_count(self) -> int:
+        return sum(len(o.entries) for o in self.origins.values())
+
+    # ---- deltas and snapshots -----------------------------------------------------------------
+    def _delta(self, org: Origin, payload: list[object]) -> None:
+        dseq, ops = payload
+        assert isinstance(dseq, int) and isinstance(ops, list)
+        if org.next_dseq is None or dseq < org.next_dseq:
+            return  # waiting for a snapshot, or already covered by one
+        if dseq > org.next_dseq:
+            org.gaps += 1
+            org.next_dseq = None  # lost deltas: wait for the next full snapshot
+            return
+        org.next_dseq = dseq + 1
+        for op in ops:
+            self._op(org, op)
+
+    def _op(self, org: Origin, op: list[object]) -> None:
+        code, instance, rid = op[0], op[1], op[2]
+        assert isinstance(instance, str) and isinstance(rid, int)
+        key = (instance, rid)
+        if code == codec.DISPATCH:
+            prompt, predicted, started, generated = op[3:]  # type: ignore[misc]
+            self._set(org, key, [prompt, predicted, started, generated])  # type: ignore[list-item]
+        elif code == codec.PROGRESS:
+            row = org.entries.get(key)
+            if row is not None:
+                generated, started = op[3], op[4]
+                self._set(org, key, [row[0], row[1], started, generated])  # type: ignore[list-item]
+        elif code == codec.DONE:
+            if org.entries.pop(key, None) is not None:
+                self.sink.remove_remote(org.origin, instance, rid)
+
+    def _set(self, org: Origin, key: Key, row: Row) -> None:
+        org.entries[key] = row
+        self.sink.upsert_remote(org.origin, key[0], key[1], *row)
+
+    def _snapshot_part(self, org: Origin, payload: list[object]) -> None:
+        snap_id, part, parts, dseq, entries = payload
+        assert isinstance(snap_id, int) and isinstance(part, int) and isinstance(parts, int)
+        assert isinstance(dseq, int) and isinstance(entries, list)
+        snap = org.snapshot
+        if snap is None or snap.snap_id != snap_id:
+            if snap is not None and snap_id < snap.snap_id:
+                return  # a late part of an older snapshot
+            snap = org.snapshot = _Snapshot(snap_id, parts, dseq)
+        if parts != snap.parts or dseq != snap.dseq:
+            return
+        snap.received[part] = entries
+        if len(snap.received) < snap.parts:
+            return
+        org.snapshot = None
+        if org.next_dseq is not None and dseq + 1 < org.next_dseq:
+            return  # deltas newer than this snapshot were applied already
+        self._replace(org, [e for p in snap.received.values() for e in p])
+        org.next_dseq = dseq + 1
+
+    def _replace(self, org: Origin, entries: list[list[object]]) -> None:
+        fresh: dict[Key, Row] = {}
+        for e in entries:
+            fresh[(e[0], e[1])] = list(e[2:])  # type: ignore[index,arg-type]
+        for key in [k for k in org.entries if k not in fresh]:
+            del org.entries[key]
+            self.sink.remove_remote(org.origin, *key)
+        for key, row in fresh.items():
+            if org.entries.get(key) != row:
+                self._set(org, key, row)
+
+    def _drop(self, org: Origin) -> None:
+        for key in list(org.entries):
+            self.sink.remove_remote(org.origin, *key)
+        org.entries.clear()
