@@ -1,0 +1,179 @@
+"""Gossipers in one event loop over real UDP on loopback, each with its own cluster view."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from blockproxy import sim
+from blockproxy.backends import BackendSpec
+from blockproxy.cluster import LOCAL, PHANTOM, ClusterView
+from blockproxy.gossip import codec
+from blockproxy.gossip.node import Gossiper
+from blockproxy.scraper import Scraper, parse_vllm_gauges
+
+KEY = b"0123456789abcdef0123456789abcdef"
+NAMES = ("i0", "i1")
+
+
+def view() -> ClusterView:
+    v = ClusterView("llama-3.1-8b-h100-tp1")
+    v.apply([BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=n)
+             for i, n in enumerate(NAMES)])
+    return v
+
+
+def udp_ports(count: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def remote_rows(v: ClusterView) -> dict:
+    out = {}
+    for inst in v.instances.values():
+        for e in inst.entries:
+            if e.origin != LOCAL:
+                out[(e.origin, inst.name, e.rid)] = (
+                    int(inst.table[sim.COL_STARTED, e.slot]),
+                    int(inst.table[sim.COL_GENERATED, e.slot]))
+    return out
+
+
+async def eventually(check, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not converged"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def mesh(request):
+    loss = getattr(request, "param", 0.0)
+    ports = udp_ports(3)
+    nodes = []
+    for i, port in enumerate(ports):
+        seeds = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
+        nodes.append(Gossiper(view(), CollectorRegistry(), bind=f"127.0.0.1:{port}",
+                              seeds=seeds, key=KEY, origin=100 + i, loss=loss,
+                              snapshot_interval=0.1, expiry=1.0, progress_tokens=1,
+                              rng=random.Random(i)))
+    tasks = []
+    for n in nodes:
+        await n.start()
+        tasks.append(asyncio.create_task(n.run()))
+    yield nodes
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for n in nodes:
+        n.transport.close()
+
+
+async def test_three_views_converge(mesh):
+    a, b, c = mesh
+    inst = a.view.instances["i0"]
+    entries = [inst.reserve(100 + i, 50, 0.0) for i in range(3)]
+    await eventually(lambda: len(remote_rows(b.view)) == 3 and len(remote_rows(c.view)) == 3)
+    inst.first_token(entries[0], 1.0)
+    inst.add_tokens(entries[0], 9)
+    await eventually(lambda: remote_rows(c.view)[(100, "i0", entries[0].rid)] == (1, 10))
+    for e in entries:
+        inst.release(e)
+    await eventually(lambda: not remote_rows(b.view) and not remote_rows(c.view))
+    # Remote entries are never re-gossiped: only the origin speaks for its requests.
+    assert all(o == 100 for o, _, _ in remote_rows(b.view)) and not b.local
+
+
+@pytest.mark.parametrize("mesh", [0.3], indirect=True)
+async def test_converges_with_loss(mesh):
+    a, b, c = mesh
+    inst = a.view.instances["i1"]
+    entries = [inst.reserve(100 + i, 50, 0.0) for i in range(40)]
+    for e in entries[::2]:
+        inst.first_token(e, 1.0)
+        inst.add_tokens(e, 4)
+    want = {(100, "i1", e.rid): (int(bool(e.first_token_at)), e.generated) for e in entries}
+    await eventually(lambda: remote_rows(b.view) == want and remote_rows(c.view) == want,
+                     timeout=10)
+    for e in entries[:30]:
+        inst.release(e)
+    want = {k: v for k, v in want.items() if k[2] in {e.rid for e in entries[30:]}}
+    await eventually(lambda: remote_rows(b.view) == want and remote_rows(c.view) == want,
+                     timeout=10)
+
+
+async def test_bye_and_expiry(mesh):
+    a, b, c = mesh
+    a.view.instances["i0"].reserve(10, 5, 0.0)
+    c.view.instances["i1"].reserve(10, 5, 0.0)
+    await eventually(lambda: len(remote_rows(b.view)) == 2)
+    a.stop()  # leaves with BYE: gone at once
+    await eventually(lambda: [k[0] for k in remote_rows(b.view)] == [102], timeout=0.5)
+    c.transport.close()  # dies silently: expires
+    await eventually(lambda: not remote_rows(b.view), timeout=3.0)
+
+
+async def test_rejected_datagrams_are_counted(mesh):
+    a, b, _ = mesh
+    addr = b.transport.address
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    now = __import__("time").time_ns() // 1_000_000
+    good = codec.encode(KEY, 555, 1, 1, now, codec.SNAPSHOT, [1, 0, 1, 0, [["i0", 1, 5, 5, 0, 0]]])
+    for data in (codec.encode(b"w" * 32, 555, 1, 2, now, codec.DELTA, [1, []]), good, good,
+                 good[:10], b"garbage" * 10, good + bytes(1200)):
+        sock.sendto(data, addr)
+    sock.close()
+    dropped = b.metrics.dropped
+
+    def count(reason):
+        return dropped.labels(reason)._value.get()
+    # wrong key and garbage: forged; a truncated one too short to hold a tag: malformed
+    await eventually(lambda: count("forged") == 2 and count("replayed") == 1
+                     and count("oversized") == 1 and count("malformed") == 1)
+    assert (555, "i0", 1) in remote_rows(b.view)  # the one good datagram applied
+
+
+async def test_herding_two_proxies_bursts(mesh):
+    """Two proxies taking simultaneous bursts, with gossip, spread them over instances."""
+    from blockproxy.policies import Job, make_policy
+    a, b, _ = mesh
+    pa = make_policy("block", random.Random(1))
+    pb = make_policy("block", random.Random(2))
+    for _ in range(6):
+        for node, pol in ((a, pa), (b, pb)):
+            inst, _ = pol.choose(list(node.view.instances.values()), Job(2000, 0, 200))
+            inst.reserve(2000, 200, 0.0)
+        await asyncio.sleep(0.03)
+    await eventually(lambda: len(remote_rows(a.view)) == 6)
+    counts = [inst.n for inst in a.view.instances.values()]
+    assert counts == [6, 6], counts
+
+
+def test_scraper_phantoms():
+    v = view()
+    scraper = Scraper(v, None, CollectorRegistry(), 1.0)
+    inst = v.instances["i0"]
+    inst.reserve(100, 10, 0.0)
+    text = ('vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+            'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+            'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n')
+    gauges = parse_vllm_gauges(text)
+    assert gauges == {"vllm:num_requests_running": 3.0, "vllm:num_requests_waiting": 2.0,
+                      "vllm:kv_cache_usage_perc": 0.25}
+    assert scraper.apply(inst, gauges) == 0  # one excess could be a gossip delay
+    assert scraper.apply(inst, gauges) == 4
+    phantoms = [e for e in inst.entries if e.origin == PHANTOM]
+    assert inst.n == 5 and sum(1 for e in phantoms if e.first_token_at) == 3
+    assert scraper.apply(inst, {"vllm:num_requests_running": 2.0}) == 1
+    assert scraper.apply(inst, {"vllm:num_requests_running": 1.0}) == 0
+    assert inst.n == 1
