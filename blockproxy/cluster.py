@@ -6,12 +6,18 @@ Python objects.  The view is synchronous and deterministic: the server calls
 :meth:`Instance.reserve` at dispatch (so the next decision, a microsecond later, already
 sees the request), :meth:`Instance.first_token` / :meth:`Instance.add_tokens` while it
 streams, and :meth:`Instance.release` when it ends, whatever the policy.
+
+Requests of other proxies (learned by gossip) and phantom requests (load seen in an
+instance's ``/metrics`` that no proxy accounts for) live in the same table, as entries whose
+``origin`` is not :data:`LOCAL`, appended when learned; the simulator sees them at no cost.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +25,11 @@ from blockproxy import sim
 from blockproxy.backends import BackendSpec
 from blockproxy.calibration import SpeedCalibration
 from blockproxy.profile import EngineLimits, Profile, load_profile
+
+
+#: ``Entry.origin`` of this proxy's own requests and of phantom (unexplained) load
+LOCAL = 0
+PHANTOM = 1
 
 
 @dataclass(eq=False)
@@ -38,6 +49,10 @@ class Entry:
     released: bool = False
     #: False for non-streaming requests: their progress is estimated, not observed.
     observed: bool = True
+    #: LOCAL, PHANTOM or the gossip origin id of the proxy that owns the request
+    origin: int = LOCAL
+    #: the owner's request id (gossip key with ``origin``)
+    rid: int = 0
 
 
 class Instance:
@@ -75,6 +90,10 @@ class Instance:
         self.probe_backoff = 0.0
         self.next_probe_at = 0.0
         self.removed = False
+        #: remote and phantom entries by (origin, rid)
+        self.remote: dict[tuple[int, int], Entry] = {}
+        #: told of local reserve/release (the gossiper), or None
+        self.listener: Any = None
 
     # ---- routing inputs ---------------------------------------------------------------------
     def accepts_new(self) -> bool:
@@ -115,6 +134,12 @@ class Instance:
     # ---- bookkeeping ------------------------------------------------------------------------
     def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float) -> Entry:
         """Record a request dispatched to this instance (it is waiting until its first token)."""
+        entry = self._append(prompt_tokens, predicted_tokens, now)
+        if self.listener is not None:
+            self.listener.reserved(entry)
+        return entry
+
+    def _append(self, prompt_tokens: int, predicted_tokens: int, now: float) -> Entry:
         if self.n == self.table.shape[1]:
             grown = np.zeros((sim.NUM_COLUMNS, 2 * self.n), dtype=np.int64)
             grown[:, :self.n] = self.table
@@ -165,6 +190,10 @@ class Instance:
         if entry.released:
             return
         entry.released = True
+        if entry.origin != LOCAL:
+            self.remote.pop((entry.origin, entry.rid), None)
+        elif self.listener is not None:
+            self.listener.released(entry)
         if not entry.first_token_at:
             self.unstarted -= 1
         i = entry.slot
@@ -175,6 +204,39 @@ class Instance:
         for later in self.entries[i:]:
             later.slot -= 1
         self.n = n - 1
+
+    def upsert_remote(self, origin: int, rid: int, prompt_tokens: int, predicted_tokens: int,
+                      started: int, generated: int, now: float) -> Entry:
+        """Add or update another proxy's (or a phantom) request, appended when new."""
+        entry = self.remote.get((origin, rid))
+        if entry is None:
+            entry = self._append(prompt_tokens, predicted_tokens, now)
+            entry.origin, entry.rid = origin, rid
+            self.remote[(origin, rid)] = entry
+        elif entry.prompt_tokens != prompt_tokens or entry.predicted_tokens != predicted_tokens:
+            entry.prompt_tokens, entry.predicted_tokens = prompt_tokens, predicted_tokens
+            self.table[sim.COL_PROMPT, entry.slot] = prompt_tokens
+            self.table[sim.COL_PREDICTED, entry.slot] = predicted_tokens
+        if started and not entry.first_token_at:
+            entry.first_token_at = now
+            self.unstarted -= 1
+            self.table[sim.COL_STARTED, entry.slot] = 1
+        entry.generated = generated
+        self.table[sim.COL_GENERATED, entry.slot] = generated
+        return entry
+
+    def remove_remote(self, origin: int, rid: int) -> None:
+        """Another proxy's (or a phantom) request ended."""
+        entry = self.remote.get((origin, rid))
+        if entry is not None:
+            self.release(entry)
+
+    def by_origin(self) -> dict[int, int]:
+        """Active entries per origin (LOCAL, PHANTOM or a gossip origin id)."""
+        out: dict[int, int] = {}
+        for entry in self.entries:
+            out[entry.origin] = out.get(entry.origin, 0) + 1
+        return out
 
     def estimate_progress(self, now: float) -> None:
         """Advance unobserved (non-streaming) requests along their own prediction.
@@ -229,6 +291,8 @@ class ClusterView:
     calibrate: bool = True
     speed: float = 1.0
     instances: dict[str, Instance] = field(default_factory=dict)
+    #: told of every local reserve/release on any instance (the gossiper), or None
+    listener: Any = None
     _profiles: dict[str, Profile] = field(default_factory=dict)
 
     def _profile(self, name: str | None) -> Profile:
@@ -238,8 +302,29 @@ class ClusterView:
         return self._profiles[key]
 
     def _new_instance(self, spec: BackendSpec) -> Instance:
-        return Instance(spec, self._profile(spec.profile), self.past_prediction_tokens,
+        inst = Instance(spec, self._profile(spec.profile), self.past_prediction_tokens,
                         self.calibrate, self.speed)
+        inst.listener = self.listener
+        return inst
+
+    def set_listener(self, listener: Any) -> None:
+        """Tell ``listener`` of local reserves and releases on every instance."""
+        self.listener = listener
+        for inst in self.instances.values():
+            inst.listener = listener
+
+    # ---- gossip sink: other proxies' requests, by instance name -------------------------------
+    def upsert_remote(self, origin: int, instance: str, rid: int, prompt: int, predicted: int,
+                      started: int, generated: int) -> None:
+        inst = self.instances.get(instance)
+        if inst is not None:  # an instance this proxy does not know: nothing to simulate
+            inst.upsert_remote(origin, rid, prompt, predicted, started, generated,
+                               time.perf_counter())
+
+    def remove_remote(self, origin: int, instance: str, rid: int) -> None:
+        inst = self.instances.get(instance)
+        if inst is not None:
+            inst.remove_remote(origin, rid)
 
     def apply(self, specs: list[BackendSpec]) -> tuple[list[str], list[str], list[str]]:
         """Make the view match a backends list; returns (added, removed, changed) names.
