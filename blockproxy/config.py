@@ -51,6 +51,22 @@ class ProxyConfig:
     reload_interval: float = _opt(1.0, "seconds between checks of the backends file")
     drain_timeout: float = _opt(30.0, "SIGTERM: seconds to let in-flight requests finish")
     log_level: str = _opt("info", "logging level")
+    gossip_bind: str = _opt("", "UDP HOST:PORT for gossip with other proxies (off when empty)")
+    gossip_seeds: str = _opt("", "comma-separated HOST:PORT of other proxies; a name may "
+                                 "resolve to many (re-resolved periodically)")
+    gossip_key_file: str = _opt("", "file holding the shared gossip HMAC key (without one "
+                                    "an all-zero key is used: insecure)")
+    gossip_id: str = _opt("", "this proxy's gossip origin id (integer or name; random when "
+                              "empty)")
+    gossip_interval: float = _opt(0.005, "seconds between gossip delta batches")
+    gossip_snapshot_interval: float = _opt(0.5, "seconds between full gossip snapshots")
+    gossip_expiry: float = _opt(2.0, "seconds of silence after which a peer's entries expire")
+    gossip_window: float = _opt(10.0, "gossip timestamps further than this from now (s) are "
+                                      "rejected")
+    gossip_progress_tokens: int = _opt(8, "gossip a request's progress every N tokens")
+    gossip_loss: float = _opt(0.0, "testing: drop this fraction of sent gossip datagrams")
+    scrape_interval: float = _opt(2.0, "seconds between scrapes of each instance's /metrics "
+                                       "for load that bypasses the proxies (0 = off)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ProxyConfig":

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         proxy = Proxy(config, load_backends(config.backends))
         watcher = BackendsWatcher(config.backends, on_change=proxy.apply_backends,
                                   interval=config.reload_interval, logger=log)
-    except (BackendsError, ProfileError) as exc:
+    except (BackendsError, ProfileError, ValueError, OSError) as exc:
         print(f"blockproxy: {exc}", file=sys.stderr)
         return 2
     _install_uvloop()
@@ -73,6 +73,11 @@ async def serve(proxy: Proxy, watcher: BackendsWatcher) -> None:
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(proxy.probe_loop()),
              asyncio.create_task(proxy.progress_loop())]
+    if proxy.gossip is not None:
+        await proxy.gossip.start()
+        tasks.append(asyncio.create_task(proxy.gossip.run()))
+    if proxy.scraper is not None:
+        tasks.append(asyncio.create_task(proxy.scraper.run()))
     log.info("blockproxy listening on http://%s:%d (policy %s, %d instances)", config.host,
              config.port, config.policy, len(proxy.view.instances))
     print(f"blockproxy listening on http://{config.host}:{config.port}", flush=True)
@@ -87,4 +92,6 @@ async def serve(proxy: Proxy, watcher: BackendsWatcher) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if proxy.gossip is not None:
+        proxy.gossip.stop()
     await runner.cleanup()

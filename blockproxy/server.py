@@ -21,12 +21,14 @@ from aiohttp import web
 
 from blockproxy import sim
 from blockproxy.backends import BackendSpec
-from blockproxy.cluster import ClusterView, Entry, Instance
+from blockproxy.cluster import LOCAL, PHANTOM, ClusterView, Entry, Instance
 from blockproxy.config import ProxyConfig
+from blockproxy.gossip.node import Gossiper, load_key, parse_origin
 from blockproxy.metrics import Metrics
 from blockproxy.policies import Job, make_policy
 from blockproxy.predictor import LengthPredictor, parse_hint
 from blockproxy.request import CHAT, COMPLETIONS, ApiError, RequestInfo, parse_request
+from blockproxy.scraper import Scraper
 from blockproxy.tokens import PromptTokenEstimator
 from blockproxy.upstream import Upstream, UpstreamError
 
@@ -67,6 +69,20 @@ class Proxy:
         self.tokens = PromptTokenEstimator()
         self.metrics = Metrics(self.view)
         self.upstream = Upstream(config.connect_timeout, config.read_timeout)
+        self.gossip: Gossiper | None = None
+        if config.gossip_bind:
+            self.gossip = Gossiper(
+                self.view, self.metrics.registry, bind=config.gossip_bind,
+                seeds=config.gossip_seeds, key=load_key(config.gossip_key_file),
+                origin=parse_origin(config.gossip_id, self.rng),
+                interval=config.gossip_interval,
+                snapshot_interval=config.gossip_snapshot_interval,
+                expiry=config.gossip_expiry, window=config.gossip_window,
+                loss=config.gossip_loss, progress_tokens=config.gossip_progress_tokens)
+        self.scraper: Scraper | None = None
+        if config.scrape_interval > 0:
+            self.scraper = Scraper(self.view, self.upstream, self.metrics.registry,
+                                   config.scrape_interval)
         self.in_flight = 0
         self.draining = False
         self.idle = asyncio.Event()
@@ -349,10 +365,14 @@ class Proxy:
                 "calibration": {"speed": inst.model.speed,
                                 "samples": inst.calibration.samples},
                 "limits": vars(inst.limits),
+                "by_origin": {_origin_name(o): c for o, c in inst.by_origin().items()},
+                "kv_cache_usage": self.scraper.kv_usage.get(inst.name)
+                if self.scraper else None,
             })
         body = {"policy": self.policy.name, "simulator": sim.IMPLEMENTATION,
                 "in_flight": self.in_flight, "draining": self.draining,
-                "predictor": self.predictor.stats(), "instances": out}
+                "predictor": self.predictor.stats(), "instances": out,
+                "gossip": self.gossip.info() if self.gossip else None}
         return web.Response(body=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
                             content_type="application/json")
 
@@ -412,6 +432,10 @@ class Proxy:
                         inst.model_cards = {c["id"]: c for c in cards if "id" in c}
                         inst.models = set(inst.model_cards)
             await asyncio.sleep(min(self.config.probe_interval, 1.0))
+
+
+def _origin_name(origin: int) -> str:
+    return "local" if origin == LOCAL else "phantom" if origin == PHANTOM else f"{origin:016x}"
 
 
 def _last_int(pattern: re.Pattern[bytes], data: bytes) -> int | None:

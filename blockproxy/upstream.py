@@ -115,6 +115,18 @@ class Upstream:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
+    async def get_text(self, url: str, timeout: float = 2.0) -> str | None:
+        """GET ``url`` as text (an instance's ``/metrics``), or None if it does not answer."""
+        assert self.session is not None
+        try:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) \
+                    as resp:
+                if resp.status != 200:
+                    return None
+                return (await resp.read()).decode("utf-8", "replace")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
+
     async def models(self, base_url: str, timeout: float = 2.0) -> list[dict[str, Any]] | None:
         """The instance's ``/v1/models`` cards, or None if it does not answer."""
         assert self.session is not None
