@@ -391,3 +391,13 @@ async def test_block_prefers_the_faster_instance(tmp_path: Path):
                                            for _ in range(10)))
             counts = decisions(proxy)
     assert counts["h100"] >= 2 * counts.get("a100", 0), counts
+
+
+async def test_other_v1_paths_are_forwarded_unchanged(proxy: Proxy, emulator: Emulator):
+    async with aiohttp.ClientSession() as session:
+        body = {"model": MODEL, "input": "hello"}
+        async with session.post(proxy.url + "/v1/embeddings?x=1", json=body) as via_proxy:
+            proxied = (via_proxy.status, await via_proxy.read())
+        async with session.post(emulator.urls[0] + "/v1/embeddings?x=1", json=body) as direct:
+            expected = (direct.status, await direct.read())
+    assert proxied == expected
