@@ -177,3 +177,17 @@ def test_scraper_phantoms():
     assert scraper.apply(inst, {"vllm:num_requests_running": 2.0}) == 1
     assert scraper.apply(inst, {"vllm:num_requests_running": 1.0}) == 0
     assert inst.n == 1
+
+
+def test_compare_reads_gossip_metrics():
+    from loadgen.compare import parse_gossip_metrics
+    text = ('blockproxy_gossip_bytes_total{direction="out"} 1000.0\n'
+            'blockproxy_gossip_bytes_total{direction="in"} 3000.0\n'
+            'blockproxy_gossip_datagrams_total{direction="out"} 10.0\n'
+            'blockproxy_gossip_propagation_seconds_bucket{le="0.001"} 50.0\n'
+            'blockproxy_gossip_propagation_seconds_bucket{le="0.002"} 100.0\n'
+            'blockproxy_gossip_propagation_seconds_bucket{le="+Inf"} 100.0\n')
+    out = parse_gossip_metrics([text, text], duration_s=10.0, requests=20)
+    assert out["bytes_out_per_proxy_per_s"] == 100.0 and out["bytes_out_per_request"] == 100.0
+    assert out["p50_propagation_ms"] == pytest.approx(1.0)
+    assert out["p99_propagation_ms"] == pytest.approx(1.98)

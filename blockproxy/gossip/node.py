@@ -29,7 +29,8 @@ from blockproxy.gossip.transport import Address, Transport
 
 log = logging.getLogger("blockproxy.gossip")
 
-PROPAGATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+PROPAGATION_BUCKETS = (0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015,
+                       0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0,
                        2.5)
 _DELTA_OVERHEAD = 16  # [dseq, ops] around the ops
 _SNAPSHOT_OVERHEAD = 40  # [snapshot_id, part, parts, dseq, entries] around the entries
