@@ -16,6 +16,11 @@ proxy, for the same reason.  ``--seeds 1,2,3`` repeats the whole comparison per 
 (prompts, arrivals of rate-driven runs, emulator noise) and reports per-seed and median
 figures.
 
+``--proxies N`` puts N proxies in front of the cluster, gossiping with each other over UDP on
+loopback (``--no-gossip``: each blind to the others), and sends requests round-robin across
+them, as nginx would.  Each run then also reports the gossip bandwidth per proxy and the
+99th percentile propagation delay of gossip datagrams.
+
 Time scale: ``--time-scale S`` slows the emulated GPU S times (arrival gaps are stretched
 to match), which keeps a busy cluster faithful on a small machine: one emulator process
 sustains about 6 busy instances / ~15k streamed tokens/s at S=1 before its step timing
@@ -28,11 +33,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
+import os
 import re
 import signal
+import socket
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,15 +94,81 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
             instance = labels.get("instance", "?")
             decisions[instance] = decisions.get(instance, 0) + float(value)
         elif name.startswith("blockproxy_prediction_abs_relative_error_"):
-            sums[(labels.get("quantity", "?"), name.rsplit("_", 1)[1])] = float(value)
+            key = (labels.get("quantity", "?"), name.rsplit("_", 1)[1])
+            sums[key] = sums.get(key, 0.0) + float(value)
         elif name.startswith("blockproxy_output_length_abs_relative_error_"):
-            sums[("output_length", name.rsplit("_", 1)[1])] = float(value)
+            key = ("output_length", name.rsplit("_", 1)[1])
+            sums[key] = sums.get(key, 0.0) + float(value)
     errors: dict[str, float | None] = {}
     for quantity in ("ttft", "e2e", "output_length"):
         count = sums.get((quantity, "count"), 0.0)
         errors[quantity] = sums[(quantity, "sum")] / count if count else None
     return {"prediction_error": errors,
             "decisions": {k: int(v) for k, v in sorted(decisions.items())}}
+
+
+def parse_gossip_metrics(texts: Sequence[str], duration_s: float,
+                         requests: int) -> dict[str, Any]:
+    """Gossip bandwidth per proxy and propagation percentiles from the proxies' ``/metrics``."""
+    out_bytes = in_bytes = 0.0
+    datagrams = 0.0
+    dropped = 0.0
+    buckets: dict[float, float] = {}
+    for text in texts:
+        for line in text.splitlines():
+            match = _SAMPLE.match(line)
+            if not match:
+                continue
+            name, labels_text, value = match.groups()
+            labels = dict(_LABEL.findall(labels_text or ""))
+            if name == "blockproxy_gossip_bytes_total":
+                if labels.get("direction") == "out":
+                    out_bytes += float(value)
+                else:
+                    in_bytes += float(value)
+            elif name == "blockproxy_gossip_datagrams_total" and labels.get("direction") == "out":
+                datagrams += float(value)
+            elif name == "blockproxy_gossip_dropped_total":
+                dropped += float(value)
+            elif name == "blockproxy_gossip_propagation_seconds_bucket":
+                le = float(labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + float(value)
+    n = max(len(texts), 1)
+    return {"bytes_out_per_proxy_per_s": out_bytes / n / duration_s if duration_s else None,
+            "bytes_out_per_request": out_bytes / requests if requests else None,
+            "datagrams_out": int(datagrams), "bytes_in": int(in_bytes),
+            "dropped": int(dropped),
+            "p50_propagation_ms": _bucket_quantile(buckets, 0.50),
+            "p99_propagation_ms": _bucket_quantile(buckets, 0.99)}
+
+
+def _bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Quantile (ms) of a cumulative Prometheus histogram, linear within a bucket."""
+    bounds = sorted(buckets)
+    if not bounds or not buckets[bounds[-1]]:
+        return None
+    target = q * buckets[bounds[-1]]
+    prev_bound, prev_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= target:
+            if math.isinf(bound):
+                return prev_bound * 1000
+            frac = (target - prev_count) / (count - prev_count) if count > prev_count else 1
+            return (prev_bound + frac * (bound - prev_bound)) * 1000
+        prev_bound, prev_count = bound, count
+    return None
+
+
+def _udp_ports(count: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -108,8 +184,9 @@ class Lab:
     def __init__(self, *, instances: int, profile: str, time_scale: float = 1.0,
                  speed_factors: Sequence[float] | None = None,
                  emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
-                 log: Log = _stderr) -> None:
+                 proxies: int = 1, gossip: bool = True, log: Log = _stderr) -> None:
         self.instances, self.profile, self.time_scale = instances, profile, time_scale
+        self.proxies, self.gossip = proxies, gossip
         self.speed_factors = speed_factors
         self.emulator_args, self.proxy_args = list(emulator_args), list(proxy_args)
         self.log = log
@@ -128,18 +205,47 @@ class Lab:
         cluster = EmulatedCluster(self.instances, profile=self.profile,
                                   time_scale=self.time_scale, speed_factors=self.speed_factors,
                                   seed=seed, extra_args=self.emulator_args)
-        async with cluster:
-            proxy = ProxyProcess(cluster.backend_entries(), name, self._proxy_args(),
-                                 profile=self.profile)
-            async with proxy:
-                self.log(f"  {policy}: emulator pids {cluster.pids}, proxy pid {proxy.pids[0]}"
-                         f" at {proxy.url}")
-                kwargs = {**run_kwargs, "hint": hint or run_kwargs.get("hint", False),
-                          "time_scale": self.time_scale, "seed": seed}
-                metrics = await run_benchmark(proxy.url, specs, detail=detail, **kwargs)
-                scraped = parse_proxy_metrics(await proxy.get_text("/metrics"))
+        async with cluster, contextlib.AsyncExitStack() as stack:
+            key_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            procs = [ProxyProcess(cluster.backend_entries(), name, args, profile=self.profile)
+                     for args in self._all_proxy_args(key_dir)]
+            for proc in procs:
+                await stack.enter_async_context(proc)
+            if len(procs) == 1:
+                self.log(f"  {policy}: emulator pids {cluster.pids}, proxy pid "
+                         f"{procs[0].pids[0]} at {procs[0].url}")
+            else:
+                self.log(f"  {policy}: emulator pids {cluster.pids}, proxy pids "
+                         f"{[p.pids[0] for p in procs]} at {[p.url for p in procs]}")
+            kwargs = {**run_kwargs, "hint": hint or run_kwargs.get("hint", False),
+                      "time_scale": self.time_scale, "seed": seed}
+            targets = [p.url for p in procs]
+            metrics = await run_benchmark(targets[0] if len(targets) == 1 else targets, specs,
+                                          detail=detail, **kwargs)
+            texts = [await p.get_text("/metrics") for p in procs]
+        scraped = parse_proxy_metrics("\n".join(texts))
+        if self.proxies > 1 and self.gossip:
+            scraped["gossip"] = parse_gossip_metrics(texts, metrics["duration"],
+                                                     metrics["completed"])
+            self.log(f"  gossip: {scraped['gossip']}")
         return {"policy": name, "hint": kwargs["hint"], "metrics": _compact(metrics),
-                "proxy": scraped}
+                "proxy": scraped, "proxies": self.proxies,
+                "gossip": self.proxies > 1 and self.gossip}
+
+    def _all_proxy_args(self, key_dir: Path) -> list[list[str]]:
+        """Arguments of each proxy: with gossip between them when there are several."""
+        base = self._proxy_args()
+        if self.proxies == 1 or not self.gossip:
+            return [base] * self.proxies
+        key_file = key_dir / "gossip.key"
+        key_file.write_bytes(os.urandom(32).hex().encode())
+        ports = _udp_ports(self.proxies)
+        out = []
+        for i, port in enumerate(ports):
+            seeds = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
+            out.append([*base, "--gossip-bind", f"127.0.0.1:{port}", "--gossip-seeds", seeds,
+                        "--gossip-key-file", str(key_file)])
+        return out
 
 
 async def _capacity(lab: Lab, policy: str, specs: Sequence[RequestSpec], seed: int,
@@ -171,6 +277,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
                            speed_factors: Sequence[float] | None = None,
                            emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
                            seed: int = 0, capacity: dict[str, Any] | None = None,
+                           proxies: int = 1, gossip: bool = True,
                            log: Log = _stderr, **run_kwargs: Any) -> dict[str, Any]:
     """Run every policy on a fresh cluster + proxy with the same specs and seed.
 
@@ -183,7 +290,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
     """
     lab = Lab(instances=instances, profile=profile, time_scale=time_scale,
               speed_factors=speed_factors, emulator_args=emulator_args,
-              proxy_args=proxy_args, log=log)
+              proxy_args=proxy_args, proxies=proxies, gossip=gossip, log=log)
     results: dict[str, Any] = {}
     for policy in policies:
         log(f"[seed {seed}] {policy}")
@@ -265,6 +372,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emulator-arg", action="append", default=[], metavar="ARG",
                         help="passed to loadgen emulate, e.g. --emulator-arg=--max-num-seqs=64 "
                              "(repeatable)")
+    parser.add_argument("--proxies", type=int, default=1,
+                        help="proxies in front of the cluster, gossiping over UDP; requests go "
+                             "round-robin across them")
+    parser.add_argument("--no-gossip", action="store_true",
+                        help="with --proxies N: no gossip, each proxy blind to the others")
     parser.add_argument("--capacity", action="store_true",
                         help="also search each policy's capacity (fresh cluster per probe)")
     parser.add_argument("--slo-ttft-p99-ms", type=float, default=2000.0,
@@ -292,7 +404,8 @@ def _has_timestamps(args: argparse.Namespace) -> bool:
 
 def _config(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
     keys = ("trace", "format", "start", "duration", "num_requests", "clip_context",
-            "instances", "profile", "speed_factors", "proxy_arg", "emulator_arg")
+            "instances", "profile", "speed_factors", "proxy_arg", "emulator_arg", "proxies",
+            "no_gossip")
     cfg = {k: getattr(args, k) for k in keys}
     cfg.update({k: v for k, v in kwargs.items() if k != "progress"})
     cfg["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
@@ -303,6 +416,8 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
     """Validate flags; returns (run_benchmark kwargs, capacity config or None)."""
     if args.instances < 1:
         raise ValueError("--instances must be at least 1")
+    if args.proxies < 1:
+        raise ValueError("--proxies must be at least 1")
     if not args.use_trace_timestamps and math.isinf(args.request_rate) \
             and _has_timestamps(args):
         args.use_trace_timestamps = True  # default for traces with their own times
@@ -343,7 +458,7 @@ async def _main(args: argparse.Namespace, kwargs: dict[str, Any],
         args.policies, specs_for, args.seeds or [args.seed], instances=args.instances,
         profile=args.profile, time_scale=args.time_scale, speed_factors=args.speed_factors,
         emulator_args=args.emulator_arg, proxy_args=args.proxy_arg, capacity=capacity,
-        **kwargs)
+        proxies=args.proxies, gossip=not args.no_gossip, **kwargs)
     result["config"] = _config(args, kwargs)
     return result
 

@@ -78,7 +78,7 @@ def _offsets(specs: Sequence[RequestSpec], request_rate: float, burstiness: floa
     return [t * time_scale for t in arrival_times(len(specs), request_rate, burstiness, seed)]
 
 
-async def run_benchmark(target: str, specs: Sequence[RequestSpec], *, model: str = "tiny",
+async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec], *, model: str = "tiny",
                         endpoint: str = "/v1/completions", request_rate: float = math.inf,
                         burstiness: float = 1.0, max_concurrency: int | None = None,
                         use_trace_arrivals: bool = False, rate_multiplier: float = 1.0,
@@ -91,9 +91,11 @@ async def run_benchmark(target: str, specs: Sequence[RequestSpec], *, model: str
                         timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Send ``specs`` to ``target`` and return the metrics dict (see :mod:`loadgen.measure`).
 
-    ``detail=True`` adds ``per_request`` (ttft/e2el/tpot in ms, ITL list, tokens, error).
+    ``target`` may be a list: requests then go round-robin across them (several proxies
+    behind a load balancer).  ``detail=True`` adds ``per_request`` (ttft/e2el/tpot in ms, ITL list, tokens, error).
     """
-    url = target.rstrip("/") + endpoint
+    targets = [target] if isinstance(target, str) else list(target)
+    urls = [t.rstrip("/") + endpoint for t in targets]
     offsets = _offsets(specs, request_rate, burstiness, use_trace_arrivals, rate_multiplier,
                        time_scale, seed)
     # Bodies are built before the clock starts so prompt generation never delays a send.
@@ -115,10 +117,11 @@ async def run_benchmark(target: str, specs: Sequence[RequestSpec], *, model: str
             await asyncio.sleep(delay)
         _, body, headers = requests[i]
         if semaphore is None:
-            await send_request(session, url, body, headers, records[i], start)
+            await send_request(session, urls[i % len(urls)], body, headers, records[i], start)
         else:
             async with semaphore:
-                await send_request(session, url, body, headers, records[i], start)
+                await send_request(session, urls[i % len(urls)], body, headers, records[i],
+                                   start)
         if bar is not None:
             bar.update(records[i].success)
 
