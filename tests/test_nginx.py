@@ -79,18 +79,21 @@ class Nginx(Proc):
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def gossip_args(gossip_ports: Sequence[int], mine: int) -> list[str]:
+def gossip_args(tmp: Path, gossip_ports: Sequence[int], mine: int) -> list[str]:
     """Gossip flags for proxy ``mine`` if this blockproxy has them, else none."""
     help_text = subprocess.run([sys.executable, "-m", "blockproxy", "serve", "--help"],
                                capture_output=True, text=True, cwd=ROOT).stdout
-    if "--gossip-bind" not in help_text:
+    flags = set(re.findall(r"--[a-z][a-z-]*", help_text))
+    if "--gossip-bind" not in flags:
         return []
     args = ["--gossip-bind", f"127.0.0.1:{gossip_ports[mine]}"]
     peers = ",".join(f"127.0.0.1:{p}" for i, p in enumerate(gossip_ports) if i != mine)
-    if "--gossip-seeds" in help_text:
+    if "--gossip-seeds" in flags:
         args += ["--gossip-seeds", peers]
-    if "--gossip-key" in help_text:
-        args += ["--gossip-key", "test-tier-shared-key"]
+    if "--gossip-key-file" in flags:
+        key = tmp / "gossip.key"
+        key.write_text("test-tier-shared-key\n")
+        args += ["--gossip-key-file", str(key)]
     return args
 
 
@@ -110,8 +113,8 @@ def proxies(tmp_module: Path, emulator: Emulator):
     backends = write_backends(tmp_module / "backends.yaml",
                               [{"url": u, "name": f"i{n}"} for n, u in enumerate(emulator.urls)])
     gossip_ports = free_ports(2)
-    with Proxy(tmp_module, backends, gossip_args(gossip_ports, 0)) as a, \
-            Proxy(tmp_module, backends, gossip_args(gossip_ports, 1)) as b:
+    with Proxy(tmp_module, backends, gossip_args(tmp_module, gossip_ports, 0)) as a, \
+            Proxy(tmp_module, backends, gossip_args(tmp_module, gossip_ports, 1)) as b:
         yield [a, b]
 
 
@@ -189,6 +192,11 @@ async def test_client_disconnect_at_nginx_cancels_upstream(nginx: Nginx, proxies
             for _ in range(3):
                 assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: {")
             assert sum(running(u) for u in emulator.urls) == 1
+            if all(p.cluster().get("gossip") for p in proxies):
+                # With gossip each proxy's view holds the request, whichever one took it.
+                assert await wait_for(lambda: all(
+                    sum(i["active_requests"] for i in p.cluster()["instances"]) == 1
+                    for p in proxies))
     # The client is gone: nginx closes its upstream connection, the proxy aborts on vLLM.
     assert await wait_for(lambda: sum(running(u) for u in emulator.urls) == 0)
     assert await wait_for(lambda: all(i["active_requests"] == 0 for p in proxies
