@@ -71,7 +71,8 @@ class VllmServer:
         return self.log_path.read_text(errors="replace")
 
     def metrics(self) -> str:
-        return http_get(self.url + "/metrics")[1].decode()
+        # A busy vLLM on a 2-core machine can take seconds to render its metrics.
+        return http_get(self.url + "/metrics", timeout=20)[1].decode()
 
     def cache_config(self) -> dict[str, str]:
         """Labels of ``vllm:cache_config_info`` (num_gpu_blocks, block_size, ...)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +46,13 @@ def backends_for(tmp: Path, servers: list[VllmServer], profile: Path | None) -> 
     return write_backends(tmp / f"vllm-{servers[0].port}.yaml", entries)
 
 
+def scrape_args() -> list[str]:
+    """Scrape vLLM's /metrics for phantom load, if this blockproxy can."""
+    help_text = subprocess.run([sys.executable, "-m", "blockproxy", "serve", "--help"],
+                               capture_output=True, text=True, cwd=ROOT).stdout
+    return ["--scrape-interval", "0.25"] if "--scrape-interval" in help_text else []
+
+
 @pytest.fixture(scope="module")
 def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vllm-proxy")
@@ -59,7 +68,7 @@ def tiny_profile(tmp_module: Path, vllm_pair: list[VllmServer]) -> Path:
 @pytest.fixture(scope="module")
 def proxy(tmp_module: Path, vllm_pair: list[VllmServer], tiny_profile: Path):
     backends = backends_for(tmp_module, vllm_pair, tiny_profile)
-    with Proxy(tmp_module, backends, ["--log-level", "debug"]) as p:
+    with Proxy(tmp_module, backends, ["--log-level", "debug", *scrape_args()]) as p:
         yield p
 
 
@@ -72,11 +81,14 @@ def running(servers: list[VllmServer]) -> float:
     return sum(vllm_metric(s.metrics(), "vllm:num_requests_running") for s in servers)
 
 
-async def wait_for(predicate, timeout: float = 15.0) -> bool:
+async def wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        try:
+            if predicate():
+                return True
+        except OSError:  # a scrape that timed out under load: ask again
+            pass
         await asyncio.sleep(0.1)
     return predicate()
 
@@ -186,6 +198,31 @@ async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[V
     assert await wait_for(lambda: running(vllm_pair) == 0)
     assert await wait_for(lambda: all(i["active_requests"] == 0
                                       for i in proxy.cluster()["instances"]))
+
+
+async def test_load_bypassing_the_proxy_is_scraped_as_phantoms(proxy: Proxy,
+                                                               vllm_pair: list[VllmServer]):
+    """Requests sent to vLLM directly show in the view, from vLLM's real /metrics."""
+    if not scrape_args():
+        pytest.skip("this blockproxy has no --scrape-interval")
+    target = vllm_pair[1]
+    name = next(i["name"] for i in proxy.cluster()["instances"] if i["url"] == target.url)
+
+    def phantoms() -> int:
+        inst = next(i for i in proxy.cluster()["instances"] if i["name"] == name)
+        return int(inst.get("by_origin", {}).get("phantom", 0))
+
+    async with aiohttp.ClientSession() as session:
+        responses = await open_streams(session, target.url, 3, 1800)
+        try:
+            assert all(r.status == 200 for r in responses)
+            assert await wait_for(lambda: phantoms() == 3), proxy.cluster()
+            inst = next(i for i in proxy.cluster()["instances"] if i["name"] == name)
+            assert inst["kv_cache_usage"] is not None and inst["kv_cache_usage"] > 0
+        finally:
+            for r in responses:
+                r.close()
+    assert await wait_for(lambda: phantoms() == 0)
 
 
 async def test_client_disconnect_aborts_on_vllm(proxy: Proxy, vllm_pair: list[VllmServer]):
