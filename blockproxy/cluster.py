@@ -44,8 +44,11 @@ class Entry:
     predicted_ttft: float = math.nan
     predicted_e2e: float = math.nan
     first_token_at: float = 0.0
-    last_chunk_at: float = 0.0
     generated: int = 0
+    #: calibration span: start time, tokens since, and the instance's arrival count then
+    span_start_at: float = 0.0
+    span_tokens: int = 0
+    span_epoch: int = -1
     released: bool = False
     #: False for non-streaming requests: their progress is estimated, not observed.
     observed: bool = True
@@ -53,6 +56,10 @@ class Entry:
     origin: int = LOCAL
     #: the owner's request id (gossip key with ``origin``)
     rid: int = 0
+
+
+#: decode steps per calibration sample (see Instance.streamed)
+SPAN_TOKENS = 16
 
 
 class Instance:
@@ -82,6 +89,8 @@ class Instance:
         self.n = 0
         #: requests dispatched here that have not produced their first token yet
         self.unstarted = 0
+        #: requests ever added here: a change means a prefill may have joined the batch
+        self.arrivals = 0
         st = profile.step_time
         self._decode_step = (st.fixed_s, st.per_decode_seq_s)
         self.entries: list[Entry] = []
@@ -153,6 +162,7 @@ class Instance:
         col[sim.COL_STARTED] = 0
         self.n += 1
         self.unstarted += 1
+        self.arrivals += 1
         entry = Entry(self, slot, prompt_tokens, predicted_tokens, now)
         self.entries.append(entry)
         return entry
@@ -160,30 +170,44 @@ class Instance:
     def first_token(self, entry: Entry, now: float) -> None:
         """The request produced its first token: it is running."""
         entry.first_token_at = now
-        entry.last_chunk_at = now
         entry.generated = 1
         self.unstarted -= 1
         self.table[sim.COL_STARTED, entry.slot] = 1
         self.table[sim.COL_GENERATED, entry.slot] = 1
+        self._restart_span(entry, now)
 
     def add_tokens(self, entry: Entry, tokens: int) -> None:
         """The request streamed ``tokens`` more output tokens."""
         entry.generated += tokens
         self.table[sim.COL_GENERATED, entry.slot] = entry.generated
 
-    def streamed_chunk(self, entry: Entry, now: float) -> None:
-        """One more token of a streaming request arrived alone: one engine step passed.
+    def streamed(self, entry: Entry, now: float, tokens: int) -> None:
+        """A streaming request received ``tokens`` more output tokens (one per engine step).
 
-        With no prefill pending here, that step was a pure decode step of the running
-        requests, a clean sample for calibration.
+        Calibration samples spans of :data:`SPAN_TOKENS` steps during which the view shows
+        no prefill on this instance (nothing unstarted, nothing added): pure decode steps,
+        whose model time is ``fixed + per_decode_seq x running``.  A span, not a single
+        chunk gap, because a busy proxy reads chunks late and in bunches; over a span that
+        lag only touches the two ends.  (Measured per gap, the bias made busy instances
+        look fast and drew more traffic to them.)
         """
-        gap = now - entry.last_chunk_at
-        entry.last_chunk_at = now
-        self.add_tokens(entry, 1)
-        if self.unstarted == 0:
+        self.add_tokens(entry, tokens)
+        if self.unstarted or self.arrivals != entry.span_epoch:
+            self._restart_span(entry, now)
+            return
+        entry.span_tokens += tokens
+        if entry.span_tokens >= SPAN_TOKENS:
             fixed, per_decode = self._decode_step
-            if self.calibration.observe_step(gap, fixed + per_decode * self.n):
+            per_step = (now - entry.span_start_at) / entry.span_tokens
+            if self.calibration.observe_step(per_step, fixed + per_decode * self.n):
                 self.model.speed = self.calibration.speed
+            self._restart_span(entry, now)
+
+    def _restart_span(self, entry: Entry, now: float) -> None:
+        entry.span_start_at = now
+        entry.span_tokens = 0
+        # A span may only start while no prefill is pending here.
+        entry.span_epoch = -1 if self.unstarted else self.arrivals
 
     def release(self, entry: Entry) -> None:
         """The request ended (finished, failed or cancelled): drop it, keeping the order."""

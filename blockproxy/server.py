@@ -38,6 +38,8 @@ HINT_HEADER = "x-blockproxy-output-tokens"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 EVENT = b"data: "
+DONE_EVENT = b"data: [DONE]\n\n"
+USAGE_MARK = b'"choices":[]'
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 _FINISH = re.compile(rb'"finish_reason":\s*"(\w+)"')
@@ -248,14 +250,18 @@ class Proxy:
                 now = time.perf_counter()
                 await response.write(data)
                 count = data.count(EVENT)
-                if count == 1 and entry.first_token_at:
-                    inst.streamed_chunk(entry, now)
-                elif count:
-                    if not entry.first_token_at:
-                        inst.first_token(entry, now)
+                if count:
+                    # Token events only: not [DONE], nor the usage chunk ("choices":[]).
+                    if data.endswith(DONE_EVENT):
                         count -= 1
-                    if count:
-                        inst.add_tokens(entry, count)
+                    if USAGE_MARK in data:
+                        count -= 1
+                    if count > 0:
+                        if not entry.first_token_at:
+                            inst.first_token(entry, now)
+                            count -= 1
+                        if count:
+                            inst.streamed(entry, now, count)
                 tail.append(data)
             ending = b"".join(tail)
             if b"[DONE]" not in ending:
@@ -284,8 +290,8 @@ class Proxy:
         finish = _FINISH.findall(tail)
         if completion is not None:
             output = completion
-        else:  # count content events: not [DONE], nor a chat stream's first (role) event
-            output = max(entry.generated - 1 - (1 if info.route == CHAT else 0), 0)
+        else:  # token events, less a chat stream's first (role-only) event
+            output = max(entry.generated - (1 if info.route == CHAT else 0), 0)
         self._learn(info, entry, prompt, output,
                     finish[-1].decode() if finish else None, done)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from blockproxy import sim
 from blockproxy.backends import BackendSpec
@@ -92,3 +93,32 @@ def test_unobserved_requests_progress_along_their_prediction():
     streamed.predicted_ttft, streamed.predicted_e2e = 1.0, 2.0
     inst.estimate_progress(1.9)
     assert inst.table[sim.COL_GENERATED, 0] == 9 and inst.table[sim.COL_STARTED, 1] == 0
+
+
+def test_calibration_uses_pure_decode_spans_despite_bunched_reads():
+    # Steps take 3x the profile's decode step; the proxy reads chunks late and in bunches.
+    inst = view_with("a").instances["a"]
+    fixed, per_decode = inst.profile.step_time.fixed_s, inst.profile.step_time.per_decode_seq_s
+    entry = inst.reserve(100, 10_000, now=0.0)
+    inst.first_token(entry, now=0.0)
+    step = 3.0 * (fixed + per_decode * 1)
+    t, k = 0.0, 0
+    while k < 2000:
+        bunch = 1 + (k % 3)  # 1, 2 or 3 tokens per read
+        k += bunch
+        t = k * step + (0.4 * step if k % 2 else 0.0)  # read lag on every other read
+        inst.streamed(entry, t, bunch)
+    assert inst.calibration.samples > 50
+    assert inst.model.speed == pytest.approx(3.0, rel=0.05)
+
+
+def test_an_arrival_voids_the_calibration_span():
+    inst = view_with("a").instances["a"]
+    entry = inst.reserve(100, 10_000, now=0.0)
+    inst.first_token(entry, now=0.0)
+    inst.streamed(entry, 0.1, 8)
+    other = inst.reserve(5000, 10, now=0.1)  # a prefill joins the batch mid-span
+    inst.streamed(entry, 0.2, 8)
+    inst.first_token(other, now=0.2)
+    inst.streamed(entry, 0.3, 8)
+    assert inst.calibration.samples == 0
