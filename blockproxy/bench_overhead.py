@@ -14,57 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from loadgen.cluster import EmulatedCluster, ProxyProcess
 from loadgen.run import run_benchmark
 from loadgen.workload import RequestSpec
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url + "/health", timeout=1.0) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not become healthy")
-
-
-@contextlib.contextmanager
-def _process(args: list[str], health_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_healthy(health_url, proc)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def add_arguments(parser: argparse._ActionsContainer) -> None:
@@ -104,38 +60,37 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
-    emu_port = _free_port()
-    emulator_url = f"http://127.0.0.1:{emu_port}"
-    proxy_port = _free_port()
-    proxy_url = f"http://127.0.0.1:{proxy_port}"
+    return asyncio.run(_bench_overhead(args))
+
+
+async def _bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    no_ext = os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0")
     result: dict[str, Any] = {"unit": "ms", "time_scale": args.time_scale,
                               "prompt_tokens": args.prompt_tokens,
-                              "output_tokens": args.output_tokens, "policy": args.policy}
-    with tempfile.TemporaryDirectory() as tmp:
-        backends = Path(tmp) / "backends.yaml"
-        backends.write_text(json.dumps({"backends": [{"url": emulator_url, "name": "i0"}]}))
-        emulator_cmd = [sys.executable, "-m", "loadgen.cli", "emulate", "--instances", "1",
-                        "--base-port", str(emu_port), "--profile", args.profile,
-                        "--time-scale", str(args.time_scale), "--stall-prob", "0"]
-        proxy_cmd = [sys.executable, "-m", "blockproxy", "serve", "--backends", str(backends),
-                     "--port", str(proxy_port), "--policy", args.policy,
-                     "--profile", args.profile, "--log-level", "warning"]
-        env_note = os.environ.get("BLOCKPROXY_NO_EXTENSIONS")
-        result["simulator"] = "py" if env_note not in (None, "", "0") else "c"
-        with _process(emulator_cmd, emulator_url), _process(proxy_cmd, proxy_url):
+                              "output_tokens": args.output_tokens, "policy": args.policy,
+                              "simulator": "py" if no_ext else "c"}
+    cluster = EmulatedCluster(1, profile=args.profile, time_scale=args.time_scale,
+                              extra_args=["--stall-prob", "0"])
+    async with cluster:
+        proxy = ProxyProcess(cluster.backend_entries(), args.policy,
+                             ["--speed", repr(args.time_scale), "--log-level", "warning"],
+                             profile=args.profile)
+        async with proxy:
+            direct_url = cluster.urls[0]
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 count = concurrency * args.requests_per_stream
                 direct: list[float] = []
                 proxied: list[float] = []
                 rates = []
-                asyncio.run(_ttfts(proxy_url, concurrency, concurrency, args))  # warm-up
+                await _ttfts(proxy.url, concurrency, concurrency, args)  # warm-up
                 for _ in range(args.rounds):
-                    ttfts, _rate = asyncio.run(_ttfts(emulator_url, concurrency, count, args))
+                    ttfts, _rate = await _ttfts(direct_url, concurrency, count, args)
                     direct += ttfts
-                    ttfts, rate = asyncio.run(_ttfts(proxy_url, concurrency, count, args))
+                    ttfts, rate = await _ttfts(proxy.url, concurrency, count, args)
                     proxied += ttfts
                     rates.append(rate)
-                row: dict[str, Any] = {"chunks_per_s_through_proxy": round(sum(rates) / len(rates))}
+                row: dict[str, Any] = {
+                    "chunks_per_s_through_proxy": round(sum(rates) / len(rates))}
                 for q in (50, 99):
                     d, p = _percentile(direct, q), _percentile(proxied, q)
                     row[f"direct_p{q}_ttft_ms"] = round(d, 3)
