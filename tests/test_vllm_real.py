@@ -84,13 +84,13 @@ def running(servers: list[VllmServer]) -> float:
 async def wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if predicate():
+        try:  # in a thread: the scrapes block, and open streams must keep being read
+            if await asyncio.to_thread(predicate):
                 return True
         except OSError:  # a scrape that timed out under load: ask again
             pass
         await asyncio.sleep(0.1)
-    return predicate()
+    return await asyncio.to_thread(predicate)
 
 
 # ---- the OpenAI API through the proxy -----------------------------------------------------
@@ -161,23 +161,32 @@ async def open_streams(session: aiohttp.ClientSession, url: str, count: int,
 
 async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[VllmServer]):
     names = {i["url"]: i["name"] for i in proxy.cluster()["instances"]}
+    body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 1800,
+            "stream": True, "ignore_eos": True}
+
+    async def drain(session: aiohttp.ClientSession) -> None:
+        async with session.post(proxy.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            await resp.read()
+
     async with aiohttp.ClientSession() as session:
-        responses = await open_streams(session, proxy.url, 10, 1800)
+        streams = [asyncio.create_task(drain(session)) for _ in range(10)]
         try:
-            assert all(r.status == 200 for r in responses)
+
+            last: list = []
 
             def agree() -> bool:
                 view = {i["name"]: i for i in proxy.cluster()["instances"]}
-                for s in vllm_pair:
-                    text = s.metrics()
-                    inst = view[names[s.url]]
-                    seen = (vllm_metric(text, "vllm:num_requests_running")
-                            + vllm_metric(text, "vllm:num_requests_waiting"))
-                    if inst["active_requests"] != seen:
-                        return False
-                return sum(i["active_requests"] for i in view.values()) == 10
+                last[:] = [(names[s.url], view[names[s.url]]["active_requests"],
+                            view[names[s.url]].get("by_origin"),
+                            vllm_metric(s.metrics(), "vllm:num_requests_running"),
+                            vllm_metric(s.metrics(), "vllm:num_requests_waiting"))
+                           for s in vllm_pair]
+                return (all(active == running + waiting
+                            for _, active, _, running, waiting in last)
+                        and sum(i["active_requests"] for i in view.values()) == 10)
 
-            assert await wait_for(agree), proxy.cluster()
+            assert await wait_for(agree), f"(name, view, by origin, running, waiting): {last}"
             view = proxy.cluster()
             for inst in view["instances"]:
                 assert inst["healthy"] and inst["limits"]["max_num_seqs"] == MAX_NUM_SEQS
@@ -193,8 +202,9 @@ async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[V
                 assert metric_value(text, "blockproxy_instance_active_requests",
                                     f'instance="{inst["name"]}"') == inst["active_requests"]
         finally:
-            for r in responses:
-                r.close()
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
     assert await wait_for(lambda: running(vllm_pair) == 0)
     assert await wait_for(lambda: all(i["active_requests"] == 0
                                       for i in proxy.cluster()["instances"]))
