@@ -4,10 +4,11 @@
 paper's default); ``block_ttft`` minimises its predicted time to first token.  With
 ``sample_k`` > 0 only k randomly sampled instances are simulated (power-of-k).  Predictions
 within ``tie_tolerance`` of the best are ties: on a fast GPU one more decoding sequence
-changes a step's time by a fraction of a percent, so at light load every instance predicts
-about the same latency and only the tie-break spreads a burst.  Ties go to the instance
-with the fewest active requests, and at random among those, so proxies deciding at the
-same moment on the same view do not all pile onto one instance.
+changes a step's time by a fraction of a percent, so end-to-end predictions of instances
+with quite different queues can sit within a few percent, while their first tokens do
+not.  Ties go to the earliest predicted first token (for ``block_ttft``: the earliest
+end), again within the tolerance, then to the fewest active requests, then at random, so
+proxies deciding at the same moment on the same view do not all pile onto one instance.
 
 Branch and bound: candidates are simulated from the least to the most loaded, and each
 simulation stops as soon as its clock passes the best prediction so far (plus the tie
@@ -54,6 +55,10 @@ class BlockPolicy:
                 best = prediction[idx]
         limit = best * slack
         ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
+        if len(ties) > 1:
+            other = 1 - idx
+            limit = min(p[other] for p, _ in ties) * slack
+            ties = [(p, inst) for p, inst in ties if p[other] <= limit]
         if len(ties) > 1:
             fewest = min(inst.n for _, inst in ties)
             ties = [(p, inst) for p, inst in ties if inst.n == fewest]
