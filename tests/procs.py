@@ -165,11 +165,12 @@ class Proxy(Proc):
             self.stop()
             raise
 
+    # Generous timeouts: in the real-vLLM tier both cores are busy with vLLM servers.
     def cluster(self) -> dict:
-        return json.loads(http_get(self.url + "/debug/cluster")[1])
+        return json.loads(http_get(self.url + "/debug/cluster", timeout=10.0)[1])
 
     def metrics(self) -> str:
-        return http_get(self.url + "/metrics")[1].decode()
+        return http_get(self.url + "/metrics", timeout=10.0)[1].decode()
 
 
 def write_backends(path: Path, entries: Sequence[dict]) -> Path:

@@ -174,28 +174,35 @@ async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[V
         try:
 
             last: list = []
+            history: list = []
 
             def agree() -> bool:
                 view = {i["name"]: i for i in proxy.cluster()["instances"]}
+                texts = [s.metrics() for s in vllm_pair]  # one scrape each: one snapshot
                 last[:] = [(names[s.url], view[names[s.url]]["active_requests"],
                             view[names[s.url]].get("by_origin"),
-                            vllm_metric(s.metrics(), "vllm:num_requests_running"),
-                            vllm_metric(s.metrics(), "vllm:num_requests_waiting"))
-                           for s in vllm_pair]
+                            vllm_metric(text, "vllm:num_requests_running"),
+                            vllm_metric(text, "vllm:num_requests_waiting"))
+                           for s, text in zip(vllm_pair, texts)]
+                history.append(list(last))
+                # At least 9 of the 10 still in flight (the tiny model is quick on a CPU):
+                # more than the 2 x 4 slots, so somebody must be queueing.
                 return (all(active == running + waiting
                             for _, active, _, running, waiting in last)
-                        and sum(i["active_requests"] for i in view.values()) == 10)
+                        and sum(i["active_requests"] for i in view.values()) >= 9)
 
-            assert await wait_for(agree), f"(name, view, by origin, running, waiting): {last}"
+            assert await wait_for(agree), \
+                f"(name, view, by origin, running, waiting), oldest first: {history[:12]}"
             view = proxy.cluster()
             for inst in view["instances"]:
                 assert inst["healthy"] and inst["limits"]["max_num_seqs"] == MAX_NUM_SEQS
                 assert inst["limits"]["max_model_len"] == MAX_MODEL_LEN
-            for s in vllm_pair:
-                assert vllm_metric(s.metrics(), "vllm:num_requests_running") <= MAX_NUM_SEQS
-            # 10 requests on 2 x 4 slots: somebody queues, and the view predicts a delay.
-            assert sum(vllm_metric(s.metrics(), "vllm:num_requests_waiting")
-                       for s in vllm_pair) >= 2
+            # Judge vLLM's gauges from the snapshot in which they matched the view: read
+            # again, they may already have moved on (a request admitted, one finishing).
+            assert all(running <= MAX_NUM_SEQS for *_, running, _ in last), last
+            # 9+ requests on 2 x 4 slots: somebody queues, and the view predicts a delay.
+            in_flight = sum(running + waiting for *_, running, waiting in last)
+            assert sum(waiting for *_, waiting in last) >= in_flight - 2 * MAX_NUM_SEQS >= 1, last
             assert max(i["predicted_queue_delay_s"] for i in view["instances"]) > 0
             text = proxy.metrics()
             for inst in view["instances"]:
