@@ -250,7 +250,8 @@ async def test_client_disconnect_aborts_on_vllm(proxy: Proxy, vllm_pair: list[Vl
         async with session.post(proxy.url + "/v1/completions", json=body) as resp:
             for _ in range(3):
                 assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: {")
-            assert running(vllm_pair) == 1
+            # vLLM publishes its gauges a little behind its engine: poll, both ways.
+            assert await wait_for(lambda: running(vllm_pair) == 1)
     assert await wait_for(lambda: running(vllm_pair) == 0)
     assert metric_value(proxy.metrics(), "blockproxy_cancellations_total") == cancelled + 1
 
