@@ -76,6 +76,18 @@ def free_port_range(count: int, attempts: int = 100) -> int:
     raise RuntimeError(f"no {count} consecutive free ports on {HOST}")
 
 
+def free_udp_ports(count: int) -> list[int]:
+    """``count`` UDP ports free on 127.0.0.1 right now (for gossip)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _child_env() -> dict[str, str]:
     # Children run ``-m loadgen.cli`` / ``-m blockproxy``: make this checkout importable
     # even when it is not installed.

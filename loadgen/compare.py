@@ -38,17 +38,16 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from loadgen import report
 from loadgen.capacity import find_capacity, slo_check
-from loadgen.cluster import EmulatedCluster, ProxyProcess
+from loadgen.cluster import EmulatedCluster, ProxyProcess, free_udp_ports
 from loadgen.run import add_workload_arguments, benchmark_kwargs, specs_from_args, \
     run_benchmark, write_json
 from loadgen.workload import RequestSpec, detect_format, resolve_trace
@@ -63,6 +62,15 @@ _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 Specs = Sequence[RequestSpec] | Callable[[int], Sequence[RequestSpec]]
 Log = Callable[[str], None]
+
+
+def _samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample in a Prometheus text exposition."""
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            name, labels_text, value = match.groups()
+            yield name, dict(_LABEL.findall(labels_text or "")), float(value)
 
 
 def _stderr(line: str) -> None:
@@ -84,21 +92,16 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
     """
     sums: dict[tuple[str, str], float] = {}
     decisions: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if not match:
-            continue
-        name, labels_text, value = match.groups()
-        labels = dict(_LABEL.findall(labels_text or ""))
+    for name, labels, value in _samples(text):
         if name == "blockproxy_decisions_total":
             instance = labels.get("instance", "?")
-            decisions[instance] = decisions.get(instance, 0) + float(value)
+            decisions[instance] = decisions.get(instance, 0) + value
         elif name.startswith("blockproxy_prediction_abs_relative_error_"):
             key = (labels.get("quantity", "?"), name.rsplit("_", 1)[1])
-            sums[key] = sums.get(key, 0.0) + float(value)
+            sums[key] = sums.get(key, 0.0) + value
         elif name.startswith("blockproxy_output_length_abs_relative_error_"):
             key = ("output_length", name.rsplit("_", 1)[1])
-            sums[key] = sums.get(key, 0.0) + float(value)
+            sums[key] = sums.get(key, 0.0) + value
     errors: dict[str, float | None] = {}
     for quantity in ("ttft", "e2e", "output_length"):
         count = sums.get((quantity, "count"), 0.0)
@@ -115,24 +118,19 @@ def parse_gossip_metrics(texts: Sequence[str], duration_s: float,
     dropped = 0.0
     buckets: dict[float, float] = {}
     for text in texts:
-        for line in text.splitlines():
-            match = _SAMPLE.match(line)
-            if not match:
-                continue
-            name, labels_text, value = match.groups()
-            labels = dict(_LABEL.findall(labels_text or ""))
+        for name, labels, value in _samples(text):
             if name == "blockproxy_gossip_bytes_total":
                 if labels.get("direction") == "out":
-                    out_bytes += float(value)
+                    out_bytes += value
                 else:
-                    in_bytes += float(value)
+                    in_bytes += value
             elif name == "blockproxy_gossip_datagrams_total" and labels.get("direction") == "out":
-                datagrams += float(value)
+                datagrams += value
             elif name == "blockproxy_gossip_dropped_total":
-                dropped += float(value)
+                dropped += value
             elif name == "blockproxy_gossip_propagation_seconds_bucket":
                 le = float(labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + float(value)
+                buckets[le] = buckets.get(le, 0.0) + value
     n = max(len(texts), 1)
     return {"bytes_out_per_proxy_per_s": out_bytes / n / duration_s if duration_s else None,
             "bytes_out_per_request": out_bytes / requests if requests else None,
@@ -158,17 +156,6 @@ def _bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
             return (prev_bound + frac * (bound - prev_bound)) * 1000
         prev_bound, prev_count = bound, count
     return None
-
-
-def _udp_ports(count: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +226,7 @@ class Lab:
             return [base] * self.proxies
         key_file = key_dir / "gossip.key"
         key_file.write_bytes(os.urandom(32).hex().encode())
-        ports = _udp_ports(self.proxies)
+        ports = free_udp_ports(self.proxies)
         out = []
         for i, port in enumerate(ports):
             seeds = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)

@@ -15,6 +15,7 @@ from blockproxy.cluster import LOCAL, PHANTOM, ClusterView
 from blockproxy.gossip import codec
 from blockproxy.gossip.node import Gossiper
 from blockproxy.scraper import Scraper, parse_vllm_gauges
+from loadgen.cluster import free_udp_ports
 
 KEY = b"0123456789abcdef0123456789abcdef"
 NAMES = ("i0", "i1")
@@ -25,17 +26,6 @@ def view() -> ClusterView:
     v.apply([BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=n)
              for i, n in enumerate(NAMES)])
     return v
-
-
-def udp_ports(count: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def remote_rows(v: ClusterView) -> dict:
@@ -59,7 +49,7 @@ async def eventually(check, timeout=5.0):
 @pytest.fixture
 async def mesh(request):
     loss = getattr(request, "param", 0.0)
-    ports = udp_ports(3)
+    ports = free_udp_ports(3)
     nodes = []
     for i, port in enumerate(ports):
         seeds = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)

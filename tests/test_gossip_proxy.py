@@ -14,20 +14,10 @@ import pytest
 
 from blockproxy.gossip import codec
 from tests.procs import Emulator, Proxy, metric_value, write_backends
+from loadgen.cluster import free_udp_ports
 
 KEY = b"test-key-0123456789abcdef-0123456789"
 GOSSIP = ["--gossip-snapshot-interval", "0.2", "--scrape-interval", "0"]
-
-
-def udp_ports(count: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +89,7 @@ async def converge(proxies: list[Proxy], sender: Proxy, count: int) -> None:
 
 @pytest.mark.parametrize("loss", [0.0, 0.3])
 async def test_three_proxies_converge(tmp_module, backends, key_file, loss):
-    ports = udp_ports(3)
+    ports = free_udp_ports(3)
     extra = ["--gossip-loss", str(loss)]
     proxies = [Proxy(tmp_module, backends, mesh_args(ports, i, key_file, *extra))
                for i in range(3)]
@@ -119,7 +109,7 @@ async def test_three_proxies_converge(tmp_module, backends, key_file, loss):
 
 
 async def test_killed_proxy_expires_and_restart_replaces(tmp_module, backends, key_file):
-    ports = udp_ports(2)
+    ports = free_udp_ports(2)
     a_args = mesh_args(ports, 0, key_file, "--gossip-id", "alpha", "--gossip-expiry", "1.5")
     b = Proxy(tmp_module, backends, mesh_args(ports, 1, key_file, "--gossip-expiry", "1.5"))
     a = Proxy(tmp_module, backends, a_args)
@@ -152,7 +142,7 @@ async def test_killed_proxy_expires_and_restart_replaces(tmp_module, backends, k
 
 
 async def test_bad_datagrams_rejected_and_counted(tmp_module, backends, key_file):
-    port = udp_ports(1)[0]
+    port = free_udp_ports(1)[0]
     proxy = Proxy(tmp_module, backends, ["--gossip-bind", f"127.0.0.1:{port}",
                                           "--gossip-key-file", str(key_file), *GOSSIP])
     try:
@@ -186,7 +176,7 @@ async def test_bad_datagrams_rejected_and_counted(tmp_module, backends, key_file
 
 
 async def test_no_key_warns(tmp_module, backends):
-    port = udp_ports(1)[0]
+    port = free_udp_ports(1)[0]
     proxy = Proxy(tmp_module, backends, ["--gossip-bind", f"127.0.0.1:{port}", *GOSSIP])
     proxy.stop()
     assert "WITHOUT A KEY" in proxy.log_path.read_text()
@@ -220,7 +210,7 @@ async def test_phantom_load_from_direct_traffic(tmp_module, backends, emulator):
 
 
 def test_debug_cluster_lists_gossip(tmp_module, backends, key_file):
-    ports = udp_ports(1)
+    ports = free_udp_ports(1)
     proxy = Proxy(tmp_module, backends, mesh_args(ports, 0, key_file))
     try:
         info = proxy.cluster()
