@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,21 +28,10 @@ from typing import Any
 
 import aiohttp
 
+from loadgen.cluster import free_port_range
 from loadgen.tokenizer import make_prompt
 
 DRIFT_LIMIT = 0.05
-
-
-def _free_base_port(count: int) -> int:
-    for base in range(23000, 60000, 97):
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range")
 
 
 def _start_emulator(instances: int, base: int, profile: str) -> subprocess.Popen[str]:
@@ -106,7 +94,7 @@ def _window_stats(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str
 
 async def _measure(instances: int, streams: int, output_tokens: int, warmup: float,
                    window: float, profile: str) -> dict[str, Any]:
-    base = _free_base_port(instances)
+    base = free_port_range(instances)
     proc = _start_emulator(instances, base, profile)
     urls = [f"http://127.0.0.1:{base + i}" for i in range(instances)]
     stop = asyncio.Event()

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import pytest
 
+from loadgen.cluster import free_port_range
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,27 +36,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def free_base_port(count: int) -> int:
-    """A base port P such that P .. P+count-1 are free now."""
-    for _ in range(50):
-        base = free_ports(1)[0]
-        if base + count >= 65000:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return base
-    raise RuntimeError("no free port range")
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -128,7 +109,7 @@ class Emulator(Proc):
     def __init__(self, tmp: Path, instances: int = 2, args: Sequence[str] = (),
                  profile: str = "llama-3.1-8b-h100-tp1", time_scale: float = 1.0,
                  base_port: int | None = None) -> None:
-        self.base_port = base_port or free_base_port(instances)
+        self.base_port = base_port or free_port_range(instances)
         self.urls = [f"http://127.0.0.1:{self.base_port + i}" for i in range(instances)]
         super().__init__([sys.executable, "-m", "loadgen.cli", "emulate",
                           "--instances", str(instances), "--base-port", str(self.base_port),
