@@ -7,6 +7,13 @@ slice and seed, so only the load changes.  Search (at most ``--iterations`` runs
 passes, the capacity is at least ``hi``.  Otherwise bisect geometrically between the
 highest pass and the lowest fail.  ``--multipliers`` instead runs a fixed list and reports
 the highest value below the first failure.
+
+Probes are cheap where that is exact: with a TTFT SLO, a probe ends at its last first token
+(``--probe-until first-token``; every stream stays open until then, so the load is the
+same) instead of waiting for the longest answers, and stops as soon as enough requests are
+over the bound that the P99 must exceed it (an early abort, which can only ever cut a
+failing probe short).  A goodput-ratio SLO needs whole requests, so its probes run to the
+end.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from loadgen.run import add_workload_arguments, benchmark_kwargs, run_benchmark, \
+from loadgen.run import UNTIL, add_workload_arguments, benchmark_kwargs, run_benchmark, \
     specs_from_args, write_json
 
 RunOnce = Callable[[float], Awaitable[dict]]
@@ -100,7 +107,9 @@ def slo_check(p99_ttft_ms: float | None = None,
     """A pass/fail rule: P99 TTFT within bound, goodput ratio at least the minimum, and no
     more than ``max_failed`` failed requests."""
     def meets(metrics: dict) -> bool:
-        if metrics.get("completed", 0) == 0 or metrics.get("failed", 0) > max_failed:
+        if metrics.get("aborted") or metrics.get("failed", 0) > max_failed:
+            return False
+        if metrics.get("completed", 0) + metrics.get("cut", 0) == 0:
             return False
         if p99_ttft_ms is not None and not metrics["p99_ttft_ms"] <= p99_ttft_ms:
             return False
@@ -125,6 +134,31 @@ def format_curve(result: dict[str, Any], knob: str) -> str:
     return "\n".join(lines)
 
 
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """How capacity probes run (shared with ``loadgen compare --capacity``)."""
+    parser.add_argument("--probe-until", choices=("auto", *UNTIL), default="auto",
+                        help="a probe ends when every request is done, or at the last first "
+                             "token (auto: first-token unless a goodput ratio is required, "
+                             "which needs whole requests)")
+    parser.add_argument("--no-early-abort", action="store_true",
+                        help="run every probe to its end, even once its P99 TTFT must "
+                             "exceed the SLO")
+
+
+def probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_benchmark`` arguments of a probe: when it ends, and its TTFT abort bound
+    (wall ms: the real-GPU SLO x the time scale)."""
+    until = args.probe_until
+    if until == "auto":
+        until = "done" if args.min_goodput_ratio is not None else "first-token"
+    if until == "first-token" and args.min_goodput_ratio is not None:
+        raise ValueError("--min-goodput-ratio needs whole requests: use --probe-until done")
+    abort = None
+    if args.slo_ttft_p99_ms is not None and not args.no_early_abort:
+        abort = args.slo_ttft_p99_ms * args.time_scale
+    return {"until": until, "ttft_abort_ms": abort, "abort_percentile": 99.0}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``loadgen capacity``."""
     add_workload_arguments(parser)
@@ -139,6 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-hi", type=float, default=32.0,
                         help="highest rate (or rate multiplier) searched")
     parser.add_argument("--iterations", type=int, default=8, help="at most this many runs")
+    add_probe_arguments(parser)
     parser.add_argument("--multipliers", help="comma-separated values to run instead of a "
                                               "search")
     parser.add_argument("--json", metavar="OUT", help="write the curve and capacity here")
@@ -148,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     """``loadgen capacity``: print the curve and the capacity."""
     try:
         specs = specs_from_args(args)
-        kwargs = benchmark_kwargs(args)
+        kwargs = {**benchmark_kwargs(args), **probe_kwargs(args)}
         values = ([float(v) for v in args.multipliers.split(",") if v.strip()]
                   if args.multipliers else None)
     except (ValueError, FileNotFoundError) as exc:
@@ -170,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
         metrics = await run_benchmark(args.target, specs, **{**kwargs, knob: value})
         mark = "pass" if meets(metrics) else "FAIL"
         print(f"{knob}={value:.4g}: p99 TTFT {metrics['p99_ttft_ms']:.1f} ms (wall), "
-              f"completed {metrics['completed']}, failed {metrics['failed']} -> {mark}",
+              f"completed {metrics['completed']}, cut {metrics.get('cut', 0)}, "
+              f"failed {metrics['failed']} -> {mark}"
+              + (f" (aborted: {metrics['aborted']})" if metrics.get("aborted") else ""),
               file=sys.stderr)
         return metrics
 

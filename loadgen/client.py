@@ -39,6 +39,11 @@ class RequestRecord:
     #: send time, seconds since the start of the run
     start_s: float = 0.0
     error: str = ""
+    #: sent (its send time is ``start_s``) / the stream has ended, one way or another
+    sent: bool = False
+    ended: bool = False
+    #: stopped by the runner before its end (a first-token probe or an early abort)
+    cut: bool = False
 
 
 def _chunk_text(data: dict[str, Any]) -> str | None:
@@ -68,6 +73,16 @@ async def send_request(session: aiohttp.ClientSession, url: str, body: dict[str,
     req_headers = {"Content-Type": "application/json", **headers}
     st = time.perf_counter()
     record.start_s = st - run_start
+    record.sent = True
+    try:
+        return await _stream(session, url, payload, req_headers, record, st)
+    finally:
+        record.ended = True
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, payload: bytes,
+                  req_headers: dict[str, str], record: RequestRecord,
+                  st: float) -> RequestRecord:
     last = st
     got_text = done = False
     chunks = 0

@@ -338,8 +338,16 @@ class ProxyProcess(_Managed):
 
     async def get_text(self, path: str) -> str:
         """GET a path of the proxy (``/metrics``, ``/debug/cluster``) as text."""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            async with s.get(self.url + path) as resp:
+        return (await get_texts([self.url + path]))[0]
+
+
+async def get_texts(urls: Sequence[str]) -> list[str]:
+    """GET each URL (a started process's ``/metrics`` and such) as text."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        out = []
+        for url in urls:
+            async with s.get(url) as resp:
                 resp.raise_for_status()
-                return await resp.text()
+                out.append(await resp.text())
+        return out
 

@@ -46,8 +46,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from loadgen import report
-from loadgen.capacity import find_capacity, slo_check
-from loadgen.cluster import EmulatedCluster, ProxyProcess, free_udp_ports
+from loadgen.capacity import add_probe_arguments, find_capacity, probe_kwargs, slo_check
+from loadgen.cluster import EmulatedCluster, ProxyProcess, free_udp_ports, get_texts
 from loadgen.run import add_workload_arguments, benchmark_kwargs, specs_from_args, \
     run_benchmark, write_json
 from loadgen.workload import RequestSpec, detect_format, resolve_trace
@@ -108,6 +108,21 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
         errors[quantity] = sums[(quantity, "sum")] / count if count else None
     return {"prediction_error": errors,
             "decisions": {k: int(v) for k, v in sorted(decisions.items())}}
+
+
+def parse_emulator_metrics(texts: Sequence[str]) -> dict[str, Any]:
+    """How faithfully the emulated instances kept time: steps run, the mean wall ms a step
+    ended past its deadline, and pacing resets (a starved emulator process)."""
+    totals = {"emulator:steps_total": 0.0, "emulator:step_lateness_seconds_total": 0.0,
+              "emulator:resyncs_total": 0.0}
+    for text in texts:
+        for name, _, value in _samples(text):
+            if name in totals:
+                totals[name] += value
+    steps = totals["emulator:steps_total"]
+    return {"steps": int(steps), "resyncs": int(totals["emulator:resyncs_total"]),
+            "mean_step_lateness_ms": (totals["emulator:step_lateness_seconds_total"]
+                                      / steps * 1000.0 if steps else None)}
 
 
 def parse_gossip_metrics(texts: Sequence[str], duration_s: float,
@@ -210,7 +225,11 @@ class Lab:
             metrics = await run_benchmark(targets[0] if len(targets) == 1 else targets, specs,
                                           detail=detail, **kwargs)
             texts = [await p.get_text("/metrics") for p in procs]
+            emulator = parse_emulator_metrics(
+                await get_texts([url + "/metrics" for url in cluster.urls]))
         scraped = parse_proxy_metrics("\n".join(texts))
+        scraped["emulator"] = emulator
+        self.log(f"  emulator fidelity: {emulator}")
         if self.proxies > 1 and self.gossip:
             scraped["gossip"] = parse_gossip_metrics(texts, metrics["duration"],
                                                      metrics["completed"])
@@ -246,11 +265,14 @@ async def _capacity(lab: Lab, policy: str, specs: Sequence[RequestSpec], seed: i
         return check(report.real_view(metrics))
 
     async def run_once(value: float) -> dict:
-        entry = await lab.run(policy, specs, seed, {**run_kwargs, knob: value}, detail=False)
+        entry = await lab.run(policy, specs, seed, {**run_kwargs, **cfg.get("probe", {}),
+                                                    knob: value}, detail=False)
         metrics = entry["metrics"]
         lab.log(f"  {policy} capacity probe {knob}={value:.4g}: p99 TTFT "
                 f"{report.real_view(metrics)['p99_ttft_ms']:.0f} ms, failed "
-                f"{metrics['failed']} -> {'pass' if meets(metrics) else 'FAIL'}")
+                f"{metrics['failed']}, cut {metrics.get('cut', 0)} -> "
+                f"{'pass' if meets(metrics) else 'FAIL'}"
+                + (f" (aborted: {metrics['aborted']})" if metrics.get("aborted") else ""))
         return metrics
 
     result = await find_capacity(run_once, cfg["lo"], cfg["hi"], cfg["iterations"], meets)
@@ -353,6 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="emulator step-time multiplier per instance (hidden from proxy)")
     parser.add_argument("--seeds", type=_csv(int),
                         help="repeat the comparison per seed (default: --seed)")
+
     parser.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
                         help="passed to blockproxy serve, e.g. --proxy-arg=--tie-tolerance=0.02 "
                              "(repeatable)")
@@ -377,6 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-hi", type=float, default=32.0,
                         help="capacity: highest rate (or rate multiplier) searched")
     parser.add_argument("--iterations", type=int, default=5, help="capacity: probes per policy")
+    add_probe_arguments(parser)
     parser.add_argument("--json", metavar="OUT", help="write every result here (for "
                                                       "loadgen report)")
     parser.add_argument("--plot", metavar="OUT.png", help="draw CDFs and bars here")
@@ -405,6 +429,7 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
         raise ValueError("--instances must be at least 1")
     if args.proxies < 1:
         raise ValueError("--proxies must be at least 1")
+
     if not args.use_trace_timestamps and math.isinf(args.request_rate) \
             and _has_timestamps(args):
         args.use_trace_timestamps = True  # default for traces with their own times
@@ -426,7 +451,8 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
             raise ValueError("--min-goodput-ratio needs --goodput")
         capacity = {"lo": args.rate_lo, "hi": args.rate_hi, "iterations": args.iterations,
                     "slo_ttft_p99_ms": args.slo_ttft_p99_ms,
-                    "min_goodput_ratio": args.min_goodput_ratio, "max_failed": args.max_failed}
+                    "min_goodput_ratio": args.min_goodput_ratio, "max_failed": args.max_failed,
+                    "probe": probe_kwargs(args)}
     return kwargs, capacity
 
 

@@ -12,7 +12,11 @@ Over the successful requests only:
   ms) is met (value <= SLO); ``request_goodput`` = good requests / duration.
 
 Our own extra keys: ``goodput_ratio`` (good / all requests sent, failures count as not
-good), and the run's settings added by the runner.
+good), and the run's settings added by the runner.  A run the runner stopped early (a
+first-token probe, or an early abort; see :func:`loadgen.run.run_benchmark`) also has
+``cut``: requests stopped before their end, counted neither completed nor failed; the TTFT
+figures then include the cut requests that had their first token, every other figure
+covers completed requests only.
 """
 
 from __future__ import annotations
@@ -92,7 +96,8 @@ def calculate_metrics(records: Sequence[RequestRecord], duration_s: float,
                       goodput: dict[str, float] | None = None) -> dict[str, Any]:
     """The metrics dict of one run, with vLLM's key names (see the module doc)."""
     ok = [r for r in records if r.success]
-    ttfts = [r.ttft for r in ok]
+    cut = [r for r in records if r.cut]
+    ttfts = [r.ttft for r in ok] + [r.ttft for r in cut if r.ttft > 0]
     e2els = [r.latency for r in ok]
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     itls = [gap for r in ok for gap in r.itl]
@@ -102,11 +107,13 @@ def calculate_metrics(records: Sequence[RequestRecord], duration_s: float,
     metrics: dict[str, Any] = {
         "duration": duration_s,
         "completed": len(ok),
-        "failed": len(records) - len(ok),
+        "failed": len(records) - len(ok) - len(cut),
         "total_input_tokens": total_input,
         "total_output_tokens": total_output,
         "request_throughput": len(ok) / duration,
     }
+    if cut:
+        metrics["cut"] = len(cut)
     if goodput:
         good = sum(1 for r in records if is_good(r, goodput))
         metrics["request_goodput"] = good / duration
@@ -141,7 +148,7 @@ def per_request(records: Sequence[RequestRecord], itl_list: bool = True) -> list
     rows = []
     for r in records:
         row: dict[str, Any] = {
-            "start_s": r.start_s, "success": r.success, "error": r.error,
+            "start_s": r.start_s, "success": r.success, "cut": r.cut, "error": r.error,
             "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens,
             "expected_output_tokens": r.expected_output_tokens,
             "ttft_ms": r.ttft * 1000.0, "e2el_ms": r.latency * 1000.0,

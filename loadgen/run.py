@@ -12,6 +12,14 @@ time) is that of the real GPU, and ``--request-rate`` is in real-GPU requests pe
 Reported metrics are wall-clock; when ``S != 1`` the JSON also has an ``unscaled`` block
 with the same time keys divided by ``S`` (throughputs multiplied by ``S``), which read as
 real-GPU figures.
+
+Probes (``--until first-token``, used by ``loadgen capacity`` and ``loadgen compare
+--capacity`` when the SLO is on TTFT): the run stops once every request has had its first
+token, instead of waiting for the longest answers to finish; every stream stays open until
+then, so the load the cluster sees is unchanged while TTFTs are measured.  With a TTFT
+bound (``ttft_abort_ms``), a run also stops as soon as so many requests are (or will be)
+over the bound that the percentile must exceed it (``aborted`` in the JSON).  Requests
+stopped either way are ``cut``, neither completed nor failed.
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ from loadgen.workload import (DEFAULT_MAX_TOKENS_CAP, FORMATS, MAX_TOKENS_POLICI
 
 #: vLLM's bench default request timeout (6 hours).
 DEFAULT_TIMEOUT_S = 6 * 60 * 60
+#: when a run ends: every request done (vLLM's bench), or every first token received
+UNTIL = ("done", "first-token")
+#: seconds between two looks of the probe watcher
+_WATCH_INTERVAL_S = 0.05
 
 
 class Progress:
@@ -88,12 +100,19 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
                         percentiles: Sequence[float] = (99,), progress: bool = False,
                         detail: bool = False, seed: int = 0,
                         context_limit: int | None = None,
-                        timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+                        timeout: float = DEFAULT_TIMEOUT_S, until: str = "done",
+                        ttft_abort_ms: float | None = None,
+                        abort_percentile: float = 99.0) -> dict[str, Any]:
     """Send ``specs`` to ``target`` and return the metrics dict (see :mod:`loadgen.measure`).
 
     ``target`` may be a list: requests then go round-robin across them (several proxies
     behind a load balancer).  ``detail=True`` adds ``per_request`` (ttft/e2el/tpot in ms, ITL list, tokens, error).
+    ``until="first-token"`` stops the run once every request has had its first token;
+    ``ttft_abort_ms`` (wall ms) stops it once the ``abort_percentile`` TTFT must exceed
+    that bound (see the module doc).
     """
+    if until not in UNTIL:
+        raise ValueError(f"until must be one of {', '.join(UNTIL)}: {until!r}")
     targets = [target] if isinstance(target, str) else list(target)
     urls = [t.rstrip("/") + endpoint for t in targets]
     offsets = _offsets(specs, request_rate, burstiness, use_trace_arrivals, rate_multiplier,
@@ -125,15 +144,24 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
         if bar is not None:
             bar.update(records[i].success)
 
+    aborted: str | None = None
     try:
         start = time.perf_counter()
-        await asyncio.gather(*(one(i, start) for i in range(len(specs))))
+        tasks = [asyncio.ensure_future(one(i, start)) for i in range(len(specs))]
+        if until == "done" and ttft_abort_ms is None:
+            await asyncio.gather(*tasks)
+        else:
+            aborted = await _watch(tasks, records, start, until == "first-token",
+                                   ttft_abort_ms, abort_percentile)
         duration = time.perf_counter() - start
     finally:
         await session.close()
         if bar is not None:
             bar.close()
     metrics = measure.calculate_metrics(records, duration, percentiles, goodput)
+    metrics["until"] = until
+    if aborted:
+        metrics["aborted"] = aborted
     metrics.update({
         "target": target, "endpoint": endpoint, "model": model, "num_prompts": len(specs),
         "request_rate": "trace" if use_trace_arrivals else _json_number(request_rate),
@@ -146,6 +174,52 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
     if detail:
         metrics["per_request"] = measure.per_request(records)
     return metrics
+
+
+def abort_threshold(count: int, percentile: float) -> int:
+    """How many of ``count`` values over a bound make their ``percentile`` exceed it.
+
+    numpy's linear interpolation puts the percentile between sorted values ``k`` and
+    ``k + 1``, ``k = floor(p/100 * (n - 1))``; once ``n - k`` values are over the bound,
+    value ``k`` is too, whatever the rest.  ``n - k`` never shrinks as ``n`` grows, so the
+    figure for all ``count`` requests holds even if some end without a first token.
+    """
+    return count - math.floor(percentile / 100.0 * (count - 1))
+
+
+async def _watch(tasks: list[asyncio.Future], records: Sequence[RequestRecord],
+                 start: float, first_token: bool, ttft_abort_ms: float | None,
+                 percentile: float) -> str | None:
+    """Wait for ``tasks`` until they end, every request has its first token
+    (``first_token``), or the TTFT bound is lost; cancel the rest.  Returns the abort
+    reason, or None."""
+    pending = set(tasks)
+    limit = abort_threshold(len(records), percentile)
+    bound_s = None if ttft_abort_ms is None else ttft_abort_ms / 1000.0
+    reason = None
+    try:
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=_WATCH_INTERVAL_S)
+            if first_token and all(r.ended or (r.sent and r.ttft > 0) for r in records):
+                break
+            if bound_s is not None:
+                # Waiting longer than the bound already: its TTFT will be over it too.
+                late = time.perf_counter() - start - bound_s
+                over = sum(1 for r in records if r.ttft > bound_s or (
+                    r.sent and not r.ended and r.ttft == 0 and r.start_s < late))
+                if over >= limit:
+                    reason = (f"{over} of {len(records)} requests over the TTFT bound of "
+                              f"{ttft_abort_ms:.0f} ms: p{percentile:g} TTFT must exceed it")
+                    break
+    finally:
+        for task in pending:
+            task.cancel()
+        for record in records:
+            if not record.ended:
+                record.cut = True
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    return reason
 
 
 def _json_number(value: float) -> float | str:
@@ -217,6 +291,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
                         help="per-request timeout in seconds")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--until", default="done", choices=UNTIL,
+                        help="end the run when every request is done (vLLM's bench), or "
+                             "when every request has had its first token (TTFT-only figures)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -270,7 +347,7 @@ def benchmark_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 goodput=measure.parse_goodput(args.goodput) if args.goodput else None,
                 percentiles=measure.parse_percentiles(args.metric_percentiles),
                 seed=args.seed, context_limit=args.clip_context, timeout=args.timeout,
-                progress=not args.no_progress and sys.stderr.isatty())
+                until=args.until, progress=not args.no_progress and sys.stderr.isatty())
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:

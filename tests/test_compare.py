@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from loadgen.cluster import EmulatedCluster, ProxyProcess, engine_limits_from_args
+from loadgen import compare
 from loadgen.compare import parse_proxy_metrics, proxy_policy, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,15 @@ def test_engine_limits_from_emulator_args_reach_the_backends_file():
         engine_limits_from_args(["--block-size=x"])
 
 
+def test_parse_emulator_metrics_sums_instances():
+    page = ('emulator:steps_total{engine="0",model_name="m"} 100\n'
+            'emulator:step_lateness_seconds_total{engine="0",model_name="m"} 0.05\n'
+            'emulator:resyncs_total{engine="0",model_name="m"} 1\n')
+    out = compare.parse_emulator_metrics([page, page.replace("100", "300")])
+    assert out == {"steps": 400, "resyncs": 2, "mean_step_lateness_ms": pytest.approx(0.25)}
+    assert compare.parse_emulator_metrics([""])["mean_step_lateness_ms"] is None
+
+
 def test_summarize_takes_medians_across_seeds():
     def run(seed: int, p99: float) -> dict:
         metrics = {"completed": 10, "failed": 0, "p99_ttft_ms": p99, "p99_e2el_ms": 1.0}
@@ -136,6 +146,8 @@ def test_compare_run_writes_json_table_and_plot(tmp_path: Path):
         assert len(metrics["per_request"]) == 30
         assert "unscaled" in metrics and "request_goodput" in metrics
         assert sum(entry["proxy"]["decisions"].values()) == 30
+        fidelity = entry["proxy"]["emulator"]  # scraped from the emulated instances
+        assert fidelity["steps"] > 0 and fidelity["mean_step_lateness_ms"] >= 0
     assert run["policies"]["round_robin"]["proxy"]["decisions"] == {"i0": 15, "i1": 15}
     assert run["policies"]["block"]["proxy"]["prediction_error"]["ttft"] is not None
     assert result["summary"]["round_robin"]["median"]["completed"] == 30

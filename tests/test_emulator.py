@@ -363,3 +363,12 @@ async def test_step_times_follow_profile(emu: Emulator, session: aiohttp.ClientS
     assert len(ratios_true) > 150
     assert 0.85 < statistics.median(ratios_true) < 1.2
     assert 0.85 < statistics.median(ratios_model) < 1.2
+    # The fidelity counters on /metrics add up exactly what the step records show.
+    async with session.get(f"{url}/metrics") as resp:
+        page = await resp.text()
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+              if line.startswith("emulator:")}
+    assert values["emulator:steps_total"] == len(steps)
+    late = sum(max(0.0, s["actual_end"] - s["intended_end"]) for s in steps)
+    assert values["emulator:step_lateness_seconds_total"] == pytest.approx(late, abs=1e-9)
+    assert values["emulator:resyncs_total"] == 0

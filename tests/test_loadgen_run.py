@@ -232,3 +232,52 @@ async def test_run_through_blockproxy_with_hint(emulator: Emulator, tmp_path: Pa
                                 hint=True, detail=True)
     assert m["completed"] == 5 and m["failed"] == 0
     assert [r["output_tokens"] for r in m["per_request"]] == [2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------ capacity probes
+
+
+def test_abort_threshold_is_sufficient_for_numpy_percentiles() -> None:
+    import numpy as np
+    from loadgen.run import abort_threshold
+    previous = 0
+    for n in range(1, 600):
+        m = abort_threshold(n, 99.0)
+        assert 1 <= m <= n and m >= previous  # never shrinks as requests are added
+        previous = m
+        values = [0.0] * (n - m) + [2.0] * m
+        assert np.percentile(values, 99) > 1.0, n
+    assert abort_threshold(3000, 99.0) == 31 and abort_threshold(100, 50.0) == 51
+
+
+async def test_first_token_probe_cuts_only_unfinished_streams(emulator: Emulator) -> None:
+    # Two short answers finish; two long ones (thousands of steps) are cut at their first
+    # token, and their TTFTs still count.
+    specs = [RequestSpec(20, 2, 0.0), RequestSpec(20, 3000, 0.0), RequestSpec(24, 2, 0.0),
+             RequestSpec(24, 3000, 0.0)]
+    m = await run_benchmark(emulator.urls[0], specs, max_tokens_policy="true", detail=True,
+                            until="first-token")
+    rows = m["per_request"]
+    assert m["until"] == "first-token" and "aborted" not in m
+    assert (m["completed"], m["failed"], m["cut"]) == (2, 0, 2)
+    assert [r["cut"] for r in rows] == [False, True, False, True]
+    assert all(r["ttft_ms"] > 0 for r in rows)
+    assert m["mean_ttft_ms"] == pytest.approx(sum(r["ttft_ms"] for r in rows) / 4)
+    done = await run_benchmark(emulator.urls[0], specs[:1], max_tokens_policy="true")
+    assert done["until"] == "done" and "cut" not in done and done["completed"] == 1
+
+
+async def test_probe_aborts_once_the_ttft_bound_is_lost(emulator: Emulator) -> None:
+    specs = [RequestSpec(200, 400, 0.02 * i) for i in range(12)]
+    m = await run_benchmark(emulator.urls[0], specs, max_tokens_policy="true",
+                            use_trace_arrivals=True, until="first-token",
+                            ttft_abort_ms=0.001, detail=True)
+    assert "aborted" in m and "p99 TTFT must exceed" in m["aborted"]
+    assert m["cut"] >= 1 and m["failed"] == 0
+    assert not slo_check(p99_ttft_ms=1e9)(m)  # an aborted probe never passes
+    # A bound that holds: no abort, every first token measured.
+    m = await run_benchmark(emulator.urls[0], specs, max_tokens_policy="true",
+                            use_trace_arrivals=True, until="first-token",
+                            ttft_abort_ms=600_000.0)
+    assert "aborted" not in m and m["completed"] + m["cut"] == len(specs)
+    assert slo_check(p99_ttft_ms=600_000.0)(m)

@@ -69,6 +69,8 @@ class Engine:
         self.steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
         self.num_steps = 0
         self.num_resyncs = 0
+        #: wall seconds steps ended past their deadline, summed (fidelity of the pacing)
+        self.lateness_s = 0.0
         self._rng = random.Random(timing.seed)
         self._scale = timing.time_scale * timing.speed_factor
         self._noise_mu = -0.5 * timing.noise_sigma ** 2  # mean-one lognormal
@@ -136,6 +138,8 @@ class Engine:
                     self._wake_bias = max(0.0, self._wake_bias - WAKE_BIAS_STEP_S)
             self._finish_step(plan, end)
             self.num_steps += 1
+            if end > next_end:
+                self.lateness_s += end - next_end
             self.steps.append(StepRecord(start, next_end, end, model_s, true_s,
                                          len(plan.scheduled), plan.prefill_tokens,
                                          plan.decode_seqs))

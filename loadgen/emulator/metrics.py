@@ -116,5 +116,12 @@ class InstanceMetrics:
             hist.render(labels, out)
         sample("emulator:steps_total", "counter",
                "Engine steps executed by the emulator.", engine.num_steps)
+        # Fidelity: how far steps ended past their deadline (a starved process), and how
+        # often the pacing clock gave up catching up.
+        sample("emulator:step_lateness_seconds_total", "counter",
+               "Wall seconds steps ended past their deadline, summed.", engine.lateness_s)
+        sample("emulator:resyncs_total", "counter",
+               "Times the engine fell over 0.25 s behind and reset its pacing clock.",
+               engine.num_resyncs)
         out.append("")
         return "\n".join(out)
