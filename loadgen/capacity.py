@@ -147,7 +147,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 def probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``run_benchmark`` arguments of a probe: when it ends, and its TTFT abort bound
-    (wall ms: the real-GPU SLO x the time scale)."""
+    (real-GPU ms, like the SLO)."""
     until = args.probe_until
     if until == "auto":
         until = "done" if args.min_goodput_ratio is not None else "first-token"
@@ -155,7 +155,7 @@ def probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--min-goodput-ratio needs whole requests: use --probe-until done")
     abort = None
     if args.slo_ttft_p99_ms is not None and not args.no_early_abort:
-        abort = args.slo_ttft_p99_ms * args.time_scale
+        abort = args.slo_ttft_p99_ms
     return {"until": until, "ttft_abort_ms": abort, "abort_percentile": 99.0}
 
 

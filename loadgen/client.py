@@ -2,10 +2,10 @@
 
 Per request (as ``vllm/benchmarks``' OpenAI request functions do):
 
-* TTFT: time of the first chunk that carries generated text, minus the send time (chat's
-  role-only opening chunk with empty content does not count);
-* ITL: the gaps between successive text-carrying chunks after the first;
-* latency (E2EL): time of the last text-carrying chunk minus the send time;
+* TTFT: time of the first event with a non-empty ``choices`` list, minus the send time
+  (chat's role-only opening chunk counts, as in vLLM; vLLM sends it with the first token);
+* ITL: the gaps between successive such events after the first;
+* latency (E2EL): time of the last such event minus the send time;
 * output tokens: ``usage.completion_tokens`` of the final usage chunk when present, else
   the number of text-carrying chunks (one token per chunk).
 
@@ -107,8 +107,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, payload: bytes,
                 if "error" in data:
                     record.error = "error event: " + _error_message(data)
                     return record
-                text_part = _chunk_text(data)
-                if text_part is not None:
+                if data.get("choices"):
                     now = time.perf_counter()
                     if not got_text:
                         got_text = True
@@ -116,7 +115,8 @@ async def _stream(session: aiohttp.ClientSession, url: str, payload: bytes,
                     else:
                         record.itl.append(now - last)
                     last = now
-                    chunks += 1
+                    if _chunk_text(data) is not None:
+                        chunks += 1
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     usage_tokens = int(usage["completion_tokens"])
@@ -126,7 +126,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, payload: bytes,
     if not done:
         record.error = "stream ended without [DONE]"
     elif not got_text:
-        record.error = "no generated text received (cannot measure TTFT)"
+        record.error = "no output chunk received (cannot measure TTFT)"
     else:
         record.success = True
         record.latency = last - st

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import signal
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from loadgen import report
+from loadgen.report import summarize
 from loadgen.capacity import add_probe_arguments, find_capacity, probe_kwargs, slo_check
 from loadgen.cluster import EmulatedCluster, ProxyProcess, free_udp_ports, get_texts
 from loadgen.run import add_workload_arguments, benchmark_kwargs, specs_from_args, \
@@ -315,21 +315,6 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
     return {"seed": seed, "policies": results}
 
 
-def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per policy: the headline figures per seed and their median across seeds."""
-    out: dict[str, Any] = {}
-    for run in runs:
-        for policy, entry in run["policies"].items():
-            per_seed = out.setdefault(policy, {"per_seed": {}})["per_seed"]
-            per_seed[str(run["seed"])] = report.headline(entry)
-    for summary in out.values():
-        rows = list(summary["per_seed"].values())
-        summary["median"] = {key: (statistics.median(vals) if vals else None)
-                             for key in rows[0]
-                             for vals in [[r[key] for r in rows if r[key] is not None]]}
-    return out
-
-
 async def compare_seeds(policies: Sequence[str], specs: Specs, seeds: Sequence[int],
                         **kwargs: Any) -> dict[str, Any]:
     """:func:`compare_policies` once per seed (``specs`` may be a function of the seed),
@@ -439,9 +424,6 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
         kwargs["percentiles"] = [*kwargs["percentiles"], 99.0]  # the table needs p99
     for key in ("time_scale", "seed"):
         kwargs.pop(key)
-    if kwargs["goodput"]:
-        # SLOs are given in real-GPU ms, as the tables show; the runner compares wall time.
-        kwargs["goodput"] = {k: v * args.time_scale for k, v in kwargs["goodput"].items()}
     kwargs["progress"] = False  # per-policy lines on stderr instead of a bar
     capacity = None
     if args.capacity:

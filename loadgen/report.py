@@ -2,7 +2,9 @@
 
 Reads ``loadgen compare --json`` files (one table per seed, a median table across seeds,
 CDFs, percentile bars and capacity curves) and ``loadgen run --json`` files (one row
-each; CDFs when saved with ``--detail``).  Time-scaled runs are shown in real-GPU time
+each; CDFs when saved with ``--detail``).  ``--merge`` joins compare files run in pieces
+(other policies, other seeds, same time scale) into one comparison.  Runs that stopped at
+their last first token (``--until first-token``) show TTFT figures only.  Time-scaled runs are shown in real-GPU time
 (wall-clock divided by the time scale).  Plots use matplotlib's Agg backend (no display).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +24,7 @@ COMPARE_KIND = "loadgen-compare"
 BASELINE = "round_robin"
 
 # (header, headline key, format): the columns of a comparison table
-_COLUMNS = (("done", "completed", "d"), ("fail", "failed", "d"),
+_COLUMNS = (("done", "completed", "d"), ("cut", "cut", "d"), ("fail", "failed", "d"),
             ("mean TTFT", "mean_ttft_ms", ".0f"), ("p50 TTFT", "median_ttft_ms", ".0f"),
             ("p99 TTFT", "p99_ttft_ms", ".0f"), ("p99 E2EL", "p99_e2el_ms", ".0f"),
             ("mean TPOT", "mean_tpot_ms", ".1f"), ("req/s", "request_throughput", ".2f"),
@@ -41,16 +44,65 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
     m = real_view(entry["metrics"])
     errors = entry.get("proxy", {}).get("prediction_error", {})
     cap = entry.get("capacity")
-    return {"completed": m.get("completed"), "failed": m.get("failed"),
+    # A run cut at its last first token measured TTFTs only: whole-request figures of the
+    # requests that happened to finish first would mislead.
+    whole = m.get("until", "done") == "done"
+    return {"completed": m.get("completed"), "cut": m.get("cut"), "failed": m.get("failed"),
             "mean_ttft_ms": m.get("mean_ttft_ms"), "median_ttft_ms": m.get("median_ttft_ms"),
-            "p99_ttft_ms": m.get("p99_ttft_ms"), "p99_e2el_ms": m.get("p99_e2el_ms"),
-            "mean_tpot_ms": m.get("mean_tpot_ms"),
-            "request_throughput": m.get("request_throughput"),
-            "output_throughput": m.get("output_throughput"),
-            "request_goodput": m.get("request_goodput"),
+            "p99_ttft_ms": m.get("p99_ttft_ms"),
+            "p99_e2el_ms": m.get("p99_e2el_ms") if whole else None,
+            "mean_tpot_ms": m.get("mean_tpot_ms") if whole else None,
+            "request_throughput": m.get("request_throughput") if whole else None,
+            "output_throughput": m.get("output_throughput") if whole else None,
+            "request_goodput": m.get("request_goodput") if whole else None,
             "capacity": cap.get("capacity") if cap else None,
-            "error_ttft": errors.get("ttft"), "error_e2e": errors.get("e2e"),
-            "error_output_length": errors.get("output_length")}
+            "error_ttft": errors.get("ttft"),
+            "error_e2e": errors.get("e2e") if whole else None,
+            "error_output_length": errors.get("output_length") if whole else None}
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per policy: the headline figures per seed and their median across seeds."""
+    out: dict[str, Any] = {}
+    for run in runs:
+        for policy, entry in run["policies"].items():
+            per_seed = out.setdefault(policy, {"per_seed": {}})["per_seed"]
+            per_seed[str(run["seed"])] = headline(entry)
+    for summary in out.values():
+        rows = list(summary["per_seed"].values())
+        summary["median"] = {key: (statistics.median(vals) if vals else None)
+                             for key in rows[0]
+                             for vals in [[r[key] for r in rows if r[key] is not None]]}
+    return out
+
+
+def merge_results(results: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One comparison from compare results run in pieces: runs joined by seed, policies in
+    order of first appearance, medians recomputed.  A (seed, policy) pair in two files, or
+    two time scales, is an error."""
+    scales = {r.get("time_scale", 1.0) for _, r in results}
+    if len(scales) != 1:
+        raise ValueError(f"cannot merge results of different time scales: {sorted(scales)}")
+    by_seed: dict[Any, dict[str, Any]] = {}
+    origin: dict[tuple[Any, str], str] = {}
+    policies: list[str] = []
+    for path, result in results:
+        for run in result["runs"]:
+            merged = by_seed.setdefault(run["seed"], {})
+            for policy, entry in run["policies"].items():
+                if (run["seed"], policy) in origin:
+                    raise ValueError(f"seed {run['seed']} of {policy} is in both "
+                                     f"{origin[(run['seed'], policy)]} and {path}")
+                origin[(run["seed"], policy)] = path
+                merged[policy] = entry
+                if policy not in policies:
+                    policies.append(policy)
+    runs = [{"seed": seed, "policies": {p: by_seed[seed][p] for p in policies
+                                        if p in by_seed[seed]}}
+            for seed in sorted(by_seed)]
+    return {"kind": COMPARE_KIND, "policies": policies, "seeds": sorted(by_seed),
+            "time_scale": scales.pop(), "runs": runs, "summary": summarize(runs),
+            "merged_from": [path for path, _ in results]}
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -137,11 +189,18 @@ def _series(results: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any
 
 
 def _values(series: dict[str, Any], key: str) -> list[float]:
-    # Pooled over seeds, successful requests only, in real-GPU ms.
+    # Pooled over seeds, in real-GPU ms: successful requests, and the TTFTs of requests a
+    # first-token run cut after their first token (its other figures are left out).
     scale = series["time_scale"] or 1.0
-    return [row[key] / scale for entry in series["entries"]
-            for row in entry["metrics"].get("per_request", [])
-            if row.get("success") and row.get(key) is not None]
+    out = []
+    for entry in series["entries"]:
+        whole = entry["metrics"].get("until", "done") == "done"
+        if not whole and key != "ttft_ms":
+            continue
+        out += [row[key] / scale for row in entry["metrics"].get("per_request", [])
+                if row.get(key) is not None and (row.get("success") or (
+                    key == "ttft_ms" and row.get("cut") and row[key] > 0))]
+    return out
 
 
 # --------------------------------------------------------------------------- plots
@@ -266,6 +325,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="OUT.png", help="draw the plots here")
     parser.add_argument("--table", action="store_true",
                         help="print the tables (the default when --plot is not given)")
+    parser.add_argument("--merge", action="store_true",
+                        help="join the compare files into one comparison (runs by seed)")
+    parser.add_argument("--json", metavar="OUT", help="with --merge: write the merged result")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -277,6 +339,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     compares = [(p, r) for p, r in zip(args.results, results) if r["kind"] == COMPARE_KIND]
     singles = [(p, r) for p, r in zip(args.results, results) if r["kind"] != COMPARE_KIND]
+    if args.merge:
+        if singles or not compares:
+            print("loadgen report: --merge takes loadgen compare files only", file=sys.stderr)
+            return 2
+        try:
+            merged = merge_results(compares)
+        except ValueError as exc:
+            print(f"loadgen report: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            from loadgen.run import write_json
+            write_json(args.json, merged)
+        compares, results = [("merged", merged)], [merged]
+        args.results = ["merged"]
     if args.table or not args.plot:
         blocks = [format_compare(r, Path(p).name if len(compares) > 1 else "")
                   for p, r in compares]

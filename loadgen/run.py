@@ -108,8 +108,9 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
     ``target`` may be a list: requests then go round-robin across them (several proxies
     behind a load balancer).  ``detail=True`` adds ``per_request`` (ttft/e2el/tpot in ms, ITL list, tokens, error).
     ``until="first-token"`` stops the run once every request has had its first token;
-    ``ttft_abort_ms`` (wall ms) stops it once the ``abort_percentile`` TTFT must exceed
-    that bound (see the module doc).
+    ``ttft_abort_ms`` stops it once the ``abort_percentile`` TTFT must exceed that bound
+    (see the module doc).  SLOs (``goodput``, ``ttft_abort_ms``) are real-GPU ms: they are
+    multiplied by ``time_scale`` before being compared with wall-clock records.
     """
     if until not in UNTIL:
         raise ValueError(f"until must be one of {', '.join(UNTIL)}: {until!r}")
@@ -152,13 +153,18 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
             await asyncio.gather(*tasks)
         else:
             aborted = await _watch(tasks, records, start, until == "first-token",
-                                   ttft_abort_ms, abort_percentile)
+                                   None if ttft_abort_ms is None else ttft_abort_ms * time_scale,
+                                   abort_percentile)
         duration = time.perf_counter() - start
     finally:
         await session.close()
         if bar is not None:
             bar.close()
-    metrics = measure.calculate_metrics(records, duration, percentiles, goodput)
+    # SLOs are real-GPU ms, as the tables show; the records are wall-clock.
+    wall_goodput = {k: v * time_scale for k, v in goodput.items()} if goodput else None
+    metrics = measure.calculate_metrics(records, duration, percentiles, wall_goodput)
+    if goodput:
+        metrics["goodput_slos_ms"] = dict(goodput)
     metrics["until"] = until
     if aborted:
         metrics["aborted"] = aborted
@@ -199,7 +205,10 @@ async def _watch(tasks: list[asyncio.Future], records: Sequence[RequestRecord],
     reason = None
     try:
         while pending:
-            _, pending = await asyncio.wait(pending, timeout=_WATCH_INTERVAL_S)
+            done, pending = await asyncio.wait(pending, timeout=_WATCH_INTERVAL_S)
+            for task in done:
+                if task.exception() is not None:  # a bug, not a failed request: surface it
+                    raise task.exception()  # type: ignore[misc]
             if first_token and all(r.ended or (r.sent and r.ttft > 0) for r in records):
                 break
             if bound_s is not None:
@@ -281,7 +290,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hint", action="store_true",
                         help="send the true length as x-blockproxy-output-tokens (oracle)")
     parser.add_argument("--goodput", nargs="+", metavar="NAME:MS",
-                        help="SLOs for goodput, e.g. ttft:2000 tpot:100 e2el:20000")
+                        help="SLOs for goodput, e.g. ttft:2000 tpot:100 e2el:20000 (real-GPU "
+                             "ms when --time-scale is set)")
     parser.add_argument("--metric-percentiles", default="99",
                         help="comma-separated percentiles to report")
     parser.add_argument("--seed", type=int, default=0, help="seed of arrivals and prompts")

@@ -3,6 +3,7 @@ failure accounting against small in-process servers, and the capacity search log
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -281,3 +282,47 @@ async def test_probe_aborts_once_the_ttft_bound_is_lost(emulator: Emulator) -> N
                             ttft_abort_ms=600_000.0)
     assert "aborted" not in m and m["completed"] + m["cut"] == len(specs)
     assert slo_check(p99_ttft_ms=600_000.0)(m)
+
+
+async def test_goodput_slos_are_real_gpu_ms_when_time_scaled(emulator: Emulator) -> None:
+    # 300 tokens take >= 300 x 5.75 ms = 1.7 s of real-GPU time, 0.17 s of wall time at
+    # time-scale 0.1: a 1 s E2E SLO holds in wall time but not in real-GPU time.
+    specs = [RequestSpec(20, 300, 0.0)]
+    m = await run_benchmark(emulator.urls[0], specs, max_tokens_policy="true",
+                            time_scale=0.1, goodput={"e2el": 1000.0})
+    assert m["completed"] == 1 and m["goodput_ratio"] == 0.0
+    assert m["goodput_slos_ms"] == {"e2el": 1000.0}
+    m = await run_benchmark(emulator.urls[0], specs, max_tokens_policy="true",
+                            time_scale=0.1, goodput={"e2el": 10_000_000.0})
+    assert m["goodput_ratio"] == 1.0
+
+
+async def test_chat_role_chunk_starts_ttft_as_in_vllm_bench() -> None:
+    # vLLM's bench times every event with choices, chat's role-only opening one included.
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n')
+        await asyncio.sleep(0.3)
+        for word in (" a", " b"):
+            await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"'
+                             + word.encode() + b'"}}]}\n\n')
+        await resp.write(b'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n'
+                         b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        m = await run_benchmark(f"http://127.0.0.1:{port}", [RequestSpec(5, 2, 0.0)],
+                                endpoint="/v1/chat/completions", detail=True)
+    finally:
+        await runner.cleanup()
+    (row,) = m["per_request"]
+    assert m["completed"] == 1 and row["output_tokens"] == 2
+    assert row["ttft_ms"] < 250 <= row["e2el_ms"]  # the role chunk, not the 0.3 s later text
+    assert len(row["itl_ms"]) == 2 and row["itl_ms"][0] >= 250

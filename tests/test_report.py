@@ -37,8 +37,6 @@ def _capacity(best: float) -> dict:
 @pytest.fixture
 def compare_json(tmp_path: Path) -> Path:
     """A two-seed compare result shaped as ``loadgen compare --json`` writes it."""
-    from loadgen.compare import summarize
-
     runs = []
     for seed in (1, 2):
         policies = {}
@@ -50,7 +48,7 @@ def compare_json(tmp_path: Path) -> Path:
                 "capacity": _capacity(cap)}
         runs.append({"seed": seed, "policies": policies})
     result = {"kind": report.COMPARE_KIND, "policies": ["block", "round_robin"],
-              "seeds": [1, 2], "time_scale": 2.0, "runs": runs, "summary": summarize(runs)}
+              "seeds": [1, 2], "time_scale": 2.0, "runs": runs, "summary": report.summarize(runs)}
     path = tmp_path / "cmp.json"
     path.write_text(json.dumps(result))
     return path
@@ -97,3 +95,53 @@ def test_unknown_file_is_an_error(tmp_path: Path):
 def test_format_table_leaves_out_empty_columns():
     text = report.format_table([("a", {"completed": 3, "failed": 0, "capacity": None})], "t")
     assert "capacity" not in text and "vs rr" not in text and "done" in text
+
+
+def _split(compare_json: Path, tmp_path: Path) -> list[Path]:
+    """The two-seed result as two files run in pieces: seed 1, then seed 2 with its
+    round_robin run stopped at the last first token."""
+    data = json.loads(compare_json.read_text())
+    paths = []
+    for run in data["runs"]:
+        if run["seed"] == 2:
+            run["policies"]["round_robin"]["metrics"].update(until="first-token", cut=7)
+        piece = {**data, "runs": [run], "seeds": [run["seed"]],
+                 "summary": report.summarize([run])}
+        paths.append(tmp_path / f"seed{run['seed']}.json")
+        paths[-1].write_text(json.dumps(piece))
+    return paths
+
+
+def test_merge_joins_pieces_by_seed(compare_json: Path, tmp_path: Path, capsys):
+    paths = _split(compare_json, tmp_path)
+    out = tmp_path / "merged.json"
+    assert main(["report", "--merge", *map(str, paths), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "median across seeds [1, 2]" in text
+    merged = json.loads(out.read_text())
+    assert merged["seeds"] == [1, 2] and merged["policies"] == ["block", "round_robin"]
+    rr = merged["summary"]["round_robin"]
+    # p99 TTFT from both seeds; E2E only from the whole run of seed 1 (unscaled 2000).
+    assert rr["median"]["p99_ttft_ms"] == pytest.approx(300.0)
+    assert rr["per_seed"]["2"]["p99_e2el_ms"] is None and rr["per_seed"]["2"]["cut"] == 7
+    assert rr["median"]["p99_e2el_ms"] == pytest.approx(2000.0)
+    # The same (seed, policy) twice, or two time scales, cannot be merged.
+    assert main(["report", "--merge", str(paths[0]), str(paths[0])]) == 2
+    assert "seed 1 of block is in both" in capsys.readouterr().err
+    other = json.loads(paths[1].read_text())
+    other["time_scale"] = 4.0
+    paths[1].write_text(json.dumps(other))
+    assert main(["report", "--merge", *map(str, paths)]) == 2
+    assert "different time scales" in capsys.readouterr().err
+
+
+def test_first_token_runs_plot_ttft_of_cut_requests(compare_json: Path):
+    data = json.loads(compare_json.read_text())
+    entry = data["runs"][0]["policies"]["block"]
+    rows = entry["metrics"]["per_request"]
+    rows[0].update(success=False, cut=True)
+    series = {"time_scale": 2.0, "entries": [entry]}
+    assert len(report._values(series, "ttft_ms")) == 50  # the cut one's TTFT counts
+    assert len(report._values(series, "e2el_ms")) == 49
+    entry["metrics"]["until"] = "first-token"
+    assert report._values(series, "e2el_ms") == []  # no whole-request figures

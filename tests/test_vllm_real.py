@@ -81,6 +81,12 @@ def running(servers: list[VllmServer]) -> float:
     return sum(vllm_metric(s.metrics(), "vllm:num_requests_running") for s in servers)
 
 
+def vllm_idle(servers: list[VllmServer]) -> bool:
+    texts = [s.metrics() for s in servers]
+    return all(vllm_metric(t, "vllm:num_requests_running") == 0
+               and vllm_metric(t, "vllm:num_requests_waiting") == 0 for t in texts)
+
+
 async def wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -160,6 +166,11 @@ async def open_streams(session: aiohttp.ClientSession, url: str, count: int,
 
 
 async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[VllmServer]):
+    # Start from idle servers and an empty view: a request an earlier test left running on
+    # one server would shift what this test sees there (it did, as a rare flake).
+    assert await wait_for(lambda: vllm_idle(vllm_pair)), "vLLM servers never went idle"
+    assert await wait_for(lambda: all(i["active_requests"] == 0
+                                      for i in proxy.cluster()["instances"]))
     names = {i["url"]: i["name"] for i in proxy.cluster()["instances"]}
     body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 1800,
             "stream": True, "ignore_eos": True}
