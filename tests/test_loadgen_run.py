@@ -207,7 +207,31 @@ def test_workload_flags(trace: Path, tmp_path: Path) -> None:
     kwargs = benchmark_kwargs(_args("--goodput", "ttft:5", "tpot:1",
                                     "--metric-percentiles", "90,99"))
     assert kwargs["goodput"] == {"ttft": 5.0, "tpot": 1.0}
-    assert kwargs["percentiles"] == [90.0, 99.0]
+    assert kwargs["percentiles"] == [90.0, 99.0] and kwargs["until"] == "done"
+    assert benchmark_kwargs(_args("--until", "first-token"))["until"] == "first-token"
+
+
+def _capacity_args(*argv: str):
+    import argparse
+
+    from loadgen.capacity import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--target", "http://127.0.0.1:1", *argv])
+
+
+def test_capacity_probes_end_at_first_token_unless_goodput_needs_whole_requests() -> None:
+    from loadgen.capacity import probe_kwargs
+
+    assert probe_kwargs(_capacity_args("--slo-ttft-p99-ms", "1500", "--time-scale", "8")) == \
+        {"until": "first-token", "ttft_abort_ms": 1500.0, "abort_percentile": 99.0}
+    whole = probe_kwargs(_capacity_args("--goodput", "ttft:100", "--min-goodput-ratio", "0.9"))
+    assert whole["until"] == "done"
+    assert probe_kwargs(_capacity_args("--no-early-abort"))["ttft_abort_ms"] is None
+    with pytest.raises(ValueError, match="whole requests"):
+        probe_kwargs(_capacity_args("--probe-until", "first-token", "--goodput", "ttft:1",
+                                    "--min-goodput-ratio", "0.5"))
 
 
 def test_progress_bar_draws_to_its_stream() -> None:
