@@ -305,7 +305,8 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
         log(f"[seed {seed}] {policy}")
         entry = await lab.run(policy, specs, seed, run_kwargs, detail=True)
         m = report.real_view(entry["metrics"])
-        errors = [r["error"] for r in m.get("per_request", []) if not r["success"]]
+        errors = [r["error"] for r in m.get("per_request", [])
+                  if not r["success"] and not r.get("cut")]
         log(f"  {policy}: completed {m['completed']}, failed {m['failed']}, "
             f"p99 TTFT {m['p99_ttft_ms']:.0f} ms"
             + (f"; first error: {errors[0][:300]}" if errors else ""))
