@@ -229,11 +229,18 @@ def plot_results(results: Sequence[dict[str, Any]], out: str | Path,
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     for ax, key, title in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "e2el_ms", "E2E latency")):
+        drawn = 0
         for i, s in enumerate(series):
             values = np.sort(np.asarray(_values(s, key)))
             if len(values):
+                drawn += 1
                 ax.plot(values, np.arange(1, len(values) + 1) / len(values),
                         color=colors[i % len(colors)], label=s["label"])
+        if not drawn:  # first-token runs only: no whole-request figures to draw
+            ax.set_title(f"{title} CDF")
+            ax.text(0.5, 0.5, "no whole runs\n(first-token runs measure TTFT only)",
+                    ha="center", va="center", transform=ax.transAxes)
+            continue
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)

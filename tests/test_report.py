@@ -145,3 +145,20 @@ def test_first_token_runs_plot_ttft_of_cut_requests(compare_json: Path):
     assert len(report._values(series, "e2el_ms")) == 49
     entry["metrics"]["until"] = "first-token"
     assert report._values(series, "e2el_ms") == []  # no whole-request figures
+
+
+def test_plot_of_first_token_runs_only_says_so(compare_json: Path, tmp_path: Path):
+    import warnings
+
+    data = json.loads(compare_json.read_text())
+    for run in data["runs"]:
+        for entry in run["policies"].values():
+            entry["metrics"]["until"] = "first-token"
+            del entry["capacity"]
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps(data))
+    png = tmp_path / "ft.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty E2E panel must not draw an empty legend
+        assert main(["report", str(path), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000
