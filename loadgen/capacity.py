@@ -134,8 +134,22 @@ def format_curve(result: dict[str, Any], knob: str) -> str:
     return "\n".join(lines)
 
 
-def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    """How capacity probes run (shared with ``loadgen compare --capacity``)."""
+def add_search_arguments(parser: argparse.ArgumentParser, rate_lo: float,
+                         iterations: int) -> None:
+    """The SLO, the search range and how probes run (``loadgen capacity`` and ``loadgen
+    compare --capacity``)."""
+    parser.add_argument("--slo-ttft-p99-ms", type=float, default=2000.0,
+                        help="P99 TTFT bound in real-GPU ms (wall ms without --time-scale)")
+    parser.add_argument("--min-goodput-ratio", type=float,
+                        help="also require good/sent >= this (needs --goodput)")
+    parser.add_argument("--max-failed", type=int, default=0,
+                        help="failed requests allowed per probe")
+    parser.add_argument("--rate-lo", type=float, default=rate_lo,
+                        help="lowest rate (or rate multiplier) searched")
+    parser.add_argument("--rate-hi", type=float, default=32.0,
+                        help="highest rate (or rate multiplier) searched")
+    parser.add_argument("--iterations", type=int, default=iterations,
+                        help="at most this many probes (per policy)")
     parser.add_argument("--probe-until", choices=("auto", *UNTIL), default="auto",
                         help="a probe ends when every request is done, or at the last first "
                              "token (auto: first-token unless a goodput ratio is required, "
@@ -162,18 +176,7 @@ def probe_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``loadgen capacity``."""
     add_workload_arguments(parser)
-    parser.add_argument("--slo-ttft-p99-ms", type=float, default=2000.0,
-                        help="P99 TTFT bound in ms (real-GPU ms when --time-scale is set)")
-    parser.add_argument("--min-goodput-ratio", type=float,
-                        help="also require good/sent >= this (needs --goodput)")
-    parser.add_argument("--max-failed", type=int, default=0,
-                        help="failed requests allowed per run")
-    parser.add_argument("--rate-lo", type=float, default=0.5,
-                        help="lowest rate (or rate multiplier) searched")
-    parser.add_argument("--rate-hi", type=float, default=32.0,
-                        help="highest rate (or rate multiplier) searched")
-    parser.add_argument("--iterations", type=int, default=8, help="at most this many runs")
-    add_probe_arguments(parser)
+    add_search_arguments(parser, rate_lo=0.5, iterations=8)
     parser.add_argument("--multipliers", help="comma-separated values to run instead of a "
                                               "search")
     parser.add_argument("--json", metavar="OUT", help="write the curve and capacity here")

@@ -46,7 +46,7 @@ from typing import Any
 
 from loadgen import report
 from loadgen.report import summarize
-from loadgen.capacity import add_probe_arguments, find_capacity, probe_kwargs, slo_check
+from loadgen.capacity import add_search_arguments, find_capacity, probe_kwargs, slo_check
 from loadgen.cluster import EmulatedCluster, ProxyProcess, free_udp_ports, get_texts
 from loadgen.run import add_workload_arguments, benchmark_kwargs, specs_from_args, \
     run_benchmark, write_json
@@ -375,18 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --proxies N: no gossip, each proxy blind to the others")
     parser.add_argument("--capacity", action="store_true",
                         help="also search each policy's capacity (fresh cluster per probe)")
-    parser.add_argument("--slo-ttft-p99-ms", type=float, default=2000.0,
-                        help="capacity SLO: P99 TTFT bound in real-GPU ms")
-    parser.add_argument("--min-goodput-ratio", type=float,
-                        help="capacity SLO: also require good/sent >= this (needs --goodput)")
-    parser.add_argument("--max-failed", type=int, default=0,
-                        help="capacity SLO: failed requests allowed per probe")
-    parser.add_argument("--rate-lo", type=float, default=1.0,
-                        help="capacity: lowest rate (or rate multiplier) searched")
-    parser.add_argument("--rate-hi", type=float, default=32.0,
-                        help="capacity: highest rate (or rate multiplier) searched")
-    parser.add_argument("--iterations", type=int, default=5, help="capacity: probes per policy")
-    add_probe_arguments(parser)
+    add_search_arguments(parser, rate_lo=1.0, iterations=5)
     parser.add_argument("--json", metavar="OUT", help="write every result here (for "
                                                       "loadgen report)")
     parser.add_argument("--plot", metavar="OUT.png", help="draw CDFs and bars here")
