@@ -46,12 +46,8 @@ class RequestRecord:
     cut: bool = False
 
 
-def _chunk_text(data: dict[str, Any]) -> str | None:
-    """Generated text of a stream event, or None when it carries none."""
-    choices = data.get("choices")
-    if not choices:
-        return None
-    choice = choices[0]
+def _choice_text(choice: dict[str, Any]) -> str | None:
+    """Generated text of a stream event's first choice, or None when it carries none."""
     if "text" in choice:
         return choice.get("text") or ""
     content = (choice.get("delta") or {}).get("content")
@@ -107,7 +103,8 @@ async def _stream(session: aiohttp.ClientSession, url: str, payload: bytes,
                 if "error" in data:
                     record.error = "error event: " + _error_message(data)
                     return record
-                if data.get("choices"):
+                choices = data.get("choices")
+                if choices:
                     now = time.perf_counter()
                     if not got_text:
                         got_text = True
@@ -115,7 +112,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, payload: bytes,
                     else:
                         record.itl.append(now - last)
                     last = now
-                    if _chunk_text(data) is not None:
+                    if _choice_text(choices[0]) is not None:
                         chunks += 1
                 usage = data.get("usage")
                 if usage and usage.get("completion_tokens") is not None:

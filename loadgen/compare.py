@@ -224,7 +224,7 @@ class Lab:
             targets = [p.url for p in procs]
             metrics = await run_benchmark(targets[0] if len(targets) == 1 else targets, specs,
                                           detail=detail, **kwargs)
-            texts = [await p.get_text("/metrics") for p in procs]
+            texts = await get_texts([p.url + "/metrics" for p in procs])
             emulator = parse_emulator_metrics(
                 await get_texts([url + "/metrics" for url in cluster.urls]))
         scraped = parse_proxy_metrics("\n".join(texts))
@@ -361,7 +361,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="emulator step-time multiplier per instance (hidden from proxy)")
     parser.add_argument("--seeds", type=_csv(int),
                         help="repeat the comparison per seed (default: --seed)")
-
     parser.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
                         help="passed to blockproxy serve, e.g. --proxy-arg=--tie-tolerance=0.02 "
                              "(repeatable)")
@@ -404,7 +403,6 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
         raise ValueError("--instances must be at least 1")
     if args.proxies < 1:
         raise ValueError("--proxies must be at least 1")
-
     if not args.use_trace_timestamps and math.isinf(args.request_rate) \
             and _has_timestamps(args):
         args.use_trace_timestamps = True  # default for traces with their own times

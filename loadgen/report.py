@@ -4,8 +4,8 @@ Reads ``loadgen compare --json`` files (one table per seed, a median table acros
 CDFs, percentile bars and capacity curves) and ``loadgen run --json`` files (one row
 each; CDFs when saved with ``--detail``).  ``--merge`` joins compare files run in pieces
 (other policies, other seeds, same time scale) into one comparison.  Runs that stopped at
-their last first token (``--until first-token``) show TTFT figures only.  Time-scaled runs are shown in real-GPU time
-(wall-clock divided by the time scale).  Plots use matplotlib's Agg backend (no display).
+their last first token (``--until first-token``) show TTFT figures only.  Time-scaled runs
+are shown in real-GPU time (wall-clock divided by the time scale).  Plots use matplotlib's Agg backend (no display).
 """
 
 from __future__ import annotations
@@ -44,21 +44,31 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
     m = real_view(entry["metrics"])
     errors = entry.get("proxy", {}).get("prediction_error", {})
     cap = entry.get("capacity")
-    # A run cut at its last first token measured TTFTs only: whole-request figures of the
-    # requests that happened to finish first would mislead.
-    whole = m.get("until", "done") == "done"
-    return {"completed": m.get("completed"), "cut": m.get("cut"), "failed": m.get("failed"),
-            "mean_ttft_ms": m.get("mean_ttft_ms"), "median_ttft_ms": m.get("median_ttft_ms"),
-            "p99_ttft_ms": m.get("p99_ttft_ms"),
-            "p99_e2el_ms": m.get("p99_e2el_ms") if whole else None,
-            "mean_tpot_ms": m.get("mean_tpot_ms") if whole else None,
-            "request_throughput": m.get("request_throughput") if whole else None,
-            "output_throughput": m.get("output_throughput") if whole else None,
-            "request_goodput": m.get("request_goodput") if whole else None,
-            "capacity": cap.get("capacity") if cap else None,
-            "error_ttft": errors.get("ttft"),
-            "error_e2e": errors.get("e2e") if whole else None,
-            "error_output_length": errors.get("output_length") if whole else None}
+    out = {"completed": m.get("completed"), "cut": m.get("cut"), "failed": m.get("failed"),
+           "mean_ttft_ms": m.get("mean_ttft_ms"), "median_ttft_ms": m.get("median_ttft_ms"),
+           "p99_ttft_ms": m.get("p99_ttft_ms"), "p99_e2el_ms": m.get("p99_e2el_ms"),
+           "mean_tpot_ms": m.get("mean_tpot_ms"),
+           "request_throughput": m.get("request_throughput"),
+           "output_throughput": m.get("output_throughput"),
+           "request_goodput": m.get("request_goodput"),
+           "capacity": cap.get("capacity") if cap else None,
+           "error_ttft": errors.get("ttft"), "error_e2e": errors.get("e2e"),
+           "error_output_length": errors.get("output_length")}
+    if not _whole(m):
+        # A run cut at its last first token measured TTFTs only: whole-request figures of
+        # the requests that happened to finish first would mislead.
+        out.update(dict.fromkeys(_WHOLE_RUN_KEYS))
+    return out
+
+
+#: headline figures that only a run waiting for every request to end can give
+_WHOLE_RUN_KEYS = ("p99_e2el_ms", "mean_tpot_ms", "request_throughput", "output_throughput",
+                   "request_goodput", "error_e2e", "error_output_length")
+
+
+def _whole(metrics: dict[str, Any]) -> bool:
+    """Whether the run waited for every request to end (not a first-token run)."""
+    return metrics.get("until", "done") == "done"
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -194,8 +204,7 @@ def _values(series: dict[str, Any], key: str) -> list[float]:
     scale = series["time_scale"] or 1.0
     out = []
     for entry in series["entries"]:
-        whole = entry["metrics"].get("until", "done") == "done"
-        if not whole and key != "ttft_ms":
+        if not _whole(entry["metrics"]) and key != "ttft_ms":
             continue
         out += [row[key] / scale for row in entry["metrics"].get("per_request", [])
                 if row.get(key) is not None and (row.get("success") or (
