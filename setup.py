@@ -20,7 +20,7 @@ def extensions():
     from Cython.Build import cythonize
     from setuptools import Extension
 
-    macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+    macros: list[tuple[str, str]] = []
     directives = {"language_level": "3", "boundscheck": False, "wraparound": False,
                   "cdivision": True, "initializedcheck": False}
     if TRACE:
@@ -36,11 +36,13 @@ def extensions():
     return cythonize([ext], compiler_directives=directives, annotate=ANNOTATE)
 
 
+# The profiles in ``profiles/`` are package data of both packages: the proxy and the
+# emulator read them with readers of their own, and neither imports the other.
 setup(
     packages=find_packages(include=["blockproxy", "blockproxy.*", "loadgen", "loadgen.*"])
-    + ["blockproxy.profiles"],
-    package_dir={"blockproxy.profiles": "profiles"},
-    package_data={"blockproxy.profiles": ["*.json"], "blockproxy": ["data/*"],
+    + ["blockproxy.profiles", "loadgen.profiles"],
+    package_dir={"blockproxy.profiles": "profiles", "loadgen.profiles": "profiles"},
+    package_data={"blockproxy.profiles": ["*.json"], "loadgen.profiles": ["*.json"],
                   "loadgen": ["data/*"]},
     ext_modules=extensions(),
     zip_safe=False,

@@ -1,6 +1,6 @@
 """Compiled batch simulator: :class:`InstanceModelC`.
 
-A port of :class:`blockproxy._sim_py.InstanceModelPy`, whose docstring holds the
+A port of :class:`blockproxy.simulator.reference.InstanceModelPy`, whose docstring holds the
 semantics.  Both must give bit-identical results (``tests/test_sim_diff.py``), so every
 floating-point expression here has the same operands, order and int-to-double conversions
 as in the twin (the extension is compiled with ``-ffp-contract=off``: no fused
@@ -121,7 +121,7 @@ cdef class InstanceModelC:
     """Simulator of one instance: its engine limits and step-time model (compiled).
 
     Same constructor, attributes and :meth:`predict` as
-    :class:`blockproxy._sim_py.InstanceModelPy`; ``speed`` and ``fast_forward`` can be
+    :class:`blockproxy.simulator.reference.InstanceModelPy`; ``speed`` and ``fast_forward`` can be
     changed on a live model, the other attributes are read-only.
     """
 

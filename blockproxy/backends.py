@@ -497,13 +497,14 @@ class BackendsWatcher:
     """
 
     def __init__(self, path: str | os.PathLike[str],
-                 on_change: Callable[[list[BackendSpec]], None],
+                 on_change: Callable[[list[BackendSpec]], None] | None = None,
                  interval: float = 1.0, logger: logging.Logger | None = None) -> None:
         self.path = Path(path)
         self.source = os.fspath(path)
         self.interval = interval
         self.log = logger or logging.getLogger(__name__)
-        self._on_change = on_change
+        #: called with every new valid list (set later by whoever owns the view)
+        self.on_change = on_change
         self._stopped = False
         self._wakeup: asyncio.Event | None = None
         self._missing = False
@@ -572,7 +573,8 @@ class BackendsWatcher:
                       self.source, [s.name for s in added], [s.name for s in removed],
                       [s.name for s in changed])
         self.current = new
-        self._on_change(new)
+        if self.on_change is not None:
+            self.on_change(new)
         return True
 
     async def run(self) -> None:

@@ -5,8 +5,9 @@ H100, time-scaled so that this machine keeps up) and a fresh blockproxy in front
 replays the same slice of the Azure LLM 2023 conversation trace through the proxy (sped up
 so that the cluster is busy), and prints vLLM-style latency figures per policy, in
 real-GPU milliseconds, with a plot of the latency distributions.  Nothing needs a GPU or
-a download: the trace slice ships with blockproxy, and the full trace in
-``../shared/traces`` is used when present.
+a download: the trace slice ships with the load generator, and the full trace is used
+when it is on the trace search path (``LOADGEN_TRACE_PATH``).  Needs the ``[loadgen]``
+extra (the load generator's plots use matplotlib).
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from loadgen.compare import compare_seeds
-from loadgen.report import format_compare, plot_results
-from loadgen.run import write_json
-from loadgen.workload import load_trace
+from blockproxy.cli import require_extra
 
 POLICIES = "block,round_robin,least_requests"
 
@@ -41,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_extra("demo", "loadgen", "matplotlib")
+    from loadgen.compare import compare_seeds
+    from loadgen.report import format_compare, plot_results
+    from loadgen.run import write_json
+    from loadgen.workload import load_trace
+
     specs = load_trace("azure-conv", num_requests=args.num_requests)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     print(f"blockproxy demo: {len(policies)} policies x {len(specs)} requests of the Azure "

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from blockproxy.cluster import ClusterView
+    from blockproxy.cluster.view import ClusterView
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0, 120.0)
@@ -35,7 +35,7 @@ class _ClusterCollector:
                                   "Calibrated step-time multiplier (1 = as the profile)",
                                   labels=["instance"])
         for inst in self.view.instances.values():
-            active.add_metric([inst.name], inst.n)
+            active.add_metric([inst.name], inst.active)
             healthy.add_metric([inst.name], 1.0 if inst.healthy else 0.0)
             speed.add_metric([inst.name], inst.model.speed)
         yield active
@@ -83,6 +83,9 @@ class Metrics:
                                        ["instance"], registry=r)
         self.in_flight = Gauge("blockproxy_in_flight_requests", "Requests being served",
                                registry=r)
+        self.task_restarts = Counter("blockproxy_background_task_restarts_total",
+                                     "Background loops restarted after they raised",
+                                     ["task"], registry=r)
         r.register(_ClusterCollector(view))
 
     def render(self) -> bytes:

@@ -14,11 +14,11 @@ import sys
 
 from aiohttp import web
 
-from blockproxy.backends import BackendsError, BackendsWatcher, load_backends
+from blockproxy.backends import BackendsError, BackendsWatcher
 from blockproxy.config import ProxyConfig, add_config_arguments
-from blockproxy.policies import policy_names
+from blockproxy.front.app import Proxy
 from blockproxy.profile import ProfileError, load_profile
-from blockproxy.server import Proxy
+from blockproxy.routing.policies import policy_names
 
 log = logging.getLogger("blockproxy")
 
@@ -41,14 +41,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         load_profile(config.profile)
-        proxy = Proxy(config, load_backends(config.backends))
-        watcher = BackendsWatcher(config.backends, on_change=proxy.apply_backends,
-                                  interval=config.reload_interval, logger=log)
+        # The file is read once, here; the watcher then applies every later change.
+        watcher = BackendsWatcher(config.backends, interval=config.reload_interval, logger=log)
+        proxy = Proxy(config, watcher.current, watcher=watcher)
     except (BackendsError, ProfileError, ValueError, OSError) as exc:
         print(f"blockproxy: {exc}", file=sys.stderr)
         return 2
     _install_uvloop()
-    asyncio.run(serve(proxy, watcher))
+    asyncio.run(serve(proxy))
     return 0
 
 
@@ -60,38 +60,24 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(proxy: Proxy, watcher: BackendsWatcher) -> None:
+async def serve(proxy: Proxy) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let streams finish."""
     config = proxy.config
     runner = web.AppRunner(proxy.make_app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
+    await runner.setup()  # starts the upstream client, gossip and the background loops
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(watcher.run()), asyncio.create_task(proxy.probe_loop()),
-             asyncio.create_task(proxy.progress_loop())]
-    if proxy.gossip is not None:
-        await proxy.gossip.start()
-        tasks.append(asyncio.create_task(proxy.gossip.run()))
-    if proxy.scraper is not None:
-        tasks.append(asyncio.create_task(proxy.scraper.run()))
     log.info("blockproxy listening on http://%s:%d (policy %s, %d instances)", config.host,
              config.port, config.policy, len(proxy.view.instances))
     print(f"blockproxy listening on http://{config.host}:{config.port}", flush=True)
     await stop.wait()
-    log.info("shutting down: draining %d in-flight requests", proxy.in_flight)
-    proxy.draining = True
+    log.info("shutting down: draining %d in-flight requests", proxy.gate.in_flight)
+    proxy.gate.close()
     await site.stop()
-    try:
-        await asyncio.wait_for(proxy.idle.wait(), timeout=config.drain_timeout)
-    except asyncio.TimeoutError:
-        log.warning("drain timeout: %d requests still in flight", proxy.in_flight)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    if proxy.gossip is not None:
-        proxy.gossip.stop()
-    await runner.cleanup()
+    if not await proxy.gate.wait_idle(config.drain_timeout):
+        log.warning("drain timeout: %d requests still in flight", proxy.gate.in_flight)
+    await runner.cleanup()  # stops the loops and gossip (BYE), closes the upstream client

@@ -20,46 +20,27 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from loadgen.cluster import free_port_range
+from loadgen import promtext
+from loadgen.procs import ChildProcess, command, free_port_range, wait_healthy
 from loadgen.tokenizer import make_prompt
 
 DRIFT_LIMIT = 0.05
 
 
-def _start_emulator(instances: int, base: int, profile: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "loadgen.cli", "emulate", "--instances", str(instances),
-           "--base-port", str(base), "--profile", profile, "--time-scale", "1",
-           "--stall-prob", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert proc.stdout is not None
-    ready = 0
-    while ready < instances:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"emulator exited with {proc.wait()}")
-        ready += "listening on" in line
-    return proc
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+def _start_emulator(instances: int, base: int, profile: str, log_dir: str) -> ChildProcess:
+    return ChildProcess([*command("loadgen"), "emulate", "--instances", str(instances),
+                         "--base-port", str(base), "--profile", profile, "--time-scale", "1",
+                         "--stall-prob", "0"], f"emulator-{base}", Path(log_dir))
 
 
 async def _client(session: aiohttp.ClientSession, url: str, worker: int, output_tokens: int,
@@ -95,11 +76,13 @@ def _window_stats(steps: list[dict[str, Any]], t0: float, t1: float) -> dict[str
 async def _measure(instances: int, streams: int, output_tokens: int, warmup: float,
                    window: float, profile: str) -> dict[str, Any]:
     base = free_port_range(instances)
-    proc = _start_emulator(instances, base, profile)
+    log_dir = tempfile.mkdtemp(prefix="bench-emulator-")
+    proc = _start_emulator(instances, base, profile, log_dir)
     urls = [f"http://127.0.0.1:{base + i}" for i in range(instances)]
     stop = asyncio.Event()
     counter = [0]
     try:
+        await wait_healthy(urls, [proc])
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             tasks = [asyncio.create_task(_client(session, f"{url}/v1/completions",
@@ -127,7 +110,8 @@ async def _measure(instances: int, streams: int, output_tokens: int, warmup: flo
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
-        _stop(proc)
+        proc.stop()
+        shutil.rmtree(log_dir, ignore_errors=True)
     ratios, late = merged["ratios"], sorted(merged["late"])
     duration_drift = statistics.median(ratios) - 1 if ratios else float("nan")
     late_p50 = late[len(late) // 2] if late else float("nan")
@@ -150,13 +134,11 @@ async def _measure(instances: int, streams: int, output_tokens: int, warmup: flo
 
 
 async def _generated(session: aiohttp.ClientSession, urls: list[str]) -> int:
-    total = 0
+    generated = 0
     for url in urls:
         async with session.get(f"{url}/metrics") as resp:
-            for line in (await resp.text()).splitlines():
-                if line.startswith("vllm:generation_tokens_total{"):
-                    total += int(float(line.rsplit(" ", 1)[1]))
-    return total
+            generated += int(promtext.total(await resp.text(), "vllm:generation_tokens_total"))
+    return generated
 
 
 async def bench(counts: list[int], streams: int, output_tokens: int, warmup: float,

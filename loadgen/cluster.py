@@ -3,16 +3,8 @@
 :class:`EmulatedCluster` runs ``loadgen emulate``; :class:`ProxyProcess` runs ``blockproxy
 serve`` in front of it.  Both are async context managers (``start()`` waits for every
 ``/health``; ``stop()`` is synchronous so it also works from ``finally`` and ``atexit``).
-
-How cleanup is guaranteed:
-
-* every child runs in its own session, so a Ctrl-C typed at the terminal reaches only the
-  parent, which then stops its children in order (rather than every process dying at
-  once, mid-request);
-* ``stop()`` sends SIGTERM to the PID it started, waits, then SIGKILLs it;
-* a module-level registry stops whatever is still running at interpreter exit;
-* on Linux each child also gets ``PR_SET_PDEATHSIG`` = SIGTERM, so even a SIGKILLed parent
-  leaves no emulator or proxy behind.
+Their processes are :class:`~loadgen.procs.ChildProcess` es, stopped by PID (see
+:mod:`loadgen.procs` for how cleanup is guaranteed).
 
 One emulator process sustains about 6 busy instances at time-scale 1 before its step
 timing drifts, so a cluster is split over ``ceil(N / instances_per_process)`` processes
@@ -22,162 +14,21 @@ emulated GPU) keeps a busy cluster faithful on a small machine.
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import ctypes
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-HOST = "127.0.0.1"
-#: seconds between SIGTERM and SIGKILL
-STOP_TIMEOUT_S = 5.0
-#: seconds to wait for ``/health`` after a start
-START_TIMEOUT_S = 30.0
+from loadgen.procs import HOST, ChildProcess, command, free_port_range, wait_healthy
+
 #: tries with fresh ports when a child dies at start (another process took a port)
 START_ATTEMPTS = 3
 #: emulator flags that change an engine limit; the proxy is told the same value
 _LIMIT_FLAGS = ("max-num-seqs", "max-num-batched-tokens", "num-gpu-blocks", "block-size",
                 "max-model-len")
-
-_live: set["ChildProcess"] = set()
-
-
-def free_port_range(count: int, attempts: int = 100) -> int:
-    """A base port P such that P .. P+count-1 can be bound on 127.0.0.1 right now."""
-    for _ in range(attempts):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((HOST, port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return base
-    raise RuntimeError(f"no {count} consecutive free ports on {HOST}")
-
-
-def free_udp_ports(count: int) -> list[int]:
-    """``count`` UDP ports free on 127.0.0.1 right now (for gossip)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _child_env() -> dict[str, str]:
-    # Children run ``-m loadgen.cli`` / ``-m blockproxy``: make this checkout importable
-    # even when it is not installed.
-    root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: SIGTERM when the parent thread dies.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class ChildProcess:
-    """One child process with its output in a log file, stopped by PID."""
-
-    def __init__(self, args: Sequence[str], name: str, log_dir: Path) -> None:
-        self.args = list(args)
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen(
-            self.args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, env=_child_env(),
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        _live.add(self)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit status."""
-        try:
-            if self.popen.poll() is None:
-                self.popen.send_signal(signal.SIGTERM)
-                try:
-                    self.popen.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.popen.kill()
-                    self.popen.wait(timeout)
-        finally:
-            _live.discard(self)
-            self._log.close()
-        return self.popen.returncode
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
-@atexit.register
-def stop_all() -> None:
-    """Stop every child still running (the backstop behind each owner's ``finally``)."""
-    for child in list(_live):
-        child.stop()
-
-
-async def wait_healthy(urls: Sequence[str], children: Sequence[ChildProcess],
-                       timeout: float = START_TIMEOUT_S) -> None:
-    """Return when every ``url/health`` answers 200; raise if a child exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    pending = list(urls)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
-        while pending:
-            for child in children:
-                if not child.running():
-                    raise RuntimeError(f"{child.name} exited with {child.popen.returncode}:\n"
-                                       f"{child.log_tail()}")
-            url = pending[0]
-            try:
-                async with session.get(url + "/health") as resp:
-                    if resp.status == 200:
-                        pending.pop(0)
-                        continue
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
-            await asyncio.sleep(0.05)
 
 
 class _Managed:
@@ -269,7 +120,7 @@ class EmulatedCluster(_Managed):
                            else self.speed_factors[first:first + count])
                 # Process k > 0 gets another seed so its engines' noise differs from
                 # process 0's (the emulator seeds instance i with a function of seed, i).
-                args = [sys.executable, "-m", "loadgen.cli", "emulate",
+                args = [*command("loadgen"), "emulate",
                         "--instances", str(count), "--base-port", str(base + first),
                         "--host", HOST, "--profile", self.profile,
                         "--time-scale", repr(self.time_scale),
@@ -328,7 +179,7 @@ class ProxyProcess(_Managed):
         port = self.port or free_port_range(1)
         backends = self.log_dir / "backends.yaml"
         backends.write_text(json.dumps({"backends": self.entries}))  # JSON is valid YAML
-        args = [sys.executable, "-m", "blockproxy", "serve", "--backends", str(backends),
+        args = [*command("blockproxy"), "serve", "--backends", str(backends),
                 "--host", HOST, "--port", str(port), "--policy", self.policy]
         if self.profile:
             args += ["--profile", self.profile]

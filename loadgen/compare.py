@@ -36,41 +36,30 @@ import asyncio
 import contextlib
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from loadgen import report
+from loadgen import promtext, report
 from loadgen.report import summarize
 from loadgen.capacity import add_search_arguments, find_capacity, probe_kwargs, slo_check
-from loadgen.cluster import EmulatedCluster, ProxyProcess, free_udp_ports, get_texts
-from loadgen.run import add_workload_arguments, benchmark_kwargs, specs_from_args, \
-    run_benchmark, write_json
-from loadgen.workload import RequestSpec, detect_format, resolve_trace
+from loadgen.cluster import EmulatedCluster, ProxyProcess, get_texts
+from loadgen.procs import free_udp_ports
+from loadgen.run import add_workload_arguments, benchmark_kwargs, run_benchmark, \
+    specs_from_args, timestamped, write_json
+from loadgen.workload import RequestSpec
 
 #: suffix of a policy name that sends the true output length as the proxy's hint
 HINT_SUFFIX = "*"
 #: per-request fields kept for CDFs (the ITL lists would make the JSON huge)
 _PER_REQUEST_KEYS = ("start_s", "success", "error", "prompt_tokens", "output_tokens",
                      "ttft_ms", "e2el_ms", "tpot_ms")
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 Specs = Sequence[RequestSpec] | Callable[[int], Sequence[RequestSpec]]
 Log = Callable[[str], None]
-
-
-def _samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
-    """(name, labels, value) of every sample in a Prometheus text exposition."""
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            name, labels_text, value = match.groups()
-            yield name, dict(_LABEL.findall(labels_text or "")), float(value)
 
 
 def _stderr(line: str) -> None:
@@ -92,7 +81,7 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
     """
     sums: dict[tuple[str, str], float] = {}
     decisions: dict[str, float] = {}
-    for name, labels, value in _samples(text):
+    for name, labels, value in promtext.samples(text):
         if name == "blockproxy_decisions_total":
             instance = labels.get("instance", "?")
             decisions[instance] = decisions.get(instance, 0) + value
@@ -116,7 +105,7 @@ def parse_emulator_metrics(texts: Sequence[str]) -> dict[str, Any]:
     totals = {"emulator:steps_total": 0.0, "emulator:step_lateness_seconds_total": 0.0,
               "emulator:resyncs_total": 0.0}
     for text in texts:
-        for name, _, value in _samples(text):
+        for name, _, value in promtext.samples(text):
             if name in totals:
                 totals[name] += value
     steps = totals["emulator:steps_total"]
@@ -133,7 +122,7 @@ def parse_gossip_metrics(texts: Sequence[str], duration_s: float,
     dropped = 0.0
     buckets: dict[float, float] = {}
     for text in texts:
-        for name, labels, value in _samples(text):
+        for name, labels, value in promtext.samples(text):
             if name == "blockproxy_gossip_bytes_total":
                 if labels.get("direction") == "out":
                     out_bytes += value
@@ -380,13 +369,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="OUT.png", help="draw CDFs and bars here")
 
 
-def _has_timestamps(args: argparse.Namespace) -> bool:
-    if not args.trace or args.format in ("lengths", "synthetic"):
-        return False
-    fmt = args.format if args.format != "auto" else detect_format(resolve_trace(args.trace))
-    return fmt != "lengths"
-
-
 def _config(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
     keys = ("trace", "format", "start", "duration", "num_requests", "clip_context",
             "instances", "profile", "speed_factors", "proxy_arg", "emulator_arg", "proxies",
@@ -404,7 +386,7 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
     if args.proxies < 1:
         raise ValueError("--proxies must be at least 1")
     if not args.use_trace_timestamps and math.isinf(args.request_rate) \
-            and _has_timestamps(args):
+            and timestamped(args):
         args.use_trace_timestamps = True  # default for traces with their own times
     specs_from_args(args)  # fail early on an empty or unreadable workload
     kwargs = benchmark_kwargs(args)

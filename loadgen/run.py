@@ -252,6 +252,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base URL of the endpoint, e.g. http://127.0.0.1:8000")
     parser.add_argument("--trace", help="trace file, or a name: azure-conv, mooncake, "
                                         "sharegpt, arxiv (omit for synthetic lengths)")
+    parser.add_argument("--trace-path", default=None, metavar="DIR[:DIR...]",
+                        help="directories searched for a trace given by name, before the "
+                             "bundled Azure slice [env LOADGEN_TRACE_PATH]")
     parser.add_argument("--format", default="auto", choices=FORMATS, help="trace format")
     parser.add_argument("--start", type=float, default=0.0,
                         help="start of the slice: trace seconds (row offset for length-only "
@@ -314,11 +317,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="include per-request records in the JSON")
 
 
-def _timestamped(args: argparse.Namespace) -> bool:
+def timestamped(args: argparse.Namespace) -> bool:
     """Whether the flags name a trace with its own arrival times."""
     if not args.trace or args.format in ("lengths", "synthetic"):
         return False
-    fmt = args.format if args.format != "auto" else detect_format(resolve_trace(args.trace))
+    fmt = args.format if args.format != "auto" else \
+        detect_format(resolve_trace(args.trace, args.trace_path))
     return fmt != "lengths"
 
 
@@ -326,7 +330,7 @@ def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
     """The workload the flags describe (arrival times in trace seconds)."""
     if args.trace and args.format != "synthetic":
         specs = load_trace(args.trace, args.format, args.start, args.duration,
-                           args.num_requests, args.clip_context)
+                           args.num_requests, args.clip_context, args.trace_path)
     else:
         count = args.num_requests if args.num_requests is not None else 100
         specs = synthetic(count, args.synthetic_prompt_mean, args.synthetic_output_mean,
@@ -336,7 +340,8 @@ def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
     if args.use_trace_timestamps and len(specs) > 1 and all(s.arrival_s == 0 for s in specs):
         raise ValueError("this workload has no timestamps: use --request-rate instead of "
                          "--use-trace-timestamps")
-    if not _timestamped(args) and args.duration is not None and not math.isinf(args.request_rate):
+    if not timestamped(args) and args.duration is not None \
+            and not math.isinf(args.request_rate):
         # No timestamps: --duration cuts the synthetic arrival process (the runner draws
         # the same times again from the same seed).
         specs = slice_specs(assign_arrivals(specs, args.request_rate, args.burstiness,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -56,8 +57,9 @@ MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_MAX_TOKENS_CAP = 2048
 
 _PACKAGE_DATA = Path(__file__).resolve().parent / "data"
-_SHARED_TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
-#: trace name -> (file in ../shared/traces, bundled fallback in loadgen/data or None)
+#: Directories searched for trace files given by name (``os.pathsep``-separated).
+TRACE_PATH_ENV = "LOADGEN_TRACE_PATH"
+#: trace name -> (file name looked up on the search path, bundled slice in loadgen/data or None)
 TRACE_NAMES: dict[str, tuple[str, str | None]] = {
     "azure-conv": ("azure_llm_2023_conv.csv", "azure_conv_slice.csv"),
     "mooncake": ("mooncake_synthetic_trace.jsonl", None),
@@ -79,11 +81,19 @@ class RequestSpec:
 # --------------------------------------------------------------------------- traces
 
 
-def resolve_trace(name_or_path: str | Path, traces_dir: Path | None = None) -> Path:
+def trace_search_path(value: str | None = None) -> list[Path]:
+    """Directories searched for named traces: ``value`` (``DIR[:DIR...]``, the
+    ``--trace-path`` flag) or else the :data:`TRACE_PATH_ENV` variable; empty when neither."""
+    text = value if value is not None else os.environ.get(TRACE_PATH_ENV, "")
+    return [Path(part) for part in text.split(os.pathsep) if part]
+
+
+def resolve_trace(name_or_path: str | Path,
+                  search_path: Sequence[Path] | str | None = None) -> Path:
     """A trace file from a path, or a name of :data:`TRACE_NAMES`.
 
-    A name looks in ``traces_dir`` (default ``<repo>/../shared/traces``), then in the
-    bundled slice when there is one.
+    A name is looked up in each directory of ``search_path`` (default: the
+    :data:`TRACE_PATH_ENV` variable), then in the bundled slice when there is one.
     """
     path = Path(name_or_path)
     if path.exists():
@@ -91,7 +101,9 @@ def resolve_trace(name_or_path: str | Path, traces_dir: Path | None = None) -> P
     name = str(name_or_path)
     if name in TRACE_NAMES:
         file_name, bundled = TRACE_NAMES[name]
-        candidates = [(traces_dir or _SHARED_TRACES) / file_name]
+        dirs = (search_path if isinstance(search_path, Sequence)
+                and not isinstance(search_path, str) else trace_search_path(search_path))
+        candidates = [Path(d) / file_name for d in dirs]
         if bundled:
             candidates.append(_PACKAGE_DATA / bundled)
         for candidate in candidates:
@@ -202,7 +214,8 @@ def clip_lengths(spec: RequestSpec, context: int) -> RequestSpec:
 
 def load_trace(path: str | Path, fmt: str = "auto", start: float = 0.0,
                duration: float | None = None, num_requests: int | None = None,
-               clip_context: int | None = None) -> list[RequestSpec]:
+               clip_context: int | None = None,
+               search_path: Sequence[Path] | str | None = None) -> list[RequestSpec]:
     """Read a trace file (or a trace name, see :func:`resolve_trace`) into specs.
 
     For timestamped formats ``start`` and ``duration`` are trace seconds from the first
@@ -210,7 +223,7 @@ def load_trace(path: str | Path, fmt: str = "auto", start: float = 0.0,
     and ``duration`` is left to :func:`slice_specs` after :func:`assign_arrivals`.
     Zero lengths in a trace become 1 (a request has at least one token each way).
     """
-    file = resolve_trace(path)
+    file = resolve_trace(path, search_path)
     if fmt == "auto":
         fmt = detect_format(file)
     if fmt not in _READERS:

@@ -1,4 +1,6 @@
-"""Step-time profiles shipped with blockproxy (package data; see profiles/README.md).
+"""Step-time profiles (package data; the format is in profiles/README.md).
 
-Installed as ``blockproxy.profiles``; load them with :func:`blockproxy.profile.load_profile`.
+Installed twice, as ``blockproxy.profiles`` (read by :func:`blockproxy.profile.load_profile`)
+and as ``loadgen.profiles`` (read by the emulator's own reader), so that neither package
+needs the other to find them.
 """

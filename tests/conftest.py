@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from blockproxy import sim
+from blockproxy import simulator
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -20,13 +20,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _implementations(config: pytest.Config) -> list:
-    impls = [pytest.param(sim.InstanceModelPy, id="py")]
-    no_ext = config.getoption("--no-c-extensions") or sim.NO_EXTENSIONS
+    impls = [pytest.param(simulator.InstanceModelPy, id="py")]
+    no_ext = config.getoption("--no-c-extensions") or simulator.NO_EXTENSIONS
     if not no_ext:
-        if sim.InstanceModelC is None and os.environ.get("CI"):
+        if simulator.InstanceModelC is None and os.environ.get("CI"):
             raise RuntimeError("the compiled simulator is not built")
-        if sim.InstanceModelC is not None:
-            impls.insert(0, pytest.param(sim.InstanceModelC, id="c"))
+        if simulator.InstanceModelC is not None:
+            impls.insert(0, pytest.param(simulator.InstanceModelC, id="c"))
     return impls
 
 

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import pytest
 
+from loadgen import promtext
 from tests.procs import ROOT, free_ports, http_get
 
 _spec = importlib.util.spec_from_file_location("real_vllm", ROOT / "scripts" / "real_vllm.py")
@@ -76,9 +77,9 @@ class VllmServer:
 
     def cache_config(self) -> dict[str, str]:
         """Labels of ``vllm:cache_config_info`` (num_gpu_blocks, block_size, ...)."""
-        for line in self.metrics().splitlines():
-            if line.startswith("vllm:cache_config_info{"):
-                return dict(re.findall(r'(\w+)="([^"]*)"', line))
+        for sample in promtext.samples(self.metrics()):
+            if sample.name == "vllm:cache_config_info":
+                return sample.labels
         return {}
 
 
@@ -126,13 +127,10 @@ def vllm_pair(vllm_logs: Path) -> Iterator[list[VllmServer]]:
 
 def vllm_metric(text: str, name: str) -> float:
     """Sum of every sample of ``name`` (vLLM labels its gauges per engine and model)."""
-    total, seen = 0.0, False
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
-            seen = True
-    if not seen:
+    parsed = promtext.samples(text)
+    if not any(s.name == name for s in parsed):
         pytest.fail(f"vLLM metric {name} not found")
+    total = promtext.total(parsed, name)
     return total
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from blockproxy.calibration import SpeedCalibration
+from blockproxy.cluster.calibration import SpeedCalibration
 
 
 def test_learns_a_slower_instance_despite_noise_and_outliers():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blockproxy import sim
+from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster import ClusterView
 
@@ -22,23 +22,23 @@ def test_reserve_and_release_keep_dispatch_order():
     entries = [inst.reserve(100 + i, 10, now=float(i)) for i in range(5)]
     inst.release(entries[1])
     inst.release(entries[1])  # twice is harmless
-    assert inst.n == 4
-    assert list(inst.table[sim.COL_PROMPT, :4]) == [100, 102, 103, 104]
-    assert [e.slot for e in inst.entries] == [0, 1, 2, 3]
+    assert inst.requests.n == 4
+    assert list(inst.requests.table[simulator.COL_PROMPT, :4]) == [100, 102, 103, 104]
+    assert [e.slot for e in inst.requests.entries] == [0, 1, 2, 3]
     inst.first_token(entries[3], now=9.0)
-    inst.add_tokens(entries[3], 4)
-    assert inst.table[sim.COL_STARTED, entries[3].slot] == 1
-    assert inst.table[sim.COL_GENERATED, entries[3].slot] == 5
+    inst.requests.add_tokens(entries[3], 4)
+    assert inst.requests.table[simulator.COL_STARTED, entries[3].slot] == 1
+    assert inst.requests.table[simulator.COL_GENERATED, entries[3].slot] == 5
 
 
 def test_table_grows_past_its_capacity():
     inst = view_with("a").instances["a"]
     entries = [inst.reserve(i + 1, 1, 0.0) for i in range(200)]
-    assert inst.n == 200
-    assert np.array_equal(inst.table[sim.COL_PROMPT, :200], np.arange(1, 201))
+    assert inst.requests.n == 200
+    assert np.array_equal(inst.requests.table[simulator.COL_PROMPT, :200], np.arange(1, 201))
     for e in entries:
         inst.release(e)
-    assert inst.n == 0
+    assert inst.requests.n == 0
 
 
 def test_more_load_predicts_longer_latency():
@@ -57,7 +57,7 @@ def test_apply_adds_removes_and_changes_in_place():
         BackendSpec(url="http://127.0.0.1:9000", name="a", state="draining"),
         BackendSpec(url="http://127.0.0.1:9002", name="c")])
     assert (added, removed, changed) == (["c"], ["b"], ["a"])
-    assert view.instances["a"] is a and a.state == "draining" and a.n == 1
+    assert view.instances["a"] is a and a.state == "draining" and a.requests.n == 1
     assert [i.name for i in view.candidates("any")] == ["c"]
     a.release(entry)
 
@@ -84,15 +84,15 @@ def test_unobserved_requests_progress_along_their_prediction():
     entry = inst.reserve(100, 11, now=0.0)
     entry.observed = False
     entry.predicted_ttft, entry.predicted_e2e = 1.0, 2.0  # 10 decode steps of 0.1 s
-    inst.estimate_progress(0.5)
-    assert inst.table[sim.COL_STARTED, 0] == 0
-    inst.estimate_progress(1.55)
-    assert inst.table[sim.COL_STARTED, 0] == 1
-    assert inst.table[sim.COL_GENERATED, 0] == 6
+    inst.requests.estimate_progress(0.5)
+    assert inst.requests.table[simulator.COL_STARTED, 0] == 0
+    inst.requests.estimate_progress(1.55)
+    assert inst.requests.table[simulator.COL_STARTED, 0] == 1
+    assert inst.requests.table[simulator.COL_GENERATED, 0] == 6
     streamed = inst.reserve(100, 11, now=0.0)
     streamed.predicted_ttft, streamed.predicted_e2e = 1.0, 2.0
-    inst.estimate_progress(1.9)
-    assert inst.table[sim.COL_GENERATED, 0] == 9 and inst.table[sim.COL_STARTED, 1] == 0
+    inst.requests.estimate_progress(1.9)
+    assert inst.requests.table[simulator.COL_GENERATED, 0] == 9 and inst.requests.table[simulator.COL_STARTED, 1] == 0
 
 
 def test_calibration_uses_pure_decode_spans_despite_bunched_reads():

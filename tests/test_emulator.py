@@ -16,9 +16,17 @@ from typing import Any
 import aiohttp
 import pytest
 
+from loadgen import promtext
+from loadgen.procs import wait_for
 from loadgen.tokenizer import make_prompt
-from emulator_helpers import (
-    Emulator, health_ok, metric, parse_metrics, run_emulator, stream_events)
+from tests.emulator_helpers import (
+    Emulator,
+    health_ok,
+    metric,
+    parse_metrics,
+    run_emulator,
+    stream_events,
+)
 
 HEADER = "x-loadgen-output-tokens"
 NO_STALLS = ("--stall-prob", "0")
@@ -37,17 +45,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def get_metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+async def get_metrics(session: aiohttp.ClientSession, url: str) -> list[promtext.Sample]:
     async with session.get(f"{url}/metrics") as resp:
         assert resp.status == 200
         return parse_metrics(await resp.text())
-
-
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 # --- HTTP surface ---------------------------------------------------------------------
@@ -225,7 +226,7 @@ async def test_disconnect_aborts(emu: Emulator, session: aiohttp.ClientSession) 
         return (metric(samples, "vllm:num_requests_running") == 0
                 and metric(samples, "vllm:request_success_total", finished_reason="abort") >= 1
                 and metric(samples, "vllm:kv_cache_usage_perc") == 0)
-    await wait_for(aborted)
+    assert await wait_for(aborted), "condition not reached in time"
 
 
 async def test_disconnect_aborts_non_streaming(emu: Emulator,
@@ -238,7 +239,7 @@ async def test_disconnect_aborts_non_streaming(emu: Emulator,
 
     async def running() -> bool:
         return metric(await get_metrics(session, url), "vllm:num_requests_running") == 1
-    await wait_for(running)
+    assert await wait_for(running), "condition not reached in time"
     task.cancel()  # closes the connection while the request is in the batch
     await asyncio.gather(task, return_exceptions=True)
 
@@ -246,7 +247,7 @@ async def test_disconnect_aborts_non_streaming(emu: Emulator,
         samples = await get_metrics(session, url)
         return (metric(samples, "vllm:num_requests_running") == 0 and metric(
             samples, "vllm:request_success_total", finished_reason="abort") == before + 1)
-    await wait_for(aborted)
+    assert await wait_for(aborted), "condition not reached in time"
 
 
 # --- engine behaviour -----------------------------------------------------------------
@@ -263,7 +264,7 @@ async def test_sequence_cap_shows_running_and_waiting(session: aiohttp.ClientSes
                 samples = await get_metrics(session, url)
                 return (metric(samples, "vllm:num_requests_running"),
                         metric(samples, "vllm:num_requests_waiting")) == (4, 16)
-            await wait_for(queued)
+            assert await wait_for(queued), "condition not reached in time"
         finally:
             for task in tasks:
                 task.cancel()
@@ -273,7 +274,7 @@ async def test_sequence_cap_shows_running_and_waiting(session: aiohttp.ClientSes
             samples = await get_metrics(session, url)
             return (metric(samples, "vllm:num_requests_running"),
                     metric(samples, "vllm:num_requests_waiting")) == (0, 0)
-        await wait_for(drained)
+        assert await wait_for(drained), "condition not reached in time"
 
 
 async def test_small_kv_cache_preempts_and_completes(session: aiohttp.ClientSession) -> None:
@@ -366,8 +367,7 @@ async def test_step_times_follow_profile(emu: Emulator, session: aiohttp.ClientS
     # The fidelity counters on /metrics add up exactly what the step records show.
     async with session.get(f"{url}/metrics") as resp:
         page = await resp.text()
-    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
-              if line.startswith("emulator:")}
+    values = {s.name: s.value for s in promtext.samples(page) if s.name.startswith("emulator:")}
     assert values["emulator:steps_total"] == len(steps)
     late = sum(max(0.0, s["actual_end"] - s["intended_end"]) for s in steps)
     assert values["emulator:step_lateness_seconds_total"] == pytest.approx(late, abs=1e-9)

@@ -9,13 +9,13 @@ import socket
 import pytest
 from prometheus_client import CollectorRegistry
 
-from blockproxy import sim
+from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster import LOCAL, PHANTOM, ClusterView
 from blockproxy.gossip import codec
 from blockproxy.gossip.node import Gossiper
-from blockproxy.scraper import Scraper, parse_vllm_gauges
-from loadgen.cluster import free_udp_ports
+from blockproxy.cluster.scraper import Scraper, parse_vllm_gauges
+from loadgen.procs import free_udp_ports
 
 KEY = b"0123456789abcdef0123456789abcdef"
 NAMES = ("i0", "i1")
@@ -31,11 +31,11 @@ def view() -> ClusterView:
 def remote_rows(v: ClusterView) -> dict:
     out = {}
     for inst in v.instances.values():
-        for e in inst.entries:
+        for e in inst.requests.entries:
             if e.origin != LOCAL:
                 out[(e.origin, inst.name, e.rid)] = (
-                    int(inst.table[sim.COL_STARTED, e.slot]),
-                    int(inst.table[sim.COL_GENERATED, e.slot]))
+                    int(inst.requests.table[simulator.COL_STARTED, e.slot]),
+                    int(inst.requests.table[simulator.COL_GENERATED, e.slot]))
     return out
 
 
@@ -75,7 +75,7 @@ async def test_three_views_converge(mesh):
     entries = [inst.reserve(100 + i, 50, 0.0) for i in range(3)]
     await eventually(lambda: len(remote_rows(b.view)) == 3 and len(remote_rows(c.view)) == 3)
     inst.first_token(entries[0], 1.0)
-    inst.add_tokens(entries[0], 9)
+    inst.requests.add_tokens(entries[0], 9)
     await eventually(lambda: remote_rows(c.view)[(100, "i0", entries[0].rid)] == (1, 10))
     for e in entries:
         inst.release(e)
@@ -91,7 +91,7 @@ async def test_converges_with_loss(mesh):
     entries = [inst.reserve(100 + i, 50, 0.0) for i in range(40)]
     for e in entries[::2]:
         inst.first_token(e, 1.0)
-        inst.add_tokens(e, 4)
+        inst.requests.add_tokens(e, 4)
     want = {(100, "i1", e.rid): (int(bool(e.first_token_at)), e.generated) for e in entries}
     await eventually(lambda: remote_rows(b.view) == want and remote_rows(c.view) == want,
                      timeout=10)
@@ -135,7 +135,8 @@ async def test_rejected_datagrams_are_counted(mesh):
 
 async def test_herding_two_proxies_bursts(mesh):
     """Two proxies taking simultaneous bursts, with gossip, spread them over instances."""
-    from blockproxy.policies import Job, make_policy
+    from blockproxy.routing.job import Job
+    from blockproxy.routing.policies import make_policy
     a, b, _ = mesh
     pa = make_policy("block", random.Random(1))
     pb = make_policy("block", random.Random(2))
@@ -145,7 +146,7 @@ async def test_herding_two_proxies_bursts(mesh):
             inst.reserve(2000, 200, 0.0)
         await asyncio.sleep(0.03)
     await eventually(lambda: len(remote_rows(a.view)) == 6)
-    counts = [inst.n for inst in a.view.instances.values()]
+    counts = [inst.requests.n for inst in a.view.instances.values()]
     assert counts == [6, 6], counts
 
 
@@ -162,11 +163,11 @@ def test_scraper_phantoms():
                       "vllm:kv_cache_usage_perc": 0.25}
     assert scraper.apply(inst, gauges) == 0  # one excess could be a gossip delay
     assert scraper.apply(inst, gauges) == 4
-    phantoms = [e for e in inst.entries if e.origin == PHANTOM]
-    assert inst.n == 5 and sum(1 for e in phantoms if e.first_token_at) == 3
+    phantoms = [e for e in inst.requests.entries if e.origin == PHANTOM]
+    assert inst.requests.n == 5 and sum(1 for e in phantoms if e.first_token_at) == 3
     assert scraper.apply(inst, {"vllm:num_requests_running": 2.0}) == 1
     assert scraper.apply(inst, {"vllm:num_requests_running": 1.0}) == 0
-    assert inst.n == 1
+    assert inst.requests.n == 1
 
 
 def test_compare_reads_gossip_metrics():

@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 
 from blockproxy.gossip import codec
+from loadgen.procs import wait_for
 from tests.procs import Emulator, Proxy, metric_value, write_backends
-from loadgen.cluster import free_udp_ports
+from loadgen.procs import free_udp_ports
 
 KEY = b"test-key-0123456789abcdef-0123456789"
 GOSSIP = ["--gossip-snapshot-interval", "0.2", "--scrape-interval", "0"]
@@ -60,14 +61,6 @@ def by_origin(proxy: Proxy) -> dict[str, int]:
     return out
 
 
-async def wait_for(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if await asyncio.to_thread(check):
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
 
 async def send(session: aiohttp.ClientSession, proxy: Proxy, tokens: int = 30) -> None:
     body = {"model": "tiny", "prompt": "hello " * 50, "max_tokens": tokens, "stream": True,
@@ -82,9 +75,9 @@ async def converge(proxies: list[Proxy], sender: Proxy, count: int) -> None:
     others = [p for p in proxies if p is not sender]
     async with aiohttp.ClientSession() as session:
         tasks = [asyncio.create_task(send(session, sender)) for _ in range(count)]
-        await wait_for(lambda: all(by_origin(p).get(origin) == count for p in others))
+        assert await wait_for(lambda: all(by_origin(p).get(origin) == count for p in others))
         await asyncio.gather(*tasks)
-    await wait_for(lambda: all(not by_origin(p) for p in others), timeout=3.0)
+    assert await wait_for(lambda: all(not by_origin(p) for p in others), timeout=3.0)
 
 
 @pytest.mark.parametrize("loss", [0.0, 0.3])
@@ -97,11 +90,11 @@ async def test_three_proxies_converge(tmp_module, backends, key_file, loss):
         await converge(proxies, proxies[0], 4)
         text = proxies[1].metrics()
         assert metric_value(text, "blockproxy_gossip_peers") == 2
-        assert metric_value(text, "blockproxy_gossip_bytes_total", 'direction="in"') > 0
+        assert metric_value(text, "blockproxy_gossip_bytes_total", direction="in") > 0
         assert metric_value(text, "blockproxy_gossip_propagation_seconds_count") > 0
         if loss:
             assert metric_value(proxies[0].metrics(), "blockproxy_gossip_datagrams_total",
-                                'direction="out"') > 0
+                                direction="out") > 0
     finally:
         for p in proxies:
             p.stop()
@@ -117,22 +110,22 @@ async def test_killed_proxy_expires_and_restart_replaces(tmp_module, backends, k
         origin = a.cluster()["gossip"]["origin"]
         session = aiohttp.ClientSession()
         tasks = [asyncio.create_task(send(session, a, tokens=200)) for _ in range(3)]
-        await wait_for(lambda: by_origin(b).get(origin) == 3)
+        assert await wait_for(lambda: by_origin(b).get(origin) == 3)
         a.signal(signal.SIGKILL)  # dies without a word: its entries must expire
         await asyncio.gather(*tasks, return_exceptions=True)
-        await wait_for(lambda: origin not in by_origin(b), timeout=5.0)
+        assert await wait_for(lambda: origin not in by_origin(b), timeout=5.0)
         a.stop()
         # Same id, new incarnation, again with requests in flight; then kill and restart
         # at once: the restart replaces the old incarnation before any expiry could.
         a = Proxy(tmp_module, backends, a_args[:-2] + ["--gossip-expiry", "30"])
         tasks = [asyncio.create_task(send(session, a, tokens=200)) for _ in range(2)]
-        await wait_for(lambda: by_origin(b).get(origin) == 2)
+        assert await wait_for(lambda: by_origin(b).get(origin) == 2)
         old = b.cluster()["gossip"]["origins"][origin]["incarnation"]
         a.signal(signal.SIGKILL)
         await asyncio.gather(*tasks, return_exceptions=True)
         a.stop()
         a = Proxy(tmp_module, backends, a_args)
-        await wait_for(lambda: b.cluster()["gossip"]["origins"].get(origin, {}).get(
+        assert await wait_for(lambda: b.cluster()["gossip"]["origins"].get(origin, {}).get(
             "incarnation", old) > old, timeout=3.0)
         assert origin not in by_origin(b)
         await session.close()
@@ -167,8 +160,8 @@ async def test_bad_datagrams_rejected_and_counted(tmp_module, backends, key_file
         def counted() -> bool:
             text = proxy.metrics()
             return all(metric_value(text, "blockproxy_gossip_dropped_total",
-                                    f'reason="{r}"') == len(d) for r, d in sent.items())
-        await wait_for(counted)
+                                    reason=r) == len(d) for r, d in sent.items())
+        assert await wait_for(counted)
         assert by_origin(proxy) == {f"{77:016x}": 1}  # only the good one applied
         assert proxy.popen.poll() is None
     finally:
@@ -198,13 +191,13 @@ async def test_phantom_load_from_direct_traffic(tmp_module, backends, emulator):
             def phantoms(n: int) -> bool:
                 inst = [i for i in proxy.cluster()["instances"] if i["name"] == "i1"][0]
                 return inst["by_origin"].get("phantom", 0) == n
-            await wait_for(lambda: phantoms(3), timeout=5.0)
+            assert await wait_for(lambda: phantoms(3), timeout=5.0)
             text = proxy.metrics()
-            assert metric_value(text, "blockproxy_phantom_requests", 'instance="i1"') == 3
+            assert metric_value(text, "blockproxy_phantom_requests", instance="i1") == 3
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await wait_for(lambda: phantoms(0), timeout=5.0)
+            assert await wait_for(lambda: phantoms(0), timeout=5.0)
     finally:
         proxy.stop()
 

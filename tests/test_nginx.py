@@ -22,6 +22,7 @@ import aiohttp
 import openai
 import pytest
 
+from loadgen.procs import wait_for
 from tests.procs import ROOT, Emulator, Proc, Proxy, free_ports, http_get, metric_value
 from tests.procs import write_backends
 
@@ -129,14 +130,6 @@ def nginx(tmp_module: Path, proxies: list[Proxy]):
 def running(url: str) -> float:
     return metric_value(http_get(url + "/metrics")[1].decode(), "vllm:num_requests_running")
 
-
-async def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
 
 
 def test_openai_client_through_nginx(nginx: Nginx, proxies: list[Proxy]):

@@ -9,7 +9,8 @@ import pytest
 
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster import ClusterView
-from blockproxy.policies import Job, make_policy, policy_names
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import make_policy, policy_names
 
 JOB = Job(prompt_tokens=500, cached_tokens=0, output_tokens=100)
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockproxy import predictor as predictor_module
-from blockproxy.predictor import LengthPredictor, length_bucket, parse_hint
+from blockproxy.routing import lengths as predictor_module
+from blockproxy.routing.lengths import LengthPredictor, length_bucket, parse_hint
 
 
 def feed(p: LengthPredictor, model: str, prompt: int, lengths: list[int]) -> None:

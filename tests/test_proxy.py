@@ -16,6 +16,7 @@ import aiohttp
 import openai
 import pytest
 
+from loadgen.procs import wait_for
 from tests.procs import Emulator, Proxy, http_get, metric_value, write_backends
 
 MODEL = "tiny"
@@ -179,14 +180,6 @@ def emulator_running(url: str) -> float:
     return metric_value(http_get(url + "/metrics")[1].decode(), "vllm:num_requests_running")
 
 
-async def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
-
 
 async def test_client_disconnect_cancels_upstream(tmp_path: Path):
     with Emulator(tmp_path, instances=1) as emu:
@@ -215,8 +208,8 @@ async def test_backend_down_before_first_byte_is_retried_and_ejected(tmp_path: P
                     events = await stream_events(session, proxy.url, 3)
                     assert events[-1] == b"data: [DONE]"
             text = proxy.metrics()
-            assert metric_value(text, "blockproxy_retries_total", 'instance="b"') >= 2
-            assert metric_value(text, "blockproxy_ejections_total", 'instance="b"') == 1
+            assert metric_value(text, "blockproxy_retries_total", instance="b") >= 2
+            assert metric_value(text, "blockproxy_ejections_total", instance="b") == 1
             health = {i["name"]: i["healthy"] for i in proxy.cluster()["instances"]}
             assert health == {"a": True, "b": False}
 

@@ -1,6 +1,6 @@
 """Differential tests: the compiled simulator against its pure-Python twin.
 
-The twin (``blockproxy._sim_py``) is the reference semantics; ``InstanceModelC`` must give
+The twin (``blockproxy.simulator.reference``) is the reference semantics; ``InstanceModelC`` must give
 bit-identical results on any input, including the edges where C and Python arithmetic
 part ways (values up to 2**40, block boundaries, tiny KV caches, budget 1).  Also checked
 on each implementation: fast-forward agrees with stepping one engine step at a time.
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from blockproxy import sim
-from blockproxy._sim_py import MAX_TOKENS, NUM_COLUMNS, InstanceModelPy
+from blockproxy import simulator
+from blockproxy.simulator.reference import MAX_TOKENS, NUM_COLUMNS, InstanceModelPy
 
 ATTRIBUTES = ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size",
               "fixed_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s",
@@ -31,20 +31,20 @@ H100 = dict(max_num_seqs=256, max_num_batched_tokens=8192, num_gpu_blocks=26000,
 @pytest.fixture
 def c_impl(request: pytest.FixtureRequest) -> type:
     """The compiled simulator; the test is skipped when it is not built or not wanted."""
-    if sim.InstanceModelC is None:
+    if simulator.InstanceModelC is None:
         pytest.skip("blockproxy._fastcore is not built (install without "
                     "BLOCKPROXY_NO_EXTENSIONS and with Cython): nothing to compare")
-    if sim.NO_EXTENSIONS or request.config.getoption("--no-c-extensions"):
+    if simulator.NO_EXTENSIONS or request.config.getoption("--no-c-extensions"):
         pytest.skip("compiled simulator disabled (BLOCKPROXY_NO_EXTENSIONS / "
                     "--no-c-extensions)")
-    return sim.InstanceModelC
+    return simulator.InstanceModelC
 
 
 def c_impl_or_skip() -> type:
     """For hypothesis tests, which cannot take function-scoped fixtures."""
-    if sim.InstanceModelC is None or sim.NO_EXTENSIONS:
+    if simulator.InstanceModelC is None or simulator.NO_EXTENSIONS:
         pytest.skip("blockproxy._fastcore is not built or disabled: nothing to compare")
-    return sim.InstanceModelC
+    return simulator.InstanceModelC
 
 
 # ---- strategies ---------------------------------------------------------------------------
@@ -435,6 +435,6 @@ def test_scratch_buffer_reuse_across_sizes(c_impl) -> None:
 
 def test_no_extensions_env_respected() -> None:
     if os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0"):
-        assert sim.IMPLEMENTATION == "py"
-    elif sim.InstanceModelC is not None:
-        assert sim.IMPLEMENTATION == "c"
+        assert simulator.IMPLEMENTATION == "py"
+    elif simulator.InstanceModelC is not None:
+        assert simulator.IMPLEMENTATION == "c"

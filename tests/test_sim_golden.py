@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from blockproxy.sim import Prediction
+from blockproxy.simulator import Prediction
 
 FIXED = 1.0
 PREFILL = 0.01

@@ -21,6 +21,7 @@ import aiohttp
 import openai
 import pytest
 
+from loadgen.procs import wait_for
 from tests.procs import ROOT, Proxy, http_get, metric_value, write_backends
 from tests.real_vllm import (MAX_MODEL_LEN, MAX_NUM_SEQS, MODEL, VllmServer, fit_profile,
                              prediction_errors, require_vllm, start_servers, summarize,
@@ -28,6 +29,9 @@ from tests.real_vllm import (MAX_MODEL_LEN, MAX_NUM_SEQS, MODEL, VllmServer, fit
 
 pytestmark = pytest.mark.vllm
 __all__ = ["vllm_logs", "vllm_pair"]  # fixtures, imported for pytest
+#: seconds to wait for a condition: vLLM publishes its gauges a little behind its engine,
+#: and slowly when it fills both cores
+VLLM_WAIT_S = 30.0
 
 
 def backends_for(tmp: Path, servers: list[VllmServer], profile: Path | None) -> Path:
@@ -86,17 +90,6 @@ def vllm_idle(servers: list[VllmServer]) -> bool:
     return all(vllm_metric(t, "vllm:num_requests_running") == 0
                and vllm_metric(t, "vllm:num_requests_waiting") == 0 for t in texts)
 
-
-async def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:  # in a thread: the scrapes block, and open streams must keep being read
-            if await asyncio.to_thread(predicate):
-                return True
-        except OSError:  # a scrape that timed out under load: ask again
-            pass
-        await asyncio.sleep(0.1)
-    return await asyncio.to_thread(predicate)
 
 
 # ---- the OpenAI API through the proxy -----------------------------------------------------
@@ -168,9 +161,10 @@ async def open_streams(session: aiohttp.ClientSession, url: str, count: int,
 async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[VllmServer]):
     # Start from idle servers and an empty view: a request an earlier test left running on
     # one server would shift what this test sees there (it did, as a rare flake).
-    assert await wait_for(lambda: vllm_idle(vllm_pair)), "vLLM servers never went idle"
+    assert await wait_for(lambda: vllm_idle(vllm_pair), timeout=VLLM_WAIT_S), \
+        "vLLM servers never went idle"
     assert await wait_for(lambda: all(i["active_requests"] == 0
-                                      for i in proxy.cluster()["instances"]))
+                                      for i in proxy.cluster()["instances"]), timeout=VLLM_WAIT_S)
     names = {i["url"]: i["name"] for i in proxy.cluster()["instances"]}
     body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 1800,
             "stream": True, "ignore_eos": True}
@@ -202,7 +196,7 @@ async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[V
                             for _, active, _, running, waiting in last)
                         and sum(i["active_requests"] for i in view.values()) >= 9)
 
-            assert await wait_for(agree), \
+            assert await wait_for(agree, timeout=VLLM_WAIT_S), \
                 f"(name, view, by origin, running, waiting), oldest first: {history[:12]}"
             view = proxy.cluster()
             for inst in view["instances"]:
@@ -218,14 +212,14 @@ async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[V
             text = proxy.metrics()
             for inst in view["instances"]:
                 assert metric_value(text, "blockproxy_instance_active_requests",
-                                    f'instance="{inst["name"]}"') == inst["active_requests"]
+                                    instance=inst["name"]) == inst["active_requests"]
         finally:
             for task in streams:
                 task.cancel()
             await asyncio.gather(*streams, return_exceptions=True)
-    assert await wait_for(lambda: running(vllm_pair) == 0)
+    assert await wait_for(lambda: running(vllm_pair) == 0, timeout=VLLM_WAIT_S)
     assert await wait_for(lambda: all(i["active_requests"] == 0
-                                      for i in proxy.cluster()["instances"]))
+                                      for i in proxy.cluster()["instances"]), timeout=VLLM_WAIT_S)
 
 
 async def test_load_bypassing_the_proxy_is_scraped_as_phantoms(proxy: Proxy,
@@ -244,13 +238,13 @@ async def test_load_bypassing_the_proxy_is_scraped_as_phantoms(proxy: Proxy,
         responses = await open_streams(session, target.url, 3, 1800)
         try:
             assert all(r.status == 200 for r in responses)
-            assert await wait_for(lambda: phantoms() == 3), proxy.cluster()
+            assert await wait_for(lambda: phantoms() == 3, timeout=VLLM_WAIT_S), proxy.cluster()
             inst = next(i for i in proxy.cluster()["instances"] if i["name"] == name)
             assert inst["kv_cache_usage"] is not None and inst["kv_cache_usage"] > 0
         finally:
             for r in responses:
                 r.close()
-    assert await wait_for(lambda: phantoms() == 0)
+    assert await wait_for(lambda: phantoms() == 0, timeout=VLLM_WAIT_S)
 
 
 async def test_client_disconnect_aborts_on_vllm(proxy: Proxy, vllm_pair: list[VllmServer]):
@@ -262,8 +256,8 @@ async def test_client_disconnect_aborts_on_vllm(proxy: Proxy, vllm_pair: list[Vl
             for _ in range(3):
                 assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: {")
             # vLLM publishes its gauges a little behind its engine: poll, both ways.
-            assert await wait_for(lambda: running(vllm_pair) == 1)
-    assert await wait_for(lambda: running(vllm_pair) == 0)
+            assert await wait_for(lambda: running(vllm_pair) == 1, timeout=VLLM_WAIT_S)
+    assert await wait_for(lambda: running(vllm_pair) == 0, timeout=VLLM_WAIT_S)
     assert metric_value(proxy.metrics(), "blockproxy_cancellations_total") == cancelled + 1
 
 
@@ -317,8 +311,8 @@ async def test_prediction_error_of_block(proxy: Proxy, tiny_profile: Path):
     report["calibration"] = {i["name"]: i["calibration"] for i in proxy.cluster()["instances"]}
     text = proxy.metrics()
     for q in ("ttft", "e2e"):
-        s = metric_value(text, "blockproxy_prediction_abs_relative_error_sum", f'"{q}"')
-        n = metric_value(text, "blockproxy_prediction_abs_relative_error_count", f'"{q}"')
+        s = metric_value(text, "blockproxy_prediction_abs_relative_error_sum", quantity=q)
+        n = metric_value(text, "blockproxy_prediction_abs_relative_error_count", quantity=q)
         report[f"metrics_mean_ape_pct_{q}_all_requests"] = 100 * s / n
     out = ROOT / "results" / "real_vllm_prediction_error.json"
     out.parent.mkdir(exist_ok=True)

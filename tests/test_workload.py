@@ -97,11 +97,11 @@ def test_lengths_reader_and_row_offset(lengths_csv: Path) -> None:
 
 
 def test_trace_names_fall_back_to_bundled_slice(tmp_path: Path) -> None:
-    assert workload.resolve_trace("azure-conv", traces_dir=tmp_path).name == \
+    assert workload.resolve_trace("azure-conv", search_path=[tmp_path]).name == \
         "azure_conv_slice.csv"
     with pytest.raises(FileNotFoundError):
-        workload.resolve_trace("mooncake", traces_dir=tmp_path)
-    specs = load_trace(workload.resolve_trace("azure-conv", traces_dir=tmp_path),
+        workload.resolve_trace("mooncake", search_path=[tmp_path])
+    specs = load_trace(workload.resolve_trace("azure-conv", search_path=[tmp_path]),
                        num_requests=5)
     assert len(specs) == 5 and specs[0].arrival_s == 0.0
 

@@ -1,15 +1,15 @@
 """Reads step-time profiles (``profiles/*.json``) without importing ``blockproxy``.
 
 The emulator is the proxy's ground truth, so it keeps its own small reader instead of
-sharing the proxy's loader.  A profile is found by name in the checkout's ``profiles/``
-directory or in the installed ``blockproxy/profiles`` package data (located with
-``find_spec``, which does not execute the package), or given as a path to a JSON file.
+sharing the proxy's loader.  A profile is found by name in loadgen's own package data
+(``loadgen.profiles``: the repository's ``profiles/`` folder, installed with loadgen), or
+given as a path to a JSON file.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from importlib import resources
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,18 +52,6 @@ class Profile:
     engine: EngineLimits
 
 
-def profile_dirs() -> list[Path]:
-    """Directories searched for ``NAME.json``: the checkout's, then the installed package's."""
-    dirs = [Path(__file__).resolve().parent.parent.parent / "profiles"]
-    try:
-        spec = importlib.util.find_spec("blockproxy")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        dirs.append(Path(list(spec.submodule_search_locations)[0]) / "profiles")
-    return dirs
-
-
 def find_profile(name_or_path: str) -> Path:
     """Path of the profile called ``name_or_path``, or the JSON file it names."""
     candidate = Path(name_or_path)
@@ -71,12 +59,12 @@ def find_profile(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
         raise FileNotFoundError(f"profile file {name_or_path!r} does not exist")
-    for directory in profile_dirs():
-        path = directory / f"{name_or_path}.json"
-        if path.is_file():
-            return path
-    searched = ", ".join(str(d) for d in profile_dirs())
-    raise FileNotFoundError(f"no profile named {name_or_path!r} (searched {searched})")
+    shipped = resources.files("loadgen.profiles")
+    path = shipped.joinpath(f"{name_or_path}.json")
+    if path.is_file():
+        return Path(str(path))
+    names = sorted(p.name[:-5] for p in shipped.iterdir() if p.name.endswith(".json"))
+    raise FileNotFoundError(f"no profile named {name_or_path!r} (shipped: {', '.join(names)})")
 
 
 def _number(section: dict[str, Any], key: str, where: str) -> float:

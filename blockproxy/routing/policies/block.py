@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
-from blockproxy.cluster import Instance
-from blockproxy.policies import Job, Prediction, register
+from blockproxy.cluster.instance import Instance
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import Policy, register
+from blockproxy.simulator import Prediction
 
 
 @register("block", "block_ttft")
-class BlockPolicy:
+class BlockPolicy(Policy):
+    OPTIONS = ("sample_k", "tie_tolerance")
+
     def __init__(self, name: str, rng: random.Random, sample_k: int = 0,
-                 tie_tolerance: float = 0.02, **_: object) -> None:
-        self.name = name
-        self.rng = rng
+                 tie_tolerance: float = 0.02) -> None:
+        super().__init__(name, rng)
         self.sample_k = sample_k
         self.tie_tolerance = tie_tolerance
         self.index = 0 if name == "block_ttft" else 1  # ttft or e2e in the prediction
@@ -60,11 +63,11 @@ class BlockPolicy:
             limit = min(p[other] for p, _ in ties) * slack
             ties = [(p, inst) for p, inst in ties if p[other] <= limit]
         if len(ties) > 1:
-            fewest = min(inst.n for _, inst in ties)
-            ties = [(p, inst) for p, inst in ties if inst.n == fewest]
+            fewest = min(inst.active for _, inst in ties)
+            ties = [(p, inst) for p, inst in ties if inst.active == fewest]
         prediction, chosen = ties[0] if len(ties) == 1 else self.rng.choice(ties)
         return chosen, prediction
 
 
 def _active(inst: Instance) -> int:
-    return inst.n
+    return inst.active

@@ -17,17 +17,20 @@ from typing import Any
 
 import numpy as np
 
-from blockproxy import sim
+from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.bench import find_lengths_file, load_lengths, make_state
 from blockproxy.cluster import ClusterView, Instance
-from blockproxy.policies import Job, make_policy
+from blockproxy.metrics import Metrics
+from blockproxy.routing.dispatch import Dispatcher
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import make_policy
 
 CLUSTER_SIZES = (4, 16)
 
 
 def build_cluster(size: int, active: int, profile: str, pairs: np.ndarray,
-                  rng: np.random.Generator) -> list[Instance]:
+                  rng: np.random.Generator) -> tuple[ClusterView, list[Instance]]:
     """``size`` instances, each holding ``active`` requests with realistic lengths."""
     view = ClusterView(profile)
     view.apply([BackendSpec(url=f"http://127.0.0.1:{20000 + i}", name=f"i{i}")
@@ -37,25 +40,23 @@ def build_cluster(size: int, active: int, profile: str, pairs: np.ndarray,
         state, _ = make_state(active, pairs, inst.limits.num_gpu_blocks,
                               inst.limits.block_size, rng)
         for i in range(active):
-            entry = inst.reserve(int(state[sim.COL_PROMPT, i]), int(state[sim.COL_PREDICTED, i]),
-                                 0.0)
-            inst.table[:, entry.slot] = state[:, i]
-    return instances
+            entry = inst.reserve(int(state[simulator.COL_PROMPT, i]),
+                                 int(state[simulator.COL_PREDICTED, i]), 0.0)
+            inst.requests.table[:, entry.slot] = state[:, i]
+    return view, instances
 
 
-def time_decisions(instances: list[Instance], policy_name: str, jobs: list[Job],
-                   seed: int) -> list[float]:
-    """Seconds per decision (choose + predict + reserve), one sample per job."""
-    policy = make_policy(policy_name, random.Random(seed))
+def time_decisions(view: ClusterView, instances: list[Instance], policy_name: str,
+                   jobs: list[Job], seed: int) -> list[float]:
+    """Seconds per decision (the server's Dispatcher: choose + predict + reserve, with its
+    metrics), one sample per job."""
+    dispatcher = Dispatcher(make_policy(policy_name, random.Random(seed)), Metrics(view))
     samples = []
     for job in jobs:
         start = time.perf_counter()
-        inst, prediction = policy.choose(instances, job)
-        if prediction is None:
-            prediction = inst.predict(job.prompt_tokens, job.cached_tokens, job.output_tokens)
-        entry = inst.reserve(job.prompt_tokens, job.output_tokens, start)
+        entry = dispatcher.dispatch(instances, job)
         samples.append(time.perf_counter() - start)
-        inst.release(entry)
+        entry.instance.release(entry)
     return samples
 
 
@@ -63,15 +64,16 @@ def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     pairs, source = load_lengths(find_lengths_file(args.lengths), rng)
     jobs = [Job(int(p), 0, 256) for p, _ in pairs[rng.integers(0, len(pairs), args.decisions)]]
-    result: dict[str, Any] = {"simulator": sim.IMPLEMENTATION, "lengths": source,
+    result: dict[str, Any] = {"simulator": simulator.IMPLEMENTATION, "lengths": source,
                               "active_per_instance": args.active, "decisions": args.decisions,
                               "unit": "microseconds"}
     for policy_name in args.policies.split(","):
         per_size = {}
         for size in CLUSTER_SIZES:
-            instances = build_cluster(size, args.active, args.profile, pairs, rng)
-            time_decisions(instances, policy_name, jobs[:20], args.seed)  # warm-up
-            samples = np.array(time_decisions(instances, policy_name, jobs, args.seed)) * 1e6
+            view, instances = build_cluster(size, args.active, args.profile, pairs, rng)
+            time_decisions(view, instances, policy_name, jobs[:20], args.seed)  # warm-up
+            samples = np.array(time_decisions(view, instances, policy_name, jobs,
+                                              args.seed)) * 1e6
             per_size[str(size)] = {"p50": round(float(np.percentile(samples, 50)), 1),
                                    "p99": round(float(np.percentile(samples, 99)), 1)}
         result[policy_name] = per_size

@@ -1,6 +1,7 @@
 """The batch simulator: compiled (``blockproxy._fastcore``) or its pure-Python twin.
 
-Both implement the same semantics (documented in :mod:`blockproxy._sim_py`).  The compiled
+Both implement the same semantics (documented in :mod:`blockproxy.simulator.reference`,
+the twin).  The compiled
 one is bound when it imports, unless ``BLOCKPROXY_NO_EXTENSIONS`` is set; a missing
 extension falls back to the twin with one warning.  :data:`IMPLEMENTATION` says which one
 is active (``"c"`` or ``"py"``).
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from blockproxy._sim_py import (
+from blockproxy.simulator.reference import (
     COL_CACHED,
     COL_GENERATED,
     COL_PREDICTED,
@@ -45,7 +46,13 @@ else:
 
 
 class Prediction(NamedTuple):
-    """What the simulator predicts for the new request (times in seconds from now)."""
+    """What the simulator predicts for the new request (times in seconds from now).
+
+    ``ttft``/``e2e``: until its first/last token; ``queue_delay``: until it is first
+    scheduled; ``preemptions`` during the simulation; ``peak_blocks``: the most KV blocks in
+    use; ``steps``: engine steps simulated.  Times not reached (past ``bound``, or never
+    servable) are ``inf``.
+    """
 
     ttft: float
     e2e: float
@@ -57,7 +64,7 @@ class Prediction(NamedTuple):
 
 def model_from_profile(profile: Profile, limits: EngineLimits | None = None,
                        speed: float = 1.0, past_prediction_tokens: int = 16,
-                       implementation: type | None = None):
+                       implementation: type | None = None) -> Any:
     """Build an instance model from a profile, optionally overriding its engine limits."""
     eng = limits or profile.engine
     st = profile.step_time

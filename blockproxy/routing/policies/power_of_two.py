@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import random
-from typing import Sequence
+from collections.abc import Sequence
 
-from blockproxy.cluster import Instance
-from blockproxy.policies import Job, Prediction, register
-from blockproxy.policies.least_requests import least_loaded
+from blockproxy.cluster.instance import Instance
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import Policy, least_loaded, register
+from blockproxy.simulator import Prediction
 
 
 @register("power_of_two")
-class PowerOfTwoPolicy:
-    def __init__(self, name: str, rng: random.Random, **_: object) -> None:
-        self.name = name
-        self.rng = rng
-
+class PowerOfTwoPolicy(Policy):
     def choose(self, candidates: Sequence[Instance], job: Job
                ) -> tuple[Instance, Prediction | None]:
         pair = self.rng.sample(list(candidates), 2) if len(candidates) > 2 else candidates

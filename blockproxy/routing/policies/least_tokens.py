@@ -6,19 +6,16 @@ simulation of how the engine will batch it.
 
 from __future__ import annotations
 
-import random
-from typing import Sequence
+from collections.abc import Sequence
 
-from blockproxy.cluster import Instance
-from blockproxy.policies import Job, Prediction, register
+from blockproxy.cluster.instance import Instance
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import Policy, register
+from blockproxy.simulator import Prediction
 
 
 @register("least_tokens")
-class LeastTokensPolicy:
-    def __init__(self, name: str, rng: random.Random, **_: object) -> None:
-        self.name = name
-        self.rng = rng
-
+class LeastTokensPolicy(Policy):
     def choose(self, candidates: Sequence[Instance], job: Job
                ) -> tuple[Instance, Prediction | None]:
         loads = [inst.unprocessed_tokens() / inst.weight for inst in candidates]

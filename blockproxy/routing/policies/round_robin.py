@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
-from blockproxy.cluster import Instance
-from blockproxy.policies import Job, Prediction, register
+from blockproxy.cluster.instance import Instance
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import Policy, register
+from blockproxy.simulator import Prediction
 
 
 @register("round_robin")
-class RoundRobinPolicy:
-    def __init__(self, name: str, rng: random.Random, **_: object) -> None:
-        self.name = name
+class RoundRobinPolicy(Policy):
+    def __init__(self, name: str, rng: random.Random) -> None:
+        super().__init__(name, rng)
         self.current: dict[str, float] = {}
 
     def choose(self, candidates: Sequence[Instance], job: Job

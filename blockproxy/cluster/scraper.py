@@ -6,27 +6,26 @@ invisible to the view.  Every ``interval`` seconds each instance's vLLM gauges
 ``vllm:kv_cache_usage_perc``) are read; when running + waiting exceeds the view's entries
 for the instance (local and remote) in two scrapes in a row (a single excess is usually a
 gossip delay, not foreign load), the difference is added as phantom entries (origin
-:data:`~blockproxy.cluster.PHANTOM`) sized like the recent requests, and removed again
-when the gap closes.
+:data:`~blockproxy.cluster.requests.PHANTOM`) sized like the recent requests, and removed
+again when the gap closes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.parser import text_string_to_metric_families
 
-from blockproxy import sim
-from blockproxy.cluster import PHANTOM, ClusterView, Instance
+from blockproxy.cluster.instance import Instance
+from blockproxy.cluster.requests import PHANTOM
+from blockproxy.cluster.view import ClusterView
 
 log = logging.getLogger("blockproxy.scraper")
 
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-_LINE = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([-+0-9.eEinfINFaN]+)")
 #: phantom size before any request has been seen
 DEFAULT_PROMPT, DEFAULT_OUTPUT = 512, 256
 
@@ -34,16 +33,13 @@ DEFAULT_PROMPT, DEFAULT_OUTPUT = 512, 256
 def parse_vllm_gauges(text: str) -> dict[str, float]:
     """The three gauges, summed over label sets (engines); missing ones are absent."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        match = _LINE.match(line)
-        if match and match.group(1) in GAUGES:
-            try:
-                value = float(match.group(2))
-            except ValueError:
-                continue
-            out[match.group(1)] = out.get(match.group(1), 0.0) + value
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in GAUGES:
+                    out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    except ValueError:  # a malformed page: use what was read before the bad line
+        pass
     return out
 
 
@@ -66,12 +62,8 @@ class Scraper:
     def _learn_sizes(self) -> None:
         prompts = outputs = count = 0
         for inst in self.view.instances.values():
-            t = inst.table
-            for entry in inst.entries:
-                if entry.origin != PHANTOM:
-                    prompts += int(t[sim.COL_PROMPT, entry.slot])
-                    outputs += int(t[sim.COL_PREDICTED, entry.slot])
-                    count += 1
+            p, o, c = inst.requests.sizes(exclude_origin=PHANTOM)
+            prompts, outputs, count = prompts + p, outputs + o, count + c
         if count:
             self.prompt_avg = 0.7 * self.prompt_avg + 0.3 * prompts / count
             self.output_avg = 0.7 * self.output_avg + 0.3 * outputs / count
@@ -82,8 +74,8 @@ class Scraper:
         waiting = int(gauges.get("vllm:num_requests_waiting", 0))
         if "vllm:kv_cache_usage_perc" in gauges:
             self.kv_usage[inst.name] = gauges["vllm:kv_cache_usage_perc"]
-        phantoms = [e for e in inst.entries if e.origin == PHANTOM]
-        known = [e for e in inst.entries if e.origin != PHANTOM]
+        phantoms = inst.requests.of_origin(PHANTOM)
+        known = [e for e in inst.requests.entries if e.origin != PHANTOM]
         excess = running + waiting - len(known)
         target = max(0, min(excess, self.prev_excess.get(inst.name, 0)))
         self.prev_excess[inst.name] = excess
@@ -91,7 +83,7 @@ class Scraper:
         started = min(target, max(running - known_started, 0))
         now = time.perf_counter()
         for entry in phantoms[target:]:
-            inst.remove_remote(PHANTOM, entry.rid)
+            inst.requests.remove_remote(PHANTOM, entry.rid)
         prompt, output = int(self.prompt_avg), max(int(self.output_avg), 1)
         for i in range(target):
             if i < len(phantoms):
@@ -100,12 +92,13 @@ class Scraper:
                 self.next_rid += 1
                 rid = self.next_rid
             is_started = i < started
-            inst.upsert_remote(PHANTOM, rid, prompt, output, int(is_started),
-                               output // 2 if is_started else 0, now)
+            inst.requests.upsert_remote(PHANTOM, rid, prompt, output, int(is_started),
+                                        output // 2 if is_started else 0, now)
         self.gauge.labels(inst.name).set(target)
         return target
 
     async def scrape_once(self) -> None:
+        """Read every healthy instance's gauges once and reconcile its phantoms."""
         self._learn_sizes()
         for inst in list(self.view.instances.values()):
             if not inst.healthy or inst.removed:
@@ -116,11 +109,3 @@ class Scraper:
             gauges = parse_vllm_gauges(text)
             if "vllm:num_requests_running" in gauges or "vllm:num_requests_waiting" in gauges:
                 self.apply(inst, gauges)
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.scrape_once()
-            except Exception:  # a scrape must never stop the loop
-                log.exception("scraping instance metrics failed")

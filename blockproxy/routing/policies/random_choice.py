@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import random
-from typing import Sequence
+from collections.abc import Sequence
 
-from blockproxy.cluster import Instance
-from blockproxy.policies import Job, Prediction, register
+from blockproxy.cluster.instance import Instance
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import Policy, register
+from blockproxy.simulator import Prediction
 
 
 @register("random")
-class RandomPolicy:
-    def __init__(self, name: str, rng: random.Random, **_: object) -> None:
-        self.name = name
-        self.rng = rng
-
+class RandomPolicy(Policy):
     def choose(self, candidates: Sequence[Instance], job: Job
                ) -> tuple[Instance, Prediction | None]:
         weights = [inst.weight for inst in candidates]

@@ -18,9 +18,8 @@ import os
 import random
 from typing import Any
 
-from loadgen.cluster import EmulatedCluster, ProxyProcess
-from loadgen.run import run_benchmark
-from loadgen.workload import RequestSpec
+from blockproxy.cli import require_extra
+
 
 
 def add_arguments(parser: argparse._ActionsContainer) -> None:
@@ -41,6 +40,9 @@ def add_arguments(parser: argparse._ActionsContainer) -> None:
 async def _ttfts(target: str, concurrency: int, count: int, args: argparse.Namespace
                  ) -> tuple[list[float], float]:
     """TTFTs (ms) of ``count`` requests at ``concurrency``, and the chunks per second."""
+    from loadgen.run import run_benchmark
+    from loadgen.workload import RequestSpec
+
     lo, hi = (int(x) for x in args.output_tokens.split(","))
     rng = random.Random(count)
     specs = [RequestSpec(args.prompt_tokens, rng.randint(lo, hi), 0.0) for _ in range(count)]
@@ -60,10 +62,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    require_extra("bench overhead", "loadgen")
     return asyncio.run(_bench_overhead(args))
 
 
 async def _bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    from loadgen.cluster import EmulatedCluster, ProxyProcess
+
     no_ext = os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0")
     result: dict[str, Any] = {"unit": "ms", "time_scale": args.time_scale,
                               "prompt_tokens": args.prompt_tokens,

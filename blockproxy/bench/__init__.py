@@ -1,7 +1,7 @@
 """Benchmarks that print figures: ``bench sim``, ``bench decision``, ``bench overhead``.
 
 ``bench decision`` and ``bench overhead`` are documented in
-:mod:`blockproxy.bench_decision` and :mod:`blockproxy.bench_overhead`.
+:mod:`blockproxy.bench.decision` and :mod:`blockproxy.bench.overhead`.
 
 ``bench sim``: how long one simulator prediction takes.
 
@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from blockproxy import sim
+from blockproxy import simulator
 from blockproxy.profile import load_profile
 
 LENGTHS_FILE = "sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="profile name or file: engine limits and step-time model")
     parser.add_argument("--lengths", default=None,
                         help="CSV with num_prefill_tokens,num_decode_tokens columns; when "
-                             f"not given, shared/traces/{LENGTHS_FILE} next to or inside "
-                             "the checkout, else synthetic lengths")
+                             f"not given, {LENGTHS_FILE} on the load generator's trace "
+                             "search path (LOADGEN_TRACE_PATH), else synthetic lengths")
     parser.add_argument("--states", type=int, default=20,
                         help="random instance states per size")
     parser.add_argument("--seed", type=int, default=1, help="random seed")
@@ -71,21 +71,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="active requests per instance")
     decision.add_argument("--policies", default="block,least_tokens,round_robin",
                           help="policies to time")
-    from blockproxy.bench_overhead import add_arguments as add_overhead_arguments
+    from blockproxy.bench.overhead import add_arguments as add_overhead_arguments
 
     add_overhead_arguments(parser.add_argument_group("bench overhead"))
 
 
 def find_lengths_file(explicit: str | None) -> Path | None:
-    """The ShareGPT length file: ``--lengths``, else ``shared/traces`` near the checkout."""
+    """The ShareGPT length file: ``--lengths``, else the trace named ``sharegpt`` on the
+    load generator's search path; None (synthetic lengths) without either."""
     if explicit:
         return Path(explicit)
-    root = Path(__file__).resolve().parent.parent
-    for base in (root, root.parent, Path.cwd(), Path.cwd().parent):
-        path = base / "shared" / "traces" / LENGTHS_FILE
-        if path.is_file():
-            return path
-    return None
+    try:
+        from loadgen.workload import resolve_trace
+    except ImportError:  # the proxy alone is installed: synthetic lengths
+        return None
+    try:
+        return resolve_trace("sharegpt")
+    except FileNotFoundError:
+        return None
 
 
 def load_lengths(path: Path | None, rng: np.random.Generator) -> tuple[np.ndarray, str]:
@@ -138,7 +141,7 @@ def make_state(size: int, pairs: np.ndarray, num_gpu_blocks: int, block_size: in
             kv_left -= blocks
             running.append(req)
         mix[kind] += 1
-    state = np.zeros((sim.NUM_COLUMNS, size), dtype=np.int64)
+    state = np.zeros((simulator.NUM_COLUMNS, size), dtype=np.int64)
     for i, req in enumerate(running + waiting):
         state[:, i] = req
     return state, mix
@@ -165,8 +168,8 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     lengths_path = find_lengths_file(args.lengths)
     pairs, lengths_note = load_lengths(lengths_path, rng)
-    impls: dict[str, type | None] = {"c": sim.InstanceModelC,
-                                     "py": None if args.skip_py else sim.InstanceModelPy}
+    impls: dict[str, type | None] = {"c": simulator.InstanceModelC,
+                                     "py": None if args.skip_py else simulator.InstanceModelPy}
     states: dict[int, list[tuple[np.ndarray, int, int]]] = {}
     mixes: dict[str, dict[str, float]] = {}
     for size in SIZES:
@@ -189,7 +192,7 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
             if cls is None:
                 result[name] = None
                 continue
-            model = sim.model_from_profile(profile, implementation=cls)
+            model = simulator.model_from_profile(profile, implementation=cls)
             per_size: dict[str, float] = {}
             for size in SIZES:
                 samples: list[float] = []
@@ -217,7 +220,7 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
              f"new request: sampled prompt, {NEW_OUTPUT_TOKENS} output tokens, no cache hit",
              f"{args.states} states per size, median of per-call means of timed batches "
              f"(~{args.min_time * 1e3:g} ms each; 5 per state for c, 1 for py), GC off"]
-    if sim.InstanceModelC is None:
+    if simulator.InstanceModelC is None:
         notes.append("compiled simulator not built (blockproxy._fastcore missing): c is null")
     if args.skip_py:
         notes.append("pure-Python twin skipped (--skip-py)")
@@ -258,11 +261,11 @@ def run(args: argparse.Namespace) -> int:
             print_table(result)
             return 0
     elif args.what == "decision":
-        from blockproxy.bench_decision import bench_decision
+        from blockproxy.bench.decision import bench_decision
 
         result = bench_decision(args)
     else:
-        from blockproxy.bench_overhead import bench_overhead
+        from blockproxy.bench.overhead import bench_overhead
 
         result = bench_overhead(args)
     print(json.dumps(result, indent=2))

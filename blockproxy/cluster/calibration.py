@@ -2,10 +2,13 @@
 
 The profile says how long a step *should* take; the instance may be a slower GPU, run
 another model build, share its host, or be a time-scaled emulator.  While a request
-streams, the gap between two of its chunks is one engine step.  When the proxy's view of
-the instance shows no prefill pending (every request on it has produced its first token),
-that step was a pure decode step, whose model time is ``fixed + per_decode_seq x running``.
-The median of observed / model over a window of such steps is the instance's step-time
+streams, each of its chunks is one engine step.  :class:`DecodeSpans` samples spans of
+:data:`SPAN_TOKENS` such steps of one request during which the proxy's view of the
+instance shows no prefill (nothing dispatched there is still waiting for its first token,
+and nothing was added): pure decode steps, whose model time is ``fixed + per_decode_seq x
+running``.  A span rather than a single chunk gap, because a busy proxy reads chunks late
+and in bunches; over a span that lag only touches the two ends.  The median of observed /
+model over a window of such spans (:class:`SpeedCalibration`) is the instance's step-time
 multiplier, and the simulator's ``speed`` is set to it.
 
 Why not compare a finished request's time per token with the prediction made at
@@ -19,6 +22,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from blockproxy.cluster.requests import Entry, RequestTable
+
+#: decode steps per calibration sample
+SPAN_TOKENS = 16
 
 
 class SpeedCalibration:
@@ -63,3 +73,38 @@ class SpeedCalibration:
         median = statistics.median(self._ratios)
         self.speed = min(max(median, self.min_speed), self.max_speed)
         return True
+
+
+class DecodeSpans:
+    """Cuts one instance's streamed tokens into pure-decode spans for :class:`SpeedCalibration`.
+
+    The span state lives on each :class:`~blockproxy.cluster.requests.Entry`; ``requests``
+    is the instance's table, whose ``unstarted`` and ``arrivals`` counters tell whether a
+    prefill may have joined the batch since the span started.
+    """
+
+    def __init__(self, calibration: SpeedCalibration, fixed_s: float,
+                 per_decode_seq_s: float) -> None:
+        self.calibration = calibration
+        self.fixed_s = fixed_s
+        self.per_decode_seq_s = per_decode_seq_s
+
+    def restart(self, requests: RequestTable, entry: Entry, now: float) -> None:
+        """Start a new span for ``entry`` at ``now`` (void while a prefill is pending)."""
+        entry.span_start_at = now
+        entry.span_tokens = 0
+        entry.span_epoch = -1 if requests.unstarted else requests.arrivals
+
+    def observe(self, requests: RequestTable, entry: Entry, now: float, tokens: int) -> bool:
+        """``entry`` streamed ``tokens`` more; True when the calibrated speed changed."""
+        if requests.unstarted or requests.arrivals != entry.span_epoch:
+            self.restart(requests, entry, now)
+            return False
+        entry.span_tokens += tokens
+        if entry.span_tokens < SPAN_TOKENS:
+            return False
+        per_step = (now - entry.span_start_at) / entry.span_tokens
+        model_step = self.fixed_s + self.per_decode_seq_s * requests.n
+        updated = self.calibration.observe_step(per_step, model_step)
+        self.restart(requests, entry, now)
+        return updated

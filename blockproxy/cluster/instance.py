@@ -1,0 +1,137 @@
+"""One vLLM instance as the proxy sees it: configuration, health, simulator, requests.
+
+An :class:`Instance` owns what is known about one backend: its spec from the backends file
+and the engine limits that follow from it and its profile; whether it may take new
+requests (state, health, ejection and probing); its simulator model, whose speed online
+calibration keeps in line with the real instance; and its active requests
+(:class:`~blockproxy.cluster.requests.RequestTable`).  Callers ask it to predict and to
+record what they observe; they never touch the table's columns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from blockproxy import simulator
+from blockproxy.backends import BackendSpec
+from blockproxy.cluster.calibration import DecodeSpans, SpeedCalibration
+from blockproxy.cluster.requests import Entry, RequestTable
+from blockproxy.profile import EngineLimits, Profile
+
+
+class Instance:
+    """One vLLM instance: its configuration, health, simulator and active requests."""
+
+    def __init__(self, spec: BackendSpec, profile: Profile, past_prediction_tokens: int = 16,
+                 calibrate: bool = True, speed: float = 1.0) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.url = spec.url
+        self.state = spec.state
+        self.weight = spec.weight
+        self.models: set[str] = set(spec.models or ())
+        self.model_cards: dict[str, dict[str, Any]] = {}
+        self.profile = profile
+        eng = profile.engine
+        self.limits = EngineLimits(
+            max_num_seqs=spec.max_num_seqs or eng.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens or eng.max_num_batched_tokens,
+            num_gpu_blocks=spec.num_gpu_blocks or eng.num_gpu_blocks,
+            block_size=spec.block_size or eng.block_size,
+            max_model_len=spec.max_model_len or eng.max_model_len)
+        self.model = simulator.model_from_profile(
+            profile, self.limits, speed=speed, past_prediction_tokens=past_prediction_tokens)
+        self.calibration = SpeedCalibration(enabled=calibrate, initial=speed)
+        self.spans = DecodeSpans(self.calibration, profile.step_time.fixed_s,
+                                 profile.step_time.per_decode_seq_s)
+        self.requests = RequestTable(self)
+        self.healthy = True
+        self.failures = 0
+        self.probe_backoff = 0.0
+        self.next_probe_at = 0.0
+        self.removed = False
+
+    # ---- routing inputs -----------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        """Requests active here (this proxy's, other proxies' and phantoms)."""
+        return self.requests.n
+
+    def accepts_new(self) -> bool:
+        """Whether new requests may be sent here."""
+        return self.state == "active" and self.healthy and not self.removed
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+    def predict(self, prompt_tokens: int, cached_tokens: int, output_tokens: int,
+                bound: float = math.inf) -> simulator.Prediction:
+        """Simulate this instance with one more request (stopping past ``bound`` seconds)."""
+        return self.requests.simulate(self.model, prompt_tokens, cached_tokens, output_tokens,
+                                      bound)
+
+    def unprocessed_tokens(self) -> int:
+        """Prompt tokens not yet computed plus output tokens still expected."""
+        return self.requests.unprocessed_tokens()
+
+    def llumnix_headroom(self) -> float:
+        """Llumnix's load metric: (free blocks - blocks wanted by waiting) / running."""
+        return self.requests.kv_headroom(self.limits.num_gpu_blocks, self.limits.block_size)
+
+    # ---- what the proxy observes --------------------------------------------------------------
+    def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float) -> Entry:
+        """Record a request dispatched here (it is waiting until its first token)."""
+        return self.requests.reserve(prompt_tokens, predicted_tokens, now)
+
+    def first_token(self, entry: Entry, now: float) -> None:
+        """The request produced its first token: it is running."""
+        self.requests.first_token(entry, now)
+        self.spans.restart(self.requests, entry, now)
+
+    def streamed(self, entry: Entry, now: float, tokens: int) -> None:
+        """A streaming request received ``tokens`` more output tokens (one per engine step);
+        pure-decode spans of them calibrate the simulator's speed."""
+        self.requests.add_tokens(entry, tokens)
+        if self.spans.observe(self.requests, entry, now, tokens):
+            self.model.speed = self.calibration.speed
+
+    def release(self, entry: Entry) -> None:
+        """The request ended (finished, failed or cancelled)."""
+        self.requests.release(entry)
+
+    # ---- health -------------------------------------------------------------------------------
+    def record_success(self) -> None:
+        self.failures = 0
+
+    def record_failure(self, now: float, eject_after: int, probe_interval: float) -> bool:
+        """Count a failure; returns True when it ejects the instance."""
+        self.failures += 1
+        if self.healthy and self.failures >= eject_after:
+            self.healthy = False
+            self.probe_backoff = probe_interval
+            self.next_probe_at = now + probe_interval
+            return True
+        return False
+
+    def probe_failed(self, now: float) -> None:
+        self.probe_backoff = min(self.probe_backoff * 2, 30.0)
+        self.next_probe_at = now + self.probe_backoff
+
+    def probe_succeeded(self) -> None:
+        self.healthy = True
+        self.failures = 0
+
+    def describe(self) -> dict[str, Any]:
+        """The instance as ``/debug/cluster`` shows it (without the proxy-wide fields)."""
+        probe = self.predict(1, 0, 1)
+        return {
+            "name": self.name, "url": self.url, "state": self.state,
+            "healthy": self.healthy, "failures": self.failures,
+            "models": sorted(self.models), "profile": self.profile.name,
+            "active_requests": self.requests.n,
+            "waiting_requests": self.requests.waiting(),
+            "predicted_queue_delay_s": probe.queue_delay,
+            "calibration": {"speed": self.model.speed, "samples": self.calibration.samples},
+            "limits": vars(self.limits),
+        }

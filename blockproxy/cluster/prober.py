@@ -1,0 +1,45 @@
+"""Health probes and model discovery: brings ejected instances back, learns model lists.
+
+Every call of :meth:`Prober.check_once` probes each ejected instance whose backoff has
+passed (``/health``; success brings it back, failure doubles its backoff) and asks
+instances whose backends entry lists no models for ``/v1/models`` (every 2 s until it
+answers, then every 30 s).  The requests go through the upstream client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from blockproxy.cluster.view import ClusterView
+
+log = logging.getLogger("blockproxy.prober")
+
+#: seconds between model discoveries of an instance, before and after its first answer
+DISCOVER_UNTIL_KNOWN_S, DISCOVER_AFTER_S = 2.0, 30.0
+
+
+class Prober:
+    def __init__(self, view: ClusterView, upstream: Any) -> None:
+        self.view = view
+        self.upstream = upstream
+        self.discovered_at: dict[str, float] = {}
+
+    async def check_once(self) -> None:
+        now = time.monotonic()
+        for inst in list(self.view.instances.values()):
+            if not inst.healthy and now >= inst.next_probe_at:
+                if await self.upstream.healthy(inst.url):
+                    inst.probe_succeeded()
+                    log.info("instance %s is back", inst.name)
+                else:
+                    inst.probe_failed(now)
+            every = DISCOVER_AFTER_S if inst.models else DISCOVER_UNTIL_KNOWN_S
+            if inst.healthy and not inst.spec.models and \
+                    now - self.discovered_at.get(inst.name, -1e9) > every:
+                self.discovered_at[inst.name] = now
+                cards = await self.upstream.models(inst.url)
+                if cards is not None:
+                    inst.model_cards = {c["id"]: c for c in cards if "id" in c}
+                    inst.models = set(inst.model_cards)

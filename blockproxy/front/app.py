@@ -1,0 +1,131 @@
+"""The proxy as an aiohttp application: its parts, its routes, its background loops.
+
+:class:`Proxy` builds one of everything a proxy process has (cluster view, policy and
+dispatcher, length predictor, upstream client, metrics, gossip, scraper, prober) from a
+:class:`~blockproxy.config.ProxyConfig` and the backends list, and :meth:`Proxy.make_app`
+wires them into routes.  The upstream client, gossip and the supervised background loops
+start and stop with the application (``cleanup_ctx``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from blockproxy.backends import BackendSpec, BackendsWatcher
+from blockproxy.cluster.prober import Prober
+from blockproxy.cluster.scraper import Scraper
+from blockproxy.cluster.view import ClusterView
+from blockproxy.config import ProxyConfig
+from blockproxy.front.endpoints import Endpoints
+from blockproxy.front.gate import Gate
+from blockproxy.front.generate import GenerateHandler
+from blockproxy.gossip.node import Gossiper, load_key, parse_origin
+from blockproxy.metrics import Metrics
+from blockproxy.request import CHAT, COMPLETIONS
+from blockproxy.routing.describe import Describer
+from blockproxy.routing.dispatch import Dispatcher
+from blockproxy.routing.lengths import LengthPredictor
+from blockproxy.routing.policies import make_policy, policy_class
+from blockproxy.supervise import Supervisor
+from blockproxy.upstream import Upstream
+
+log = logging.getLogger("blockproxy")
+
+#: seconds between estimates of non-streaming requests' progress
+PROGRESS_INTERVAL_S = 0.05
+
+
+def policy_options(config: ProxyConfig) -> dict[str, object]:
+    """The configured values of the options the chosen policy takes."""
+    return {name: getattr(config, name) for name in policy_class(config.policy).OPTIONS}
+
+
+class Proxy:
+    """Everything one proxy process has, and the application that serves it."""
+
+    def __init__(self, config: ProxyConfig, specs: list[BackendSpec],
+                 rng: random.Random | None = None,
+                 watcher: BackendsWatcher | None = None) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.view = ClusterView(config.profile, config.past_prediction_tokens, config.calibrate,
+                                config.speed)
+        self.view.apply(specs)
+        self.metrics = Metrics(self.view)
+        self.gate = Gate(self.metrics.in_flight)
+        self.upstream = Upstream(config.connect_timeout, config.read_timeout)
+        self.predictor = LengthPredictor(quantile=config.length_quantile,
+                                         default_tokens=config.default_output_tokens)
+        policy = make_policy(config.policy, self.rng, **policy_options(config))
+        self.generate = GenerateHandler(config, self.view, Describer(self.predictor),
+                                        Dispatcher(policy, self.metrics), self.upstream,
+                                        self.metrics, self.gate)
+        self.gossip: Gossiper | None = None
+        if config.gossip_bind:
+            self.gossip = Gossiper(
+                self.view, self.metrics.registry, bind=config.gossip_bind,
+                seeds=config.gossip_seeds, key=load_key(config.gossip_key_file),
+                origin=parse_origin(config.gossip_id, self.rng),
+                interval=config.gossip_interval,
+                snapshot_interval=config.gossip_snapshot_interval,
+                expiry=config.gossip_expiry, window=config.gossip_window,
+                loss=config.gossip_loss, progress_tokens=config.gossip_progress_tokens)
+        self.scraper: Scraper | None = None
+        if config.scrape_interval > 0:
+            self.scraper = Scraper(self.view, self.upstream, self.metrics.registry,
+                                   config.scrape_interval)
+        self.endpoints = Endpoints(self.view, self.gate, self.metrics, self.upstream,
+                                   self.generate, self.predictor, self.rng, self.gossip,
+                                   self.scraper)
+        self.supervisor = Supervisor(self.metrics.task_restarts)
+        self._add_loops(watcher)
+
+    def _add_loops(self, watcher: BackendsWatcher | None) -> None:
+        sup = self.supervisor
+        if watcher is not None:
+            watcher.on_change = self.apply_backends
+            sup.loop("reload", watcher.run)
+        sup.every("probe", min(self.config.probe_interval, 1.0),
+                  Prober(self.view, self.upstream).check_once)
+        sup.every("progress", PROGRESS_INTERVAL_S, self.view.estimate_progress)
+        if self.scraper is not None:
+            sup.every("scrape", self.scraper.interval, self.scraper.scrape_once)
+        if self.gossip is not None:
+            sup.loop("gossip", self.gossip.run)
+
+    def apply_backends(self, specs: list[BackendSpec]) -> None:
+        """Hot reload: make the view match a new backends list."""
+        added, removed, changed = self.view.apply(specs)
+        if added or removed or changed:
+            log.info("backends reloaded: added %s, removed %s, changed %s",
+                     added, removed, changed)
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        ep = self.endpoints
+        app.router.add_post(COMPLETIONS, self.generate)
+        app.router.add_post(CHAT, self.generate)
+        app.router.add_get("/v1/models", ep.models)
+        app.router.add_get("/health", ep.health)
+        app.router.add_get("/ready", ep.ready)
+        app.router.add_get("/metrics", ep.prometheus)
+        app.router.add_get("/debug/cluster", ep.debug_cluster)
+        app.router.add_route("*", "/v1/{tail:.*}", ep.forward)
+        app.cleanup_ctx.append(self._running)
+        return app
+
+    async def _running(self, app: web.Application) -> AsyncIterator[None]:
+        """Start the upstream client, gossip and the loops; stop them at cleanup."""
+        await self.upstream.start()
+        if self.gossip is not None:
+            await self.gossip.start()
+        self.supervisor.start()
+        yield
+        await self.supervisor.stop()
+        if self.gossip is not None:
+            self.gossip.stop()
+        await self.upstream.close()

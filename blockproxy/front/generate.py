@@ -1,0 +1,225 @@
+"""``POST /v1/completions`` and ``/v1/chat/completions``: the request path, top to bottom.
+
+parse (:mod:`blockproxy.request`) → describe (:mod:`blockproxy.routing.describe`) →
+choose and reserve (:mod:`blockproxy.routing.dispatch`) → forward (:mod:`blockproxy.upstream`,
+retrying another instance before the first byte) → relay the chunks as they arrive,
+observing first token and progress (:mod:`blockproxy.front.relay`) → learn from the end →
+release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+
+from aiohttp import web
+
+from blockproxy.cluster.instance import Instance
+from blockproxy.cluster.requests import Entry
+from blockproxy.cluster.view import ClusterView
+from blockproxy.config import ProxyConfig
+from blockproxy.front.gate import Gate
+from blockproxy.front.relay import TAIL_CHUNKS, Usage, parse_usage, stream_complete, token_events
+from blockproxy.metrics import Metrics
+from blockproxy.request import CHAT, ApiError, RequestInfo, parse_request
+from blockproxy.routing.describe import Describer
+from blockproxy.routing.dispatch import Dispatcher
+from blockproxy.routing.lengths import HINT_HEADER
+from blockproxy.upstream import Upstream, UpstreamError, UpstreamResponse
+
+log = logging.getLogger("blockproxy")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.Response(status=err.status, body=err.body(), content_type="application/json")
+
+
+class GenerateHandler:
+    """Serves completions and chat requests through the cluster view."""
+
+    def __init__(self, config: ProxyConfig, view: ClusterView, describer: Describer,
+                 dispatcher: Dispatcher, upstream: Upstream, metrics: Metrics,
+                 gate: Gate) -> None:
+        self.config = config
+        self.view = view
+        self.describer = describer
+        self.dispatcher = dispatcher
+        self.upstream = upstream
+        self.metrics = metrics
+        self.gate = gate
+        self.policy_name = dispatcher.policy.name
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        route = request.path
+        try:
+            info = await self._read_request(request, route)
+            candidates = self._candidates(info.model)
+        except ApiError as err:
+            self._count(route, err.status)
+            return error_response(err)
+        with self.gate.inside():
+            return await self._serve(request, info, candidates)
+
+    def _count(self, route: str, status: int) -> None:
+        self.metrics.requests.labels(route, str(status), self.policy_name).inc()
+
+    async def _read_request(self, request: web.Request, route: str) -> RequestInfo:
+        ctype = request.headers.get("Content-Type", "application/json")
+        if ctype.split(";")[0].strip().lower() not in ("application/json", ""):
+            raise ApiError(415, f"unsupported content type {ctype!r}; use application/json",
+                           "UnsupportedMediaType")
+        if self.gate.draining:
+            raise ApiError(503, "the proxy is shutting down", "ServiceUnavailableError")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"request body larger than {self.config.max_body_bytes} bytes",
+                           "RequestEntityTooLarge") from None
+        return parse_request(route, raw)
+
+    def _candidates(self, model: str) -> list[Instance]:
+        if not self.view.knows_model(model):
+            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError",
+                           "model")
+        candidates = self.view.candidates(model)
+        if not candidates:
+            raise ApiError(503, f"no healthy instance serves model `{model}`",
+                           "ServiceUnavailableError")
+        return candidates
+
+    async def _serve(self, request: web.Request, info: RequestInfo,
+                     candidates: list[Instance]) -> web.StreamResponse:
+        limit = min(inst.limits.max_model_len for inst in candidates)
+        job = self.describer.describe(info, request.headers.get(HINT_HEADER), limit)
+        tried: list[Instance] = []
+        headers = self.upstream.forward_headers(request.headers)
+        for _ in range(self.config.max_retries + 1):
+            pool = [c for c in candidates if c not in tried and c.accepts_new()] or \
+                [c for c in self.view.candidates(info.model) if c not in tried]
+            if not pool:
+                break
+            entry = self.dispatcher.dispatch(pool, job)
+            entry.observed = info.stream
+            inst = entry.instance
+            tried.append(inst)
+            try:
+                upstream = await self.upstream.open(inst.url + info.route, info.raw, headers)
+            except UpstreamError as exc:
+                inst.release(entry)
+                self.failed(inst, exc)
+                self.metrics.retries.labels(inst.name).inc()
+                continue
+            except asyncio.CancelledError:
+                inst.release(entry)
+                self.metrics.cancellations.inc()
+                raise
+            inst.record_success()
+            try:
+                return await self._relay(request, info, entry, upstream)
+            finally:
+                upstream.close()
+                inst.release(entry)
+        err = ApiError(502, "no instance could serve the request "
+                       f"(tried {', '.join(i.name for i in tried) or 'none'})",
+                       "BadGatewayError")
+        self._count(info.route, 502)
+        return error_response(err)
+
+    def failed(self, inst: Instance, exc: Exception) -> None:
+        """An instance failed before the first byte: count it, eject after too many."""
+        log.warning("instance %s failed before the first byte: %s", inst.name, exc)
+        if inst.record_failure(time.monotonic(), self.config.eject_after,
+                               self.config.probe_interval):
+            log.warning("instance %s ejected after %d failures", inst.name, inst.failures)
+            self.metrics.ejections.labels(inst.name).inc()
+
+    async def _relay(self, request: web.Request, info: RequestInfo, entry: Entry,
+                     upstream: UpstreamResponse) -> web.StreamResponse:
+        status = upstream.status
+        if status != 200 or not info.stream:
+            payload = await upstream.read()
+            done = time.perf_counter()
+            if status == 200:
+                usage = parse_usage(payload)
+                if usage.completion_tokens is not None:
+                    self._learn(info, entry, usage, usage.completion_tokens, done)
+            self._count(info.route, status)
+            return web.Response(status=status, body=payload,
+                                content_type=upstream.content_type or "application/json")
+        return await self._relay_stream(request, info, entry, upstream)
+
+    async def _relay_stream(self, request: web.Request, info: RequestInfo, entry: Entry,
+                            upstream: UpstreamResponse) -> web.StreamResponse:
+        inst = entry.instance
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await response.prepare(request)
+        tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
+        try:
+            async for data in upstream.iter_chunks():
+                now = time.perf_counter()
+                await response.write(data)
+                count = token_events(data)
+                if count > 0:
+                    if not entry.first_token_at:
+                        inst.first_token(entry, now)
+                        count -= 1
+                    if count:
+                        inst.streamed(entry, now, count)
+                tail.append(data)
+            ending = b"".join(tail)
+            if not stream_complete(ending):
+                raise UpstreamError("the stream ended without [DONE]")
+        except UpstreamError as exc:
+            self.metrics.stream_failures.labels(inst.name).inc()
+            log.warning("instance %s failed mid-stream: %s", inst.name, exc)
+            err = ApiError(502, f"upstream instance {inst.name} failed mid-stream: {exc}",
+                           "BadGatewayError")
+            await response.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
+            self._count(info.route, 502)
+            await response.write_eof()
+            return response
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.metrics.cancellations.inc()
+            raise
+        usage = parse_usage(ending)
+        if usage.completion_tokens is not None:
+            output = usage.completion_tokens
+        else:  # token events, less a chat stream's first (role-only) event
+            output = max(entry.generated - (1 if info.route == CHAT else 0), 0)
+        self._learn(info, entry, usage, output, time.perf_counter())
+        self._count(info.route, 200)
+        await response.write_eof()
+        return response
+
+    def _learn(self, info: RequestInfo, entry: Entry, usage: Usage, output: int,
+               done: float) -> None:
+        """Feed a completed request back: lengths, token ratio, latency and error metrics."""
+        e2e = done - entry.dispatched_at
+        m = self.metrics
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("done on %s: prompt %s~%d, output %d (predicted %d), ttft %.4f (predicted "
+                      "%.4f), e2e %.4f (predicted %.4f)", entry.instance.name,
+                      usage.prompt_tokens, entry.prompt_tokens, output, entry.predicted_tokens,
+                      (entry.first_token_at or done) - entry.dispatched_at, entry.predicted_ttft,
+                      e2e, entry.predicted_e2e)
+        m.e2e.observe(e2e)
+        self.describer.learn(info, entry.prompt_tokens, entry.predicted_tokens,
+                             usage.prompt_tokens, output, usage.finish_reason)
+        if output > 0:
+            m.length_error.observe(abs(entry.predicted_tokens - output) / output)
+        if math.isfinite(entry.predicted_e2e) and e2e > 0:
+            m.prediction_error.labels("e2e").observe(abs(entry.predicted_e2e - e2e) / e2e)
+        if entry.first_token_at:
+            ttft = entry.first_token_at - entry.dispatched_at
+            m.ttft.observe(ttft)
+            if math.isfinite(entry.predicted_ttft) and ttft > 0:
+                m.prediction_error.labels("ttft").observe(
+                    abs(entry.predicted_ttft - ttft) / ttft)
+            if output > 1:
+                m.itl.observe((done - entry.first_token_at) / (output - 1))

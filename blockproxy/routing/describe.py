@@ -1,0 +1,38 @@
+"""Describe a request for routing, and learn from how it ended.
+
+:class:`Describer` turns a parsed request into a :class:`~blockproxy.routing.job.Job`:
+prompt tokens estimated from its characters (:mod:`blockproxy.routing.tokens`), output
+tokens predicted (:mod:`blockproxy.routing.lengths`, or the client's hint header).  When
+the request completes, :meth:`Describer.learn` feeds the true counts back to both.
+"""
+
+from __future__ import annotations
+
+from blockproxy.request import RequestInfo
+from blockproxy.routing.job import Job
+from blockproxy.routing.lengths import LengthPredictor, parse_hint
+from blockproxy.routing.tokens import PromptTokenEstimator
+
+
+class Describer:
+    def __init__(self, predictor: LengthPredictor,
+                 tokens: PromptTokenEstimator | None = None) -> None:
+        self.predictor = predictor
+        self.tokens = tokens or PromptTokenEstimator()
+
+    def describe(self, info: RequestInfo, hint: str | None, max_model_len: int) -> Job:
+        """The job of ``info``: ``hint`` is the hint header's value (or None);
+        ``max_model_len`` the smallest context limit among the candidates."""
+        prompt_tokens = self.tokens.estimate(info.model, info.prompt_chars)
+        context_left = max(max_model_len - prompt_tokens, 1)
+        output = self.predictor.predict(info.model, prompt_tokens, info.max_tokens,
+                                        context_left, parse_hint(hint))
+        return Job(prompt_tokens, 0, output)
+
+    def learn(self, info: RequestInfo, estimated_prompt: int, predicted_output: int,
+              prompt_tokens: int | None, output_tokens: int, finish: str | None) -> None:
+        """Fold in a completed request's true prompt (when reported) and output tokens."""
+        if prompt_tokens is not None:
+            self.tokens.observe(info.model, info.prompt_chars, prompt_tokens)
+        self.predictor.observe(info.model, prompt_tokens or estimated_prompt, output_tokens,
+                               info.max_tokens, finish, predicted=predicted_output)

@@ -1,0 +1,38 @@
+"""Choose an instance for a job and reserve the request there, with no await in between.
+
+The policy picks; the prediction for the chosen instance is made whatever the policy (so
+prediction error is measured alike for all); the reservation is recorded at once, so the
+next decision, a microsecond later, already sees this request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from blockproxy.cluster.instance import Instance
+from blockproxy.cluster.requests import Entry
+from blockproxy.metrics import Metrics
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import Policy
+
+
+class Dispatcher:
+    def __init__(self, policy: Policy, metrics: Metrics) -> None:
+        self.policy = policy
+        self.metrics = metrics
+
+    def dispatch(self, candidates: Sequence[Instance], job: Job) -> Entry:
+        """Choose one of ``candidates`` (never empty) and reserve ``job`` on it."""
+        start = time.perf_counter()
+        inst, prediction = self.policy.choose(candidates, job)
+        if prediction is None:
+            prediction = inst.predict(job.prompt_tokens, job.cached_tokens, job.output_tokens)
+        now = time.perf_counter()
+        name = self.policy.name
+        self.metrics.decision.labels(name).observe(now - start)
+        self.metrics.decisions.labels(name, inst.name).inc()
+        entry = inst.reserve(job.prompt_tokens, job.output_tokens, now)
+        entry.predicted_ttft = prediction.ttft
+        entry.predicted_e2e = prediction.e2e
+        return entry
