@@ -25,6 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from loadgen.measure import real_view
 from loadgen.run import UNTIL, add_workload_arguments, benchmark_kwargs, run_benchmark, \
     specs_from_args, write_json
 
@@ -34,7 +35,7 @@ MeetsSlo = Callable[[dict], bool]
 
 def _point(value: float, metrics: dict, ok: bool) -> dict[str, Any]:
     # Time-scaled runs report real-GPU figures in the curve (what the SLO is about).
-    real = {**metrics, **metrics.get("unscaled", {})}
+    real = real_view(metrics)
     return {"value": value, "passed": ok, "p99_ttft_ms": real.get("p99_ttft_ms"),
             "goodput_ratio": metrics.get("goodput_ratio"),
             "completed": metrics.get("completed"), "failed": metrics.get("failed"),
@@ -201,8 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
     def meets(metrics: dict) -> bool:
         # The SLO is in real-GPU time; a time-scaled run's figures are unscaled first.
-        view = {**metrics, **metrics.get("unscaled", {})}
-        return check(view)
+        return check(real_view(metrics))
 
     async def run_once(value: float) -> dict:
         metrics = await run_benchmark(args.target, specs, **{**kwargs, knob: value})

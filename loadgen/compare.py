@@ -47,6 +47,7 @@ from loadgen import promtext, report
 from loadgen.report import summarize
 from loadgen.capacity import add_search_arguments, find_capacity, probe_kwargs, slo_check
 from loadgen.cluster import EmulatedCluster, ProxyProcess, get_texts
+from loadgen.measure import real_view
 from loadgen.procs import free_udp_ports
 from loadgen.run import add_workload_arguments, benchmark_kwargs, run_benchmark, \
     specs_from_args, timestamped, write_json
@@ -251,14 +252,14 @@ async def _capacity(lab: Lab, policy: str, specs: Sequence[RequestSpec], seed: i
 
     def meets(metrics: dict) -> bool:
         # The SLO is in real-GPU time.
-        return check(report.real_view(metrics))
+        return check(real_view(metrics))
 
     async def run_once(value: float) -> dict:
         entry = await lab.run(policy, specs, seed, {**run_kwargs, **cfg.get("probe", {}),
                                                     knob: value}, detail=False)
         metrics = entry["metrics"]
         lab.log(f"  {policy} capacity probe {knob}={value:.4g}: p99 TTFT "
-                f"{report.real_view(metrics)['p99_ttft_ms']:.0f} ms, failed "
+                f"{real_view(metrics)['p99_ttft_ms']:.0f} ms, failed "
                 f"{metrics['failed']}, cut {metrics.get('cut', 0)} -> "
                 f"{'pass' if meets(metrics) else 'FAIL'}"
                 + (f" (aborted: {metrics['aborted']})" if metrics.get("aborted") else ""))
@@ -293,7 +294,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
     for policy in policies:
         log(f"[seed {seed}] {policy}")
         entry = await lab.run(policy, specs, seed, run_kwargs, detail=True)
-        m = report.real_view(entry["metrics"])
+        m = real_view(entry["metrics"])
         errors = [r["error"] for r in m.get("per_request", [])
                   if not r["success"] and not r.get("cut")]
         log(f"  {policy}: completed {m['completed']}, failed {m['failed']}, "

@@ -126,6 +126,11 @@ def calculate_metrics(records: Sequence[RequestRecord], duration_s: float,
     return metrics
 
 
+def real_view(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics with time keys in real-GPU units (the ``unscaled`` block applied)."""
+    return {**metrics, **metrics.get("unscaled", {})}
+
+
 def unscale(metrics: dict[str, Any], time_scale: float) -> dict[str, Any]:
     """The time-valued metrics as real-GPU time for a run at ``time_scale``.
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadgen.measure import real_view
+
 COMPARE_KIND = "loadgen-compare"
 #: the policy the ratio columns compare against
 BASELINE = "round_robin"
@@ -32,11 +34,6 @@ _COLUMNS = (("done", "completed", "d"), ("cut", "cut", "d"), ("fail", "failed", 
             ("capacity", "capacity", ".3g"), ("err ttft", "error_ttft", ".2f"),
             ("err e2e", "error_e2e", ".2f"), ("err len", "error_output_length", ".2f"))
 _RATIOS = (("p99_ttft", "p99_ttft_ms"), ("p99_e2el", "p99_e2el_ms"))
-
-
-def real_view(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The metrics with time keys in real-GPU units (the ``unscaled`` block applied)."""
-    return {**metrics, **metrics.get("unscaled", {})}
 
 
 def headline(entry: dict[str, Any]) -> dict[str, Any]:

@@ -43,15 +43,12 @@ from typing import Any
 import numpy as np
 import orjson
 
+from loadgen.headers import HINT_HEADER, OUTPUT_TOKENS_HEADER
 from loadgen.tokenizer import (CHAT_GENERATION_PROMPT_TOKENS, CHAT_TOKENS_PER_MESSAGE,
                                make_prompt, make_prompt_from_blocks)
 
 FORMATS = ("auto", "azure", "mooncake", "lengths", "synthetic")
 MAX_TOKENS_POLICIES = ("true", "cap", "slack")
-#: Header with the true output length: only the emulator reads it.
-OUTPUT_TOKENS_HEADER = "x-loadgen-output-tokens"
-#: blockproxy's client-provided output-length hint.
-HINT_HEADER = "x-blockproxy-output-tokens"
 #: Tokens per Mooncake ``hash_ids`` block.
 MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_MAX_TOKENS_CAP = 2048

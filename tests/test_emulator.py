@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from loadgen import promtext
+from loadgen.headers import OUTPUT_TOKENS_HEADER
 from loadgen.procs import wait_for
 from loadgen.tokenizer import make_prompt
 from tests.emulator_helpers import (
@@ -28,7 +29,7 @@ from tests.emulator_helpers import (
     stream_events,
 )
 
-HEADER = "x-loadgen-output-tokens"
+HEADER = OUTPUT_TOKENS_HEADER
 NO_STALLS = ("--stall-prob", "0")
 
 

@@ -107,8 +107,8 @@ class Proxy:
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
         ep = self.endpoints
-        app.router.add_post(COMPLETIONS, self.generate)
-        app.router.add_post(CHAT, self.generate)
+        app.router.add_post(COMPLETIONS, self.generate.handle)
+        app.router.add_post(CHAT, self.generate.handle)
         app.router.add_get("/v1/models", ep.models)
         app.router.add_get("/health", ep.health)
         app.router.add_get("/ready", ep.ready)

@@ -55,7 +55,7 @@ class GenerateHandler:
         self.gate = gate
         self.policy_name = dispatcher.policy.name
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request.path
         try:
             info = await self._read_request(request, route)

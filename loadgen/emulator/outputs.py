@@ -31,8 +31,6 @@ from collections.abc import Hashable, Sequence
 
 from loadgen.tokenizer import VOCABULARY
 
-#: Header that carries the true output length (read only by the emulator, never the proxy).
-OUTPUT_TOKENS_HEADER = "x-loadgen-output-tokens"
 LENGTH_SIGMA = 0.8
 MAX_DRAWN_LENGTH = 8192
 CHAT_LENGTH_FACTOR = 1.5

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from loadgen.emulator import outputs, protocol
+from loadgen.headers import OUTPUT_TOKENS_HEADER
 from loadgen.emulator.engine import Engine
 from loadgen.emulator.metrics import InstanceMetrics
 from loadgen.emulator.protocol import APIError, ParsedRequest
@@ -43,7 +44,7 @@ def error_response(err: APIError) -> web.Response:
 
 
 def _true_length(request: web.Request, parsed: ParsedRequest, digest: int) -> int:
-    header = request.headers.get(outputs.OUTPUT_TOKENS_HEADER)
+    header = request.headers.get(OUTPUT_TOKENS_HEADER)
     if header is not None:
         try:
             value = int(header)
@@ -51,7 +52,7 @@ def _true_length(request: web.Request, parsed: ParsedRequest, digest: int) -> in
             value = 0
         if value < 1:
             raise protocol.bad_request(
-                f"{outputs.OUTPUT_TOKENS_HEADER} must be a positive integer, got {header!r}.")
+                f"{OUTPUT_TOKENS_HEADER} must be a positive integer, got {header!r}.")
         return value
     return outputs.drawn_output_length(digest, len(parsed.tokens), parsed.chat)
 
