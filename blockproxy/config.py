@@ -69,7 +69,7 @@ class ProxyConfig:
                                        "for load that bypasses the proxies (0 = off)")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ProxyConfig":
+    def from_args(cls, args: argparse.Namespace) -> ProxyConfig:
         """Build from parsed arguments (flags were defaulted from the environment)."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 

@@ -21,7 +21,7 @@ ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 class _ClusterCollector:
     """Per-instance gauges read from the live view at scrape time."""
 
-    def __init__(self, view: "ClusterView") -> None:
+    def __init__(self, view: ClusterView) -> None:
         self.view = view
 
     def collect(self):  # type: ignore[no-untyped-def]
@@ -46,7 +46,7 @@ class _ClusterCollector:
 class Metrics:
     """All of the proxy's metrics."""
 
-    def __init__(self, view: "ClusterView") -> None:
+    def __init__(self, view: ClusterView) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("blockproxy_requests_total", "Requests by route, status, policy",
                                 ["route", "status", "policy"], registry=r)

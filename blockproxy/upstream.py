@@ -9,7 +9,8 @@ it from :meth:`UpstreamResponse.iter_chunks`.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import aiohttp
 import orjson

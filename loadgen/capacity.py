@@ -26,8 +26,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from loadgen.measure import real_view
-from loadgen.run import UNTIL, add_workload_arguments, benchmark_kwargs, run_benchmark, \
-    specs_from_args, write_json
+from loadgen.run import (
+    UNTIL,
+    add_workload_arguments,
+    benchmark_kwargs,
+    run_benchmark,
+    specs_from_args,
+    write_json,
+)
 
 RunOnce = Callable[[float], Awaitable[dict]]
 MeetsSlo = Callable[[dict], bool]
@@ -114,10 +120,8 @@ def slo_check(p99_ttft_ms: float | None = None,
             return False
         if p99_ttft_ms is not None and not metrics["p99_ttft_ms"] <= p99_ttft_ms:
             return False
-        if min_goodput_ratio is not None and not metrics.get("goodput_ratio", 0.0) \
-                >= min_goodput_ratio:
-            return False
-        return True
+        return min_goodput_ratio is None or \
+            metrics.get("goodput_ratio", 0.0) >= min_goodput_ratio
     return meets
 
 

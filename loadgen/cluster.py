@@ -80,7 +80,7 @@ class _Managed:
             self._tmp.cleanup()
             self._tmp = None
 
-    async def __aenter__(self) -> "_Managed":
+    async def __aenter__(self) -> _Managed:
         await self.start()
         return self
 

@@ -39,18 +39,24 @@ import os
 import signal
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from loadgen import promtext, report
-from loadgen.report import summarize
 from loadgen.capacity import add_search_arguments, find_capacity, probe_kwargs, slo_check
 from loadgen.cluster import EmulatedCluster, ProxyProcess, get_texts
 from loadgen.measure import real_view
 from loadgen.procs import free_udp_ports
-from loadgen.run import add_workload_arguments, benchmark_kwargs, run_benchmark, \
-    specs_from_args, timestamped, write_json
+from loadgen.report import summarize
+from loadgen.run import (
+    add_workload_arguments,
+    benchmark_kwargs,
+    run_benchmark,
+    specs_from_args,
+    timestamped,
+    write_json,
+)
 from loadgen.workload import RequestSpec
 
 #: suffix of a policy name that sends the true output length as the proxy's hint
@@ -237,7 +243,7 @@ class Lab:
         key_file.write_bytes(os.urandom(32).hex().encode())
         ports = free_udp_ports(self.proxies)
         out = []
-        for i, port in enumerate(ports):
+        for port in ports:
             seeds = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
             out.append([*base, "--gossip-bind", f"127.0.0.1:{port}", "--gossip-seeds", seeds,
                         "--gossip-key-file", str(key_file)])

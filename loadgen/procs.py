@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 
@@ -45,6 +46,7 @@ STOP_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 30.0
 
 _live: set[ChildProcess] = set()
+_Child = TypeVar("_Child", bound="ChildProcess")
 
 
 # ---- ports ------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class ChildProcess:
         self.popen = subprocess.Popen(
             self.args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, env=child_env(env),
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         _live.add(self)
 
     @property
@@ -172,7 +174,7 @@ class ChildProcess:
     def log_tail(self, chars: int = 2000) -> str:
         return self.output()[-chars:]
 
-    def __enter__(self) -> ChildProcess:
+    def __enter__(self: _Child) -> _Child:
         return self
 
     def __exit__(self, *exc: object) -> None:

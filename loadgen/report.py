@@ -5,7 +5,8 @@ CDFs, percentile bars and capacity curves) and ``loadgen run --json`` files (one
 each; CDFs when saved with ``--detail``).  ``--merge`` joins compare files run in pieces
 (other policies, other seeds, same time scale) into one comparison.  Runs that stopped at
 their last first token (``--until first-token``) show TTFT figures only.  Time-scaled runs
-are shown in real-GPU time (wall-clock divided by the time scale).  Plots use matplotlib's Agg backend (no display).
+are shown in real-GPU time (wall-clock divided by the time scale).  Plots use matplotlib's
+Agg backend (no display); matplotlib comes with the ``[loadgen]`` extra.
 """
 
 from __future__ import annotations
@@ -218,8 +219,8 @@ def plot_results(results: Sequence[dict[str, Any]], out: str | Path,
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.ticker
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     labels = list(labels) if labels else [""] * len(results)

@@ -37,10 +37,22 @@ import aiohttp
 
 from loadgen import measure
 from loadgen.client import RequestRecord, send_request
-from loadgen.workload import (DEFAULT_MAX_TOKENS_CAP, FORMATS, MAX_TOKENS_POLICIES,
-                              RequestSpec, arrival_times, assign_arrivals, build_request,
-                              clip_lengths, detect_format, load_trace, resolve_trace,
-                              send_times, slice_specs, synthetic)
+from loadgen.workload import (
+    DEFAULT_MAX_TOKENS_CAP,
+    FORMATS,
+    MAX_TOKENS_POLICIES,
+    RequestSpec,
+    arrival_times,
+    assign_arrivals,
+    build_request,
+    clip_lengths,
+    detect_format,
+    load_trace,
+    resolve_trace,
+    send_times,
+    slice_specs,
+    synthetic,
+)
 
 #: vLLM's bench default request timeout (6 hours).
 DEFAULT_TIMEOUT_S = 6 * 60 * 60
@@ -90,7 +102,8 @@ def _offsets(specs: Sequence[RequestSpec], request_rate: float, burstiness: floa
     return [t * time_scale for t in arrival_times(len(specs), request_rate, burstiness, seed)]
 
 
-async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec], *, model: str = "tiny",
+async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec], *,
+                        model: str = "tiny",
                         endpoint: str = "/v1/completions", request_rate: float = math.inf,
                         burstiness: float = 1.0, max_concurrency: int | None = None,
                         use_trace_arrivals: bool = False, rate_multiplier: float = 1.0,
@@ -106,7 +119,8 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
     """Send ``specs`` to ``target`` and return the metrics dict (see :mod:`loadgen.measure`).
 
     ``target`` may be a list: requests then go round-robin across them (several proxies
-    behind a load balancer).  ``detail=True`` adds ``per_request`` (ttft/e2el/tpot in ms, ITL list, tokens, error).
+    behind a load balancer).  ``detail=True`` adds ``per_request`` (ttft/e2el/tpot in ms,
+    ITL list, tokens, error).
     ``until="first-token"`` stops the run once every request has had its first token;
     ``ttft_abort_ms`` stops it once the ``abort_percentile`` TTFT must exceed that bound
     (see the module doc).  SLOs (``goodput``, ``ttft_abort_ms``) are real-GPU ms: they are

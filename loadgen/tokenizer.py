@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 #: Template tokens per chat message: start marker, role, end marker.
 CHAT_TOKENS_PER_MESSAGE = 3
@@ -35,7 +35,7 @@ _SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]
 #: The fixed vocabulary of prompt and output words: 4,900 two-syllable words ("bada"...).
 VOCABULARY: tuple[str, ...] = tuple(a + b for a in _SYLLABLES for b in _SYLLABLES)
 
-Token = Union[str, int]
+Token = str | int
 
 
 def completion_tokens(prompt: str | Sequence[int]) -> list[Token]:

@@ -44,8 +44,12 @@ import numpy as np
 import orjson
 
 from loadgen.headers import HINT_HEADER, OUTPUT_TOKENS_HEADER
-from loadgen.tokenizer import (CHAT_GENERATION_PROMPT_TOKENS, CHAT_TOKENS_PER_MESSAGE,
-                               make_prompt, make_prompt_from_blocks)
+from loadgen.tokenizer import (
+    CHAT_GENERATION_PROMPT_TOKENS,
+    CHAT_TOKENS_PER_MESSAGE,
+    make_prompt,
+    make_prompt_from_blocks,
+)
 
 FORMATS = ("auto", "azure", "mooncake", "lengths", "synthetic")
 MAX_TOKENS_POLICIES = ("true", "cap", "slack")

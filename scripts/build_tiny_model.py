@@ -28,11 +28,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-WORDS = ("the of and to in is was for on that with as by at from his her which an be this "
-         "are or had not but have one all were they their there been has more if will would "
-         "who so no she other its after first two may time people into than only new some "
-         "could these can most like over when then out about what up also state year make "
-         "story tell hello world request token model proxy server latency queue batch").split()
+WORDS = [
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by",
+    "at", "from", "his", "her", "which", "an", "be", "this", "are", "or", "had", "not", "but",
+    "have", "one", "all", "were", "they", "their", "there", "been", "has", "more", "if",
+    "will", "would", "who", "so", "no", "she", "other", "its", "after", "first", "two", "may",
+    "time", "people", "into", "than", "only", "new", "some", "could", "these", "can", "most",
+    "like", "over", "when", "then", "out", "about", "what", "up", "also", "state", "year",
+    "make", "story", "tell", "hello", "world", "request", "token", "model", "proxy", "server",
+    "latency", "queue", "batch"
+]
 
 
 def corpus(lines: int, seed: int = 0) -> list[str]:

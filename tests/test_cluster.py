@@ -92,7 +92,8 @@ def test_unobserved_requests_progress_along_their_prediction():
     streamed = inst.reserve(100, 11, now=0.0)
     streamed.predicted_ttft, streamed.predicted_e2e = 1.0, 2.0
     inst.requests.estimate_progress(1.9)
-    assert inst.requests.table[simulator.COL_GENERATED, 0] == 9 and inst.requests.table[simulator.COL_STARTED, 1] == 0
+    table = inst.requests.table
+    assert table[simulator.COL_GENERATED, 0] == 9 and table[simulator.COL_STARTED, 1] == 0
 
 
 def test_calibration_uses_pure_decode_spans_despite_bunched_reads():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from loadgen.cluster import EmulatedCluster, ProxyProcess, engine_limits_from_args
 from loadgen import compare
+from loadgen.cluster import EmulatedCluster, ProxyProcess, engine_limits_from_args
 from loadgen.compare import parse_proxy_metrics, proxy_policy, summarize
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ def test_invalid_profile_names_the_field(tmp_path: Path) -> None:
     data["step_time"]["fixed_ms"] = -1
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="step_time.fixed_ms"):
+    with pytest.raises(ValueError, match=r"step_time\.fixed_ms"):
         load_profile(str(bad))
     with pytest.raises(FileNotFoundError):
         load_profile("no-such-profile")

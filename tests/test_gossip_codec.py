@@ -73,7 +73,7 @@ def test_wrong_version_and_shape_signed():
 
 
 def test_split_stays_under_limit():
-    entries = [["instance-%d" % (i % 7), i, 4000 + i, 300, i % 2, i] for i in range(500)]
+    entries = [[f"instance-{i % 7}", i, 4000 + i, 300, i % 2, i] for i in range(500)]
     budget = codec.MAX_DATAGRAM - codec.header_size(2**64 - 1, 2**63, 2**40, NOW) - 40
     groups = list(codec.split(entries, budget))
     assert sum(len(g) for g in groups) == 500

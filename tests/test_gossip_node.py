@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry
 from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster import LOCAL, PHANTOM, ClusterView
+from blockproxy.cluster.scraper import Scraper, parse_vllm_gauges
 from blockproxy.gossip import codec
 from blockproxy.gossip.node import Gossiper
-from blockproxy.cluster.scraper import Scraper, parse_vllm_gauges
 from loadgen.procs import free_udp_ports
 
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -114,7 +114,7 @@ async def test_bye_and_expiry(mesh):
 
 
 async def test_rejected_datagrams_are_counted(mesh):
-    a, b, _ = mesh
+    _, b, _ = mesh
     addr = b.transport.address
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     now = __import__("time").time_ns() // 1_000_000

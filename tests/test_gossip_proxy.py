@@ -13,9 +13,8 @@ import aiohttp
 import pytest
 
 from blockproxy.gossip import codec
-from loadgen.procs import wait_for
+from loadgen.procs import free_udp_ports, wait_for
 from tests.procs import Emulator, Proxy, metric_value, write_backends
-from loadgen.procs import free_udp_ports
 
 KEY = b"test-key-0123456789abcdef-0123456789"
 GOSSIP = ["--gossip-snapshot-interval", "0.2", "--scrape-interval", "0"]
@@ -189,7 +188,7 @@ async def test_phantom_load_from_direct_traffic(tmp_module, backends, emulator):
             tasks = [asyncio.create_task(direct()) for _ in range(3)]
 
             def phantoms(n: int) -> bool:
-                inst = [i for i in proxy.cluster()["instances"] if i["name"] == "i1"][0]
+                inst = next(i for i in proxy.cluster()["instances"] if i["name"] == "i1")
                 return inst["by_origin"].get("phantom", 0) == n
             assert await wait_for(lambda: phantoms(3), timeout=5.0)
             text = proxy.metrics()

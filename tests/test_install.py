@@ -58,10 +58,11 @@ def test_demo_runs_from_the_root_of_a_fresh_clone(fresh: tuple[Path, Path], tmp_
     assert "p99 TTFT" in done.stdout and (out / "demo.png").is_file()
     metrics = json.loads((out / "demo.json").read_text())["runs"][0]["policies"]["block"]
     assert metrics["metrics"]["completed"] == 8
-    # The installed package, with its compiled simulator, served the demo.
+    # The installed package has its compiled simulator (asked from outside the clone:
+    # ``python -c`` in the clone's root would import the source tree there).
     done = _run([str(venv / "bin" / "python"), "-c",
                  "import blockproxy.simulator as s, blockproxy; print(s.IMPLEMENTATION, "
-                 "blockproxy.__file__)"], clone, 30)
+                 "blockproxy.__file__)"], tmp_path, 30)
     implementation, where = done.stdout.split()
     assert implementation == "c" and Path(where).is_relative_to(_site_packages(venv))
 

@@ -264,6 +264,7 @@ async def test_run_through_blockproxy_with_hint(emulator: Emulator, tmp_path: Pa
 
 def test_abort_threshold_is_sufficient_for_numpy_percentiles() -> None:
     import numpy as np
+
     from loadgen.run import abort_threshold
     previous = 0
     for n in range(1, 600):

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from loadgen.client import RequestRecord
-from loadgen.measure import (calculate_metrics, format_summary, parse_goodput,
-                             parse_percentiles, percentile_key, unscale)
+from loadgen.measure import (
+    calculate_metrics,
+    format_summary,
+    parse_goodput,
+    parse_percentiles,
+    percentile_key,
+    unscale,
+)
 
 
 def records() -> list[RequestRecord]:

@@ -8,23 +8,30 @@ prefix, config, pid and log files, on a free loopback port, stopped by PID.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import aiohttp
 import openai
 import pytest
 
 from loadgen.procs import wait_for
-from tests.procs import ROOT, Emulator, Proc, Proxy, free_ports, http_get, metric_value
-from tests.procs import write_backends
+from tests.procs import (
+    ROOT,
+    Emulator,
+    Proc,
+    Proxy,
+    free_ports,
+    http_get,
+    metric_value,
+    write_backends,
+)
 
 pytestmark = pytest.mark.nginx
 

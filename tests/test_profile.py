@@ -58,7 +58,7 @@ def test_bad_field_is_named(tmp_path: Path, mutate, field: str):
 
 
 def test_unknown_name_lists_shipped_profiles():
-    with pytest.raises(ProfileError, match="llama-3.1-8b-h100-tp1"):
+    with pytest.raises(ProfileError, match=r"llama-3\.1-8b-h100-tp1"):
         load_profile("no-such-profile")
 
 

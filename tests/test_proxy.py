@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from pathlib import Path
 
 import aiohttp
@@ -134,11 +133,10 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("path, body, ctype, status", BAD_INPUTS)
 async def test_bad_input_gets_openai_error(proxy: Proxy, path: str, body: bytes, ctype: str,
                                            status: int):
-    async with aiohttp.ClientSession() as session:
-        async with session.post(proxy.url + path, data=body,
-                                headers={"Content-Type": ctype}) as resp:
-            assert resp.status == status
-            payload = await resp.json()
+    async with aiohttp.ClientSession() as session, session.post(proxy.url + path, data=body,
+                            headers={"Content-Type": ctype}) as resp:
+        assert resp.status == status
+        payload = await resp.json()
     err = payload["error"]
     assert err["code"] == status and err["message"] and err["type"]
     assert "param" in err

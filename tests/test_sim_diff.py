@@ -1,6 +1,7 @@
 """Differential tests: the compiled simulator against its pure-Python twin.
 
-The twin (``blockproxy.simulator.reference``) is the reference semantics; ``InstanceModelC`` must give
+The twin (``blockproxy.simulator.reference``) is the reference semantics; ``InstanceModelC``
+must give
 bit-identical results on any input, including the edges where C and Python arithmetic
 part ways (values up to 2**40, block boundaries, tiny KV caches, budget 1).  Also checked
 on each implementation: fast-forward agrees with stepping one engine step at a time.
@@ -366,8 +367,10 @@ def _predict_error_cases() -> list[tuple[str, np.ndarray, int, tuple[int, int, i
     ok = np.array([[10, 20], [0, 5], [1, 0], [5, 9], [1, 0]], dtype=np.int64)
     cases = [("n<0", ok, -1, (1, 0, 1)), ("n>capacity", ok, 3, (1, 0, 1)),
              ("4 rows", ok[:4].copy(), 1, (1, 0, 1)),
-             ("new prompt<0", ok, 2, (-1, 0, 1)), ("new cached>2**40", ok, 2, (1, MAX_TOKENS + 1, 1)),
-             ("new output huge", ok, 2, (1, 0, 1 << 70)), ("new prompt huge", ok, 0, (-(1 << 80), 0, 1))]
+             ("new prompt<0", ok, 2, (-1, 0, 1)),
+             ("new cached>2**40", ok, 2, (1, MAX_TOKENS + 1, 1)),
+             ("new output huge", ok, 2, (1, 0, 1 << 70)),
+             ("new prompt huge", ok, 0, (-(1 << 80), 0, 1))]
     for row in range(NUM_COLUMNS):
         for value in (-1, MAX_TOKENS + 1):
             arr = ok.copy()

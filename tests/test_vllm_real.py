@@ -14,7 +14,6 @@ import json
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -23,9 +22,20 @@ import pytest
 
 from loadgen.procs import wait_for
 from tests.procs import ROOT, Proxy, http_get, metric_value, write_backends
-from tests.real_vllm import (MAX_MODEL_LEN, MAX_NUM_SEQS, MODEL, VllmServer, fit_profile,
-                             prediction_errors, require_vllm, start_servers, summarize,
-                             vllm_logs, vllm_metric, vllm_pair)
+from tests.real_vllm import (
+    MAX_MODEL_LEN,
+    MAX_NUM_SEQS,
+    MODEL,
+    VllmServer,
+    fit_profile,
+    prediction_errors,
+    require_vllm,
+    start_servers,
+    summarize,
+    vllm_logs,
+    vllm_metric,
+    vllm_pair,
+)
 
 pytestmark = pytest.mark.vllm
 __all__ = ["vllm_logs", "vllm_pair"]  # fixtures, imported for pytest
@@ -263,7 +273,10 @@ async def test_client_disconnect_aborts_on_vllm(proxy: Proxy, vllm_pair: list[Vl
 
 # ---- prediction error under a short concurrent load ---------------------------------------
 
-WORDS = "the of and to in is was for on that with as by at from story tell hello world".split()
+WORDS = [
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by",
+    "at", "from", "story", "tell", "hello", "world"
+]
 
 
 async def concurrent_load(url: str, count: int, concurrency: int, hint: bool,
@@ -278,11 +291,10 @@ async def concurrent_load(url: str, count: int, concurrency: int, hint: bool,
         body = {"model": MODEL, "prompt": prompt, "max_tokens": out, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}
         headers = {"x-blockproxy-output-tokens": str(out)} if hint else {}
-        async with sem:
-            async with session.post(url + "/v1/completions", json=body,
-                                    headers=headers) as resp:
-                assert resp.status == 200
-                raw = await resp.read()
+        async with sem, session.post(url + "/v1/completions", json=body,
+                                headers=headers) as resp:
+            assert resp.status == 200
+            raw = await resp.read()
         usage = json.loads(raw.split(b"data: [DONE]")[0].strip().rsplit(b"data: ", 1)[1])
         return usage["usage"]
 

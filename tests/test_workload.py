@@ -11,9 +11,18 @@ import pytest
 
 from loadgen import workload
 from loadgen.tokenizer import count_chat_tokens, count_completion_tokens
-from loadgen.workload import (HINT_HEADER, OUTPUT_TOKENS_HEADER, RequestSpec, arrival_gaps,
-                              assign_arrivals, build_request, detect_format, load_trace,
-                              send_times, synthetic)
+from loadgen.workload import (
+    HINT_HEADER,
+    OUTPUT_TOKENS_HEADER,
+    RequestSpec,
+    arrival_gaps,
+    assign_arrivals,
+    build_request,
+    detect_format,
+    load_trace,
+    send_times,
+    synthetic,
+)
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -198,7 +199,8 @@ def bench_sim(args: argparse.Namespace) -> dict[str, Any]:
                 samples: list[float] = []
                 size_steps = []
                 for state, new_prompt, new_cached in states[size]:
-                    def predict(state=state, new_prompt=new_prompt, new_cached=new_cached):
+                    def predict(state=state, new_prompt=new_prompt, new_cached=new_cached,
+                                model=model, size=size):
                         return model.predict(state, size, new_prompt, new_cached,
                                              NEW_OUTPUT_TOKENS)
                     size_steps.append(predict()[5])

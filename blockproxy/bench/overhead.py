@@ -21,7 +21,6 @@ from typing import Any
 from blockproxy.cli import require_extra
 
 
-
 def add_arguments(parser: argparse._ActionsContainer) -> None:
     """Flags of ``bench overhead`` (``--profile`` comes from ``bench``)."""
     parser.add_argument("--concurrency", default="50,200", help="concurrent streams to test")

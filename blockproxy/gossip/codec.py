@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any, Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import msgpack
 

@@ -137,9 +137,8 @@ class RemoteState:
             if row is not None:
                 generated, started = op[3], op[4]
                 self._set(org, key, [row[0], row[1], started, generated])  # type: ignore[list-item]
-        elif code == codec.DONE:
-            if org.entries.pop(key, None) is not None:
-                self.sink.remove_remote(org.origin, instance, rid)
+        elif code == codec.DONE and org.entries.pop(key, None) is not None:
+            self.sink.remove_remote(org.origin, instance, rid)
 
     def _set(self, org: Origin, key: Key, row: Row) -> None:
         org.entries[key] = row

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("blockproxy.gossip")
 

@@ -13,6 +13,7 @@ import os
 import warnings
 from typing import Any, NamedTuple
 
+from blockproxy.profile import EngineLimits, Profile
 from blockproxy.simulator.reference import (
     COL_CACHED,
     COL_GENERATED,
@@ -23,7 +24,6 @@ from blockproxy.simulator.reference import (
     NUM_COLUMNS,
     InstanceModelPy,
 )
-from blockproxy.profile import EngineLimits, Profile
 
 NO_EXTENSIONS = os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0")
 
@@ -75,7 +75,17 @@ def model_from_profile(profile: Profile, limits: EngineLimits | None = None,
 
 
 __all__ = [
-    "COL_CACHED", "COL_GENERATED", "COL_PREDICTED", "COL_PROMPT", "COL_STARTED", "MAX_TOKENS",
-    "NUM_COLUMNS", "IMPLEMENTATION", "InstanceModel", "InstanceModelC", "InstanceModelPy",
-    "Prediction", "model_from_profile",
+    "COL_CACHED",
+    "COL_GENERATED",
+    "COL_PREDICTED",
+    "COL_PROMPT",
+    "COL_STARTED",
+    "IMPLEMENTATION",
+    "MAX_TOKENS",
+    "NUM_COLUMNS",
+    "InstanceModel",
+    "InstanceModelC",
+    "InstanceModelPy",
+    "Prediction",
+    "model_from_profile",
 ]

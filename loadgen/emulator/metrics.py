@@ -29,7 +29,7 @@ FINISH_REASONS = ("stop", "length", "abort")
 class Histogram:
     """A Prometheus histogram with fixed buckets."""
 
-    __slots__ = ("name", "help", "buckets", "counts", "sum", "count")
+    __slots__ = ("buckets", "count", "counts", "help", "name", "sum")
 
     def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
         self.name = name

@@ -9,9 +9,9 @@ given as a path to a JSON file.
 from __future__ import annotations
 
 import json
-from importlib import resources
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 

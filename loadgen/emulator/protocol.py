@@ -161,7 +161,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class ChunkWriter:
     """Pre-encoded SSE events of one streamed response (one event per token)."""
 
-    __slots__ = ("head", "_open_tail", "_final_tails", "_common")
+    __slots__ = ("_common", "_final_tails", "_open_tail", "head")
 
     def __init__(self, request_id: str, created: int, model: str, chat: bool) -> None:
         self._common = {"id": request_id,

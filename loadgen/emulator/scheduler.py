@@ -30,10 +30,25 @@ WAITING, RUNNING, FINISHED = 0, 1, 2
 class EngineRequest:
     """One request's state inside the engine, and its channel to the HTTP handler."""
 
-    __slots__ = ("request_id", "num_prompt_tokens", "block_hashes", "output_len",
-                 "finish_reason_if_done", "num_computed", "num_output", "blocks",
-                 "num_hashed_blocks", "state", "aborted", "arrival_time", "first_token_time",
-                 "last_token_time", "num_cached_tokens", "num_preemptions", "waiter")
+    __slots__ = (
+        "aborted",
+        "arrival_time",
+        "block_hashes",
+        "blocks",
+        "finish_reason_if_done",
+        "first_token_time",
+        "last_token_time",
+        "num_cached_tokens",
+        "num_computed",
+        "num_hashed_blocks",
+        "num_output",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "output_len",
+        "request_id",
+        "state",
+        "waiter",
+    )
 
     def __init__(self, request_id: str, prompt_tokens: Sequence[Hashable], output_len: int,
                  finish_reason: str, block_size: int, arrival_time: float = 0.0) -> None:
@@ -78,8 +93,13 @@ class EngineRequest:
 class StepPlan:
     """What one step computes: (request, tokens) pairs and the step-time features."""
 
-    __slots__ = ("scheduled", "prefill_tokens", "decode_seqs", "context_tokens",
-                 "num_preempted")
+    __slots__ = (
+        "context_tokens",
+        "decode_seqs",
+        "num_preempted",
+        "prefill_tokens",
+        "scheduled",
+    )
 
     def __init__(self) -> None:
         self.scheduled: list[tuple[EngineRequest, int]] = []

@@ -18,11 +18,11 @@ import orjson
 from aiohttp import web
 
 from loadgen.emulator import outputs, protocol
-from loadgen.headers import OUTPUT_TOKENS_HEADER
 from loadgen.emulator.engine import Engine
 from loadgen.emulator.metrics import InstanceMetrics
 from loadgen.emulator.protocol import APIError, ParsedRequest
 from loadgen.emulator.scheduler import FINISHED, EngineRequest
+from loadgen.headers import OUTPUT_TOKENS_HEADER
 
 VLLM_VERSION = "0.32.0"
 JSON = "application/json"
