@@ -89,7 +89,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
         default = f.default if f.default is not MISSING else None
-        kind = type(default)
+        kind: Any = type(default)
         raw = os.environ.get(env)
         if raw is not None:
             try:

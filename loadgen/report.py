@@ -136,6 +136,7 @@ def format_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str) -> str:
         cells = [f"{label:<{width}}", *(f"{_cell(h.get(key), fmt):>9}"
                                         for _, key, fmt in columns)]
         for _, key in ratios:
+            assert base is not None  # ratios exist only with a baseline row
             value = h.get(key)
             cells.append(f"{'-' if value is None else f'{value / base[key]:.2f}x':>14}")
         lines.append("  ".join(cells))

@@ -207,7 +207,7 @@ def abort_threshold(count: int, percentile: float) -> int:
     return count - math.floor(percentile / 100.0 * (count - 1))
 
 
-async def _watch(tasks: list[asyncio.Future], records: Sequence[RequestRecord],
+async def _watch(tasks: Sequence[asyncio.Future[Any]], records: Sequence[RequestRecord],
                  start: float, first_token: bool, ttft_abort_ms: float | None,
                  percentile: float) -> str | None:
     """Wait for ``tasks`` until they end, every request has its first token

@@ -29,7 +29,8 @@ NO_EXTENSIONS = os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0")
 
 InstanceModelC: type | None
 try:
-    from blockproxy._fastcore import InstanceModelC
+    from blockproxy._fastcore import InstanceModelC as _compiled
+    InstanceModelC = _compiled
 except ImportError:  # not built (pure install or BLOCKPROXY_NO_EXTENSIONS at build time)
     InstanceModelC = None
 

@@ -19,7 +19,9 @@ class BlockOwner(Protocol):
     blocks: list[int]
     num_hashed_blocks: int
     num_prompt_tokens: int
-    block_hashes: Sequence[Hashable]
+
+    @property
+    def block_hashes(self) -> Sequence[Hashable]: ...
 
 
 def prompt_block_hashes(tokens: Sequence[Hashable], block_size: int) -> list[Hashable]:
