@@ -8,6 +8,7 @@ or ``with``).
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from loadgen.procs import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["ROOT", "Emulator", "Proc", "Proxy", "free_ports", "http_get", "metric_value",
-           "write_backends"]
+__all__ = ["ROOT", "Emulator", "Proc", "Proxy", "complete", "free_ports", "http_get",
+           "metric_value", "write_backends"]
 
 
 class Proc(ChildProcess):
@@ -92,6 +93,17 @@ def write_backends(path: Path, entries: Sequence[dict[str, Any]]) -> Path:
     """A YAML backends file (JSON is valid YAML)."""
     path.write_text(json.dumps({"backends": list(entries)}))
     return path
+
+
+def complete(url: str, max_tokens: int = 4, timeout: float = 30.0) -> dict[str, Any]:
+    """One non-streaming completion of exactly ``max_tokens`` tokens through ``url``."""
+    request = urllib.request.Request(
+        url + "/v1/completions", method="POST",
+        data=json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": max_tokens,
+                         "ignore_eos": True}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return json.loads(resp.read())
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

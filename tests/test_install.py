@@ -13,13 +13,12 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from loadgen.procs import ChildProcess, free_ports, wait_healthy_blocking
-from tests.procs import ROOT, Emulator, write_backends
+from tests.procs import ROOT, Emulator, complete, write_backends
 
 pytestmark = pytest.mark.install
 
@@ -80,13 +79,7 @@ def test_serve_runs_with_loadgen_uninstalled(fresh: tuple[Path, Path], tmp_path:
                            str(backends), "--port", str(port)], "proxy", tmp_path) as proxy:
             url = f"http://127.0.0.1:{port}"
             wait_healthy_blocking([url], [proxy], timeout=30)
-            request = urllib.request.Request(
-                url + "/v1/completions", method="POST",
-                data=json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 4,
-                                 "ignore_eos": True}).encode(),
-                headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=30) as resp:
-                assert json.loads(resp.read())["usage"]["completion_tokens"] == 4
+            assert complete(url)["usage"]["completion_tokens"] == 4
 
 
 def test_this_environment_runs_installed_scripts() -> None:

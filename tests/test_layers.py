@@ -14,7 +14,6 @@ import ast
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import blockproxy
@@ -22,7 +21,7 @@ import loadgen
 from blockproxy.routing.lengths import HINT_HEADER
 from loadgen import headers
 from loadgen.procs import ChildProcess, free_ports, wait_healthy_blocking
-from tests.procs import Emulator, write_backends
+from tests.procs import Emulator, complete, write_backends
 
 BLOCKPROXY = Path(blockproxy.__file__).parent
 LOADGEN = Path(loadgen.__file__).parent
@@ -106,12 +105,5 @@ def test_serve_works_where_loadgen_cannot_be_imported(tmp_path: Path) -> None:
                            "--port", str(port)], "proxy-no-loadgen", tmp_path) as proxy:
             url = f"http://127.0.0.1:{port}"
             wait_healthy_blocking([url], [proxy], timeout=20)
-            request = urllib.request.Request(
-                url + "/v1/completions", method="POST",
-                data=json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 4,
-                                 "ignore_eos": True}).encode(),
-                headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=20) as resp:
-                body = json.loads(resp.read())
-            assert body["usage"]["completion_tokens"] == 4
+            assert complete(url)["usage"]["completion_tokens"] == 4
             assert "No module named 'loadgen'" not in proxy.output()
