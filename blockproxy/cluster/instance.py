@@ -68,8 +68,9 @@ class Instance:
     def predict(self, prompt_tokens: int, cached_tokens: int, output_tokens: int,
                 bound: float = math.inf) -> simulator.Prediction:
         """Simulate this instance with one more request (stopping past ``bound`` seconds)."""
-        return self.requests.simulate(self.model, prompt_tokens, cached_tokens, output_tokens,
-                                      bound)
+        r = self.requests
+        return simulator.Prediction._make(self.model.predict(
+            r.table, r.n, prompt_tokens, cached_tokens, output_tokens, bound))
 
     def unprocessed_tokens(self) -> int:
         """Prompt tokens not yet computed plus output tokens still expected."""

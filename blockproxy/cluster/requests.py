@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -236,9 +236,3 @@ class RequestTable:
         running = int(started.sum())
         free = num_gpu_blocks - used - wanted
         return free / max(running, 1)
-
-    def simulate(self, model: Any, prompt_tokens: int, cached_tokens: int, output_tokens: int,
-                 bound: float) -> simulator.Prediction:
-        """``model``'s prediction for one more request on top of these."""
-        return simulator.Prediction._make(model.predict(
-            self.table, self.n, prompt_tokens, cached_tokens, output_tokens, bound))
