@@ -18,12 +18,13 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 from loadgen.procs import HOST, ChildProcess, command, free_port_range, wait_healthy
 
+_M = TypeVar("_M", bound="_Managed")
 #: tries with fresh ports when a child dies at start (another process took a port)
 START_ATTEMPTS = 3
 #: emulator flags that change an engine limit; the proxy is told the same value
@@ -80,7 +81,7 @@ class _Managed:
             self._tmp.cleanup()
             self._tmp = None
 
-    async def __aenter__(self) -> _Managed:
+    async def __aenter__(self: _M) -> _M:
         await self.start()
         return self
 

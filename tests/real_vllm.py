@@ -18,7 +18,7 @@ import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -211,7 +211,7 @@ def prediction_errors(log: str) -> dict[str, list[float]]:
     return out
 
 
-def summarize(errors: dict[str, Sequence[float]]) -> dict[str, dict[str, float]]:
+def summarize(errors: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
     return {k: {"n": len(v), "median_ape_pct": 100 * statistics.median(v) if v else float("nan"),
                 "mean_ape_pct": 100 * statistics.fmean(v) if v else float("nan")}
             for k, v in errors.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from blockproxy.backends import BackendSpec
 from blockproxy.cluster import ClusterView
 
 
-def view_with(*names: str, **spec_fields: object) -> ClusterView:
+def view_with(*names: str, **spec_fields: Any) -> ClusterView:
     view = ClusterView("llama-3.1-8b-h100-tp1")
     view.apply([BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=n, **spec_fields)
                 for i, n in enumerate(names)])

@@ -321,7 +321,8 @@ async def test_repeated_prefix_has_lower_ttft(emu: Emulator,
 
 
 async def _timed_workload(url: str, session: aiohttp.ClientSession) -> float:
-    body = {"prompt": make_prompt(500, seed=9), "max_tokens": 250, "stream": True}
+    body: dict[str, Any] = {"prompt": make_prompt(500, seed=9), "max_tokens": 250,
+                            "stream": True}
     start = time.perf_counter()
     await asyncio.gather(*(stream_events(session, f"{url}/v1/completions",
                                          dict(body, prompt=body["prompt"] + f" {i}"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ def test_completion_tokens_are_words() -> None:
 
 
 def test_chat_rule() -> None:
-    messages = [{"role": "system", "content": "be brief"},
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "hi there you"},
                                              {"type": "image_url", "image_url": {}}]}]
     expected = (2 + 3 + 2 * tk.CHAT_TOKENS_PER_MESSAGE + tk.CHAT_GENERATION_PROMPT_TOKENS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,10 @@ def test_block_power_of_k_simulates_only_k():
     calls = []
     for inst in insts:
         original = inst.predict
-        inst.predict = lambda *a, _o=original, _i=inst: (calls.append(_i), _o(*a))[1]
+        def counted(*a: Any, _o: Any = original, _i: Any = inst) -> Any:
+            calls.append(_i)
+            return _o(*a)
+        inst.predict = counted  # type: ignore[method-assign]
     make_policy("block", random.Random(0), sample_k=2).choose(insts, JOB)
     assert len(calls) == 2
 
@@ -103,5 +107,6 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would():
         full = {inst.name: inst.predict(*job) for inst in insts}
         best = min(p[1] for p in full.values())
         chosen, prediction = policy.choose(insts, job)
+        assert prediction is not None
         assert prediction == full[chosen.name]
         assert prediction[1] == best

@@ -77,6 +77,7 @@ def test_chat_non_streaming(client: openai.OpenAI):
         extra_body={"ignore_eos": True})
     assert out.object == "chat.completion"
     assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content is not None and out.usage is not None
     assert len(out.choices[0].message.content.split()) == 4
     assert out.usage.completion_tokens == 4
 

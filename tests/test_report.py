@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ def _metrics(p99_ttft: float, seed: int, scale: float = 2.0) -> dict:
     rows = [{"success": True, "error": "", "ttft_ms": rng.uniform(10, p99_ttft) * scale,
              "e2el_ms": rng.uniform(100, 2000) * scale, "tpot_ms": 5.0 * scale}
             for _ in range(50)]
-    wall = {"completed": 50, "failed": 0, "mean_ttft_ms": p99_ttft / 3 * scale,
+    wall: dict[str, Any] = {"completed": 50, "failed": 0, "mean_ttft_ms": p99_ttft / 3 * scale,
             "median_ttft_ms": p99_ttft / 4 * scale, "p99_ttft_ms": p99_ttft * scale,
             "p99_e2el_ms": 2000.0 * scale, "mean_tpot_ms": 5.0 * scale,
             "request_throughput": 10.0 / scale, "output_throughput": 1000.0 / scale,

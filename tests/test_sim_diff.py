@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from blockproxy.simulator.reference import MAX_TOKENS, NUM_COLUMNS, InstanceMode
 ATTRIBUTES = ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size",
               "fixed_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s",
               "speed", "past_prediction_tokens", "max_iterations", "fast_forward")
-H100 = dict(max_num_seqs=256, max_num_batched_tokens=8192, num_gpu_blocks=26000,
+H100: dict[str, Any] = dict(max_num_seqs=256, max_num_batched_tokens=8192, num_gpu_blocks=26000,
             block_size=16, fixed_s=5.75e-3, per_prefill_token_s=17.3e-6,
             per_decode_seq_s=6.0e-6)
 
@@ -211,7 +212,7 @@ def long_stretch_case(j: int, per_context: float = 1.0) -> tuple[dict, np.ndarra
 
 def rounding_ties(lo: int, count: int) -> list[int]:
     """``j >= lo`` whose triangular number lies exactly halfway between two doubles."""
-    found = []
+    found: list[int] = []
     j = lo
     while len(found) < count:
         tri = j * (j + 1) // 2
@@ -306,8 +307,10 @@ def test_fast_forward_agrees_with_stepping_busy_instance(sim_impl, prompt: int,
 
 def test_constructor_signature_and_attributes(c_impl) -> None:
     args = (8, 512, 1000, 16, 0.5, 1e-4, 2e-3)
-    for kwargs in ({}, dict(per_context_token_s=1e-7, speed=1.25, past_prediction_tokens=3,
-                            max_iterations=77, fast_forward=False)):
+    variants: tuple[dict[str, Any], ...] = (
+        {}, dict(per_context_token_s=1e-7, speed=1.25, past_prediction_tokens=3,
+                 max_iterations=77, fast_forward=False))
+    for kwargs in variants:
         c, py = c_impl(*args, **kwargs), InstanceModelPy(*args, **kwargs)
         for name in ATTRIBUTES:
             assert getattr(c, name) == getattr(py, name), name
@@ -319,7 +322,7 @@ def test_constructor_signature_and_attributes(c_impl) -> None:
 
 
 def test_speed_and_fast_forward_are_settable(c_impl) -> None:
-    cfg = dict(H100, per_context_token_s=1e-8)
+    cfg: dict[str, Any] = dict(H100, per_context_token_s=1e-8)
     arr = np.array([[500, 900], [0, 100], [30, 0], [200, 50], [1, 0]], dtype=np.int64)
     model = c_impl(**cfg)
     base = model.predict(arr, 2, 300, 0, 64)

@@ -118,6 +118,7 @@ def test_completions_non_streaming(client: openai.OpenAI, vllm_pair: list[VllmSe
     # The proxy reports vLLM's own token counts.
     direct = openai.OpenAI(base_url=vllm_pair[1].url + "/v1", api_key="x").completions.create(
         model=MODEL, prompt="hello world, tell me a story", max_tokens=1)
+    assert out.usage is not None and direct.usage is not None
     assert out.usage.prompt_tokens == direct.usage.prompt_tokens > 0
 
 
