@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from blockproxy.cluster.instance import Instance
 from blockproxy.cluster.requests import Entry
@@ -21,6 +22,9 @@ class Dispatcher:
     def __init__(self, policy: Policy, metrics: Metrics) -> None:
         self.policy = policy
         self.metrics = metrics
+        # Labelled children looked up once: labels() takes a lock and builds a key each call.
+        self._decision_time = metrics.decision.labels(policy.name)
+        self._decisions: dict[str, Any] = {}
 
     def dispatch(self, candidates: Sequence[Instance], job: Job) -> Entry:
         """Choose one of ``candidates`` (never empty) and reserve ``job`` on it."""
@@ -29,9 +33,12 @@ class Dispatcher:
         if prediction is None:
             prediction = inst.predict(job.prompt_tokens, job.cached_tokens, job.output_tokens)
         now = time.perf_counter()
-        name = self.policy.name
-        self.metrics.decision.labels(name).observe(now - start)
-        self.metrics.decisions.labels(name, inst.name).inc()
+        self._decision_time.observe(now - start)
+        counter = self._decisions.get(inst.name)
+        if counter is None:
+            counter = self._decisions[inst.name] = self.metrics.decisions.labels(
+                self.policy.name, inst.name)
+        counter.inc()
         entry = inst.reserve(job.prompt_tokens, job.output_tokens, now)
         entry.predicted_ttft = prediction.ttft
         entry.predicted_e2e = prediction.e2e
