@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -200,11 +201,15 @@ class Lab:
                   run_kwargs: dict[str, Any], detail: bool) -> dict[str, Any]:
         """One benchmark of ``policy`` on a fresh cluster and proxy; both stopped after."""
         name, hint = proxy_policy(policy)
+        run_dir = Path(tempfile.mkdtemp(prefix="loadgen-run-"))
+        truth = run_dir / "truth.json"  # written by run_benchmark before its first send
         cluster = EmulatedCluster(self.instances, profile=self.profile,
                                   time_scale=self.time_scale, speed_factors=self.speed_factors,
-                                  seed=seed, extra_args=self.emulator_args)
+                                  seed=seed, extra_args=[*self.emulator_args,
+                                                         "--truth", str(truth)])
         async with cluster, contextlib.AsyncExitStack() as stack:
-            key_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            stack.callback(shutil.rmtree, run_dir, True)
+            key_dir = run_dir
             procs = [ProxyProcess(cluster.backend_entries(), name, args, profile=self.profile)
                      for args in self._all_proxy_args(key_dir)]
             for proc in procs:
@@ -216,7 +221,7 @@ class Lab:
                 self.log(f"  {policy}: emulator pids {cluster.pids}, proxy pids "
                          f"{[p.pids[0] for p in procs]} at {[p.url for p in procs]}")
             kwargs = {**run_kwargs, "hint": hint or run_kwargs.get("hint", False),
-                      "time_scale": self.time_scale, "seed": seed}
+                      "time_scale": self.time_scale, "seed": seed, "truth": str(truth)}
             targets = [p.url for p in procs]
             metrics = await run_benchmark(targets[0] if len(targets) == 1 else targets, specs,
                                           detail=detail, **kwargs)

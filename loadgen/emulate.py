@@ -22,6 +22,7 @@ from loadgen.emulator.engine import Engine, TimingConfig
 from loadgen.emulator.metrics import InstanceMetrics
 from loadgen.emulator.profiles import EngineLimits, Profile, load_profile
 from loadgen.emulator.server import Instance, create_app
+from loadgen.truth import Truth
 
 DEFAULT_PROFILE = "llama-3.1-8b-h100-tp1"
 
@@ -63,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-ms", type=float, default=40.0,
                         help="mean stall length in ms at time-scale 1 (uniform 0.5x-1.5x)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engines' noise")
+    parser.add_argument("--truth", metavar="FILE",
+                        help="true output lengths by prompt, written by loadgen run/compare "
+                             "(router-neutral; re-read when it changes; may not exist yet)")
 
 
 def _limits(profile: Profile, args: argparse.Namespace) -> EngineLimits:
@@ -88,6 +92,7 @@ def build_instances(args: argparse.Namespace) -> list[Instance]:
     profile = load_profile(args.profile)
     limits = _limits(profile, args)
     started = int(time.time())
+    truth = Truth(args.truth) if getattr(args, "truth", None) else None
     instances = []
     for i in range(args.instances):
         timing = TimingConfig(time_scale=args.time_scale,
@@ -96,7 +101,7 @@ def build_instances(args: argparse.Namespace) -> list[Instance]:
                               stall_ms=args.stall_ms, seed=args.seed * 1_000_003 + i)
         metrics = InstanceMetrics(args.model_name)
         engine = Engine(profile.step_time, limits, timing, metrics)
-        instances.append(Instance(i, args.model_name, engine, metrics, started))
+        instances.append(Instance(i, args.model_name, engine, metrics, started, truth))
     return instances
 
 

@@ -37,6 +37,7 @@ import aiohttp
 
 from loadgen import measure
 from loadgen.client import RequestRecord, send_request
+from loadgen.truth import write_truth
 from loadgen.workload import (
     DEFAULT_MAX_TOKENS_CAP,
     FORMATS,
@@ -115,7 +116,8 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
                         context_limit: int | None = None,
                         timeout: float = DEFAULT_TIMEOUT_S, until: str = "done",
                         ttft_abort_ms: float | None = None,
-                        abort_percentile: float = 99.0) -> dict[str, Any]:
+                        abort_percentile: float = 99.0,
+                        truth: str | None = None) -> dict[str, Any]:
     """Send ``specs`` to ``target`` and return the metrics dict (see :mod:`loadgen.measure`).
 
     ``target`` may be a list: requests then go round-robin across them (several proxies
@@ -125,6 +127,8 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
     ``ttft_abort_ms`` stops it once the ``abort_percentile`` TTFT must exceed that bound
     (see the module doc).  SLOs (``goodput``, ``ttft_abort_ms``) are real-GPU ms: they are
     multiplied by ``time_scale`` before being compared with wall-clock records.
+    ``truth`` names the truth file to write before the first send (:mod:`loadgen.truth`:
+    the emulator reads it, whatever router stands in between).
     """
     if until not in UNTIL:
         raise ValueError(f"until must be one of {', '.join(UNTIL)}: {until!r}")
@@ -136,6 +140,9 @@ async def run_benchmark(target: str | Sequence[str], specs: Sequence[RequestSpec
     requests = [build_request(s, model, endpoint, max_tokens_policy, slack, max_tokens_cap,
                               hint, seed=f"{seed}:{i}", context_limit=context_limit)
                 for i, s in enumerate(specs)]
+    if truth:
+        write_truth(truth, ((path, body, s.output_tokens)
+                            for (path, body, _), s in zip(requests, specs)))
     records = [RequestRecord(s.prompt_tokens, s.output_tokens) for s in specs]
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = Progress(len(specs)) if progress else None
@@ -329,6 +336,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the metrics JSON here")
     parser.add_argument("--detail", action="store_true",
                         help="include per-request records in the JSON")
+    parser.add_argument("--truth", metavar="FILE",
+                        help="write the workload's true output lengths here before sending, "
+                             "for emulators started with loadgen emulate --truth FILE (they "
+                             "then need no header, so any router may stand in between)")
 
 
 def timestamped(args: argparse.Namespace) -> bool:
@@ -403,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"loadgen run: {exc}", file=sys.stderr)
         return 2
-    metrics = asyncio.run(run_benchmark(args.target, specs, detail=args.detail, **kwargs))
+    metrics = asyncio.run(run_benchmark(args.target, specs, detail=args.detail,
+                                        truth=args.truth, **kwargs))
     print(measure.format_summary(metrics, kwargs["percentiles"]))
     if args.json:
         write_json(args.json, metrics)

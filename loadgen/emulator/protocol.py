@@ -115,9 +115,14 @@ def _bool(body: dict[str, Any], key: str) -> bool:
     return value
 
 
+def prompt_tokens(body: dict[str, Any], chat: bool) -> list[Token]:
+    """The emulator's tokens of a completions (``chat=False``) or chat request's prompt."""
+    return _chat_tokens(body) if chat else _prompt_tokens(body)
+
+
 def parse_request(body: dict[str, Any], chat: bool, max_model_len: int) -> ParsedRequest:
     """Validate a completions (``chat=False``) or chat body like vLLM does."""
-    tokens = _chat_tokens(body) if chat else _prompt_tokens(body)
+    tokens = prompt_tokens(body, chat)
     n = _optional_int(body, "n")
     if n is not None and n != 1:
         raise bad_request(f"n={n} is not supported by the emulator: only n=1.", "n")

@@ -23,6 +23,7 @@ from loadgen.emulator.metrics import InstanceMetrics
 from loadgen.emulator.protocol import APIError, ParsedRequest
 from loadgen.emulator.scheduler import FINISHED, EngineRequest
 from loadgen.headers import OUTPUT_TOKENS_HEADER
+from loadgen.truth import Truth
 
 VLLM_VERSION = "0.32.0"
 JSON = "application/json"
@@ -37,13 +38,21 @@ class Instance:
     engine: Engine
     metrics: InstanceMetrics
     started: int
+    #: true output lengths by prompt (``--truth FILE``), shared by a process's instances
+    truth: Truth | None = None
 
 
 def error_response(err: APIError) -> web.Response:
     return web.Response(status=err.status, body=err.body(), content_type=JSON)
 
 
-def _true_length(request: web.Request, parsed: ParsedRequest, digest: int) -> int:
+def _true_length(request: web.Request, parsed: ParsedRequest, digest: int,
+                 truth: Truth | None) -> int:
+    """The truth file's length for this prompt, else the header's, else the own draw."""
+    if truth is not None:
+        listed = truth.lookup(digest)
+        if listed is not None:
+            return listed
     header = request.headers.get(OUTPUT_TOKENS_HEADER)
     if header is not None:
         try:
@@ -127,7 +136,7 @@ class Handlers:
         raw = await request.read()
         try:
             parsed, digest = self._parse(request, raw, chat)
-            true_len = _true_length(request, parsed, digest)
+            true_len = _true_length(request, parsed, digest, self.instance.truth)
         except APIError as err:
             return error_response(err)
         if parsed.ignore_eos or true_len > parsed.max_tokens:
