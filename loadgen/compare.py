@@ -44,10 +44,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from loadgen import promtext, report
+from loadgen import __version__, promtext, report
 from loadgen.capacity import add_search_arguments, find_capacity, probe_kwargs, slo_check
 from loadgen.cluster import EmulatedCluster, ProxyProcess, get_texts
 from loadgen.measure import real_view
+from loadgen.peers import PeerMissing, PeerProcess, parse_router
 from loadgen.procs import free_udp_ports
 from loadgen.report import summarize
 from loadgen.run import (
@@ -183,11 +184,13 @@ class Lab:
     def __init__(self, *, instances: int, profile: str, time_scale: float = 1.0,
                  speed_factors: Sequence[float] | None = None,
                  emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
-                 proxies: int = 1, gossip: bool = True, log: Log = _stderr) -> None:
+                 proxies: int = 1, gossip: bool = True, peer_args: Sequence[str] = (),
+                 log: Log = _stderr) -> None:
         self.instances, self.profile, self.time_scale = instances, profile, time_scale
         self.proxies, self.gossip = proxies, gossip
         self.speed_factors = speed_factors
         self.emulator_args, self.proxy_args = list(emulator_args), list(proxy_args)
+        self.peer_args = list(peer_args)
         self.log = log
 
     def _proxy_args(self) -> list[str]:
@@ -199,8 +202,14 @@ class Lab:
 
     async def run(self, policy: str, specs: Sequence[RequestSpec], seed: int,
                   run_kwargs: dict[str, Any], detail: bool) -> dict[str, Any]:
-        """One benchmark of ``policy`` on a fresh cluster and proxy; both stopped after."""
-        name, hint = proxy_policy(policy)
+        """One benchmark of ``policy`` (a router spec: a blockproxy policy or
+        ``PEER:POLICY``) on a fresh cluster and router; both stopped after."""
+        peer, name = parse_router(policy)
+        hint = False
+        if peer is None:
+            name, hint = proxy_policy(policy)
+        elif self.proxies > 1:
+            raise ValueError(f"--proxies {self.proxies} runs blockproxy only, not {policy}")
         run_dir = Path(tempfile.mkdtemp(prefix="loadgen-run-"))
         truth = run_dir / "truth.json"  # written by run_benchmark before its first send
         cluster = EmulatedCluster(self.instances, profile=self.profile,
@@ -209,11 +218,17 @@ class Lab:
                                                          "--truth", str(truth)])
         async with cluster, contextlib.AsyncExitStack() as stack:
             stack.callback(shutil.rmtree, run_dir, True)
-            key_dir = run_dir
-            procs = [ProxyProcess(cluster.backend_entries(), name, args, profile=self.profile)
-                     for args in self._all_proxy_args(key_dir)]
+            procs: list[ProxyProcess | PeerProcess]
+            if peer is None:
+                procs = [ProxyProcess(cluster.backend_entries(), name, args,
+                                      profile=self.profile)
+                         for args in self._all_proxy_args(run_dir)]
+            else:
+                procs = [PeerProcess(peer, name, cluster.urls, run_dir, self.peer_args)]
             for proc in procs:
                 await stack.enter_async_context(proc)
+            router = procs[0].version if isinstance(procs[0], PeerProcess) else \
+                f"blockproxy {__version__} {name}"
             if len(procs) == 1:
                 self.log(f"  {policy}: emulator pids {cluster.pids}, proxy pid "
                          f"{procs[0].pids[0]} at {procs[0].url}")
@@ -225,7 +240,8 @@ class Lab:
             targets = [p.url for p in procs]
             metrics = await run_benchmark(targets[0] if len(targets) == 1 else targets, specs,
                                           detail=detail, **kwargs)
-            texts = await get_texts([p.url + "/metrics" for p in procs])
+            texts = await get_texts([p.url + "/metrics" for p in procs]) if peer is None \
+                else []
             emulator = parse_emulator_metrics(
                 await get_texts([url + "/metrics" for url in cluster.urls]))
         scraped = parse_proxy_metrics("\n".join(texts))
@@ -237,7 +253,8 @@ class Lab:
             self.log(f"  gossip: {scraped['gossip']}")
         return {"policy": name, "hint": kwargs["hint"], "metrics": _compact(metrics),
                 "proxy": scraped, "proxies": self.proxies,
-                "gossip": self.proxies > 1 and self.gossip}
+                "gossip": self.proxies > 1 and self.gossip,
+                "router": router}
 
     def _all_proxy_args(self, key_dir: Path) -> list[list[str]]:
         """Arguments of each proxy: with gossip between them when there are several."""
@@ -288,6 +305,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
                            emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
                            seed: int = 0, capacity: dict[str, Any] | None = None,
                            proxies: int = 1, gossip: bool = True,
+                           peer_args: Sequence[str] = (),
                            log: Log = _stderr, **run_kwargs: Any) -> dict[str, Any]:
     """Run every policy on a fresh cluster + proxy with the same specs and seed.
 
@@ -300,7 +318,8 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
     """
     lab = Lab(instances=instances, profile=profile, time_scale=time_scale,
               speed_factors=speed_factors, emulator_args=emulator_args,
-              proxy_args=proxy_args, proxies=proxies, gossip=gossip, log=log)
+              proxy_args=proxy_args, proxies=proxies, gossip=gossip, peer_args=peer_args,
+              log=log)
     results: dict[str, Any] = {}
     for policy in policies:
         log(f"[seed {seed}] {policy}")
@@ -353,8 +372,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if action.dest == "target":
             action.required, action.help, action.default = False, argparse.SUPPRESS, None
     parser.add_argument("--policies", type=_csv(str), default=["block", "round_robin"],
-                        help="comma-separated proxy policies; 'block*' = block with the true "
-                             "output length as the proxy's hint")
+                        help="comma-separated routers: a blockproxy policy ('block*' = block "
+                             "with the true output length as the proxy's hint) or a peer as "
+                             "PEER:POLICY (sglang:cache_aware, vllm-router:round_robin, "
+                             "nginx:least_conn, ...; see loadgen.peers)")
     parser.add_argument("--instances", type=int, default=2, help="emulated instances")
     parser.add_argument("--profile", default="llama-3.1-8b-h100-tp1",
                         help="profile of the emulator and the proxy")
@@ -368,6 +389,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emulator-arg", action="append", default=[], metavar="ARG",
                         help="passed to loadgen emulate, e.g. --emulator-arg=--max-num-seqs=64 "
                              "(repeatable)")
+    parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                        help="passed to every peer router, e.g. --peer-arg=--max-tree-size "
+                             "--peer-arg=1000000 (repeatable)")
     parser.add_argument("--proxies", type=int, default=1,
                         help="proxies in front of the cluster, gossiping over UDP; requests go "
                              "round-robin across them")
@@ -400,6 +424,12 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
     if not args.use_trace_timestamps and math.isinf(args.request_rate) \
             and timestamped(args):
         args.use_trace_timestamps = True  # default for traces with their own times
+    if args.proxies > 1 and any(parse_router(p)[0] for p in args.policies):
+        raise ValueError("--proxies runs several blockproxy processes; peers run alone")
+    for policy in args.policies:  # fail early on an unknown or missing router
+        peer, _ = parse_router(policy)
+        if peer is not None:
+            peer.executable()
     specs_from_args(args)  # fail early on an empty or unreadable workload
     kwargs = benchmark_kwargs(args)
     if 99.0 not in kwargs["percentiles"]:
@@ -435,7 +465,7 @@ async def _main(args: argparse.Namespace, kwargs: dict[str, Any],
         args.policies, specs_for, args.seeds or [args.seed], instances=args.instances,
         profile=args.profile, time_scale=args.time_scale, speed_factors=args.speed_factors,
         emulator_args=args.emulator_arg, proxy_args=args.proxy_arg, capacity=capacity,
-        proxies=args.proxies, gossip=not args.no_gossip, **kwargs)
+        proxies=args.proxies, gossip=not args.no_gossip, peer_args=args.peer_arg, **kwargs)
     result["config"] = _config(args, kwargs)
     return result
 
@@ -444,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     """``loadgen compare``: the table on stdout, JSON to ``--json``, PNG to ``--plot``."""
     try:
         kwargs, capacity = _prepare(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, PeerMissing) as exc:
         print(f"loadgen compare: {exc}", file=sys.stderr)
         return 2
     try:

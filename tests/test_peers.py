@@ -1,0 +1,91 @@
+"""The peer routers in ``loadgen compare``: sglang-router, vllm-router and nginx in front of
+the same emulated cluster as blockproxy, with the truth file carrying the true lengths."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadgen import compare, peers
+from loadgen.cluster import EmulatedCluster
+from loadgen.peers import PEERS, PeerMissing, SglangRouter, parse_router
+from loadgen.report import format_compare
+from loadgen.run import run_benchmark
+from loadgen.workload import RequestSpec, synthetic
+
+PROFILE = "llama-3.1-8b-h100-tp1"
+
+
+def _installed(name: str) -> bool:
+    try:
+        PEERS[name].executable()
+    except PeerMissing:
+        return False
+    return True
+
+
+def test_router_specs() -> None:
+    assert parse_router("block") == (None, "block")
+    assert parse_router("block*") == (None, "block*")
+    assert parse_router("sglang:round_robin") == (PEERS["sglang"], "round_robin")
+    assert parse_router("sglang") == (PEERS["sglang"], "cache_aware")
+    assert parse_router("nginx") == (PEERS["nginx"], "round_robin")
+    with pytest.raises(ValueError, match="has no policy 'fastest'"):
+        parse_router("vllm-router:fastest")
+    with pytest.raises(ValueError, match="unknown router 'envoy'"):
+        parse_router("envoy:round_robin")
+
+
+def test_a_missing_peer_names_its_install_command(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    class Missing(SglangRouter):
+        distribution = "sglang-router-not-installed-here"
+
+    monkeypatch.setitem(peers.PEERS, "sglang", Missing(*[getattr(PEERS["sglang"], f) for f in (
+        "name", "policies", "default_policy", "install")]))
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser)
+    args = parser.parse_args(["--policies", "round_robin,sglang:round_robin",
+                              "--num-requests", "5"])
+    assert compare.run(args) == 2
+    assert "pip install 'blockproxy[peers]'" in capsys.readouterr().err
+
+
+ROUTERS = ["round_robin", "sglang:round_robin", "vllm-router:round_robin", "nginx:least_conn"]
+
+
+async def test_every_router_gives_the_same_tokens_and_round_robin_the_same_tail(
+        tmp_path: Path) -> None:
+    missing = [r for r in ROUTERS if (peer := parse_router(r)[0]) and not
+               _installed(peer.name)]
+    if missing:
+        pytest.skip(f"not installed: {missing} ({peers.INSTALL_PEERS}; nginx: apt-get "
+                    "install nginx)")
+    specs = [RequestSpec(s.prompt_tokens, s.output_tokens, i * 0.02)
+             for i, s in enumerate(synthetic(150, 400, 120, 0.6, seed=3))]
+    kwargs: dict[str, Any] = {"use_trace_arrivals": True, "percentiles": [50, 99],
+                              "max_tokens_policy": "cap"}
+    result = await compare.compare_seeds(ROUTERS, specs, [1], instances=2, profile=PROFILE,
+                                         time_scale=2.0, log=lambda _: None, **kwargs)
+    entries = result["runs"][0]["policies"]
+    expected = sum(s.output_tokens for s in specs)
+    # Straight to one emulated instance: the truth file and no router at all.
+    truth = tmp_path / "truth.json"
+    async with EmulatedCluster(1, profile=PROFILE, time_scale=2.0, seed=1,
+                               extra_args=["--truth", str(truth)]) as cluster:
+        direct = await run_benchmark(cluster.urls[0], specs, seed=1, time_scale=2.0,
+                                     truth=str(truth), **kwargs)
+    assert direct["total_output_tokens"] == expected
+    for router in ROUTERS:
+        metrics = entries[router]["metrics"]
+        assert metrics["completed"] == len(specs) and metrics["failed"] == 0, router
+        assert metrics["total_output_tokens"] == expected, router
+        assert entries[router]["router"], router
+    rr = entries["round_robin"]["metrics"]["unscaled"]["p99_ttft_ms"]
+    sglang = entries["sglang:round_robin"]["metrics"]["unscaled"]["p99_ttft_ms"]
+    assert abs(rr - sglang) <= 0.15 * max(rr, sglang), (rr, sglang)
+    table = format_compare(result)
+    assert all(router in table for router in ROUTERS)
