@@ -188,6 +188,45 @@ def stop_all() -> None:
         child.stop()
 
 
+# ---- CPU accounting ---------------------------------------------------------------------------
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    return text[text.rindex(")") + 2:].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (nginx's workers, a server's engine core)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds used so far by ``pids`` and all their descendants (Linux
+    ``/proc``; processes that already exited count no more)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for root in pids:
+        for pid in descendants(root):
+            fields = _stat_fields(pid)
+            if fields is not None:
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 # ---- waiting ----------------------------------------------------------------------------------
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """GET ``url`` (blocking): status and body, also for HTTP errors."""

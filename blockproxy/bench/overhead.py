@@ -18,6 +18,8 @@ import os
 import random
 from typing import Any
 
+from blockproxy.bench.routers import add_arguments as add_router_arguments
+from blockproxy.bench.routers import bench_routers
 from blockproxy.cli import require_extra
 
 
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--time-scale", type=float, default=4.0,
                         help="emulator time scale (slower steps keep one process faithful)")
     parser.add_argument("--policy", default="block", help="the proxy's policy")
+    add_router_arguments(parser)
 
 
 async def _ttfts(target: str, concurrency: int, count: int, args: argparse.Namespace
@@ -62,6 +65,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     require_extra("bench overhead", "loadgen")
+    if args.against:
+        return asyncio.run(bench_routers(args))
     return asyncio.run(_bench_overhead(args))
 
 
