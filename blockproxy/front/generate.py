@@ -14,6 +14,7 @@ import collections
 import logging
 import math
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -54,6 +55,7 @@ class GenerateHandler:
         self.metrics = metrics
         self.gate = gate
         self.policy_name = dispatcher.policy.name
+        self._counted: dict[tuple[str, int], Any] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request.path
@@ -67,7 +69,11 @@ class GenerateHandler:
             return await self._serve(request, info, candidates)
 
     def _count(self, route: str, status: int) -> None:
-        self.metrics.requests.labels(route, str(status), self.policy_name).inc()
+        counter = self._counted.get((route, status))
+        if counter is None:  # labels() takes a lock and builds a key: look each up once
+            counter = self._counted[(route, status)] = self.metrics.requests.labels(
+                route, str(status), self.policy_name)
+        counter.inc()
 
     async def _read_request(self, request: web.Request, route: str) -> RequestInfo:
         ctype = request.headers.get("Content-Type", "application/json")
