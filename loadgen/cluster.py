@@ -22,9 +22,20 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from loadgen.procs import HOST, ChildProcess, command, free_port_range, wait_healthy
+from loadgen.peers import Peer
+from loadgen.procs import (
+    HOST,
+    ChildProcess,
+    command,
+    free_port_range,
+    free_ports,
+    wait_for,
+    wait_healthy,
+)
 
 _M = TypeVar("_M", bound="_Managed")
+#: seconds a peer router may take to list every worker once it answers
+START_TIMEOUT_S = 60.0
 #: tries with fresh ports when a child dies at start (another process took a port)
 START_ATTEMPTS = 3
 #: emulator flags that change an engine limit; the proxy is told the same value
@@ -191,6 +202,43 @@ class ProxyProcess(_Managed):
     async def get_text(self, path: str) -> str:
         """GET a path of the proxy (``/metrics``, ``/debug/cluster``) as text."""
         return (await get_texts([self.url + path]))[0]
+
+
+class PeerProcess(_Managed):
+    """A peer router (:mod:`loadgen.peers`) in front of ``workers``, on a free port."""
+
+    kind = "peer"
+
+    def __init__(self, peer: Peer, policy: str, workers: Sequence[str],
+                 log_dir: str | Path | None = None, extra_args: Sequence[str] = ()) -> None:
+        super().__init__(log_dir)
+        self.peer, self.policy = peer, policy
+        self.workers = list(workers)
+        self.extra_args = list(extra_args)
+        self.url = ""
+        self.version = peer.version()
+
+    def _launch(self) -> tuple[list[ChildProcess], list[str]]:
+        (port,) = free_ports(1)
+        name = f"{self.peer.name}-{port}"
+        workdir = self.log_dir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = self.peer.argv(self.policy, self.workers, port, workdir, self.extra_args)
+        self.url = f"http://{HOST}:{port}"
+        return [ChildProcess(argv, name, self.log_dir)], [self.url]
+
+    async def start(self) -> None:
+        """Start, wait for ``/health``, then until the router lists every worker (it may
+        answer before it has registered them all)."""
+        await super().start()
+        try:
+            if not await wait_for(lambda: self.peer.workers_ready(self.url, self.workers),
+                                  START_TIMEOUT_S):
+                raise TimeoutError(f"{self.peer.name} never listed all {len(self.workers)} "
+                                   f"workers:\n{self.children[0].log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
 
 
 async def get_texts(urls: Sequence[str]) -> list[str]:

@@ -46,9 +46,9 @@ from typing import Any
 
 from loadgen import __version__, promtext, report
 from loadgen.capacity import add_search_arguments, find_capacity, probe_kwargs, slo_check
-from loadgen.cluster import EmulatedCluster, ProxyProcess, get_texts
+from loadgen.cluster import EmulatedCluster, PeerProcess, ProxyProcess, get_texts
 from loadgen.measure import real_view
-from loadgen.peers import PeerMissing, PeerProcess, parse_router
+from loadgen.peers import PeerMissing, parse_router
 from loadgen.procs import free_udp_ports
 from loadgen.report import summarize
 from loadgen.run import (

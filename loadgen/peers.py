@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from loadgen.procs import HOST, ChildProcess, free_ports, wait_for, wait_healthy
+from loadgen.procs import HOST, free_ports
 
 INSTALL_PEERS = "pip install 'blockproxy[peers]' (from a checkout: pip install '.[peers]')"
 
@@ -229,53 +229,3 @@ def parse_router(spec: str) -> tuple[Peer | None, str]:
         raise ValueError(f"{name} has no policy {policy!r}; choose from "
                          f"{', '.join(peer.policies)}")
     return peer, policy
-
-
-class PeerProcess:
-    """A peer router in front of ``workers``, on a free port; an async context manager."""
-
-    kind = "peer"
-
-    def __init__(self, peer: Peer, policy: str, workers: Sequence[str], log_dir: Path,
-                 extra_args: Sequence[str] = ()) -> None:
-        self.peer, self.policy = peer, policy
-        self.workers = list(workers)
-        self.log_dir = Path(log_dir)
-        self.extra_args = list(extra_args)
-        self.children: list[ChildProcess] = []
-        self.url = ""
-        self.version = peer.version()
-
-    @property
-    def pids(self) -> list[int]:
-        return [c.pid for c in self.children]
-
-    async def start(self, timeout: float = 60.0) -> None:
-        (port,) = free_ports(1)
-        workdir = self.log_dir / f"{self.peer.name}-{port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        argv = self.peer.argv(self.policy, self.workers, port, workdir, self.extra_args)
-        self.children = [ChildProcess(argv, f"{self.peer.name}-{port}", self.log_dir)]
-        self.url = f"http://{HOST}:{port}"
-        try:
-            await wait_healthy([self.url], self.children, timeout)
-            if not await wait_for(lambda: self.peer.workers_ready(self.url, self.workers),
-                                  timeout):
-                raise TimeoutError(f"{self.peer.name} never listed all {len(self.workers)} "
-                                   f"workers:\n{self.children[0].log_tail()}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        children, self.children = self.children, []
-        for child in children:
-            child.stop()
-
-    async def __aenter__(self) -> PeerProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop()
-

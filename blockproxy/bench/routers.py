@@ -47,8 +47,8 @@ def add_arguments(group: argparse._ActionsContainer) -> None:
 
 
 async def bench_routers(args: argparse.Namespace) -> dict[str, Any]:
-    from loadgen.cluster import EmulatedCluster, ProxyProcess
-    from loadgen.peers import PeerProcess, parse_router
+    from loadgen.cluster import EmulatedCluster, PeerProcess, ProxyProcess
+    from loadgen.peers import parse_router
 
     specs = ([f"blockproxy:{p}" for p in args.blockproxy_policies.split(",") if p]
              + [AGAINST.get(name, name) for name in args.against.split(",") if name])
