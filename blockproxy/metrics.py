@@ -68,6 +68,9 @@ class Metrics:
             "blockproxy_prediction_abs_relative_error",
             "|predicted - observed| / observed, per quantity", ["quantity"],
             buckets=ERROR_BUCKETS, registry=r)
+        # the request path observes these on every completion: children looked up once
+        self.e2e_error = self.prediction_error.labels("e2e")
+        self.ttft_error = self.prediction_error.labels("ttft")
         self.length_error = Histogram(
             "blockproxy_output_length_abs_relative_error",
             "|predicted - true| / true output tokens", buckets=ERROR_BUCKETS, registry=r)

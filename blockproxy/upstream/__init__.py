@@ -1,0 +1,185 @@
+"""The upstream HTTP client: pooled keep-alive connections to the instances.
+
+Everything that talks to an instance goes through here (:mod:`.http1` holds the connections).
+Failures that happen before the first byte of a response (refused, reset, timeout, a 5xx
+status) raise :class:`UpstreamError` so the caller can retry elsewhere; failures while
+streaming raise it from :meth:`UpstreamResponse.iter_chunks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from blockproxy.upstream.http1 import Connection, HttpError, Pool, header_block, request_head
+
+# Hop-by-hop headers (RFC 9110 7.6.1), those this client sets itself, and ``Expect`` (the
+# body is always sent whole).
+_DROP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                   "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+                   "accept-encoding", "expect"})
+
+
+class UpstreamError(Exception):
+    """An instance failed (connection or 5xx)."""
+
+
+class _Origin:
+    """``scheme://host:port`` of an instance, split once."""
+
+    __slots__ = ("host", "host_header", "port")
+
+    def __init__(self, base: str) -> None:
+        parts = urlsplit(base)
+        if parts.scheme != "http" or not parts.hostname:
+            raise UpstreamError(f"{base}: only http:// instance URLs are supported")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.host_header = parts.netloc.encode()
+
+
+class UpstreamResponse:
+    """An open response from an instance."""
+
+    __slots__ = ("_conn", "_origin", "_pool", "_timeout", "content_type", "status")
+
+    def __init__(self, pool: Pool, origin: _Origin, conn: Connection, timeout: float) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._conn = conn
+        self._timeout = timeout
+        self.status = conn.status
+        ctype = conn.header(b"content-type")
+        self.content_type = ctype.split(b";", 1)[0].strip().decode("latin-1") if ctype else ""
+
+    async def read(self) -> bytes:
+        try:
+            return await self._conn.read_body(self._timeout)
+        except HttpError as exc:
+            raise UpstreamError(f"reading the response failed: {exc}") from exc
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Bytes as they arrive, no buffering."""
+        conn = self._conn
+        timeout = self._timeout
+        try:
+            while data := await conn.read_chunk(timeout):
+                yield data
+        except HttpError as exc:
+            raise UpstreamError(f"the stream broke: {exc}") from exc
+
+    def close(self) -> None:
+        """Keep the connection if the response was read to the end, else abort it (on vLLM:
+        aborts the generation)."""
+        self._pool.release(self._origin.host, self._origin.port, self._conn)
+
+
+class Upstream:
+    """Pooled client for all instances."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.pool = Pool(connect_timeout)
+        self._origins: dict[str, _Origin] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.pool.close()
+
+    @staticmethod
+    def forward_headers(headers: Mapping[str, str]) -> bytes:
+        """The client's headers minus hop-by-hop ones, as a prebuilt header block."""
+        return header_block((k, v) for k, v in headers.items() if k.lower() not in _DROP)
+
+    def _split(self, url: str) -> tuple[_Origin, str]:
+        slash = url.find("/", url.find("//") + 2)
+        base, path = (url, "/") if slash < 0 else (url[:slash], url[slash:])
+        origin = self._origins.get(base)
+        if origin is None:
+            if len(self._origins) > 1024:  # instance URLs are few; never let this grow
+                self._origins.clear()
+            origin = self._origins[base] = _Origin(base)
+        return origin, path
+
+    async def _send(self, method: str, url: str, body: bytes, headers: bytes,
+                    timeout: float) -> UpstreamResponse:
+        origin, path = self._split(url)
+        pool = self.pool
+        try:
+            conn, _ = await pool.acquire(origin.host, origin.port,
+                                         min(self.connect_timeout, timeout))
+        except HttpError as exc:
+            raise UpstreamError(f"{url}: {exc}") from exc
+        length = len(body) if body or method not in ("GET", "HEAD") else None
+        conn.send(request_head(method, path, origin.host_header, headers, length) + body)
+        try:
+            await conn.read_headers(timeout)
+        except HttpError as exc:
+            conn.abort()
+            raise UpstreamError(f"{url}: {exc}") from exc
+        except BaseException:  # cancelled while waiting: abort the request upstream
+            conn.abort()
+            raise
+        if method == "HEAD":  # no body follows, whatever the headers say
+            conn.complete = True
+            conn.abort()
+        return UpstreamResponse(pool, origin, conn, timeout)
+
+    async def open(self, url: str, body: bytes, headers: bytes) -> UpstreamResponse:
+        """POST and wait for the response headers; 5xx and connection failures raise."""
+        resp = await self._send("POST", url, body, headers, self.read_timeout)
+        if resp.status >= 500:
+            resp._conn.abort()
+            raise UpstreamError(f"{url}: HTTP {resp.status}")
+        return resp
+
+    async def passthrough(self, method: str, url: str, body: bytes,
+                          headers: bytes) -> tuple[int, str, bytes]:
+        """Forward any request unchanged; returns (status, content type, body)."""
+        resp = await self._send(method, url, body, headers, self.read_timeout)
+        try:
+            return resp.status, resp.content_type, await resp.read()
+        finally:
+            resp.close()
+
+    async def _get(self, url: str, timeout: float) -> tuple[int, bytes] | None:
+        try:
+            resp = await self._send("GET", url, b"", b"", timeout)
+        except UpstreamError:
+            return None
+        try:
+            return resp.status, await resp.read()
+        except UpstreamError:
+            return None
+        finally:
+            resp.close()
+
+    async def healthy(self, base_url: str, timeout: float = 2.0) -> bool:
+        """Whether ``/health`` answers 200."""
+        got = await self._get(base_url + "/health", timeout)
+        return got is not None and got[0] == 200
+
+    async def get_text(self, url: str, timeout: float = 2.0) -> str | None:
+        """GET ``url`` as text (an instance's ``/metrics``), or None if it does not answer."""
+        got = await self._get(url, timeout)
+        if got is None or got[0] != 200:
+            return None
+        return got[1].decode("utf-8", "replace")
+
+    async def models(self, base_url: str, timeout: float = 2.0) -> list[dict[str, Any]] | None:
+        """The instance's ``/v1/models`` cards, or None if it does not answer."""
+        got = await self._get(base_url + "/v1/models", timeout)
+        if got is None or got[0] != 200:
+            return None
+        try:
+            data = orjson.loads(got[1])
+        except orjson.JSONDecodeError:
+            return None
+        cards = data.get("data") if isinstance(data, dict) else None
+        return [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else None
