@@ -12,7 +12,7 @@ import pytest
 from loadgen import compare, peers
 from loadgen.cluster import EmulatedCluster
 from loadgen.peers import PEERS, PeerMissing, SglangRouter, parse_router
-from loadgen.report import format_compare
+from loadgen.report import format_compare, plot_results
 from loadgen.run import run_benchmark
 from loadgen.workload import RequestSpec, synthetic
 
@@ -107,3 +107,28 @@ async def test_round_robin_through_blockproxy_and_sglang_has_the_same_tail() -> 
     rr, sglang = (result["runs"][0]["policies"][p]["metrics"]["unscaled"]["p99_ttft_ms"]
                   for p in pair)
     assert abs(rr - sglang) <= 0.15 * max(rr, sglang), (rr, sglang)
+
+
+@pytest.mark.peers
+async def test_capacity_search_and_report_include_the_peers(tmp_path: Path) -> None:
+    # Prefill-heavy requests, so runs are short; the SLO (real-GPU ms) sits between what a
+    # lightly loaded pair of instances gives (P99 ~20 ms) and what a burst of all of them at
+    # once gives (~100 ms), so each router's search passes the low rate and fails the high.
+    routers = ["round_robin", "sglang:round_robin", "nginx:least_conn"]
+    _require(routers)
+    specs = [RequestSpec(400, 16, i * 0.05) for i in range(80)]
+    cfg = {"lo": 1.0, "hi": 80.0, "iterations": 2, "slo_ttft_p99_ms": 60.0,
+           "max_failed": 0, "probe": {"until": "first-token", "ttft_abort_ms": 60.0,
+                                      "abort_percentile": 99.0}}
+    result = await compare.compare_seeds(routers, specs, [1], instances=2, profile=PROFILE,
+                                         time_scale=2.0, capacity=cfg, log=lambda _: None,
+                                         **KWARGS)
+    for router in routers:
+        cap = result["runs"][0]["policies"][router]["capacity"]
+        assert cap["knob"] == "rate_multiplier" and cap["runs"] == 2, (router, cap)
+        assert cap["capacity"] == 1.0 and cap["lowest_fail"] == 80.0, (router, cap)
+        assert result["summary"][router]["median"]["capacity"] == 1.0
+    table = format_compare(result)
+    assert "capacity" in table and all(router in table for router in routers)
+    plot = plot_results([result], tmp_path / "cap.png")
+    assert plot.stat().st_size > 10_000

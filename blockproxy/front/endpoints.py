@@ -96,7 +96,7 @@ class Endpoints:
         try:
             status, ctype, payload = await self.upstream.passthrough(
                 request.method, inst.url + request.path_qs, raw,
-                self.upstream.forward_headers(request.headers))
+                self.upstream.forward_headers(request.raw_headers))
         except UpstreamError as exc:
             self.generate.failed(inst, exc)
             return error_response(ApiError(502, f"instance {inst.name} failed: {exc}",

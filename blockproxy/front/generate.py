@@ -23,7 +23,14 @@ from blockproxy.cluster.requests import Entry
 from blockproxy.cluster.view import ClusterView
 from blockproxy.config import ProxyConfig
 from blockproxy.front.gate import Gate
-from blockproxy.front.relay import TAIL_CHUNKS, Usage, parse_usage, stream_complete, token_events
+from blockproxy.front.relay import (
+    DONE_EVENT,
+    TAIL_CHUNKS,
+    Usage,
+    parse_usage,
+    stream_complete,
+    token_events,
+)
 from blockproxy.metrics import Metrics
 from blockproxy.request import CHAT, ApiError, RequestInfo, parse_request
 from blockproxy.routing.describe import Describer
@@ -104,7 +111,7 @@ class GenerateHandler:
         limit = min(inst.limits.max_model_len for inst in candidates)
         job = self.describer.describe(info, request.headers.get(HINT_HEADER), limit)
         tried: list[Instance] = []
-        headers = self.upstream.forward_headers(request.headers)
+        headers = self.upstream.forward_headers(request.raw_headers)
         for _ in range(self.config.max_retries + 1):
             pool = [c for c in candidates if c not in tried and c.accepts_new()] or \
                 [c for c in self.view.candidates(info.model) if c not in tried]
@@ -166,10 +173,17 @@ class GenerateHandler:
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await response.prepare(request)
         tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
+        held = b""  # the chunk ending in [DONE]: sent with the end of the body, one write
         try:
             async for data in upstream.iter_chunks():
                 now = time.perf_counter()
-                await response.write(data)
+                if held:
+                    await response.write(held)
+                    held = b""
+                if data.endswith(DONE_EVENT):
+                    held = data
+                else:
+                    await response.write(data)
                 count = token_events(data)
                 if count > 0:
                     if not entry.first_token_at:
@@ -182,6 +196,8 @@ class GenerateHandler:
             if not stream_complete(ending):
                 raise UpstreamError("the stream ended without [DONE]")
         except UpstreamError as exc:
+            if held:
+                await response.write(held)
             self.metrics.stream_failures.labels(inst.name).inc()
             log.warning("instance %s failed mid-stream: %s", inst.name, exc)
             err = ApiError(502, f"upstream instance {inst.name} failed mid-stream: {exc}",
@@ -200,7 +216,7 @@ class GenerateHandler:
             output = max(entry.generated - (1 if info.route == CHAT else 0), 0)
         self._learn(info, entry, usage, output, time.perf_counter())
         self._count(info.route, 200)
-        await response.write_eof()
+        await response.write_eof(held)
         return response
 
     def _learn(self, info: RequestInfo, entry: Entry, usage: Usage, output: int,

@@ -8,7 +8,7 @@ streaming raise it from :meth:`UpstreamResponse.iter_chunks`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,9 +18,9 @@ from blockproxy.upstream.http1 import Connection, HttpError, Pool, header_block,
 
 # Hop-by-hop headers (RFC 9110 7.6.1), those this client sets itself, and ``Expect`` (the
 # body is always sent whole).
-_DROP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                   "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-                   "accept-encoding", "expect"})
+_DROP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+                   b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
+                   b"content-length", b"accept-encoding", b"expect"})
 
 
 class UpstreamError(Exception):
@@ -93,9 +93,10 @@ class Upstream:
         self.pool.close()
 
     @staticmethod
-    def forward_headers(headers: Mapping[str, str]) -> bytes:
-        """The client's headers minus hop-by-hop ones, as a prebuilt header block."""
-        return header_block((k, v) for k, v in headers.items() if k.lower() not in _DROP)
+    def forward_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """The client's headers (as received: ``request.raw_headers``) minus hop-by-hop
+        ones, as a prebuilt header block."""
+        return header_block((k, v) for k, v in raw_headers if k.lower() not in _DROP)
 
     def _split(self, url: str) -> tuple[_Origin, str]:
         slash = url.find("/", url.find("//") + 2)
