@@ -513,3 +513,54 @@ cdef class InstanceModelC:
         out.peak = peak
         out.steps = steps
         return out
+
+
+# ---- prefix block hashes (twin: blockproxy.routing.prefix.prefix_hashes_py) -----------------
+
+from libc.stdint cimport uint64_t
+
+cdef uint64_t _MIX = 0x9E3779B97F4A7C15ULL
+cdef uint64_t _SEED = 0x243F6A8885A308D3ULL
+
+
+cdef inline uint64_t _fmix(uint64_t x) noexcept nogil:
+    x ^= x >> 33
+    x *= 0xFF51AFD7ED558CCDULL
+    x ^= x >> 33
+    x *= 0xC4CEB9FE1A85EC53ULL
+    x ^= x >> 33
+    return x
+
+
+def prefix_hashes(const unsigned char[::1] data, Py_ssize_t block, Py_ssize_t limit):
+    """Chain hashes of the first ``limit`` full ``block``-byte blocks of ``data`` (63-bit
+    ints): each one covers every byte before its block's end.  ``block`` is a multiple
+    of 8; the words are read little-endian."""
+    if block <= 0 or block % 8:
+        raise ValueError("block must be a positive multiple of 8")
+    cdef Py_ssize_t n = data.shape[0] // block
+    if n > limit:
+        n = limit
+    if n <= 0:
+        return []
+    cdef uint64_t h = _SEED
+    cdef uint64_t w
+    cdef Py_ssize_t b, i, k, off
+    cdef list out = [None] * n
+    cdef uint64_t* values = <uint64_t*>realloc(NULL, n * sizeof(uint64_t))
+    if values == NULL:
+        raise MemoryError()
+    with nogil:
+        for b in range(n):
+            off = b * block
+            for i in range(0, block, 8):
+                w = 0
+                for k in range(8):
+                    w |= (<uint64_t>data[off + i + k]) << (8 * k)
+                h = (h ^ w) * _MIX
+                h ^= h >> 29
+            values[b] = _fmix(h) >> 1
+    for b in range(n):
+        out[b] = <int64_t>values[b]
+    free(values)
+    return out

@@ -109,18 +109,23 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
 
 
 def parse_emulator_metrics(texts: Sequence[str]) -> dict[str, Any]:
-    """How faithfully the emulated instances kept time: steps run, the mean wall ms a step
-    ended past its deadline, and pacing resets (a starved emulator process)."""
+    """How faithfully the emulated instances kept time (steps run, the mean wall ms a step
+    ended past its deadline, pacing resets: a starved emulator process), and the share of
+    prompt tokens the instances found in their prefix caches (``vllm:prefix_cache_*``)."""
     totals = {"emulator:steps_total": 0.0, "emulator:step_lateness_seconds_total": 0.0,
-              "emulator:resyncs_total": 0.0}
+              "emulator:resyncs_total": 0.0, "vllm:prefix_cache_queries_total": 0.0,
+              "vllm:prefix_cache_hits_total": 0.0}
     for text in texts:
         for name, _, value in promtext.samples(text):
             if name in totals:
                 totals[name] += value
     steps = totals["emulator:steps_total"]
+    queries = totals["vllm:prefix_cache_queries_total"]
     return {"steps": int(steps), "resyncs": int(totals["emulator:resyncs_total"]),
             "mean_step_lateness_ms": (totals["emulator:step_lateness_seconds_total"]
-                                      / steps * 1000.0 if steps else None)}
+                                      / steps * 1000.0 if steps else None),
+            "prefix_hit_rate": (totals["vllm:prefix_cache_hits_total"] / queries
+                                if queries else None)}
 
 
 def parse_gossip_metrics(texts: Sequence[str], duration_s: float,

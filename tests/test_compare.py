@@ -84,10 +84,15 @@ def test_engine_limits_from_emulator_args_reach_the_backends_file():
 def test_parse_emulator_metrics_sums_instances():
     page = ('emulator:steps_total{engine="0",model_name="m"} 100\n'
             'emulator:step_lateness_seconds_total{engine="0",model_name="m"} 0.05\n'
-            'emulator:resyncs_total{engine="0",model_name="m"} 1\n')
+            'emulator:resyncs_total{engine="0",model_name="m"} 1\n'
+            'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000\n'
+            'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 250\n')
     out = compare.parse_emulator_metrics([page, page.replace("100", "300")])
-    assert out == {"steps": 400, "resyncs": 2, "mean_step_lateness_ms": pytest.approx(0.25)}
-    assert compare.parse_emulator_metrics([""])["mean_step_lateness_ms"] is None
+    # queries 1000 + 3000, hits 250 + 250
+    assert out == {"steps": 400, "resyncs": 2, "mean_step_lateness_ms": pytest.approx(0.25),
+                   "prefix_hit_rate": pytest.approx(500 / 4000)}
+    empty = compare.parse_emulator_metrics([""])
+    assert empty["mean_step_lateness_ms"] is None and empty["prefix_hit_rate"] is None
 
 
 def test_summarize_takes_medians_across_seeds():

@@ -142,7 +142,7 @@ async def test_herding_two_proxies_bursts(mesh):
     pb = make_policy("block", random.Random(2))
     for _ in range(6):
         for node, pol in ((a, pa), (b, pb)):
-            inst, _ = pol.choose(list(node.view.instances.values()), Job(2000, 0, 200))
+            inst, _ = pol.choose(list(node.view.instances.values()), Job(2000, 200))
             inst.reserve(2000, 200, 0.0)
         await asyncio.sleep(0.03)
     await eventually(lambda: len(remote_rows(a.view)) == 6)

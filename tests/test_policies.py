@@ -13,7 +13,7 @@ from blockproxy.cluster import ClusterView
 from blockproxy.routing.job import Job
 from blockproxy.routing.policies import make_policy, policy_names
 
-JOB = Job(prompt_tokens=500, cached_tokens=0, output_tokens=100)
+JOB = Job(prompt_tokens=500, output_tokens=100)
 
 
 def cluster(n: int = 3, **per_instance: dict) -> list:
@@ -57,7 +57,7 @@ def test_block_ties_go_to_the_least_loaded():
     insts = cluster(3)
     load(insts[0], 2, prompt=10, output=10)
     load(insts[1], 1, prompt=10, output=10)
-    picks = Counter(make_policy("block", random.Random(s)).choose(insts, Job(10, 0, 10))[0].name
+    picks = Counter(make_policy("block", random.Random(s)).choose(insts, Job(10, 10))[0].name
                     for s in range(20))
     assert picks == {"i2": 20}
 
@@ -103,8 +103,8 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would():
              output=rng.randint(50, 600))
     policy = make_policy("block", random.Random(0), tie_tolerance=0.0)
     for _ in range(30):
-        job = Job(rng.randint(10, 4000), 0, rng.randint(1, 800))
-        full = {inst.name: inst.predict(*job) for inst in insts}
+        job = Job(rng.randint(10, 4000), rng.randint(1, 800))
+        full = {inst.name: inst.predict_job(job) for inst in insts}
         best = min(p[1] for p in full.values())
         chosen, prediction = policy.choose(insts, job)
         assert prediction is not None

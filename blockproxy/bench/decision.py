@@ -63,7 +63,7 @@ def time_decisions(view: ClusterView, instances: list[Instance], policy_name: st
 def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     pairs, source = load_lengths(find_lengths_file(args.lengths), rng)
-    jobs = [Job(int(p), 0, 256) for p, _ in pairs[rng.integers(0, len(pairs), args.decisions)]]
+    jobs = [Job(int(p), 256) for p, _ in pairs[rng.integers(0, len(pairs), args.decisions)]]
     result: dict[str, Any] = {"simulator": simulator.IMPLEMENTATION, "lengths": source,
                               "active_per_instance": args.active, "decisions": args.decisions,
                               "unit": "microseconds"}

@@ -11,13 +11,17 @@ record what they observe; they never touch the table's columns.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster.calibration import DecodeSpans, SpeedCalibration
+from blockproxy.cluster.prefix import PrefixCache
 from blockproxy.cluster.requests import Entry, RequestTable
 from blockproxy.profile import EngineLimits, Profile
+
+if TYPE_CHECKING:
+    from blockproxy.routing.job import Job
 
 
 class Instance:
@@ -46,6 +50,7 @@ class Instance:
         self.spans = DecodeSpans(self.calibration, profile.step_time.fixed_s,
                                  profile.step_time.per_decode_seq_s)
         self.requests = RequestTable(self)
+        self.prefix = PrefixCache.for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
         self.healthy = True
         self.failures = 0
         self.probe_backoff = 0.0
@@ -72,18 +77,50 @@ class Instance:
         return simulator.Prediction._make(self.model.predict(
             r.table, r.n, prompt_tokens, cached_tokens, output_tokens, bound))
 
+    def cached_tokens(self, job: Job) -> int:
+        """Prompt tokens of ``job`` this instance probably has in its prefix cache: whole
+        engine blocks, at least one prompt token left to compute (as vLLM leaves it)."""
+        if not job.blocks:
+            return 0
+        matched = self.prefix.match(job.blocks)
+        if not matched:
+            return 0
+        bs = self.limits.block_size
+        tokens = int(matched * job.block_tokens) // bs * bs
+        return max(min(tokens, (job.prompt_tokens - 1) // bs * bs), 0)
+
+    def predict_job(self, job: Job, bound: float = math.inf) -> simulator.Prediction:
+        """:meth:`predict` for ``job``, its cached prefix here included."""
+        return self.predict(job.prompt_tokens, self.cached_tokens(job), job.output_tokens,
+                            bound)
+
     def unprocessed_tokens(self) -> int:
         """Prompt tokens not yet computed plus output tokens still expected."""
         return self.requests.unprocessed_tokens()
+
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens queued here still to compute (cached prefixes excluded)."""
+        return self.requests.pending_prefill_tokens()
 
     def llumnix_headroom(self) -> float:
         """Llumnix's load metric: (free blocks - blocks wanted by waiting) / running."""
         return self.requests.kv_headroom(self.limits.num_gpu_blocks, self.limits.block_size)
 
     # ---- what the proxy observes --------------------------------------------------------------
-    def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float) -> Entry:
+    def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float,
+                cached_tokens: int = 0) -> Entry:
         """Record a request dispatched here (it is waiting until its first token)."""
-        return self.requests.reserve(prompt_tokens, predicted_tokens, now)
+        return self.requests.reserve(prompt_tokens, predicted_tokens, now, cached_tokens)
+
+    def reserve_job(self, job: Job, now: float) -> Entry:
+        """:meth:`reserve` ``job``; its prefix blocks are cached here from now on (held
+        until it ends)."""
+        entry = self.requests.reserve(job.prompt_tokens, job.output_tokens, now,
+                                      self.cached_tokens(job))
+        if job.blocks:
+            self.prefix.acquire(job.blocks)
+            entry.blocks = job.blocks
+        return entry
 
     def first_token(self, entry: Entry, now: float) -> None:
         """The request produced its first token: it is running."""
@@ -99,6 +136,8 @@ class Instance:
 
     def release(self, entry: Entry) -> None:
         """The request ended (finished, failed or cancelled)."""
+        if not entry.released and entry.blocks:
+            self.prefix.release(entry.blocks)
         self.requests.release(entry)
 
     # ---- health -------------------------------------------------------------------------------
@@ -120,8 +159,10 @@ class Instance:
         self.next_probe_at = now + self.probe_backoff
 
     def probe_succeeded(self) -> None:
+        """Back after an ejection: it may have restarted, so its cache is assumed empty."""
         self.healthy = True
         self.failures = 0
+        self.prefix.clear()
 
     def describe(self) -> dict[str, Any]:
         """The instance as ``/debug/cluster`` shows it (without the proxy-wide fields)."""
@@ -135,4 +176,5 @@ class Instance:
             "predicted_queue_delay_s": probe.queue_delay,
             "calibration": {"speed": self.model.speed, "samples": self.calibration.samples},
             "limits": vars(self.limits),
+            "prefix_cache": self.prefix.describe(),
         }

@@ -56,6 +56,8 @@ class Entry:
     origin: int = LOCAL
     #: the owner's request id (gossip key with ``origin``)
     rid: int = 0
+    #: prefix block hashes held in the instance's cache model while in flight
+    blocks: list[int] | None = None
 
 
 class RequestListener(Protocol):
@@ -83,14 +85,17 @@ class RequestTable:
         self.listener: RequestListener | None = None
 
     # ---- the proxy's own requests -------------------------------------------------------------
-    def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float) -> Entry:
-        """Record a request dispatched here (it is waiting until its first token)."""
-        entry = self._append(prompt_tokens, predicted_tokens, now)
+    def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float,
+                cached_tokens: int = 0) -> Entry:
+        """Record a request dispatched here (it is waiting until its first token), of
+        whose prompt ``cached_tokens`` are probably in the prefix cache."""
+        entry = self._append(prompt_tokens, predicted_tokens, now, cached_tokens)
         if self.listener is not None:
             self.listener.reserved(entry)
         return entry
 
-    def _append(self, prompt_tokens: int, predicted_tokens: int, now: float) -> Entry:
+    def _append(self, prompt_tokens: int, predicted_tokens: int, now: float,
+                cached_tokens: int = 0) -> Entry:
         if self.n == self.table.shape[1]:
             grown = np.zeros((simulator.NUM_COLUMNS, 2 * self.n), dtype=np.int64)
             grown[:, :self.n] = self.table
@@ -98,7 +103,7 @@ class RequestTable:
         slot = self.n
         col = self.table[:, slot]
         col[simulator.COL_PROMPT] = prompt_tokens
-        col[simulator.COL_CACHED] = 0
+        col[simulator.COL_CACHED] = cached_tokens
         col[simulator.COL_GENERATED] = 0
         col[simulator.COL_PREDICTED] = predicted_tokens
         col[simulator.COL_STARTED] = 0
@@ -223,6 +228,14 @@ class RequestTable:
         remaining = np.maximum(t[simulator.COL_PREDICTED, :n] - t[simulator.COL_GENERATED, :n],
                                1)
         return int((t[simulator.COL_PROMPT, :n] * waiting).sum() + remaining.sum())
+
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens still to compute: requests without a first token, less what of
+        their prompts was cached."""
+        t = self.table
+        n = self.n
+        waiting = t[simulator.COL_STARTED, :n] == 0
+        return int(((t[simulator.COL_PROMPT, :n] - t[simulator.COL_CACHED, :n]) * waiting).sum())
 
     def kv_headroom(self, num_gpu_blocks: int, block_size: int) -> float:
         """Llumnix's load metric: (free blocks - blocks wanted by waiting) / running."""

@@ -2,7 +2,8 @@
 
 :class:`Describer` turns a parsed request into a :class:`~blockproxy.routing.job.Job`:
 prompt tokens estimated from its characters (:mod:`blockproxy.routing.tokens`), output
-tokens predicted (:mod:`blockproxy.routing.lengths`, or the client's hint header).  When
+tokens predicted (:mod:`blockproxy.routing.lengths`, or the client's hint header), the
+prompt's prefix block hashes (:mod:`blockproxy.routing.prefix`).  When
 the request completes, :meth:`Describer.learn` feeds the true counts back to both.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from blockproxy.request import RequestInfo
 from blockproxy.routing.job import Job
 from blockproxy.routing.lengths import LengthPredictor, parse_hint
+from blockproxy.routing.prefix import BLOCK_BYTES, ID_BYTES, prompt_blocks
 from blockproxy.routing.tokens import PromptTokenEstimator
 
 
@@ -27,7 +29,12 @@ class Describer:
         context_left = max(max_model_len - prompt_tokens, 1)
         output = self.predictor.predict(info.model, prompt_tokens, info.max_tokens,
                                         context_left, parse_hint(hint))
-        return Job(prompt_tokens, 0, output)
+        blocks = prompt_blocks(info)
+        if blocks is None:
+            return Job(prompt_tokens, output)
+        per_block = (BLOCK_BYTES / ID_BYTES if blocks.token_ids
+                     else BLOCK_BYTES * self.tokens.ratio(info.model))
+        return Job(prompt_tokens, output, blocks.hashes, per_block)
 
     def learn(self, info: RequestInfo, estimated_prompt: int, predicted_output: int,
               prompt_tokens: int | None, output_tokens: int, finish: str | None) -> None:

@@ -31,7 +31,7 @@ class Dispatcher:
         start = time.perf_counter()
         inst, prediction = self.policy.choose(candidates, job)
         if prediction is None:
-            prediction = inst.predict(job.prompt_tokens, job.cached_tokens, job.output_tokens)
+            prediction = inst.predict_job(job)
         now = time.perf_counter()
         self._decision_time.observe(now - start)
         counter = self._decisions.get(inst.name)
@@ -39,7 +39,7 @@ class Dispatcher:
             counter = self._decisions[inst.name] = self.metrics.decisions.labels(
                 self.policy.name, inst.name)
         counter.inc()
-        entry = inst.reserve(job.prompt_tokens, job.output_tokens, now)
+        entry = inst.reserve_job(job, now)
         entry.predicted_ttft = prediction.ttft
         entry.predicted_e2e = prediction.e2e
         return entry

@@ -84,7 +84,9 @@ def _load_all() -> None:
         least_requests,
         least_tokens,
         llumnix,
+        lmetric,
         power_of_two,
+        prefix_affinity,
         random_choice,
         round_robin,
     )

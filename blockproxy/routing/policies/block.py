@@ -51,8 +51,7 @@ class BlockPolicy(Policy):
         for inst in sorted(pool, key=_active) if idx == 1 else pool:
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
             bound = best * slack if idx == 1 else math.inf
-            prediction = inst.predict(job.prompt_tokens, job.cached_tokens, job.output_tokens,
-                                      bound)
+            prediction = inst.predict_job(job, bound)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]

@@ -1,0 +1,100 @@
+"""What one instance's prefix cache probably holds, as the proxy can know it.
+
+The model follows vLLM's block pool: a block a running request holds cannot be evicted;
+when the request ends its blocks join the tail of the free queue, last block first, so the
+blocks at the start of a prompt (the ones other prompts share) are evicted last; when the
+cache is full, blocks are evicted from the head of the free queue (least recently used).
+The proxy learns of the blocks it dispatches itself (and, through gossip, of other
+proxies'): a request's blocks are held from dispatch, so the next decision, a microsecond
+later, already sees them, and released when it ends.
+
+Blocks are :mod:`blockproxy.routing.prefix` hash-chain blocks of ``BLOCK_BYTES`` bytes,
+not the engine's token blocks; capacity is converted at :data:`TOKENS_PER_BLOCK` tokens
+per block.  Lookups use the chain's prefix property (a block is cached only if those
+before it are, as the eviction order keeps it almost always): a binary search for the
+longest cached run of leading blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: engine tokens one hashed block stands for when sizing the cache: ``BLOCK_BYTES`` of
+#: :mod:`blockproxy.routing.prefix` at 4 bytes per token (a test keeps the two in step)
+TOKENS_PER_BLOCK = 32
+
+
+class PrefixCache:
+    """Block hashes an instance holds: in use by requests (pinned) or free (LRU order)."""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity = max(int(capacity_blocks), 1)
+        self._free: dict[int, None] = {}  # cached, unreferenced: oldest first
+        self._used: dict[int, int] = {}  # cached, referenced by in-flight requests
+        self.evictions = 0
+
+    @classmethod
+    def for_kv(cls, num_gpu_blocks: int, block_size: int) -> PrefixCache:
+        """A cache the size of an instance's KV cache."""
+        return cls(num_gpu_blocks * block_size // TOKENS_PER_BLOCK)
+
+    def __len__(self) -> int:
+        return len(self._free) + len(self._used)
+
+    def __contains__(self, h: int) -> bool:
+        return h in self._used or h in self._free
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of ``hashes`` are cached."""
+        used, free = self._used, self._free
+        if not hashes or (hashes[0] not in used and hashes[0] not in free):
+            return 0
+        lo, hi = 1, len(hashes)  # hashes[:lo] cached; hashes[hi:] not known to be
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            h = hashes[mid - 1]
+            if h in used or h in free:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def acquire(self, hashes: Sequence[int]) -> None:
+        """A request dispatched here holds these blocks (cached from now on)."""
+        used, free = self._used, self._free
+        for h in hashes:
+            if h in free:
+                del free[h]
+            used[h] = used.get(h, 0) + 1
+        self._evict()
+
+    def release(self, hashes: Sequence[int]) -> None:
+        """The request ended: its blocks join the free queue, the last block first."""
+        used, free = self._used, self._free
+        for h in reversed(hashes):
+            count = used.get(h)
+            if count is None:
+                continue  # forgotten meanwhile (clear)
+            if count > 1:
+                used[h] = count - 1
+            else:
+                del used[h]
+                free[h] = None
+        self._evict()
+
+    def _evict(self) -> None:
+        free = self._free
+        excess = len(free) + len(self._used) - self.capacity
+        while excess > 0 and free:
+            del free[next(iter(free))]
+            self.evictions += 1
+            excess -= 1
+
+    def clear(self) -> None:
+        """The instance restarted (or left): its cache is empty."""
+        self._free.clear()
+        self._used.clear()
+
+    def describe(self) -> dict[str, int]:
+        return {"blocks": len(self), "in_use": len(self._used), "capacity": self.capacity,
+                "evictions": self.evictions}

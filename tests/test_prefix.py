@@ -1,0 +1,210 @@
+"""Prefix caching in the proxy: the block hash chain (compiled and twin), the prompt bytes
+it covers, the per-instance cache model, and the policies that read it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from blockproxy import profile as profiles
+from blockproxy.backends import BackendSpec
+from blockproxy.cluster import prefix as cache_model
+from blockproxy.cluster.instance import Instance
+from blockproxy.cluster.prefix import PrefixCache
+from blockproxy.request import CHAT, COMPLETIONS, parse_request
+from blockproxy.routing import prefix
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import make_policy
+
+try:
+    from blockproxy._fastcore import prefix_hashes as compiled
+except ImportError:
+    compiled = None
+
+
+def test_the_cache_model_sizes_blocks_as_the_hasher_cuts_them() -> None:
+    assert cache_model.TOKENS_PER_BLOCK == prefix.BLOCK_BYTES // prefix.ID_BYTES
+
+
+@pytest.mark.skipif(compiled is None, reason="extension not built")
+@pytest.mark.parametrize("seed", range(5))
+def test_compiled_and_twin_hashes_agree(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(20):
+        data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 3000)))
+        block = rng.choice([8, 16, 64, 128])
+        limit = rng.choice([0, 1, 5, 1000])
+        assert compiled(data, block, limit) == prefix.prefix_hashes_py(data, block, limit)
+    with pytest.raises(ValueError):
+        compiled(b"x" * 64, 12, 10)
+
+
+def test_hashes_are_a_chain_over_whole_blocks() -> None:
+    h = prefix.prefix_hashes
+    base = bytes(range(256)) * 4  # 1024 bytes: 8 blocks of 128
+    hashes = h(base, 128, 100)
+    assert len(hashes) == 8 and len(set(hashes)) == 8
+    assert all(0 <= x < 1 << 63 for x in hashes)
+    assert h(base + b"tail", 128, 100) == hashes  # a partial last block has no hash
+    assert h(base[:300], 128, 100) == hashes[:2]
+    changed = bytearray(base)
+    changed[3 * 128 + 5] ^= 1
+    other = h(bytes(changed), 128, 100)
+    assert other[:3] == hashes[:3] and all(a != b for a, b in zip(other[3:], hashes[3:]))
+    assert h(base, 128, 3) == hashes[:3]
+    # the same bytes behind another start do not collide: the chain covers the whole prefix
+    assert h(b"z" * 128 + base, 128, 100)[1:] != hashes[:8]
+
+
+def _info(route: str, body: dict) -> object:
+    import orjson
+    return parse_request(route, orjson.dumps(body))
+
+
+def test_chat_turns_extend_the_previous_turns_bytes() -> None:
+    turn1 = [{"role": "system", "content": "You are terse. " * 20},
+             {"role": "user", "content": "hello " * 40}]
+    turn2 = [*turn1, {"role": "assistant", "content": "hi " * 30},
+             {"role": "user", "content": [{"type": "text", "text": "and more " * 30}]}]
+    a = prefix.prompt_bytes(_info(CHAT, {"model": "m", "messages": turn1}))
+    b = prefix.prompt_bytes(_info(CHAT, {"model": "m", "messages": turn2}))
+    assert a is not None and b is not None and not a[1]
+    assert b[0].startswith(a[0]) and len(b[0]) > len(a[0])
+    ba = prefix.prompt_blocks(_info(CHAT, {"model": "m", "messages": turn1}))
+    bb = prefix.prompt_blocks(_info(CHAT, {"model": "m", "messages": turn2}))
+    assert ba and bb and bb.hashes[:len(ba.hashes)] == ba.hashes
+
+
+def test_completions_prompts_text_ids_and_batches() -> None:
+    text = prefix.prompt_bytes(_info(COMPLETIONS, {"model": "m", "prompt": "é" * 10}))
+    assert text == (("é" * 10).encode(), False)
+    ids = prefix.prompt_blocks(_info(COMPLETIONS, {"model": "m", "prompt": list(range(100))}))
+    assert ids is not None and ids.token_ids and len(ids.hashes) == 100 * 4 // 128
+    assert prefix.prompt_blocks(_info(COMPLETIONS, {"model": "m", "prompt": ["a", "b"]})) \
+        is None
+    assert prefix.prompt_blocks(_info(COMPLETIONS, {"model": "m", "prompt": "short"})) is None
+
+
+def test_a_huge_prompt_hashes_a_bounded_number_of_blocks() -> None:
+    info = _info(COMPLETIONS, {"model": "m", "prompt": "a" * (4 << 20)})
+    blocks = prefix.prompt_blocks(info)
+    assert blocks is not None and len(blocks.hashes) == prefix.MAX_BLOCKS
+
+
+# ---- the cache model ---------------------------------------------------------------------
+
+
+def test_lookup_finds_the_longest_cached_run_of_leading_blocks() -> None:
+    cache = PrefixCache(100)
+    cache.acquire([1, 2, 3, 4])
+    assert cache.match([1, 2, 3, 4, 5, 6]) == 4
+    assert cache.match([1, 2, 9]) == 2
+    assert cache.match([9, 1, 2]) == 0
+    assert cache.match([]) == 0
+
+
+def test_held_blocks_are_never_evicted_and_free_ones_go_tail_first() -> None:
+    cache = PrefixCache(6)
+    cache.acquire([1, 2, 3, 4])
+    cache.acquire([10, 11, 12, 13])  # over capacity, but everything is held
+    assert len(cache) == 8 and cache.match([1, 2, 3, 4]) == 4
+    cache.release([1, 2, 3, 4])  # free queue: 4, 3, 2, 1 (the tail first)
+    assert len(cache) == 6 and cache.match([1, 2, 3, 4]) == 2  # 4 and 3 went first
+    assert cache.match([10, 11, 12, 13]) == 4
+    cache.release([10, 11, 12, 13])
+    cache.acquire([20, 21, 22, 23, 24])  # needs room: oldest free blocks go
+    assert cache.match([20, 21, 22, 23, 24]) == 5
+    assert cache.match([1, 2]) == 0  # 2 and 1 were freed before 13..10
+    assert cache.match([10]) == 1
+    assert cache.evictions == 7  # 4, 3, then 2, 1, 13, 12, 11
+
+
+def test_shared_blocks_are_counted_per_holder() -> None:
+    cache = PrefixCache(3)
+    cache.acquire([1, 2])
+    cache.acquire([1, 2, 3])
+    cache.release([1, 2])
+    cache.acquire([7, 8])  # 1 and 2 are still held by the second request
+    assert cache.match([1, 2, 3]) == 3
+    cache.clear()
+    assert len(cache) == 0 and cache.match([1]) == 0
+    cache.release([1, 2, 3])  # a request that ends after a clear changes nothing
+    assert len(cache) == 0
+
+
+# ---- instances and policies ---------------------------------------------------------------
+
+PROFILE = profiles.load_profile("llama-3.1-8b-h100-tp1")
+
+
+def _instances(n: int) -> list[Instance]:
+    return [Instance(BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=f"i{i}"), PROFILE)
+            for i in range(n)]
+
+
+def _job(hashes: list[int], prompt_tokens: int = 4000, per_block: float = 32.0) -> Job:
+    return Job(prompt_tokens, 50, hashes, per_block)
+
+
+def test_cached_tokens_are_whole_engine_blocks_below_the_prompt() -> None:
+    inst = _instances(1)[0]
+    hashes = list(range(1, 101))
+    assert inst.cached_tokens(_job(hashes)) == 0
+    inst.prefix.acquire(hashes[:10])
+    assert inst.cached_tokens(_job(hashes, per_block=30.0)) == 300 // 16 * 16
+    inst.prefix.acquire(hashes)
+    assert inst.cached_tokens(_job(hashes, prompt_tokens=3200)) == 3199 // 16 * 16
+    assert inst.cached_tokens(Job(100, 10)) == 0
+
+
+def test_dispatch_holds_the_blocks_and_release_frees_them() -> None:
+    inst = _instances(1)[0]
+    job = _job(list(range(1, 51)))
+    entry = inst.reserve_job(job, 0.0)
+    assert inst.prefix.match(job.blocks or []) == 50 and inst.prefix.describe()["in_use"] == 50
+    second = inst.reserve_job(job, 0.0)
+    assert second.blocks and inst.pending_prefill_tokens() == 4000 + 4000 - 50 * 32 // 16 * 16
+    inst.release(entry)
+    inst.release(entry)  # twice: no double free
+    assert inst.prefix.describe()["in_use"] == 50
+    inst.release(second)
+    assert inst.prefix.describe() == {"blocks": 50, "in_use": 0,
+                                      "capacity": inst.prefix.capacity, "evictions": 0}
+
+
+def test_a_comeback_after_ejection_forgets_the_cache() -> None:
+    inst = _instances(1)[0]
+    inst.prefix.acquire([1, 2, 3])
+    inst.record_failure(0.0, eject_after=1, probe_interval=1.0)
+    inst.probe_succeeded()
+    assert inst.prefix.match([1, 2, 3]) == 0
+
+
+def test_block_sends_a_long_cached_prompt_where_it_is_cached() -> None:
+    insts = _instances(4)
+    hashes = list(range(1, 251))  # 8,000 tokens
+    insts[2].prefix.acquire(hashes)
+    insts[2].prefix.release(hashes)
+    job = _job(hashes, prompt_tokens=8000)
+    for name in ("block", "lmetric", "prefix_affinity"):
+        chosen, _ = make_policy(name, random.Random(1)).choose(insts, job)
+        assert chosen is insts[2], name
+    # ... but not onto a queue that costs more than the hit saves
+    for _ in range(40):
+        insts[2].reserve(8000, 500, 0.0)
+    chosen, _ = make_policy("block", random.Random(1)).choose(insts, job)
+    assert chosen is not insts[2]
+    chosen, _ = make_policy("prefix_affinity", random.Random(1)).choose(insts, job)
+    assert chosen is not insts[2]  # 40 vs 0 requests passes its imbalance threshold
+
+
+def test_block_prices_the_hit_against_the_queue_it_would_join() -> None:
+    insts = _instances(2)
+    hashes = list(range(1, 251))
+    insts[0].prefix.acquire(hashes)
+    insts[0].prefix.release(hashes)
+    job = _job(hashes, prompt_tokens=8000)
+    cached = make_policy("block", random.Random(1)).choose(insts, job)[1]
+    plain = insts[1].predict_job(job)
+    assert cached is not None and cached.ttft < plain.ttft
