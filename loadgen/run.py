@@ -51,6 +51,7 @@ from loadgen.workload import (
     load_trace,
     resolve_trace,
     send_times,
+    sessions,
     slice_specs,
     synthetic,
 )
@@ -292,6 +293,22 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic workload: mean output tokens")
     parser.add_argument("--synthetic-spread", type=float, default=0.5,
                         help="synthetic workload: lognormal sigma of lengths (0 = fixed)")
+    group = parser.add_argument_group(
+        "multi-turn sessions (--format sessions: no trace file; chats over shared system "
+        "prompts, timestamped; output lengths from --synthetic-output-mean/-spread)")
+    group.add_argument("--sessions", type=int, default=100, help="number of sessions")
+    group.add_argument("--session-turns", type=float, default=4.0,
+                       help="mean turns per session (geometric)")
+    group.add_argument("--session-rate", type=_positive_float, default=1.0,
+                       help="sessions starting per second (Poisson)")
+    group.add_argument("--think-time", type=_positive_float, default=20.0,
+                       help="mean seconds between a session's turns (exponential)")
+    group.add_argument("--system-prompts", type=int, default=8,
+                       help="distinct system prompts the sessions share")
+    group.add_argument("--system-tokens", type=int, default=2048,
+                       help="tokens per system prompt (whole 512-token blocks)")
+    group.add_argument("--user-tokens", type=int, default=256,
+                       help="mean tokens per user message")
     parser.add_argument("--request-rate", type=_positive_float, default=math.inf,
                         help="requests/s (real-GPU time) of the Poisson/gamma process; "
                              "inf sends everything at once")
@@ -344,6 +361,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def timestamped(args: argparse.Namespace) -> bool:
     """Whether the flags name a trace with its own arrival times."""
+    if args.format == "sessions":
+        return True
     if not args.trace or args.format in ("lengths", "synthetic"):
         return False
     fmt = args.format if args.format != "auto" else \
@@ -353,7 +372,13 @@ def timestamped(args: argparse.Namespace) -> bool:
 
 def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
     """The workload the flags describe (arrival times in trace seconds)."""
-    if args.trace and args.format != "synthetic":
+    if args.format == "sessions":
+        specs = sessions(args.sessions, args.session_turns, args.system_prompts,
+                         args.system_tokens, args.user_tokens, args.synthetic_output_mean,
+                         args.synthetic_spread, args.session_rate, args.think_time,
+                         seed=args.seed, max_context=args.clip_context)
+        specs = slice_specs(specs, args.start, args.duration, args.num_requests)
+    elif args.trace and args.format != "synthetic":
         specs = load_trace(args.trace, args.format, args.start, args.duration,
                            args.num_requests, args.clip_context, args.trace_path)
     else:

@@ -7,7 +7,8 @@ time in trace seconds, optional Mooncake prefix blocks).  Sources:
 * Mooncake JSONL (``timestamp`` in ms, ``input_length``, ``output_length``, ``hash_ids``);
 * length-only CSV (``num_prefill_tokens,num_decode_tokens,...``), whose arrivals come from
   :func:`assign_arrivals`;
-* :func:`synthetic` lengths.
+* :func:`synthetic` lengths;
+* :func:`sessions`: synthetic multi-turn chats over shared system prompts (prefix reuse).
 
 Arrivals follow vLLM's ``bench serve``: for rate ``r`` and burstiness ``b`` the gaps are
 ``Gamma(shape=b, scale=1/(r*b))`` (mean ``1/r``; ``b=1`` is Poisson, ``b<1`` burstier).
@@ -51,7 +52,7 @@ from loadgen.tokenizer import (
     make_prompt_from_blocks,
 )
 
-FORMATS = ("auto", "azure", "mooncake", "lengths", "synthetic")
+FORMATS = ("auto", "azure", "mooncake", "lengths", "synthetic", "sessions")
 MAX_TOKENS_POLICIES = ("true", "cap", "slack")
 #: Tokens per Mooncake ``hash_ids`` block.
 MOONCAKE_BLOCK_TOKENS = 512
@@ -343,6 +344,63 @@ def max_tokens_for(spec: RequestSpec, policy: str = "cap", slack: float = 1.2,
     if context_limit is not None:
         value = min(value, context_limit - spec.prompt_tokens)
     return max(1, value)
+
+
+def sessions(num_sessions: int = 100, turns_mean: float = 4.0, system_prompts: int = 8,
+             system_tokens: int = 2048, user_tokens_mean: int = 256,
+             output_mean: int = 256, spread: float = 0.5, session_rate: float = 1.0,
+             think_time_s: float = 20.0, seed: int | None = 0,
+             max_context: int | None = None) -> list[RequestSpec]:
+    """Multi-turn chat sessions that share system prompts: a prefix-caching workload.
+
+    Sessions start as a Poisson process of ``session_rate`` per second; each has a
+    geometric number of turns (mean ``turns_mean``) and one of ``system_prompts`` system
+    prompts of ``system_tokens`` tokens (rounded up to whole 512-token blocks), chosen
+    uniformly.  Turn ``k``'s prompt is the system prompt, every earlier turn's user
+    message and answer, and its own user message (lognormal lengths, means
+    ``user_tokens_mean`` and ``output_mean``, sigma ``spread``); it arrives an exponential
+    think time (mean ``think_time_s``) after the previous turn.  A session ends early when
+    its next prompt would pass ``max_context`` tokens with its answer.
+
+    Prompts are Mooncake-style blocks (:data:`MOONCAKE_BLOCK_TOKENS` tokens per hash id):
+    the system prompt's blocks are shared by every session using it, a session's history
+    blocks by its later turns (a turn's cut last block is a prefix of the next turn's
+    full one), so a router that sends a session's turns where its history is cached saves
+    the whole history's prefill.  Sorted by arrival.
+    """
+    rng = np.random.default_rng(seed)
+    block = MOONCAKE_BLOCK_TOKENS
+    sys_blocks = max(1, math.ceil(system_tokens / block))
+
+    def draw(mean: float) -> int:
+        if spread <= 0:
+            return max(1, round(mean))
+        return max(1, round(float(rng.lognormal(math.log(mean) - spread ** 2 / 2, spread))))
+
+    specs: list[RequestSpec] = []
+    next_id = system_prompts * sys_blocks
+    start = 0.0
+    for _ in range(num_sessions):
+        start += float(rng.exponential(1.0 / session_rate))
+        system = int(rng.integers(system_prompts))
+        sys_ids = tuple(range(system * sys_blocks, (system + 1) * sys_blocks))
+        turns = int(rng.geometric(1.0 / max(turns_mean, 1.0)))
+        history = 0  # tokens after the system prompt
+        own: list[int] = []  # this session's block ids
+        at = start
+        for _ in range(turns):
+            user, output = draw(user_tokens_mean), draw(output_mean)
+            prompt = sys_blocks * block + history + user
+            if max_context is not None and prompt + output > max_context:
+                break
+            while len(own) * block < history + user:
+                own.append(next_id)
+                next_id += 1
+            specs.append(RequestSpec(prompt, output, at, sys_ids + tuple(own)))
+            history += user + output
+            at += float(rng.exponential(think_time_s))
+    specs.sort(key=lambda r: r.arrival_s)
+    return specs
 
 
 def prompt_text(spec: RequestSpec, num_tokens: int, seed: int | str | None) -> str:

@@ -4,7 +4,9 @@ it covers, the per-instance cache model, and the policies that read it."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
+import orjson
 import pytest
 
 from blockproxy import profile as profiles
@@ -12,7 +14,7 @@ from blockproxy.backends import BackendSpec
 from blockproxy.cluster import prefix as cache_model
 from blockproxy.cluster.instance import Instance
 from blockproxy.cluster.prefix import PrefixCache
-from blockproxy.request import CHAT, COMPLETIONS, parse_request
+from blockproxy.request import CHAT, COMPLETIONS, RequestInfo, parse_request
 from blockproxy.routing import prefix
 from blockproxy.routing.job import Job
 from blockproxy.routing.policies import make_policy
@@ -57,8 +59,7 @@ def test_hashes_are_a_chain_over_whole_blocks() -> None:
     assert h(b"z" * 128 + base, 128, 100)[1:] != hashes[:8]
 
 
-def _info(route: str, body: dict) -> object:
-    import orjson
+def _info(route: str, body: dict[str, Any]) -> RequestInfo:
     return parse_request(route, orjson.dumps(body))
 
 

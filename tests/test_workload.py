@@ -183,3 +183,48 @@ def test_max_tokens_policies_and_hint() -> None:
     assert body["stream_options"] == {"include_usage": True}
     with pytest.raises(ValueError):
         build_request(spec, max_tokens_policy="bogus")
+
+
+def test_sessions_share_system_prompts_and_grow_their_history() -> None:
+    from loadgen.workload import MOONCAKE_BLOCK_TOKENS, sessions
+
+    specs = sessions(60, turns_mean=4, system_prompts=3, system_tokens=1000,
+                     user_tokens_mean=200, output_mean=150, seed=7)
+    assert specs == sessions(60, turns_mean=4, system_prompts=3, system_tokens=1000,
+                             user_tokens_mean=200, output_mean=150, seed=7)
+    assert [s.arrival_s for s in specs] == sorted(s.arrival_s for s in specs)
+    sys_blocks = 2  # 1000 tokens round up to two 512-token blocks
+    systems = {s.hash_ids[:sys_blocks] for s in specs}
+    assert len(systems) == 3
+    for s in specs:
+        # the blocks cover the prompt exactly: the last one may be cut, none is spare
+        blocks = len(s.hash_ids)
+        assert (blocks - 1) * MOONCAKE_BLOCK_TOKENS < s.prompt_tokens <= \
+            blocks * MOONCAKE_BLOCK_TOKENS
+    # a session's later turn starts with all of an earlier turn's blocks
+    by_session: dict[int, list] = {}
+    for s in specs:
+        if len(s.hash_ids) > sys_blocks:
+            by_session.setdefault(s.hash_ids[sys_blocks], []).append(s)
+    multi = [turns for turns in by_session.values() if len(turns) > 1]
+    assert multi
+    for turns in multi:
+        for a, b in zip(turns, turns[1:]):
+            assert b.arrival_s > a.arrival_s
+            assert b.hash_ids[:len(a.hash_ids)] == a.hash_ids
+            assert b.prompt_tokens > a.prompt_tokens + a.output_tokens
+    capped = sessions(60, seed=7, max_context=3000)
+    assert all(s.prompt_tokens + s.output_tokens <= 3000 for s in capped)
+
+
+def test_sessions_from_the_command_line() -> None:
+    import argparse
+
+    from loadgen.run import add_arguments, specs_from_args, timestamped
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--target", "http://x", "--format", "sessions", "--sessions",
+                              "10", "--num-requests", "12", "--system-tokens", "512"])
+    specs = specs_from_args(args)
+    assert timestamped(args) and len(specs) == 12 and specs[0].arrival_s == 0.0
