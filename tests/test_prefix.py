@@ -209,3 +209,57 @@ def test_block_prices_the_hit_against_the_queue_it_would_join() -> None:
     cached = make_policy("block", random.Random(1)).choose(insts, job)[1]
     plain = insts[1].predict_job(job)
     assert cached is not None and cached.ttft < plain.ttft
+
+
+# ---- through the proxy, in front of real emulated instances --------------------------------
+
+
+@pytest.fixture
+async def two_instances(aiohttp_server: Any) -> Any:
+    import argparse
+    import asyncio
+
+    from loadgen import emulate
+    from loadgen.emulator.server import create_app
+
+    parser = argparse.ArgumentParser()
+    emulate.add_arguments(parser)
+    args = parser.parse_args(["--instances", "2", "--time-scale", "0.05", "--stall-prob", "0",
+                              "--seed", "1"])
+    insts = emulate.build_instances(args)
+    engines = [asyncio.create_task(i.engine.run()) for i in insts]
+    servers = [await aiohttp_server(create_app(i)) for i in insts]
+    yield [str(s.make_url("")).rstrip("/") for s in servers]
+    for e in engines:
+        e.cancel()
+    await asyncio.gather(*engines, return_exceptions=True)
+
+
+async def test_a_conversation_stays_where_its_history_is_cached(two_instances: list[str],
+                                                                aiohttp_client: Any) -> None:
+    from blockproxy.config import ProxyConfig
+    from blockproxy.front.app import Proxy
+    from loadgen import promtext
+
+    config = ProxyConfig(backends="(in process)", scrape_interval=0.0, policy="block")
+    proxy = Proxy(config, [BackendSpec(url=u, name=f"i{n}", models=("tiny",))
+                           for n, u in enumerate(two_instances)])
+    client = await aiohttp_client(proxy.make_app())
+    history: list[dict[str, str]] = [{"role": "system", "content": "Be brief. " * 300}]
+    for turn in range(6):
+        history.append({"role": "user", "content": f"question {turn} " * 50})
+        resp = await client.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": history, "max_tokens": 8, "stream": False})
+        body = await resp.json()
+        assert resp.status == 200, body
+        history.append({"role": "assistant", "content": body["choices"][0]["message"]
+                        ["content"]})
+    decisions = {name: n for name, n in (
+        (i.name, i.prefix.describe()["blocks"]) for i in proxy.view.instances.values())}
+    # every turn went to the instance holding the history: only one model has blocks
+    assert sorted(v > 0 for v in decisions.values()) == [False, True], decisions
+    hits = 0.0
+    for url in two_instances:
+        async with client.session.get(url + "/metrics") as r:
+            hits += promtext.total(await r.text(), "vllm:prefix_cache_hits_total")
+    assert hits > 0
