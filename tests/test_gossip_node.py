@@ -182,3 +182,17 @@ def test_compare_reads_gossip_metrics():
     assert out["bytes_out_per_proxy_per_s"] == 100.0 and out["bytes_out_per_request"] == 100.0
     assert out["p50_propagation_ms"] == pytest.approx(1.0)
     assert out["p99_propagation_ms"] == pytest.approx(1.98)
+
+
+def test_scraper_clears_the_cache_model_of_a_restarted_instance():
+    v = view()
+    scraper = Scraper(v, None, CollectorRegistry(), 1.0)
+    inst = v.instances["i0"]
+    inst.prefix.acquire([1, 2, 3])
+    page = ('# TYPE vllm:prompt_tokens counter\n'
+            'vllm:prompt_tokens_total{engine="0",model_name="m"} %d\n')
+    assert not scraper.restarted(inst, parse_vllm_gauges(page % 5000))
+    assert not scraper.restarted(inst, parse_vllm_gauges(page % 6000))
+    assert inst.prefix.match([1, 2, 3]) == 3
+    assert scraper.restarted(inst, parse_vllm_gauges(page % 40))
+    assert inst.prefix.match([1, 2, 3]) == 0

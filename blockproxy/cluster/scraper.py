@@ -25,13 +25,17 @@ from blockproxy.cluster.view import ClusterView
 
 log = logging.getLogger("blockproxy.scraper")
 
-GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+          "vllm:prompt_tokens_total")
+#: a counter that only a restart makes go down: the instance's prefix cache is empty then
+RESTART_COUNTER = "vllm:prompt_tokens_total"
 #: phantom size before any request has been seen
 DEFAULT_PROMPT, DEFAULT_OUTPUT = 512, 256
 
 
 def parse_vllm_gauges(text: str) -> dict[str, float]:
-    """The three gauges, summed over label sets (engines); missing ones are absent."""
+    """The three gauges and the prompt-token counter, summed over label sets (engines);
+    missing ones are absent."""
     out: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):
@@ -53,6 +57,7 @@ class Scraper:
         self.interval = interval
         self.prev_excess: dict[str, int] = {}
         self.kv_usage: dict[str, float] = {}
+        self.prompt_tokens: dict[str, float] = {}
         self.prompt_avg, self.output_avg = float(DEFAULT_PROMPT), float(DEFAULT_OUTPUT)
         self.next_rid = 0
         self.gauge = Gauge("blockproxy_phantom_requests", "Requests an instance reports that "
@@ -67,6 +72,21 @@ class Scraper:
         if count:
             self.prompt_avg = 0.7 * self.prompt_avg + 0.3 * prompts / count
             self.output_avg = 0.7 * self.output_avg + 0.3 * outputs / count
+
+    def restarted(self, inst: Instance, gauges: dict[str, float]) -> bool:
+        """Whether the instance's prompt-token counter went down since the last scrape (a
+        restart); its cache model is then cleared."""
+        count = gauges.get(RESTART_COUNTER)
+        if count is None:
+            return False
+        before = self.prompt_tokens.get(inst.name)
+        self.prompt_tokens[inst.name] = count
+        if before is not None and count < before:
+            log.info("instance %s restarted (its prompt-token counter went down): its "
+                     "prefix cache is empty", inst.name)
+            inst.prefix.clear()
+            return True
+        return False
 
     def apply(self, inst: Instance, gauges: dict[str, float]) -> int:
         """Reconcile one instance's phantoms with its gauges; returns the phantom count."""
@@ -107,5 +127,6 @@ class Scraper:
             if text is None:
                 continue
             gauges = parse_vllm_gauges(text)
+            self.restarted(inst, gauges)
             if "vllm:num_requests_running" in gauges or "vllm:num_requests_waiting" in gauges:
                 self.apply(inst, gauges)
