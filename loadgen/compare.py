@@ -59,7 +59,7 @@ from loadgen.run import (
     timestamped,
     write_json,
 )
-from loadgen.workload import RequestSpec
+from loadgen.workload import RequestSpec, prefix_reuse
 
 #: suffix of a policy name that sends the true output length as the proxy's hint
 HINT_SUFFIX = "*"
@@ -338,7 +338,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
         if capacity:
             entry["capacity"] = await _capacity(lab, policy, specs, seed, run_kwargs, capacity)
         results[policy] = entry
-    return {"seed": seed, "policies": results}
+    return {"seed": seed, "policies": results, "prefix_reuse_ceiling": prefix_reuse(specs)}
 
 
 async def compare_seeds(policies: Sequence[str], specs: Specs, seeds: Sequence[int],

@@ -160,7 +160,9 @@ def format_compare(result: dict[str, Any], label: str = "") -> str:
     blocks = []
     for run in result["runs"]:
         rows = [(policy, headline(entry)) for policy, entry in run["policies"].items()]
-        blocks.append(format_table(rows, f"{prefix}seed {run['seed']} - {units}"))
+        ceiling = run.get("prefix_reuse_ceiling")
+        reuse = f" - prefix reuse ceiling {ceiling:.1%}" if ceiling is not None else ""
+        blocks.append(format_table(rows, f"{prefix}seed {run['seed']} - {units}{reuse}"))
     if len(result["runs"]) > 1:
         rows = [(policy, s["median"]) for policy, s in result["summary"].items()]
         blocks.append(format_table(rows, f"{prefix}median across seeds "

@@ -446,6 +446,27 @@ def build_request(spec: RequestSpec, model: str = "tiny", endpoint: str = "/v1/c
     return endpoint, body, headers
 
 
+def prefix_reuse(specs: Sequence[RequestSpec]) -> float | None:
+    """The share of prompt tokens an infinite prefix cache would serve: tokens in blocks
+    (``hash_ids``) that an earlier request already had (None without blocks)."""
+    seen: set[int] = set()
+    reused = total = 0
+    for spec in sorted(specs, key=lambda s: s.arrival_s):
+        if not spec.hash_ids:
+            total += spec.prompt_tokens
+            continue
+        for k, h in enumerate(spec.hash_ids):
+            size = min(MOONCAKE_BLOCK_TOKENS,
+                       spec.prompt_tokens - k * MOONCAKE_BLOCK_TOKENS)
+            if size <= 0:
+                break
+            total += size
+            if h in seen:
+                reused += size
+            seen.add(h)
+    return reused / total if seen and total else None
+
+
 def total_tokens(specs: Iterable[RequestSpec]) -> tuple[int, int]:
     """(prompt tokens, output tokens) summed over ``specs``."""
     prompt = output = 0

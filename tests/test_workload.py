@@ -228,3 +228,13 @@ def test_sessions_from_the_command_line() -> None:
                               "10", "--num-requests", "12", "--system-tokens", "512"])
     specs = specs_from_args(args)
     assert timestamped(args) and len(specs) == 12 and specs[0].arrival_s == 0.0
+
+
+def test_prefix_reuse_counts_tokens_of_blocks_seen_before() -> None:
+    from loadgen.workload import RequestSpec, prefix_reuse
+
+    specs = [RequestSpec(1024, 1, 0.0, (1, 2)), RequestSpec(700, 1, 1.0, (1, 3)),
+             RequestSpec(100, 1, 2.0, (1,))]
+    # 1024 + 700 + 100 tokens; reused: block 1 of the second (512) and of the third (100)
+    assert prefix_reuse(specs) == (512 + 100) / (1024 + 700 + 100)
+    assert prefix_reuse([RequestSpec(10, 1, 0.0)]) is None

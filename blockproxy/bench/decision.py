@@ -6,6 +6,13 @@ what the server does per request before forwarding it: the policy's choice (for
 ``block``, one simulation per candidate), the prediction for the chosen instance, and the
 reservation (then releases it, so the load stays the same).  Reports p50/p99 in
 microseconds per policy and cluster size.
+
+The ``prefix`` section times the same with long prompts and full prefix-cache models:
+16 instances whose cache models are filled to their KV capacity with other prompts' blocks,
+prompts of 8k and 32k tokens (text, 4 characters per token) of which half share 75% of
+their blocks with what one instance caches.  ``describe`` is parsing the request body and
+describing it (hashing included), ``decision`` the dispatch with a prefix lookup per
+candidate; ``cache_model_mib`` is the memory of one instance's cache model when full.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from blockproxy.backends import BackendSpec
 from blockproxy.bench import find_lengths_file, load_lengths, make_state
 from blockproxy.cluster import ClusterView, Instance
 from blockproxy.metrics import Metrics
+from blockproxy.request import COMPLETIONS, parse_request
+from blockproxy.routing.describe import Describer
 from blockproxy.routing.dispatch import Dispatcher
 from blockproxy.routing.job import Job
+from blockproxy.routing.lengths import LengthPredictor
 from blockproxy.routing.policies import make_policy
 
 CLUSTER_SIZES = (4, 16)
@@ -77,4 +87,72 @@ def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
             per_size[str(size)] = {"p50": round(float(np.percentile(samples, 50)), 1),
                                    "p99": round(float(np.percentile(samples, 99)), 1)}
         result[policy_name] = per_size
+    result["prefix"] = bench_prefix(args, pairs, rng)
     return result
+
+
+PREFIX_PROMPT_TOKENS = (8192, 32768)
+
+
+def _filled_cluster(args: argparse.Namespace, pairs: np.ndarray, rng: np.random.Generator
+                    ) -> tuple[ClusterView, list[Instance]]:
+    view, instances = build_cluster(16, args.active, args.profile, pairs, rng)
+    for inst in instances:
+        base = int(rng.integers(1 << 40))
+        inst.prefix.acquire(range(base, base + inst.prefix.capacity))
+        inst.prefix.release(range(base, base + inst.prefix.capacity))
+    return view, instances
+
+
+def bench_prefix(args: argparse.Namespace, pairs: np.ndarray, rng: np.random.Generator
+                 ) -> dict[str, Any]:
+    import tracemalloc
+
+    import orjson
+
+    from blockproxy.cluster.prefix import PrefixCache
+
+    out: dict[str, Any] = {}
+    words = np.array([f"w{i:03d}" for i in range(1000)])
+    for tokens in PREFIX_PROMPT_TOKENS:
+        view, instances = _filled_cluster(args, pairs, rng)
+        describer = Describer(LengthPredictor())
+        dispatcher = Dispatcher(make_policy("block", random.Random(args.seed)), Metrics(view))
+        shared = " ".join(words[rng.integers(0, 1000, tokens)])  # ~4 characters a token
+        bodies = []
+        for i in range(max(args.decisions // 10, 50)):
+            if i % 2:  # a cached prefix (75%) on instance 0, a fresh tail
+                cut = len(shared) * 3 // 4
+                text = shared[:cut] + " ".join(words[rng.integers(0, 1000, tokens // 4)])
+            else:
+                text = " ".join(words[rng.integers(0, 1000, tokens)])
+            bodies.append(orjson.dumps({"model": "m", "prompt": text, "max_tokens": 256}))
+        first = describer.describe(parse_request(COMPLETIONS, bodies[1]), None, 1 << 20)
+        instances[0].prefix.acquire(first.blocks or [])
+        instances[0].prefix.release(first.blocks or [])
+        describe_s, decide_s = [], []
+        for raw in bodies:
+            start = time.perf_counter()
+            job = describer.describe(parse_request(COMPLETIONS, raw), None, 1 << 20)
+            mid = time.perf_counter()
+            entry = dispatcher.dispatch(instances, job)
+            end = time.perf_counter()
+            entry.instance.release(entry)
+            describe_s.append(mid - start)
+            decide_s.append(end - mid)
+        out[str(tokens)] = {
+            name: {"p50": round(float(np.percentile(v, 50)) * 1e6, 1),
+                   "p99": round(float(np.percentile(v, 99)) * 1e6, 1)}
+            for name, v in (("describe", describe_s), ("decision", decide_s))}
+    capacity = instances[0].prefix.capacity
+    tracemalloc.start()
+    cache = PrefixCache(capacity)
+    base = 1 << 62
+    cache.acquire(range(base, base + capacity))
+    cache.release(range(base, base + capacity))
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    out["cache_model_blocks"] = capacity
+    out["cache_model_mib"] = round(size / 2 ** 20, 2)
+    out["unit"] = "microseconds per request (16 instances, block)"
+    return out
