@@ -17,6 +17,7 @@ longest cached run of leading blocks.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 #: engine tokens one hashed block stands for when sizing the cache: ``BLOCK_BYTES`` of
@@ -29,7 +30,9 @@ class PrefixCache:
 
     def __init__(self, capacity_blocks: int) -> None:
         self.capacity = max(int(capacity_blocks), 1)
-        self._free: dict[int, None] = {}  # cached, unreferenced: oldest first
+        # cached, unreferenced: oldest first.  An OrderedDict, not a dict: popping a plain
+        # dict's first key again and again rescans the deleted slots before it (O(n) each).
+        self._free: OrderedDict[int, None] = OrderedDict()
         self._used: dict[int, int] = {}  # cached, referenced by in-flight requests
         self.evictions = 0
 
@@ -86,7 +89,7 @@ class PrefixCache:
         free = self._free
         excess = len(free) + len(self._used) - self.capacity
         while excess > 0 and free:
-            del free[next(iter(free))]
+            free.popitem(last=False)
             self.evictions += 1
             excess -= 1
 
