@@ -263,3 +263,10 @@ async def test_a_conversation_stays_where_its_history_is_cached(two_instances: l
         async with client.session.get(url + "/metrics") as r:
             hits += promtext.total(await r.text(), "vllm:prefix_cache_hits_total")
     assert hits > 0
+
+
+def test_the_cache_model_holds_what_the_kv_cache_holds_at_the_learned_ratio() -> None:
+    inst = _instances(1)[0]
+    kv = inst.limits.num_gpu_blocks * inst.limits.block_size
+    inst.release(inst.reserve_job(_job([1, 2], per_block=25.6), 0.0))
+    assert inst.prefix.capacity == int(kv / 25.6)

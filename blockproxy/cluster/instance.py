@@ -50,6 +50,7 @@ class Instance:
         self.spans = DecodeSpans(self.calibration, profile.step_time.fixed_s,
                                  profile.step_time.per_decode_seq_s)
         self.requests = RequestTable(self)
+        self.kv_tokens = self.limits.num_gpu_blocks * self.limits.block_size
         self.prefix = PrefixCache.for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
         self.healthy = True
         self.failures = 0
@@ -118,6 +119,9 @@ class Instance:
         entry = self.requests.reserve(job.prompt_tokens, job.output_tokens, now,
                                       self.cached_tokens(job))
         if job.blocks:
+            # Blocks stand for as many tokens as the model's learned ratio says: size the
+            # model in blocks of this size, so it holds what the KV cache holds.
+            self.prefix.capacity = max(int(self.kv_tokens / job.block_tokens), 1)
             self.prefix.acquire(job.blocks)
             entry.blocks = job.blocks
         return entry
