@@ -35,10 +35,13 @@ class FakeView:
     def remove_remote(self, origin, instance, rid):
         del self.rows[(origin, instance, rid)]
 
+    def add_blocks(self, instance, hashes):
+        self.blocks = getattr(self, "blocks", []) + [(instance, hashes)]
+
 
 def test_round_trip():
     ops = [[codec.DISPATCH, "i0", 1, 100, 50, 0, 0], [codec.PROGRESS, "i0", 1, 5, 1],
-           [codec.DONE, "i1", 2]]
+           [codec.DONE, "i1", 2], [codec.BLOCKS, "i0", [1, (1 << 63) - 1]]]
     out = decode(dg(payload=[3, ops]))
     assert (out.origin, out.incarnation, out.seq, out.kind) == (7, 1, 1, codec.DELTA)
     assert out.payload == [3, ops]
@@ -54,6 +57,11 @@ def test_round_trip():
     (dg(ts=NOW + 11_000), "clock"),
     (dg(payload=[1, [[codec.DISPATCH, "i0", 1, -5, 0, 0, 0]]]), "malformed"),
     (dg(payload=[1, [[9, "i0", 1]]]), "malformed"),
+    (dg(payload=[1, [[codec.BLOCKS, "i0", []]]]), "malformed"),
+    (dg(payload=[1, [[codec.BLOCKS, "i0", [-1]]]]), "malformed"),
+    (dg(payload=[1, [[codec.BLOCKS, "i0", 5]]]), "malformed"),
+    (dg(payload=[1, [[codec.BLOCKS, "i0", list(range(codec.MAX_BLOCKS_PER_OP + 1))]]]),
+     "malformed"),
     (dg(kind=5), "malformed"),
     (dg(kind=codec.SNAPSHOT, payload=[1, 2, 2, 0, []]), "malformed"),
 ])

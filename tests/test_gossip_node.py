@@ -84,6 +84,25 @@ async def test_three_views_converge(mesh):
     assert all(o == 100 for o, _, _ in remote_rows(b.view)) and not b.local
 
 
+async def test_prefix_blocks_reach_the_other_views(mesh):
+    from blockproxy.routing.job import Job
+
+    a, b, c = mesh
+    inst = a.view.instances["i0"]
+    hashes = list(range(1000, 1250))  # 250 blocks: three BLOCKS ops
+    first = inst.reserve_job(Job(8000, 50, hashes, 32.0), 0.0)
+    assert first.new_blocks == hashes
+    await eventually(lambda: b.view.instances["i0"].prefix.match(hashes) == 250
+                     and c.view.instances["i0"].prefix.match(hashes) == 250)
+    assert b.view.instances["i1"].prefix.match(hashes) == 0
+    # a second request with the same prefix sends only its new blocks
+    second = inst.reserve_job(Job(8100, 50, [*hashes, 7], 32.0), 0.0)
+    assert second.new_blocks == [7]
+    await eventually(lambda: c.view.instances["i0"].prefix.match([*hashes, 7]) == 251)
+    inst.release(first)
+    inst.release(second)
+
+
 @pytest.mark.parametrize("mesh", [0.3], indirect=True)
 async def test_converges_with_loss(mesh):
     a, b, c = mesh

@@ -116,15 +116,15 @@ class Instance:
     def reserve_job(self, job: Job, now: float) -> Entry:
         """:meth:`reserve` ``job``; its prefix blocks are cached here from now on (held
         until it ends)."""
-        entry = self.requests.reserve(job.prompt_tokens, job.output_tokens, now,
-                                      self.cached_tokens(job))
-        if job.blocks:
-            # Blocks stand for as many tokens as the model's learned ratio says: size the
-            # model in blocks of this size, so it holds what the KV cache holds.
-            self.prefix.capacity = max(int(self.kv_tokens / job.block_tokens), 1)
-            self.prefix.acquire(job.blocks)
-            entry.blocks = job.blocks
-        return entry
+        cached = self.cached_tokens(job)
+        if not job.blocks:
+            return self.requests.reserve(job.prompt_tokens, job.output_tokens, now, cached)
+        # Blocks stand for as many tokens as the model's learned ratio says: size the model
+        # in blocks of this size, so it holds what the KV cache holds.
+        self.prefix.capacity = max(int(self.kv_tokens / job.block_tokens), 1)
+        new = self.prefix.acquire(job.blocks)
+        return self.requests.reserve(job.prompt_tokens, job.output_tokens, now, cached,
+                                     job.blocks, new)
 
     def first_token(self, entry: Entry, now: float) -> None:
         """The request produced its first token: it is running."""

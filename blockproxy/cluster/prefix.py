@@ -62,13 +62,33 @@ class PrefixCache:
                 hi = mid - 1
         return lo
 
-    def acquire(self, hashes: Sequence[int]) -> None:
-        """A request dispatched here holds these blocks (cached from now on)."""
+    def acquire(self, hashes: Sequence[int]) -> list[int]:
+        """A request dispatched here holds these blocks (cached from now on); returns those
+        that were not cached before."""
         used, free = self._used, self._free
+        new = []
         for h in hashes:
             if h in free:
                 del free[h]
-            used[h] = used.get(h, 0) + 1
+                used[h] = 1
+            else:
+                count = used.get(h)
+                if count is None:
+                    new.append(h)
+                    used[h] = 1
+                else:
+                    used[h] = count + 1
+        self._evict()
+        return new
+
+    def insert(self, hashes: Sequence[int]) -> None:
+        """Blocks another proxy's request cached here: most recently used, not held (the
+        request that holds them is that proxy's to track)."""
+        used, free = self._used, self._free
+        for h in reversed(hashes):
+            if h not in used:
+                free[h] = None
+                free.move_to_end(h)
         self._evict()
 
     def release(self, hashes: Sequence[int]) -> None:

@@ -58,6 +58,8 @@ class Entry:
     rid: int = 0
     #: prefix block hashes held in the instance's cache model while in flight
     blocks: list[int] | None = None
+    #: those of ``blocks`` the cache model did not hold before this request (gossiped)
+    new_blocks: list[int] | None = None
 
 
 class RequestListener(Protocol):
@@ -86,10 +88,13 @@ class RequestTable:
 
     # ---- the proxy's own requests -------------------------------------------------------------
     def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float,
-                cached_tokens: int = 0) -> Entry:
+                cached_tokens: int = 0, blocks: list[int] | None = None,
+                new_blocks: list[int] | None = None) -> Entry:
         """Record a request dispatched here (it is waiting until its first token), of
-        whose prompt ``cached_tokens`` are probably in the prefix cache."""
+        whose prompt ``cached_tokens`` are probably in the prefix cache; ``blocks`` are its
+        prefix blocks (``new_blocks`` those not cached before), held while it runs."""
         entry = self._append(prompt_tokens, predicted_tokens, now, cached_tokens)
+        entry.blocks, entry.new_blocks = blocks, new_blocks
         if self.listener is not None:
             self.listener.reserved(entry)
         return entry

@@ -61,6 +61,12 @@ class ClusterView:
         if inst is not None:
             inst.requests.remove_remote(origin, rid)
 
+    def add_blocks(self, instance: str, hashes: list[int]) -> None:
+        """Another proxy's request cached these prefix blocks on ``instance``."""
+        inst = self.instances.get(instance)
+        if inst is not None:
+            inst.prefix.insert(hashes)
+
     def apply(self, specs: list[BackendSpec]) -> tuple[list[str], list[str], list[str]]:
         """Make the view match a backends list; returns (added, removed, changed) names.
 

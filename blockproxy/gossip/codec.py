@@ -8,8 +8,10 @@ Wire format (one UDP datagram, at most :data:`MAX_DATAGRAM` bytes)::
 
 - ``DELTA``: ``[dseq, ops]``; ``dseq`` numbers delta datagrams (gap detection) and each
   op is ``[DISPATCH, instance, rid, prompt, predicted, started, generated]``,
-  ``[PROGRESS, instance, rid, generated, started]`` or ``[DONE, instance, rid]``.
-  A delta with no ops is a heartbeat.
+  ``[PROGRESS, instance, rid, generated, started]``, ``[DONE, instance, rid]`` or
+  ``[BLOCKS, instance, [hash, ...]]``: prefix blocks newly cached on the instance by a
+  request this origin dispatched (only blocks the origin did not know there, at most
+  :data:`MAX_BLOCKS_PER_OP` per op).  A delta with no ops is a heartbeat.
 - ``SNAPSHOT``: ``[snapshot_id, part, parts, dseq, entries]``: part ``part`` of ``parts``
   of the origin's full state as of delta ``dseq``; an entry is
   ``[instance, rid, prompt, predicted, started, generated]``.
@@ -33,7 +35,9 @@ VERSION = 1
 MAX_DATAGRAM = 1200
 TAG_LEN = 32
 DELTA, SNAPSHOT, BYE = 0, 1, 2
-DISPATCH, PROGRESS, DONE = 0, 1, 2
+DISPATCH, PROGRESS, DONE, BLOCKS = 0, 1, 2, 3
+#: prefix block hashes per BLOCKS op (9 msgpack bytes each: one op stays under a datagram)
+MAX_BLOCKS_PER_OP = 100
 #: ints on the wire that become table cells must fit comfortably in int64
 MAX_COUNT = 1 << 31
 MAX_ID = (1 << 64) - 1
@@ -158,6 +162,10 @@ def _valid_delta(payload: object) -> bool:
             ok = len(op) == 5 and _name(op[1]) and _counts(op[2:])
         elif code == DONE:
             ok = len(op) == 3 and _name(op[1]) and _uint(op[2], MAX_COUNT)
+        elif code == BLOCKS:
+            ok = (len(op) == 3 and _name(op[1]) and isinstance(op[2], list)
+                  and 0 < len(op[2]) <= MAX_BLOCKS_PER_OP
+                  and all(_uint(h, MAX_ID) for h in op[2]))
         else:
             ok = False
         if not ok or type(code) is not int:

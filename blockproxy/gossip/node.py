@@ -143,6 +143,12 @@ class Gossiper:
         tracked = _Tracked(entry)
         self.local[entry.rid] = tracked
         self.pending.append((codec.DISPATCH, tracked))
+        new = entry.new_blocks
+        if new:
+            step = codec.MAX_BLOCKS_PER_OP
+            name = entry.instance.name
+            for i in range(0, len(new), step):
+                self.pending.append((codec.BLOCKS, [codec.BLOCKS, name, new[i:i + step]]))
 
     def released(self, entry: Entry) -> None:
         tracked = self.local.pop(entry.rid, None)
@@ -158,7 +164,7 @@ class Gossiper:
         """Send pending dispatches/completions and progress as delta datagrams."""
         ops: list[list[Any]] = []
         for code, item in self.pending:
-            if code == codec.DONE:
+            if code == codec.DONE or code == codec.BLOCKS:
                 ops.append(item)
             elif not item.cancelled:
                 e = item.entry

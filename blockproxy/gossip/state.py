@@ -7,7 +7,8 @@ Rules (DESIGN.md section 3):
 - a datagram whose ``seq`` was already seen from this origin and incarnation is a replay;
 - an older incarnation is stale; a newer one replaces the origin (its entries go);
 - deltas apply in ``dseq`` order; a gap stops delta application until the next complete
-  snapshot, which replaces all the origin's entries;
+  snapshot, which replaces all the origin's entries (prefix-block ops, idempotent and in
+  no snapshot, apply whatever their order);
 - an origin silent for ``expiry`` seconds is dropped with its entries.
 """
 
@@ -33,6 +34,8 @@ class Sink(Protocol):
                       predicted: int, started: int, generated: int) -> None: ...
 
     def remove_remote(self, origin: int, instance: str, rid: int) -> None: ...
+
+    def add_blocks(self, instance: str, hashes: list[int]) -> None: ...
 
 
 @dataclass
@@ -115,11 +118,16 @@ class RemoteState:
     def _delta(self, org: Origin, payload: list[object]) -> None:
         dseq, ops = payload
         assert isinstance(dseq, int) and isinstance(ops, list)
-        if org.next_dseq is None or dseq < org.next_dseq:
-            return  # waiting for a snapshot, or already covered by one
-        if dseq > org.next_dseq:
-            org.gaps += 1
-            org.next_dseq = None  # lost deltas: wait for the next full snapshot
+        if org.next_dseq is None or dseq != org.next_dseq:
+            if org.next_dseq is not None and dseq > org.next_dseq:
+                org.gaps += 1
+                org.next_dseq = None  # lost deltas: wait for the next full snapshot
+            # Out of order (waiting for a snapshot, already covered by one, or after a
+            # gap): entries wait for the snapshot, but prefix blocks, which no snapshot
+            # carries and whose insertion is idempotent, apply now.
+            for op in ops:
+                if isinstance(op, list) and op[0] == codec.BLOCKS:
+                    self._op(org, op)
             return
         org.next_dseq = dseq + 1
         for op in ops:
@@ -127,6 +135,10 @@ class RemoteState:
 
     def _op(self, org: Origin, op: list[object]) -> None:
         code, instance, rid = op[0], op[1], op[2]
+        if code == codec.BLOCKS:
+            assert isinstance(instance, str) and isinstance(rid, list)
+            self.sink.add_blocks(instance, rid)
+            return
         assert isinstance(instance, str) and isinstance(rid, int)
         key = (instance, rid)
         if code == codec.DISPATCH:
