@@ -31,6 +31,8 @@ BLOCK_BYTES = 128
 MAX_BLOCKS = 4096
 #: bytes per token id in a hashed token-id prompt
 ID_BYTES = 4
+#: bytes of a prompt that are ever hashed: the rest is not even encoded
+MAX_BYTES = MAX_BLOCKS * BLOCK_BYTES
 
 _MASK = (1 << 64) - 1
 _MIX = 0x9E3779B97F4A7C15
@@ -83,34 +85,41 @@ class PromptBlocks(NamedTuple):
 
 def _content_bytes(content: Any) -> bytes:
     if isinstance(content, str):
-        return content.encode("utf-8", "surrogatepass")
+        return content[:MAX_BYTES].encode("utf-8", "surrogatepass")
     if isinstance(content, list):  # content parts: their text, in order
         return b"".join(_content_bytes(p.get("text", "")) if isinstance(p, dict) else b""
-                        for p in content)
+                        for p in content[:MAX_BYTES])
     return b""
 
 
 def prompt_bytes(info: RequestInfo) -> tuple[bytes, bool] | None:
-    """The bytes a request's prefix is hashed over, and whether they are token ids; None
-    for what has no single prefix (a batch of prompts)."""
+    """The bytes a request's prefix is hashed over (the first :data:`MAX_BYTES` at least,
+    when there are that many), and whether they are token ids; None for what has no single
+    prefix (a batch of prompts)."""
     body = info.body
     if info.route == CHAT:
         messages = body.get("messages")
         if not isinstance(messages, list):
             return None
         parts = []
+        size = 0
         for m in messages:
+            if size >= MAX_BYTES:
+                break
             if isinstance(m, dict):
                 role = m.get("role")
-                parts.append((role if isinstance(role, str) else "").encode() + b"\x1e"
-                             + _content_bytes(m.get("content")) + b"\x1f")
+                part = ((role if isinstance(role, str) else "").encode() + b"\x1e"
+                        + _content_bytes(m.get("content")) + b"\x1f")
+                parts.append(part)
+                size += len(part)
         return b"".join(parts), False
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return prompt.encode("utf-8", "surrogatepass"), False
+        return prompt[:MAX_BYTES].encode("utf-8", "surrogatepass"), False
     if isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = array("i", (t if -(1 << 31) <= t < 1 << 31 else 0 for t in prompt))
+        ids = array("i", (t if -(1 << 31) <= t < 1 << 31 else 0
+                          for t in prompt[:MAX_BYTES // ID_BYTES]))
         return ids.tobytes(), True
     return None
 
