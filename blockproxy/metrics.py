@@ -74,6 +74,13 @@ class Metrics:
         self.length_error = Histogram(
             "blockproxy_output_length_abs_relative_error",
             "|predicted - true| / true output tokens", buckets=ERROR_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("blockproxy_dispatched_prompt_tokens_total",
+                                     "Prompt tokens of dispatched requests (estimated)",
+                                     registry=r)
+        self.cached_tokens = Counter("blockproxy_predicted_cached_tokens_total",
+                                     "Prompt tokens of dispatched requests that the chosen "
+                                     "instance was predicted to hold in its prefix cache",
+                                     registry=r)
         self.retries = Counter("blockproxy_retries_total", "Requests retried on another "
                                "instance before the first byte", ["instance"], registry=r)
         self.ejections = Counter("blockproxy_ejections_total", "Instances ejected after "

@@ -83,15 +83,21 @@ def proxy_policy(name: str) -> tuple[str, bool]:
 
 
 def parse_proxy_metrics(text: str) -> dict[str, Any]:
-    """Mean prediction errors and decisions per instance from the proxy's ``/metrics``.
+    """Mean prediction errors, decisions per instance and the predicted prefix-cache hit
+    rate (cached / dispatched prompt tokens) from the proxy's ``/metrics``.
 
     Means are ``_sum / _count`` of the absolute relative error histograms (None before any
     observation).
     """
     sums: dict[tuple[str, str], float] = {}
     decisions: dict[str, float] = {}
+    prompt = cached = 0.0
     for name, labels, value in promtext.samples(text):
-        if name == "blockproxy_decisions_total":
+        if name == "blockproxy_dispatched_prompt_tokens_total":
+            prompt += value
+        elif name == "blockproxy_predicted_cached_tokens_total":
+            cached += value
+        elif name == "blockproxy_decisions_total":
             instance = labels.get("instance", "?")
             decisions[instance] = decisions.get(instance, 0) + value
         elif name.startswith("blockproxy_prediction_abs_relative_error_"):
@@ -105,7 +111,8 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
         count = sums.get((quantity, "count"), 0.0)
         errors[quantity] = sums[(quantity, "sum")] / count if count else None
     return {"prediction_error": errors,
-            "decisions": {k: int(v) for k, v in sorted(decisions.items())}}
+            "decisions": {k: int(v) for k, v in sorted(decisions.items())},
+            "predicted_prefix_hit_rate": cached / prompt if prompt else None}
 
 
 def parse_emulator_metrics(texts: Sequence[str]) -> dict[str, Any]:

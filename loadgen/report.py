@@ -33,6 +33,7 @@ _COLUMNS = (("done", "completed", "d"), ("cut", "cut", "d"), ("fail", "failed", 
             ("mean TPOT", "mean_tpot_ms", ".1f"), ("req/s", "request_throughput", ".2f"),
             ("tok/s", "output_throughput", ".0f"), ("goodput", "request_goodput", ".2f"),
             ("capacity", "capacity", ".3g"), ("prefix hit", "prefix_hit_rate", ".1%"),
+            ("predicted hit", "predicted_prefix_hit_rate", ".1%"),
             ("err ttft", "error_ttft", ".2f"),
             ("err e2e", "error_e2e", ".2f"), ("err len", "error_output_length", ".2f"))
 _RATIOS = (("p99_ttft", "p99_ttft_ms"), ("p99_e2el", "p99_e2el_ms"))
@@ -52,6 +53,7 @@ def headline(entry: dict[str, Any]) -> dict[str, Any]:
            "request_goodput": m.get("request_goodput"),
            "capacity": cap.get("capacity") if cap else None,
            "prefix_hit_rate": entry.get("proxy", {}).get("emulator", {}).get("prefix_hit_rate"),
+           "predicted_prefix_hit_rate": entry.get("proxy", {}).get("predicted_prefix_hit_rate"),
            "error_ttft": errors.get("ttft"), "error_e2e": errors.get("e2e"),
            "error_output_length": errors.get("output_length")}
     if not _whole(m):

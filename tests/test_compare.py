@@ -68,10 +68,14 @@ def test_parse_proxy_metrics_means_and_decisions():
         'blockproxy_prediction_abs_relative_error_count{quantity="e2e"} 0.0',
         "blockproxy_output_length_abs_relative_error_sum 4.0",
         "blockproxy_output_length_abs_relative_error_count 8.0",
+        "blockproxy_dispatched_prompt_tokens_total 4000.0",
+        "blockproxy_predicted_cached_tokens_total 1000.0",
     ])
     parsed = parse_proxy_metrics(text)
     assert parsed["decisions"] == {"i0": 3, "i1": 5}
     assert parsed["prediction_error"] == {"ttft": 0.25, "e2e": None, "output_length": 0.5}
+    assert parsed["predicted_prefix_hit_rate"] == 0.25
+    assert parse_proxy_metrics("")["predicted_prefix_hit_rate"] is None
 
 
 def test_engine_limits_from_emulator_args_reach_the_backends_file():

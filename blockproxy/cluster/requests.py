@@ -60,6 +60,8 @@ class Entry:
     blocks: list[int] | None = None
     #: those of ``blocks`` the cache model did not hold before this request (gossiped)
     new_blocks: list[int] | None = None
+    #: prompt tokens predicted to be in the instance's prefix cache at dispatch
+    cached_tokens: int = 0
 
 
 class RequestListener(Protocol):
@@ -95,6 +97,7 @@ class RequestTable:
         prefix blocks (``new_blocks`` those not cached before), held while it runs."""
         entry = self._append(prompt_tokens, predicted_tokens, now, cached_tokens)
         entry.blocks, entry.new_blocks = blocks, new_blocks
+        entry.cached_tokens = cached_tokens
         if self.listener is not None:
             self.listener.reserved(entry)
         return entry

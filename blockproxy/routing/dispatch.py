@@ -40,6 +40,9 @@ class Dispatcher:
                 self.policy.name, inst.name)
         counter.inc()
         entry = inst.reserve_job(job, now)
+        self.metrics.prompt_tokens.inc(job.prompt_tokens)
+        if entry.cached_tokens:
+            self.metrics.cached_tokens.inc(entry.cached_tokens)
         entry.predicted_ttft = prediction.ttft
         entry.predicted_e2e = prediction.e2e
         return entry
