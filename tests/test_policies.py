@@ -110,3 +110,15 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would():
         assert prediction is not None
         assert prediction == full[chosen.name]
         assert prediction[1] == best
+
+
+def test_every_policy_option_is_a_proxy_flag() -> None:
+    # blockproxy serve builds a policy from the config fields its OPTIONS name
+    from blockproxy.config import ProxyConfig
+    from blockproxy.front.app import policy_options
+    from blockproxy.routing.policies import policy_class, policy_names
+
+    for name in policy_names():
+        config = ProxyConfig(backends="x", policy=name)
+        assert set(policy_options(config)) == set(policy_class(name).OPTIONS), name
+        make_policy(name, random.Random(0), **policy_options(config))
