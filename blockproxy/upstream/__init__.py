@@ -113,8 +113,8 @@ class Upstream:
         origin, path = self._split(url)
         pool = self.pool
         try:
-            conn, _ = await pool.acquire(origin.host, origin.port,
-                                         min(self.connect_timeout, timeout))
+            conn = await pool.acquire(origin.host, origin.port,
+                                      min(self.connect_timeout, timeout))
         except HttpError as exc:
             raise UpstreamError(f"{url}: {exc}") from exc
         length = len(body) if body or method not in ("GET", "HEAD") else None

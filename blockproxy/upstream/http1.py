@@ -80,12 +80,6 @@ class Connection(asyncio.Protocol):
                                      + (f" ({exc!r})" if exc else "")))
         self._wake()
 
-    def pause_writing(self) -> None:  # a request body larger than the socket buffer
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- llhttp callbacks ---------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
@@ -230,8 +224,8 @@ class Pool:
             self._watchdog = loop.call_later(self.TICK, self._tick, loop)
 
     async def acquire(self, host: str, port: int, connect_timeout: float | None = None
-                      ) -> tuple[Connection, bool]:
-        """A connection to ``host:port`` and whether it was reused."""
+                      ) -> Connection:
+        """An idle connection to ``host:port``, or a new one."""
         connect_timeout = connect_timeout or self.connect_timeout
         loop = asyncio.get_running_loop()
         idle = self._idle.get((host, port))
@@ -239,7 +233,7 @@ class Pool:
         while idle:
             conn = idle.pop()
             if not conn.closed and now - conn.idle_since < self.idle_timeout:
-                return conn, True
+                return conn
             conn.abort()
         try:
             _, proto = await asyncio.wait_for(
@@ -250,7 +244,7 @@ class Pool:
                             f"{connect_timeout:g} s") from None
         except OSError as exc:
             raise HttpError(f"connect to {host}:{port} failed: {exc!r}") from exc
-        return proto, False
+        return proto
 
     def release(self, host: str, port: int, conn: Connection) -> None:
         """Back to the pool if the response was read to the end, else aborted."""
