@@ -71,7 +71,6 @@ async def origin(aiohttp_server: Callable[..., Awaitable[TestServer]]
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     client = Upstream(connect_timeout=1.0, read_timeout=1.0)
-    await client.start()
     yield client
     await client.close()
 

@@ -108,21 +108,20 @@ class Instance:
         return self.requests.kv_headroom(self.limits.num_gpu_blocks, self.limits.block_size)
 
     # ---- what the proxy observes --------------------------------------------------------------
-    def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float,
-                cached_tokens: int = 0) -> Entry:
+    def reserve(self, prompt_tokens: int, predicted_tokens: int, now: float) -> Entry:
         """Record a request dispatched here (it is waiting until its first token)."""
-        return self.requests.reserve(prompt_tokens, predicted_tokens, now, cached_tokens)
+        return self.requests.reserve(prompt_tokens, predicted_tokens, now)
 
     def reserve_job(self, job: Job, now: float) -> Entry:
         """:meth:`reserve` ``job``; its prefix blocks are cached here from now on (held
         until it ends)."""
         cached = self.cached_tokens(job)
-        if not job.blocks:
-            return self.requests.reserve(job.prompt_tokens, job.output_tokens, now, cached)
-        # Blocks stand for as many tokens as the model's learned ratio says: size the model
-        # in blocks of this size, so it holds what the KV cache holds.
-        self.prefix.capacity = max(int(self.kv_tokens / job.block_tokens), 1)
-        new = self.prefix.acquire(job.blocks)
+        new = None
+        if job.blocks:
+            # Blocks stand for as many tokens as the model's learned ratio says: size the
+            # model in blocks of this size, so it holds what the KV cache holds.
+            self.prefix.capacity = max(int(self.kv_tokens / job.block_tokens), 1)
+            new = self.prefix.acquire(job.blocks)
         return self.requests.reserve(job.prompt_tokens, job.output_tokens, now, cached,
                                      job.blocks, new)
 

@@ -119,8 +119,8 @@ class Proxy:
         return app
 
     async def _running(self, app: web.Application) -> AsyncIterator[None]:
-        """Start the upstream client, gossip and the loops; stop them at cleanup."""
-        await self.upstream.start()
+        """Start gossip and the loops; stop them and close the upstream client at cleanup
+        (it connects on first use)."""
         if self.gossip is not None:
             await self.gossip.start()
         self.supervisor.start()

@@ -86,9 +86,6 @@ class Upstream:
         self.pool = Pool(connect_timeout)
         self._origins: dict[str, _Origin] = {}
 
-    async def start(self) -> None:
-        pass
-
     async def close(self) -> None:
         self.pool.close()
 
