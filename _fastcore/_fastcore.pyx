@@ -519,6 +519,21 @@ cdef class InstanceModelC:
 
 from libc.stdint cimport uint64_t
 
+cdef extern from *:
+    """
+    #include <string.h>
+    /* 8 bytes read as a little-endian word, whatever the host's byte order */
+    static inline uint64_t bp_load_le64(const unsigned char* p) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        w = __builtin_bswap64(w);
+    #endif
+        return w;
+    }
+    """
+    uint64_t bp_load_le64(const unsigned char* p) noexcept nogil
+
 cdef uint64_t _MIX = 0x9E3779B97F4A7C15ULL
 cdef uint64_t _SEED = 0x243F6A8885A308D3ULL
 
@@ -544,23 +559,300 @@ def prefix_hashes(const unsigned char[::1] data, Py_ssize_t block, Py_ssize_t li
     if n <= 0:
         return []
     cdef uint64_t h = _SEED
-    cdef uint64_t w
-    cdef Py_ssize_t b, i, k, off
+    cdef Py_ssize_t b, i
+    cdef Py_ssize_t words = block // 8
+    cdef const unsigned char* p = &data[0]
     cdef list out = [None] * n
     cdef uint64_t* values = <uint64_t*>realloc(NULL, n * sizeof(uint64_t))
     if values == NULL:
         raise MemoryError()
     with nogil:
         for b in range(n):
-            off = b * block
-            for i in range(0, block, 8):
-                w = 0
-                for k in range(8):
-                    w |= (<uint64_t>data[off + i + k]) << (8 * k)
-                h = (h ^ w) * _MIX
+            for i in range(words):
+                h = (h ^ bp_load_le64(p)) * _MIX
                 h ^= h >> 29
+                p += 8
             values[b] = _fmix(h) >> 1
     for b in range(n):
         out[b] = <int64_t>values[b]
     free(values)
     return out
+
+
+# ---- prefix cache model (twin: blockproxy.cluster.prefix.PrefixCachePy) -------------------
+#
+# Nodes live in parallel arrays indexed by node number; a block hash maps to its node through
+# an open-addressing table (linear probing, Fibonacci hashing, backward-shift deletion, so
+# no tombstones).  Free nodes (cached, not referenced) are chained in LRU order, oldest at
+# the head; referenced nodes are in no list.  Freed node numbers are reused from a stack.
+
+from libc.stdint cimport int32_t
+
+
+cdef class PrefixCacheC:
+    """Compiled :class:`blockproxy.cluster.prefix.PrefixCachePy`: same methods, same
+    results, same eviction order."""
+
+    cdef public Py_ssize_t capacity
+    cdef public Py_ssize_t evictions
+    cdef uint64_t* keys
+    cdef int64_t* refs      # 0: in the free (LRU) list
+    cdef int32_t* prev
+    cdef int32_t* nxt
+    cdef int32_t* spare     # stack of unused node numbers
+    cdef Py_ssize_t n_spare, n_nodes, node_cap
+    cdef int32_t* table     # node number + 1; 0 = empty slot
+    cdef Py_ssize_t table_size, table_shift, count, n_free
+    cdef int32_t head, tail
+
+    def __cinit__(self, capacity_blocks):
+        self.capacity = max(int(capacity_blocks), 1)
+        self.evictions = 0
+        self.head = self.tail = -1
+        self._grow_nodes(64)
+        self._rehash(128)
+
+    def __dealloc__(self):
+        free(self.keys); free(self.refs); free(self.prev); free(self.nxt); free(self.spare)
+        free(self.table)
+
+    cdef int _grow_nodes(self, Py_ssize_t cap) except -1:
+        cdef void* p
+        p = realloc(self.keys, cap * sizeof(uint64_t))
+        if p == NULL: raise MemoryError()
+        self.keys = <uint64_t*>p
+        p = realloc(self.refs, cap * sizeof(int64_t))
+        if p == NULL: raise MemoryError()
+        self.refs = <int64_t*>p
+        p = realloc(self.prev, cap * sizeof(int32_t))
+        if p == NULL: raise MemoryError()
+        self.prev = <int32_t*>p
+        p = realloc(self.nxt, cap * sizeof(int32_t))
+        if p == NULL: raise MemoryError()
+        self.nxt = <int32_t*>p
+        p = realloc(self.spare, cap * sizeof(int32_t))
+        if p == NULL: raise MemoryError()
+        self.spare = <int32_t*>p
+        self.node_cap = cap
+        return 0
+
+    cdef int _rehash(self, Py_ssize_t size) except -1:
+        # ``size`` is a power of two; every node in use is re-entered
+        cdef int32_t* old = self.table
+        cdef Py_ssize_t old_size = self.table_size, i
+        cdef int32_t* t = <int32_t*>realloc(NULL, size * sizeof(int32_t))
+        if t == NULL: raise MemoryError()
+        for i in range(size):
+            t[i] = 0
+        self.table = t
+        self.table_size = size
+        self.table_shift = 64
+        while (<Py_ssize_t>1 << (64 - self.table_shift)) < size:
+            self.table_shift -= 1
+        for i in range(old_size):
+            if old[i]:
+                self._place(old[i] - 1)
+        free(old)
+        return 0
+
+    cdef inline Py_ssize_t _home(self, uint64_t key) noexcept nogil:
+        return <Py_ssize_t>((key * _MIX) >> self.table_shift)
+
+    cdef inline void _place(self, int32_t node) noexcept nogil:
+        cdef Py_ssize_t mask = self.table_size - 1
+        cdef Py_ssize_t i = self._home(self.keys[node])
+        while self.table[i]:
+            i = (i + 1) & mask
+        self.table[i] = node + 1
+
+    cdef inline Py_ssize_t _slot(self, uint64_t key) noexcept nogil:
+        # the table slot holding ``key``, or -1
+        cdef Py_ssize_t mask = self.table_size - 1
+        cdef Py_ssize_t i = self._home(key)
+        cdef int32_t v
+        while True:
+            v = self.table[i]
+            if v == 0:
+                return -1
+            if self.keys[v - 1] == key:
+                return i
+            i = (i + 1) & mask
+
+    cdef inline int32_t _find(self, uint64_t key) noexcept nogil:
+        cdef Py_ssize_t s = self._slot(key)
+        return -1 if s < 0 else self.table[s] - 1
+
+    cdef void _unslot(self, Py_ssize_t i) noexcept nogil:
+        # backward-shift deletion of table slot i
+        cdef Py_ssize_t mask = self.table_size - 1
+        cdef Py_ssize_t j = i, home
+        cdef int32_t v
+        self.table[i] = 0
+        while True:
+            j = (j + 1) & mask
+            v = self.table[j]
+            if v == 0:
+                return
+            home = self._home(self.keys[v - 1])
+            # move v back to the hole at i unless its home lies cyclically in (i, j]
+            if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
+                self.table[i] = v
+                self.table[j] = 0
+                i = j
+
+    cdef int32_t _new_node(self, uint64_t key) except -2:
+        cdef int32_t node
+        if self.n_spare:
+            self.n_spare -= 1
+            node = self.spare[self.n_spare]
+        else:
+            if self.n_nodes == self.node_cap:
+                self._grow_nodes(self.node_cap * 2)
+            node = <int32_t>self.n_nodes
+            self.n_nodes += 1
+        self.keys[node] = key
+        self.refs[node] = 0
+        if (self.count + 1) * 2 > self.table_size:
+            self._rehash(self.table_size * 2)
+        self._place(node)
+        self.count += 1
+        return node
+
+    cdef void _drop_node(self, int32_t node) noexcept nogil:
+        self._unslot(self._slot(self.keys[node]))
+        self.spare[self.n_spare] = node
+        self.n_spare += 1
+        self.count -= 1
+
+    cdef inline void _link_tail(self, int32_t node) noexcept nogil:
+        self.prev[node] = self.tail
+        self.nxt[node] = -1
+        if self.tail >= 0:
+            self.nxt[self.tail] = node
+        else:
+            self.head = node
+        self.tail = node
+        self.n_free += 1
+
+    cdef inline void _unlink(self, int32_t node) noexcept nogil:
+        cdef int32_t p = self.prev[node], n = self.nxt[node]
+        if p >= 0:
+            self.nxt[p] = n
+        else:
+            self.head = n
+        if n >= 0:
+            self.prev[n] = p
+        else:
+            self.tail = p
+        self.n_free -= 1
+
+    cdef void _evict(self) noexcept nogil:
+        cdef Py_ssize_t excess = self.count - self.capacity
+        cdef int32_t node
+        while excess > 0 and self.head >= 0:
+            node = self.head
+            self._unlink(node)
+            self._drop_node(node)
+            self.evictions += 1
+            excess -= 1
+
+    def __len__(self):
+        return self.count
+
+    def __contains__(self, h):
+        return self._find(<uint64_t>h) >= 0
+
+    def match(self, hashes):
+        """How many leading blocks of ``hashes`` are cached."""
+        cdef Py_ssize_t n = len(hashes), lo, hi, mid
+        if n == 0 or self._find(<uint64_t>hashes[0]) < 0:
+            return 0
+        lo, hi = 1, n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._find(<uint64_t>hashes[mid - 1]) >= 0:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def acquire(self, hashes):
+        """A request dispatched here holds these blocks (cached from now on); returns those
+        that were not cached before."""
+        cdef list new = []
+        cdef uint64_t key
+        cdef int32_t node
+        for h in hashes:
+            key = <uint64_t>h
+            node = self._find(key)
+            if node < 0:
+                new.append(h)
+                node = self._new_node(key)
+                self.refs[node] = 1
+            elif self.refs[node] == 0:
+                self._unlink(node)
+                self.refs[node] = 1
+            else:
+                self.refs[node] += 1
+        self._evict()
+        return new
+
+    def insert(self, hashes):
+        """Blocks another proxy's request cached here: most recently used, not held."""
+        cdef Py_ssize_t i
+        cdef uint64_t key
+        cdef int32_t node
+        for i in range(len(hashes) - 1, -1, -1):
+            key = <uint64_t>hashes[i]
+            node = self._find(key)
+            if node < 0:
+                node = self._new_node(key)
+                self._link_tail(node)
+            elif self.refs[node] == 0:
+                self._unlink(node)
+                self._link_tail(node)
+        self._evict()
+
+    def release(self, hashes):
+        """The request ended: its blocks join the free queue, the last block first."""
+        cdef Py_ssize_t i
+        cdef int32_t node
+        for i in range(len(hashes) - 1, -1, -1):
+            node = self._find(<uint64_t>hashes[i])
+            if node < 0 or self.refs[node] == 0:
+                continue  # forgotten meanwhile (clear), or not held
+            self.refs[node] -= 1
+            if self.refs[node] == 0:
+                self._link_tail(node)
+        self._evict()
+
+    def clear(self):
+        """The instance restarted (or left): its cache is empty."""
+        cdef Py_ssize_t i
+        for i in range(self.table_size):
+            self.table[i] = 0
+        self.n_nodes = self.n_spare = self.count = self.n_free = 0
+        self.head = self.tail = -1
+
+    def describe(self):
+        return {"blocks": self.count, "in_use": self.count - self.n_free,
+                "capacity": self.capacity, "evictions": self.evictions}
+
+    def memory_bytes(self):
+        """Bytes the model has allocated (nodes and table)."""
+        return (self.node_cap * (sizeof(uint64_t) + sizeof(int64_t) + 3 * sizeof(int32_t))
+                + self.table_size * sizeof(int32_t))
+
+    def snapshot(self):
+        """(free blocks oldest first, {held block: references}): for the twin tests."""
+        cdef list order = []
+        cdef dict held = {}
+        cdef int32_t node = self.head
+        cdef Py_ssize_t i
+        while node >= 0:
+            order.append(<int64_t>self.keys[node])
+            node = self.nxt[node]
+        for i in range(self.table_size):
+            if self.table[i] and self.refs[self.table[i] - 1] > 0:
+                held[<int64_t>self.keys[self.table[i] - 1]] = self.refs[self.table[i] - 1]
+        return order, held

@@ -13,16 +13,20 @@ from blockproxy import profile as profiles
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster import prefix as cache_model
 from blockproxy.cluster.instance import Instance
-from blockproxy.cluster.prefix import PrefixCache
+from blockproxy.cluster.prefix import PrefixCachePy
 from blockproxy.request import CHAT, COMPLETIONS, RequestInfo, parse_request
 from blockproxy.routing import prefix
 from blockproxy.routing.job import Job
 from blockproxy.routing.policies import make_policy
 
 try:
+    from blockproxy._fastcore import PrefixCacheC
     from blockproxy._fastcore import prefix_hashes as compiled
 except ImportError:
-    compiled = None
+    compiled = PrefixCacheC = None
+
+#: the cache model's implementations: every behaviour test runs on each
+CACHES = [PrefixCachePy] + ([PrefixCacheC] if PrefixCacheC is not None else [])
 
 
 def test_the_cache_model_sizes_blocks_as_the_hasher_cuts_them() -> None:
@@ -96,7 +100,8 @@ def test_a_huge_prompt_hashes_a_bounded_number_of_blocks() -> None:
 # ---- the cache model ---------------------------------------------------------------------
 
 
-def test_lookup_finds_the_longest_cached_run_of_leading_blocks() -> None:
+@pytest.mark.parametrize("PrefixCache", CACHES)
+def test_lookup_finds_the_longest_cached_run_of_leading_blocks(PrefixCache: Any) -> None:
     cache = PrefixCache(100)
     cache.acquire([1, 2, 3, 4])
     assert cache.match([1, 2, 3, 4, 5, 6]) == 4
@@ -105,7 +110,8 @@ def test_lookup_finds_the_longest_cached_run_of_leading_blocks() -> None:
     assert cache.match([]) == 0
 
 
-def test_held_blocks_are_never_evicted_and_free_ones_go_tail_first() -> None:
+@pytest.mark.parametrize("PrefixCache", CACHES)
+def test_held_blocks_are_never_evicted_and_free_ones_go_tail_first(PrefixCache: Any) -> None:
     cache = PrefixCache(6)
     cache.acquire([1, 2, 3, 4])
     cache.acquire([10, 11, 12, 13])  # over capacity, but everything is held
@@ -121,7 +127,8 @@ def test_held_blocks_are_never_evicted_and_free_ones_go_tail_first() -> None:
     assert cache.evictions == 7  # 4, 3, then 2, 1, 13, 12, 11
 
 
-def test_shared_blocks_are_counted_per_holder() -> None:
+@pytest.mark.parametrize("PrefixCache", CACHES)
+def test_shared_blocks_are_counted_per_holder(PrefixCache: Any) -> None:
     cache = PrefixCache(3)
     cache.acquire([1, 2])
     cache.acquire([1, 2, 3])
@@ -132,6 +139,47 @@ def test_shared_blocks_are_counted_per_holder() -> None:
     assert len(cache) == 0 and cache.match([1]) == 0
     cache.release([1, 2, 3])  # a request that ends after a clear changes nothing
     assert len(cache) == 0
+
+
+@pytest.mark.skipif(PrefixCacheC is None, reason="extension not built")
+@pytest.mark.parametrize("seed", range(8))
+def test_compiled_and_twin_cache_models_agree(seed: int) -> None:
+    """Random acquire / release / insert / match / clear / resize sequences give the same
+    results and the same state (free blocks in eviction order, held blocks with their
+    counts), step by step, through table growth and node reuse."""
+    rng = random.Random(seed)
+    capacity = rng.choice([1, 5, 40, 300])
+    twin, comp = PrefixCachePy(capacity), PrefixCacheC(capacity)
+    keys = [rng.getrandbits(63) for _ in range(rng.choice([20, 200, 2000]))]
+    held: list[list[int]] = []
+    for _ in range(600):
+        op = rng.random()
+        if op < 0.35:
+            start = rng.randrange(len(keys))
+            blocks = keys[start:start + rng.randint(0, 60)]
+            assert comp.acquire(blocks) == twin.acquire(blocks)
+            held.append(blocks)
+        elif op < 0.6 and held:
+            blocks = held.pop(rng.randrange(len(held)))
+            comp.release(blocks)
+            twin.release(blocks)
+        elif op < 0.75:
+            blocks = rng.sample(keys, rng.randint(0, min(30, len(keys))))
+            comp.insert(blocks)
+            twin.insert(blocks)
+        elif op < 0.95:
+            start = rng.randrange(len(keys))
+            blocks = keys[start:start + rng.randint(0, 80)]
+            assert comp.match(blocks) == twin.match(blocks)
+        elif op < 0.98:
+            comp.capacity = twin.capacity = rng.choice([1, 5, 40, 300])
+        else:
+            comp.clear()
+            twin.clear()
+        assert comp.snapshot() == twin.snapshot()
+        assert comp.describe() == twin.describe() and len(comp) == len(twin)
+        probe = rng.choice(keys)
+        assert (probe in comp) == (probe in twin)
 
 
 # ---- instances and policies ---------------------------------------------------------------

@@ -152,6 +152,8 @@ def bench_prefix(args: argparse.Namespace, pairs: np.ndarray, rng: np.random.Gen
     cache.release(range(base, base + capacity))
     size, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    if hasattr(cache, "memory_bytes"):  # compiled: its C arrays are not traced
+        size += cache.memory_bytes()
     out["cache_model_blocks"] = capacity
     out["cache_model_mib"] = round(size / 2 ** 20, 2)
     out["unit"] = "microseconds per request (16 instances, block)"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster.calibration import DecodeSpans, SpeedCalibration
-from blockproxy.cluster.prefix import PrefixCache
+from blockproxy.cluster.prefix import cache_for_kv
 from blockproxy.cluster.requests import Entry, RequestTable
 from blockproxy.profile import EngineLimits, Profile
 
@@ -51,7 +51,7 @@ class Instance:
                                  profile.step_time.per_decode_seq_s)
         self.requests = RequestTable(self)
         self.kv_tokens = self.limits.num_gpu_blocks * self.limits.block_size
-        self.prefix = PrefixCache.for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
+        self.prefix = cache_for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
         self.healthy = True
         self.failures = 0
         self.probe_backoff = 0.0

@@ -17,16 +17,22 @@ longest cached run of leading blocks.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 #: engine tokens one hashed block stands for when sizing the cache: ``BLOCK_BYTES`` of
 #: :mod:`blockproxy.routing.prefix` at 4 bytes per token (a test keeps the two in step)
 TOKENS_PER_BLOCK = 32
 
 
-class PrefixCache:
-    """Block hashes an instance holds: in use by requests (pinned) or free (LRU order)."""
+class PrefixCachePy:
+    """Block hashes an instance holds: in use by requests (pinned) or free (LRU order).
+
+    The pure-Python twin of ``blockproxy._fastcore.PrefixCacheC`` (same results, same
+    eviction order: ``tests/test_prefix.py``); :data:`PrefixCache` is the compiled one
+    when the extension is built."""
 
     def __init__(self, capacity_blocks: int) -> None:
         self.capacity = max(int(capacity_blocks), 1)
@@ -35,11 +41,6 @@ class PrefixCache:
         self._free: OrderedDict[int, None] = OrderedDict()
         self._used: dict[int, int] = {}  # cached, referenced by in-flight requests
         self.evictions = 0
-
-    @classmethod
-    def for_kv(cls, num_gpu_blocks: int, block_size: int) -> PrefixCache:
-        """A cache the size of an instance's KV cache."""
-        return cls(num_gpu_blocks * block_size // TOKENS_PER_BLOCK)
 
     def __len__(self) -> int:
         return len(self._free) + len(self._used)
@@ -121,3 +122,22 @@ class PrefixCache:
     def describe(self) -> dict[str, int]:
         return {"blocks": len(self), "in_use": len(self._used), "capacity": self.capacity,
                 "evictions": self.evictions}
+
+    def snapshot(self) -> tuple[list[int], dict[int, int]]:
+        """(free blocks oldest first, {held block: references}): for the twin tests."""
+        return list(self._free), dict(self._used)
+
+
+PrefixCache: Any
+if os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0"):
+    PrefixCache = PrefixCachePy
+else:
+    try:
+        from blockproxy._fastcore import PrefixCacheC as PrefixCache
+    except ImportError:  # not built: the simulator switch has already warned
+        PrefixCache = PrefixCachePy
+
+
+def cache_for_kv(num_gpu_blocks: int, block_size: int) -> Any:
+    """A cache model the size of an instance's KV cache."""
+    return PrefixCache(num_gpu_blocks * block_size // TOKENS_PER_BLOCK)

@@ -10,10 +10,11 @@ not.  Ties go to the earliest predicted first token (for ``block_ttft``: the ear
 end), again within the tolerance, then to the fewest active requests, then at random, so
 proxies deciding at the same moment on the same view do not all pile onto one instance.
 
-Branch and bound: candidates are simulated from the least to the most loaded, and each
-simulation stops as soon as its clock passes the best prediction so far (plus the tie
-tolerance): an instance already slower than that cannot win, and its exact latency is
-not needed.  The choice is the same as with full simulations, at a fraction of the cost.
+Branch and bound: candidates are simulated from the most likely winner down (the longest
+cached prefix of the prompt first, then the least loaded), and each simulation stops as
+soon as its clock passes the best prediction so far (plus the tie tolerance): an instance
+already slower than that cannot win, and its exact latency is not needed.  The choice is
+the same as with full simulations, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -48,10 +49,14 @@ class BlockPolicy(Policy):
         slack = 1.0 + self.tie_tolerance
         scored = []
         best = math.inf
-        for inst in sorted(pool, key=_active) if idx == 1 else pool:
+        order = [(-inst.cached_tokens(job), inst.active, i, inst) for i, inst in enumerate(pool)]
+        if idx == 1:
+            order.sort()
+        prompt, output = job.prompt_tokens, job.output_tokens
+        for neg_cached, _, _, inst in order:
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
             bound = best * slack if idx == 1 else math.inf
-            prediction = inst.predict_job(job, bound)
+            prediction = inst.predict(prompt, -neg_cached, output, bound)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]
@@ -66,7 +71,3 @@ class BlockPolicy(Policy):
             ties = [(p, inst) for p, inst in ties if inst.active == fewest]
         prediction, chosen = ties[0] if len(ties) == 1 else self.rng.choice(ties)
         return chosen, prediction
-
-
-def _active(inst: Instance) -> int:
-    return inst.active
