@@ -133,7 +133,8 @@ if os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0"):
     PrefixCache = PrefixCachePy
 else:
     try:
-        from blockproxy._fastcore import PrefixCacheC as PrefixCache
+        from blockproxy._fastcore import PrefixCacheC
+        PrefixCache = PrefixCacheC
     except ImportError:  # not built: the simulator switch has already warned
         PrefixCache = PrefixCachePy
 
