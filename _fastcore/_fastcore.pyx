@@ -856,3 +856,20 @@ cdef class PrefixCacheC:
             if self.table[i] and self.refs[self.table[i] - 1] > 0:
                 held[<int64_t>self.keys[self.table[i] - 1]] = self.refs[self.table[i] - 1]
         return order, held
+
+
+# ---- request validation (twin: blockproxy.request.all_ints_py) -----------------------------
+
+from cpython.long cimport PyLong_Check
+from cpython.bool cimport PyBool_Check
+
+
+def all_ints(list values):
+    """Whether every item of ``values`` is an int and not a bool (token ids)."""
+    cdef Py_ssize_t i, n = len(values)
+    cdef object v
+    for i in range(n):
+        v = values[i]
+        if not PyLong_Check(v) or PyBool_Check(v):
+            return False
+    return True

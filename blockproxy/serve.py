@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -67,6 +68,10 @@ async def serve(proxy: Proxy) -> None:
     await runner.setup()  # starts the upstream client, gossip and the background loops
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     await site.start()
+    # Everything built so far (modules, profiles, the cluster view) lives as long as the
+    # process: out of the collector's sight, so a full collection, which a request body of
+    # many objects can trigger, does not walk it while streams wait.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

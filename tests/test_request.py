@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 
@@ -40,3 +42,22 @@ def test_errors_name_the_parameter(body, param):
     with pytest.raises(ApiError) as err:
         parse_request(COMPLETIONS, orjson.dumps(body))
     assert err.value.status == 400 and err.value.param == param
+
+
+def test_compiled_and_twin_token_id_checks_agree() -> None:
+    from blockproxy.request import all_ints_py
+    try:
+        from blockproxy._fastcore import all_ints as compiled
+    except ImportError:
+        pytest.skip("extension not built")
+    cases: list[list[Any]] = [[], [1, 2, 3], [1, True], [False], [1, 2.0], [1, "2"],
+                              [1 << 70, -5], [[1, 2]], [1, None], list(range(10_000))]
+    for case in cases:
+        assert compiled(case) is all_ints_py(case), case
+
+
+def test_a_token_id_prompt_with_a_bool_or_a_float_is_refused() -> None:
+    for prompt in ([1, 2, True], [1, 2.5], [[1, 2], [3, False]]):
+        with pytest.raises(ApiError) as err:
+            parse_request(COMPLETIONS, orjson.dumps({"model": "m", "prompt": prompt}))
+        assert err.value.status == 400 and err.value.param == "prompt"

@@ -23,7 +23,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from blockproxy.request import CHAT, RequestInfo
+from blockproxy.request import CHAT, RequestInfo, all_ints
 
 #: bytes per hashed block: about 32 tokens of English text, 32 token ids
 BLOCK_BYTES = 128
@@ -116,10 +116,12 @@ def prompt_bytes(info: RequestInfo) -> tuple[bytes, bool] | None:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return prompt[:MAX_BYTES].encode("utf-8", "surrogatepass"), False
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = array("i", (t if -(1 << 31) <= t < 1 << 31 else 0
-                          for t in prompt[:MAX_BYTES // ID_BYTES]))
+    if isinstance(prompt, list) and prompt and all_ints(prompt):
+        head = prompt[:MAX_BYTES // ID_BYTES]
+        try:
+            ids = array("i", head)
+        except OverflowError:  # an id out of int32 range (the engine will refuse it)
+            ids = array("i", (t if -(1 << 31) <= t < 1 << 31 else 0 for t in head))
         return ids.tobytes(), True
     return None
 
