@@ -547,10 +547,12 @@ cdef inline uint64_t _fmix(uint64_t x) noexcept nogil:
     return x
 
 
-def prefix_hashes(const unsigned char[::1] data, Py_ssize_t block, Py_ssize_t limit):
+def prefix_hashes(const unsigned char[::1] data, Py_ssize_t block, Py_ssize_t limit,
+                  parent=None):
     """Chain hashes of the first ``limit`` full ``block``-byte blocks of ``data`` (63-bit
     ints): each one covers every byte before its block's end.  ``block`` is a multiple
-    of 8; the words are read little-endian."""
+    of 8; the words are read little-endian.  Each block's hash starts from the hash of the
+    block before it (``parent`` before the first: a chain continued from there)."""
     if block <= 0 or block % 8:
         raise ValueError("block must be a positive multiple of 8")
     cdef Py_ssize_t n = data.shape[0] // block
@@ -558,7 +560,7 @@ def prefix_hashes(const unsigned char[::1] data, Py_ssize_t block, Py_ssize_t li
         n = limit
     if n <= 0:
         return []
-    cdef uint64_t h = _SEED
+    cdef uint64_t h = _SEED if parent is None else <uint64_t>parent
     cdef Py_ssize_t b, i
     cdef Py_ssize_t words = block // 8
     cdef const unsigned char* p = &data[0]
@@ -572,7 +574,8 @@ def prefix_hashes(const unsigned char[::1] data, Py_ssize_t block, Py_ssize_t li
                 h = (h ^ bp_load_le64(p)) * _MIX
                 h ^= h >> 29
                 p += 8
-            values[b] = _fmix(h) >> 1
+            h = _fmix(h) >> 1
+            values[b] = h
     for b in range(n):
         out[b] = <int64_t>values[b]
     free(values)
@@ -812,6 +815,15 @@ cdef class PrefixCacheC:
                 self._unlink(node)
                 self._link_tail(node)
         self._evict()
+
+    def remove(self, hashes):
+        """The engine evicted these blocks: forget those not held."""
+        cdef int32_t node
+        for h in hashes:
+            node = self._find(<uint64_t>h)
+            if node >= 0 and self.refs[node] == 0:
+                self._unlink(node)
+                self._drop_node(node)
 
     def release(self, hashes):
         """The request ended: its blocks join the free queue, the last block first."""

@@ -43,6 +43,17 @@ appear under ``defaults:``; an entry's own value wins):
     requests; ``standby`` gets no requests and is held for auto-provisioning.
 ``models`` (list of model ids; default: discovered from the instance's ``/v1/models``)
     Models the instance serves.  A single string means a one-element list.
+``tokenizer`` (default: none)
+    Path of the served model's ``tokenizer.json`` (or of the directory holding it): the
+    proxy then counts a completions prompt's tokens exactly and hashes the engine's own
+    token blocks (:mod:`blockproxy.routing.tokenizer`).
+``kv_events`` (default: none)
+    The instance's KV-events endpoint, ``tcp://host:port`` (or ``ipc://path`` on the same
+    host), as vLLM publishes it with ``--kv-events-config '{"enable_kv_cache_events": true,
+    "publisher": "zmq", "endpoint": "tcp://*:PORT"}'`` (vLLM binds only a wildcard, IPv6 or
+    ``ipc://`` endpoint; any other it connects to): the proxy subscribes and its model of
+    the instance's prefix cache follows the engine's (exact mode; needs ``tokenizer`` for
+    text prompts).
 
 Errors name the file, the line (YAML; TOML has none for fields) and the field, for
 example ``backends.yaml:7: backends[1].max_num_seqs: expected a positive integer, got -3``.
@@ -113,12 +124,15 @@ class BackendSpec:
     state: str = "active"
     models: tuple[str, ...] | None = None
     max_model_len: int | None = None
+    tokenizer: str | None = None
+    kv_events: str | None = None
 
 
 FIELDS = tuple(f.name for f in fields(BackendSpec))
 # url and name identify one instance, so a shared default for them makes no sense.
 DEFAULTABLE_FIELDS = tuple(f for f in FIELDS if f not in ("url", "name"))
 _TOP_LEVEL_KEYS = ("backends", "defaults")
+_ZMQ_ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}|ipc://.+")
 _INT_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size",
                "max_model_len")
 
@@ -365,6 +379,18 @@ def _check_field(key: str, value: Any) -> Any:
         if value not in STATES:
             raise ValueError(f"expected one of {', '.join(STATES)}, got {value!r}")
         return value
+    if key == "kv_events":
+        if not isinstance(value, str) or not _ZMQ_ENDPOINT.fullmatch(value.strip()):
+            raise ValueError("expected a ZeroMQ endpoint tcp://host:port or ipc://path, "
+                             f"got {value!r}")
+        return value.strip()
+    if key == "tokenizer":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"expected the path of a tokenizer.json, got {value!r}")
+        path = Path(value.strip()).expanduser()
+        if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
+            raise ValueError(f"no tokenizer.json at {value.strip()}")
+        return str(path)
     if key in ("name", "profile"):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"expected a non-empty string, got {value!r}")

@@ -32,6 +32,7 @@ from loadgen.procs import (
     wait_for,
     wait_healthy,
 )
+from loadgen.tokenizer import write_tokenizer
 
 _M = TypeVar("_M", bound="_Managed")
 #: seconds a peer router may take to list every worker once it answers
@@ -108,7 +109,7 @@ class EmulatedCluster(_Managed):
     def __init__(self, instances: int, *, profile: str, time_scale: float = 1.0,
                  speed_factors: Sequence[float] | None = None, seed: int = 0,
                  extra_args: Sequence[str] = (), instances_per_process: int = 6,
-                 log_dir: str | Path | None = None) -> None:
+                 kv_events: bool = False, log_dir: str | Path | None = None) -> None:
         if instances < 1 or instances_per_process < 1:
             raise ValueError("instances and instances_per_process must be at least 1")
         if speed_factors and len(speed_factors) not in (1, instances):
@@ -121,9 +122,18 @@ class EmulatedCluster(_Managed):
         self.seed = seed
         self.extra_args = list(extra_args)
         self.instances_per_process = instances_per_process
+        #: publish KV events (``--kv-events-port``) and describe the word tokenizer
+        self.kv_events = kv_events
+        self.event_urls: list[str] = []
 
     def _launch(self) -> tuple[list[ChildProcess], list[str]]:
-        base = free_port_range(self.instances)
+        # One range for both: the event ports follow the HTTP ports.
+        base = free_port_range(self.instances * (2 if self.kv_events else 1))
+        events = base + self.instances
+        self.event_urls = [f"tcp://{HOST}:{events + i}" for i in range(self.instances)] \
+            if self.kv_events else []
+        if self.kv_events:
+            write_tokenizer(self.log_dir / "tokenizer")
         children: list[ChildProcess] = []
         try:
             for k, first in enumerate(range(0, self.instances, self.instances_per_process)):
@@ -138,6 +148,8 @@ class EmulatedCluster(_Managed):
                         "--time-scale", repr(self.time_scale),
                         "--speed-factors", ",".join(repr(f) for f in factors),
                         "--seed", str(self.seed + 1000 * k), *self.extra_args]
+                if self.kv_events:
+                    args += ["--kv-events-port", str(events + first)]
                 children.append(ChildProcess(args, f"emulator-{base + first}", self.log_dir))
         except BaseException:
             for child in children:
@@ -149,8 +161,12 @@ class EmulatedCluster(_Managed):
         """Backends-file entries for the running instances (limits overridden by the
         emulator flags are passed on, as an operator would configure them)."""
         limits = engine_limits_from_args(self.extra_args)
-        return [{"url": url, "name": f"i{i}", "profile": self.profile, **limits}
-                for i, url in enumerate(self.urls)]
+        entries = [{"url": url, "name": f"i{i}", "profile": self.profile, **limits}
+                   for i, url in enumerate(self.urls)]
+        if self.kv_events:
+            for entry, events in zip(entries, self.event_urls):
+                entry.update(kv_events=events, tokenizer=str(self.log_dir / "tokenizer"))
+        return entries
 
 
 def engine_limits_from_args(args: Sequence[str]) -> dict[str, int]:

@@ -197,8 +197,9 @@ class Lab:
                  speed_factors: Sequence[float] | None = None,
                  emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
                  proxies: int = 1, gossip: bool = True, peer_args: Sequence[str] = (),
-                 log: Log = _stderr) -> None:
+                 kv_events: bool = False, log: Log = _stderr) -> None:
         self.instances, self.profile, self.time_scale = instances, profile, time_scale
+        self.kv_events = kv_events
         self.proxies, self.gossip = proxies, gossip
         self.speed_factors = speed_factors
         self.emulator_args, self.proxy_args = list(emulator_args), list(proxy_args)
@@ -227,7 +228,8 @@ class Lab:
         cluster = EmulatedCluster(self.instances, profile=self.profile,
                                   time_scale=self.time_scale, speed_factors=self.speed_factors,
                                   seed=seed, extra_args=[*self.emulator_args,
-                                                         "--truth", str(truth)])
+                                                         "--truth", str(truth)],
+                                  kv_events=self.kv_events and peer is None)
         async with cluster, contextlib.AsyncExitStack() as stack:
             stack.callback(shutil.rmtree, run_dir, True)
             procs: list[ProxyProcess | PeerProcess]
@@ -317,7 +319,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
                            emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
                            seed: int = 0, capacity: dict[str, Any] | None = None,
                            proxies: int = 1, gossip: bool = True,
-                           peer_args: Sequence[str] = (),
+                           peer_args: Sequence[str] = (), kv_events: bool = False,
                            log: Log = _stderr, **run_kwargs: Any) -> dict[str, Any]:
     """Run every policy on a fresh cluster + proxy with the same specs and seed.
 
@@ -331,7 +333,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
     lab = Lab(instances=instances, profile=profile, time_scale=time_scale,
               speed_factors=speed_factors, emulator_args=emulator_args,
               proxy_args=proxy_args, proxies=proxies, gossip=gossip, peer_args=peer_args,
-              log=log)
+              kv_events=kv_events, log=log)
     results: dict[str, Any] = {}
     for policy in policies:
         log(f"[seed {seed}] {policy}")
@@ -409,6 +411,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "round-robin across them")
     parser.add_argument("--no-gossip", action="store_true",
                         help="with --proxies N: no gossip, each proxy blind to the others")
+    parser.add_argument("--kv-events", action="store_true",
+                        help="the emulators publish KV events and the proxies follow them, "
+                             "with the emulator's tokenizer (exact mode); peers are not told")
     parser.add_argument("--capacity", action="store_true",
                         help="also search each policy's capacity (fresh cluster per probe)")
     add_search_arguments(parser, rate_lo=1.0, iterations=5)
@@ -420,7 +425,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
     keys = ("trace", "format", "start", "duration", "num_requests", "clip_context",
             "instances", "profile", "speed_factors", "proxy_arg", "emulator_arg", "proxies",
-            "no_gossip")
+            "no_gossip", "kv_events")
     cfg = {k: getattr(args, k) for k in keys}
     cfg.update({k: v for k, v in kwargs.items() if k != "progress"})
     cfg["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
@@ -477,7 +482,8 @@ async def _main(args: argparse.Namespace, kwargs: dict[str, Any],
         args.policies, specs_for, args.seeds or [args.seed], instances=args.instances,
         profile=args.profile, time_scale=args.time_scale, speed_factors=args.speed_factors,
         emulator_args=args.emulator_arg, proxy_args=args.proxy_arg, capacity=capacity,
-        proxies=args.proxies, gossip=not args.no_gossip, peer_args=args.peer_arg, **kwargs)
+        proxies=args.proxies, gossip=not args.no_gossip, peer_args=args.peer_arg,
+        kv_events=args.kv_events, **kwargs)
     result["config"] = _config(args, kwargs)
     return result
 

@@ -19,9 +19,11 @@ import time
 from aiohttp import web
 
 from loadgen.emulator.engine import Engine, TimingConfig
+from loadgen.emulator.kvevents import KVEventPublisher
 from loadgen.emulator.metrics import InstanceMetrics
 from loadgen.emulator.profiles import EngineLimits, Profile, load_profile
 from loadgen.emulator.server import Instance, create_app
+from loadgen.tokenizer import write_tokenizer
 from loadgen.truth import Truth
 
 DEFAULT_PROFILE = "llama-3.1-8b-h100-tp1"
@@ -64,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-ms", type=float, default=40.0,
                         help="mean stall length in ms at time-scale 1 (uniform 0.5x-1.5x)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engines' noise")
+    parser.add_argument("--kv-events-port", type=int, metavar="PORT",
+                        help="publish KV cache events as vLLM does (ZeroMQ PUB, msgpack): "
+                             "instance i on tcp://HOST:PORT+i")
+    parser.add_argument("--write-tokenizer", metavar="DIR",
+                        help="write the word tokenizer (tokenizer.json, and the chat rule as "
+                             "a template in tokenizer_config.json) into DIR, for a router "
+                             "that follows the KV events: the events carry its ids")
     parser.add_argument("--truth", metavar="FILE",
                         help="true output lengths by prompt, written by loadgen run/compare "
                              "(router-neutral; re-read when it changes; may not exist yet)")
@@ -100,7 +109,11 @@ def build_instances(args: argparse.Namespace) -> list[Instance]:
                               noise_sigma=args.noise_sigma, stall_prob=args.stall_prob,
                               stall_ms=args.stall_ms, seed=args.seed * 1_000_003 + i)
         metrics = InstanceMetrics(args.model_name)
-        engine = Engine(profile.step_time, limits, timing, metrics)
+        publisher = None
+        if getattr(args, "kv_events_port", None):
+            publisher = KVEventPublisher(f"tcp://{args.host}:{args.kv_events_port + i}",
+                                         limits.block_size)
+        engine = Engine(profile.step_time, limits, timing, metrics, publisher)
         instances.append(Instance(i, args.model_name, engine, metrics, started, truth))
     return instances
 
@@ -108,6 +121,8 @@ def build_instances(args: argparse.Namespace) -> list[Instance]:
 async def serve(args: argparse.Namespace) -> int:
     """Run the instances until SIGINT/SIGTERM."""
     instances = build_instances(args)
+    if getattr(args, "write_tokenizer", None):
+        write_tokenizer(args.write_tokenizer)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -135,6 +150,9 @@ async def serve(args: argparse.Namespace) -> int:
         # Concurrently: each runner waits up to its shutdown_timeout for open connections.
         await asyncio.gather(*(runner.cleanup() for runner in runners),
                              return_exceptions=True)
+        for inst in instances:
+            if inst.engine.publisher is not None:
+                inst.engine.publisher.close()
     return 0
 
 

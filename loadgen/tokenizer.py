@@ -20,8 +20,10 @@ fed back as a prompt (prompt + text so far) counts exactly one token per generat
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 #: Template tokens per chat message: start marker, role, end marker.
@@ -129,3 +131,63 @@ def make_prompt_from_blocks(hash_ids: Sequence[int], block_tokens: int, total_to
         tail_seed = f"loadgen-tail:{seed}:{','.join(map(str, hash_ids))}"
         words.extend(make_words(total_tokens - len(words), tail_seed))
     return " ".join(words[:total_tokens])
+
+
+# ---- the same rule as a tokenizer file ---------------------------------------------------
+# The emulator's KV events (``loadgen emulate --kv-events-port``) carry token *ids*, as
+# vLLM's do, and a router that matches them tokenizes prompts with the model's tokenizer.
+# These give the word rule ids and write it as a Hugging Face ``tokenizer.json`` (a
+# word-level model over the vocabulary, split on whitespace), so such a router can load
+# the emulator's tokenizer like any model's.  Words outside the vocabulary are ``<unk>``.
+
+#: ids 0..: the unknown word, the chat template's markers and roles, then the vocabulary
+SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<|start|>", "<|end|>", "system", "user",
+                                   "assistant", "tool")
+UNK_ID = 0
+
+
+def vocabulary_ids() -> dict[str, int]:
+    """Word -> token id of the word tokenizer."""
+    return {word: i for i, word in enumerate(SPECIAL_TOKENS + VOCABULARY)}
+
+
+_IDS = vocabulary_ids()
+
+
+def token_ids(tokens: Iterable[Token]) -> list[int]:
+    """Ids of emulator tokens: words by the vocabulary (``<unk>`` outside it), token ids
+    as they are."""
+    ids = _IDS
+    return [t if isinstance(t, int) else ids.get(t, UNK_ID) for t in tokens]
+
+
+def tokenizer_json() -> str:
+    """The word rule as the text of a ``tokenizer.json`` (``tokenizers`` library)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    tok = Tokenizer(WordLevel(vocabulary_ids(), unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return tok.to_str()
+
+
+#: the chat rule (:func:`chat_tokens`) as a Jinja chat template, for ``tokenizer_config.json``
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|start|> {{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% elif m['content'] %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'text' %}{{ p['text'] }} {% endif %}{% endfor %}{% endif %}"
+    " <|end|> {% endfor %}{% if add_generation_prompt %}<|start|> assistant{% endif %}")
+
+
+def write_tokenizer(directory: str | Path) -> Path:
+    """Write the word tokenizer as a model directory holds one (``tokenizer.json`` and a
+    ``tokenizer_config.json`` with :data:`CHAT_TEMPLATE`); returns the directory."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(tokenizer_json())
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHAT_TEMPLATE, "unk_token": "<unk>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return path

@@ -43,11 +43,17 @@ class VllmServer:
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"vllm-{self.port}.log"
+        # KV cache events on a Unix socket (vLLM binds ipc:// endpoints; a tcp:// one it
+        # would bind only as a wildcard, on every interface).
+        self.kv_events = f"ipc://{log_dir}/kv-{self.port}.sock"
+        events = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                             "endpoint": self.kv_events})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed by stop())
         # A session of its own: vLLM forks an engine-core process, and stopping the group
         # stops it too, even after the API server was SIGKILLed.
         self.popen = subprocess.Popen(
-            real_vllm.server_command(self.port, max_num_seqs), stdout=self._log,
+            real_vllm.server_command(self.port, max_num_seqs, ["--kv-events-config", events]),
+            stdout=self._log,
             stderr=subprocess.STDOUT, env={**os.environ, **real_vllm.server_env(core)},
             cwd=log_dir, start_new_session=True)
 

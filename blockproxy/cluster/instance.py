@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster.calibration import DecodeSpans, SpeedCalibration
-from blockproxy.cluster.prefix import cache_for_kv
+from blockproxy.cluster.prefix import EngineBlocks, cache_for_kv
 from blockproxy.cluster.requests import Entry, RequestTable
 from blockproxy.profile import EngineLimits, Profile
+from blockproxy.routing import tokenizer
 
 if TYPE_CHECKING:
     from blockproxy.routing.job import Job
@@ -52,6 +53,11 @@ class Instance:
         self.requests = RequestTable(self)
         self.kv_tokens = self.limits.num_gpu_blocks * self.limits.block_size
         self.prefix = cache_for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
+        #: the model's tokenizer (exact prompt tokens and engine blocks), when configured
+        self.tokenizer = tokenizer.load(spec.tokenizer) if spec.tokenizer else None
+        #: the engine's KV events drive the cache model, when it publishes them
+        self.engine_blocks = (EngineBlocks(self.prefix, 4 * self.limits.num_gpu_blocks)
+                              if spec.kv_events else None)
         self.healthy = True
         self.failures = 0
         self.probe_backoff = 0.0
@@ -165,7 +171,14 @@ class Instance:
         """Back after an ejection: it may have restarted, so its cache is assumed empty."""
         self.healthy = True
         self.failures = 0
-        self.prefix.clear()
+        self.forget_prefix()
+
+    def forget_prefix(self) -> None:
+        """The instance restarted (or came back): its prefix cache is empty."""
+        if self.engine_blocks is not None:
+            self.engine_blocks.cleared()
+        else:
+            self.prefix.clear()
 
     def describe(self) -> dict[str, Any]:
         """The instance as ``/debug/cluster`` shows it (without the proxy-wide fields)."""
@@ -179,5 +192,7 @@ class Instance:
             "predicted_queue_delay_s": probe.queue_delay,
             "calibration": {"speed": self.model.speed, "samples": self.calibration.samples},
             "limits": vars(self.limits),
-            "prefix_cache": self.prefix.describe(),
+            "prefix_cache": {**self.prefix.describe(),
+                             "mode": "kv_events" if self.engine_blocks else "model",
+                             **(self.engine_blocks.describe() if self.engine_blocks else {})},
         }

@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from blockproxy.routing.prefix import token_hashes
+
 #: engine tokens one hashed block stands for when sizing the cache: ``BLOCK_BYTES`` of
 #: :mod:`blockproxy.routing.prefix` at 4 bytes per token (a test keeps the two in step)
 TOKENS_PER_BLOCK = 32
@@ -92,6 +94,14 @@ class PrefixCachePy:
                 free.move_to_end(h)
         self._evict()
 
+    def remove(self, hashes: Sequence[int]) -> None:
+        """The engine evicted these blocks (its KV events say so): forget those not held
+        (a held block is one a dispatched request will cache again when it runs)."""
+        free = self._free
+        for h in hashes:
+            if h in free:
+                del free[h]
+
     def release(self, hashes: Sequence[int]) -> None:
         """The request ended: its blocks join the free queue, the last block first."""
         used, free = self._used, self._free
@@ -142,3 +152,61 @@ else:
 def cache_for_kv(num_gpu_blocks: int, block_size: int) -> Any:
     """A cache model the size of an instance's KV cache."""
     return PrefixCache(num_gpu_blocks * block_size // TOKENS_PER_BLOCK)
+
+
+class EngineBlocks:
+    """An instance's cache model driven by the engine's own KV events (exact mode).
+
+    vLLM reports each block it caches (``BlockStored``: its hash, its parent's, its token
+    ids) and each it evicts (``BlockRemoved``).  Its hashes cannot be computed here (a
+    per-process seed, a hash of Python objects), so each stored block is given the proxy's
+    own hash of the same token ids, chained from its parent's
+    (:func:`blockproxy.routing.prefix.token_hashes`, the hash the proxy computes for a
+    prompt it tokenized), and the engine's hash is kept to translate removals.  A block
+    whose parent is unknown (stored before the proxy subscribed, or its event was lost)
+    cannot be placed in the chain and is skipped: lookups then find less, never more.
+    """
+
+    def __init__(self, cache: Any, max_blocks: int) -> None:
+        self.cache = cache
+        #: engine hash -> the proxy's hash of the same block
+        self.own: dict[Any, int] = {}
+        #: more engine blocks than this means removals were lost: start over
+        self.max_blocks = max(max_blocks, 1)
+        self.stored_blocks = self.removed_blocks = self.orphans = self.resets = 0
+
+    def stored(self, hashes: Sequence[Any], parent: Any, token_ids: Sequence[int],
+               block_size: int) -> None:
+        if block_size <= 0 or block_size % 2 or len(token_ids) < block_size * len(hashes):
+            self.orphans += len(hashes)  # not blocks this model can hash
+            return
+        own = self.own
+        parent_own = None
+        if parent is not None:
+            parent_own = own.get(parent)
+            if parent_own is None:
+                self.orphans += len(hashes)
+                return
+        mine = token_hashes(token_ids, block_size, parent_own)[:len(hashes)]
+        for engine_hash, h in zip(hashes, mine):
+            own[engine_hash] = h
+        self.stored_blocks += len(mine)
+        self.cache.insert(mine)
+        if len(own) > self.max_blocks:
+            self.cleared()
+            self.resets += 1
+
+    def removed(self, hashes: Sequence[Any]) -> None:
+        own = self.own
+        gone = [h for h in (own.pop(e, None) for e in hashes) if h is not None]
+        self.removed_blocks += len(gone)
+        self.cache.remove(gone)
+
+    def cleared(self) -> None:
+        self.own.clear()
+        self.cache.clear()
+
+    def describe(self) -> dict[str, int]:
+        return {"engine_blocks": len(self.own), "stored": self.stored_blocks,
+                "removed": self.removed_blocks, "orphans": self.orphans,
+                "resets": self.resets}

@@ -84,7 +84,7 @@ class Scraper:
         if before is not None and count < before:
             log.info("instance %s restarted (its prompt-token counter went down): its "
                      "prefix cache is empty", inst.name)
-            inst.prefix.clear()
+            inst.forget_prefix()
             return True
         return False
 

@@ -126,6 +126,6 @@ class ClusterView:
 def _needs_rebuild(old: BackendSpec, new: BackendSpec) -> bool:
     def engine(s: BackendSpec) -> tuple[object, ...]:
         return (s.url, s.profile, s.max_num_seqs, s.max_num_batched_tokens, s.num_gpu_blocks,
-                s.block_size, s.max_model_len)
+                s.block_size, s.max_model_len, s.tokenizer, s.kv_events)
     return engine(old) != engine(new)
 

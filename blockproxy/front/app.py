@@ -32,11 +32,14 @@ from blockproxy.routing.lengths import LengthPredictor
 from blockproxy.routing.policies import make_policy, policy_class
 from blockproxy.supervise import Supervisor
 from blockproxy.upstream import Upstream
+from blockproxy.upstream.kv_events import KVEventSubscriptions
 
 log = logging.getLogger("blockproxy")
 
 #: seconds between estimates of non-streaming requests' progress
 PROGRESS_INTERVAL_S = 0.05
+#: seconds between checks that every instance publishing KV events is subscribed to
+KV_EVENTS_SYNC_S = 1.0
 
 
 def policy_options(config: ProxyConfig) -> dict[str, object]:
@@ -78,6 +81,7 @@ class Proxy:
         if config.scrape_interval > 0:
             self.scraper = Scraper(self.view, self.upstream, self.metrics.registry,
                                    config.scrape_interval)
+        self.kv_events = KVEventSubscriptions(self.view, self.metrics.registry)
         self.endpoints = Endpoints(self.view, self.gate, self.metrics, self.upstream,
                                    self.generate, self.predictor, self.rng, self.gossip,
                                    self.scraper)
@@ -96,6 +100,7 @@ class Proxy:
             sup.every("scrape", self.scraper.interval, self.scraper.scrape_once)
         if self.gossip is not None:
             sup.loop("gossip", self.gossip.run)
+        sup.every("kv_events", KV_EVENTS_SYNC_S, self.kv_events.sync)
 
     def apply_backends(self, specs: list[BackendSpec]) -> None:
         """Hot reload: make the view match a new backends list."""
@@ -124,8 +129,10 @@ class Proxy:
         if self.gossip is not None:
             await self.gossip.start()
         self.supervisor.start()
+        self.kv_events.sync()  # before the first tick: events from the start
         yield
         await self.supervisor.stop()
+        await self.kv_events.close()
         if self.gossip is not None:
             self.gossip.stop()
         await self.upstream.close()

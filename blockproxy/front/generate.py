@@ -33,9 +33,11 @@ from blockproxy.front.relay import (
 )
 from blockproxy.metrics import Metrics
 from blockproxy.request import CHAT, ApiError, RequestInfo, parse_request
+from blockproxy.routing import tokenizer
 from blockproxy.routing.describe import Describer
 from blockproxy.routing.dispatch import Dispatcher
 from blockproxy.routing.lengths import HINT_HEADER
+from blockproxy.routing.prefix import MAX_BYTES, MAX_IDS
 from blockproxy.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("blockproxy")
@@ -106,10 +108,43 @@ class GenerateHandler:
                            "ServiceUnavailableError")
         return candidates
 
+    @staticmethod
+    async def _token_ids(info: RequestInfo, inst: Instance) -> tuple[list[int] | None, bool]:
+        """The prompt's token ids when the instance is in exact mode (its tokenizer is
+        configured, or it publishes KV events) and they are known: a token-id prompt, a
+        completions prompt the tokenizer encodes, or a chat the model's template renders.
+        Also whether they are the whole prompt."""
+        tok = inst.tokenizer
+        if tok is None and inst.spec.kv_events is None:
+            return None, False
+        if info.route == CHAT:
+            if tok is None:
+                return None, False
+            try:
+                text = tok.render_chat(info.body)
+            except Exception as exc:  # a template that refuses these messages
+                log.debug("chat template of %s: %s", inst.name, exc)
+                return None, False
+            if text is None:
+                return None, False
+            whole = len(text) <= MAX_BYTES
+            return await tok.encode(text[:MAX_BYTES], special=False), whole
+        prompt = info.body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return prompt[:MAX_IDS], len(prompt) <= MAX_IDS
+        if tok is None:
+            return None, False
+        text = tokenizer.prompt_text(info)
+        if text is None:
+            return None, False
+        return await tok.encode(text), len(text) == info.prompt_chars
+
     async def _serve(self, request: web.Request, info: RequestInfo,
                      candidates: list[Instance]) -> web.StreamResponse:
         limit = min(inst.limits.max_model_len for inst in candidates)
-        job = self.describer.describe(info, request.headers.get(HINT_HEADER), limit)
+        ids, exact_count = await self._token_ids(info, candidates[0])
+        job = self.describer.describe(info, request.headers.get(HINT_HEADER), limit, ids,
+                                      candidates[0].limits.block_size, exact_count)
         tried: list[Instance] = []
         headers = self.upstream.forward_headers(request.raw_headers)
         for _ in range(self.config.max_retries + 1):

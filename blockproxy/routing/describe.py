@@ -12,7 +12,7 @@ from __future__ import annotations
 from blockproxy.request import RequestInfo
 from blockproxy.routing.job import Job
 from blockproxy.routing.lengths import LengthPredictor, parse_hint
-from blockproxy.routing.prefix import BLOCK_BYTES, ID_BYTES, prompt_blocks
+from blockproxy.routing.prefix import BLOCK_BYTES, ID_BYTES, prompt_blocks, token_hashes
 from blockproxy.routing.tokens import PromptTokenEstimator
 
 
@@ -22,13 +22,26 @@ class Describer:
         self.predictor = predictor
         self.tokens = tokens or PromptTokenEstimator()
 
-    def describe(self, info: RequestInfo, hint: str | None, max_model_len: int) -> Job:
+    def describe(self, info: RequestInfo, hint: str | None, max_model_len: int,
+                 token_ids: list[int] | None = None, block_size: int = 0,
+                 exact_count: bool = False) -> Job:
         """The job of ``info``: ``hint`` is the hint header's value (or None);
-        ``max_model_len`` the smallest context limit among the candidates."""
-        prompt_tokens = self.tokens.estimate(info.model, info.prompt_chars)
+        ``max_model_len`` the smallest context limit among the candidates.  With the
+        prompt's ``token_ids`` (from the model's tokenizer, or a token-id prompt) its
+        blocks are the engine's, ``block_size`` tokens each (exact mode), and with
+        ``exact_count`` the ids are the whole prompt, so they also give its length."""
+        if token_ids is not None and exact_count:
+            prompt_tokens = max(len(token_ids), 1)
+        else:
+            prompt_tokens = self.tokens.estimate(info.model, info.prompt_chars)
         context_left = max(max_model_len - prompt_tokens, 1)
         output = self.predictor.predict(info.model, prompt_tokens, info.max_tokens,
                                         context_left, parse_hint(hint))
+        if token_ids is not None and block_size > 0:
+            hashes = token_hashes(token_ids, block_size)
+            if not hashes:
+                return Job(prompt_tokens, output)
+            return Job(prompt_tokens, output, hashes, float(block_size))
         blocks = prompt_blocks(info)
         if blocks is None:
             return Job(prompt_tokens, output)

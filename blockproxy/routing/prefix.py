@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from blockproxy.request import CHAT, RequestInfo, all_ints
@@ -33,6 +33,8 @@ MAX_BLOCKS = 4096
 ID_BYTES = 4
 #: bytes of a prompt that are ever hashed: the rest is not even encoded
 MAX_BYTES = MAX_BLOCKS * BLOCK_BYTES
+#: token ids of a prompt that are ever hashed
+MAX_IDS = MAX_BYTES // ID_BYTES
 
 _MASK = (1 << 64) - 1
 _MIX = 0x9E3779B97F4A7C15
@@ -47,24 +49,27 @@ def _fmix(x: int) -> int:
     return x ^ (x >> 33)
 
 
-def prefix_hashes_py(data: bytes, block: int, limit: int) -> list[int]:
+def prefix_hashes_py(data: bytes, block: int, limit: int, parent: int | None = None
+                     ) -> list[int]:
     """The twin of ``blockproxy._fastcore.prefix_hashes``: chain hashes of the first
-    ``limit`` full ``block``-byte blocks of ``data``, as 63-bit ints."""
+    ``limit`` full ``block``-byte blocks of ``data``, as 63-bit ints, each block's hash
+    started from the one before it (``parent`` before the first)."""
     if block <= 0 or block % 8:
         raise ValueError("block must be a positive multiple of 8")
     n = min(len(data) // block, limit)
     words = struct.Struct(f"<{block // 8}Q")
-    h = _SEED
+    h = _SEED if parent is None else parent & _MASK
     out = []
     for b in range(n):
         for w in words.unpack_from(data, b * block):
             h = ((h ^ w) * _MIX) & _MASK
             h ^= h >> 29
-        out.append(_fmix(h) >> 1)
+        h = _fmix(h) >> 1
+        out.append(h)
     return out
 
 
-prefix_hashes: Callable[[bytes, int, int], list[int]]
+prefix_hashes: Callable[..., list[int]]
 if os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0"):
     prefix_hashes = prefix_hashes_py
 else:
@@ -134,3 +139,15 @@ def prompt_blocks(info: RequestInfo) -> PromptBlocks | None:
     data, ids = got
     hashes = prefix_hashes(data, BLOCK_BYTES, MAX_BLOCKS)
     return PromptBlocks(hashes, ids) if hashes else None
+
+
+def token_hashes(ids: Sequence[int], block_size: int, parent: int | None = None,
+                 limit: int = MAX_BLOCKS) -> list[int]:
+    """Chain hashes of the full ``block_size``-token blocks of token ids ``ids`` (the
+    engine's own blocks, when ``ids`` come from the model's tokenizer), continued from
+    ``parent``'s hash.  Ids are hashed as 4-byte ints, as token-id prompts are."""
+    try:
+        data = array("i", ids).tobytes()
+    except OverflowError:
+        data = array("i", (t if -(1 << 31) <= t < 1 << 31 else 0 for t in ids)).tobytes()
+    return prefix_hashes(data, block_size * ID_BYTES, limit, parent)

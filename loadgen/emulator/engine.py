@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from loadgen.emulator.kvevents import KVEventPublisher
 from loadgen.emulator.metrics import InstanceMetrics
 from loadgen.emulator.profiles import EngineLimits, StepTimeModel
 from loadgen.emulator.scheduler import FINISHED, EngineRequest, Scheduler, StepPlan
@@ -60,12 +61,17 @@ class Engine:
     """Scheduler + pacing loop + metrics of one instance."""
 
     def __init__(self, model: StepTimeModel, limits: EngineLimits, timing: TimingConfig,
-                 metrics: InstanceMetrics) -> None:
+                 metrics: InstanceMetrics, publisher: KVEventPublisher | None = None
+                 ) -> None:
         self.model = model
         self.limits = limits
         self.timing = timing
         self.metrics = metrics
         self.scheduler = Scheduler(limits)
+        #: KV cache events, published after each step when a publisher is given
+        self.publisher = publisher
+        if publisher is not None:
+            self.scheduler.kv.events = []
         self.steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
         self.num_steps = 0
         self.num_resyncs = 0
@@ -137,6 +143,9 @@ class Engine:
                 else:
                     self._wake_bias = max(0.0, self._wake_bias - WAKE_BIAS_STEP_S)
             self._finish_step(plan, end)
+            if self.publisher is not None and scheduler.kv.events:
+                self.publisher.publish(scheduler.kv.events)
+                scheduler.kv.events = []
             self.num_steps += 1
             if end > next_end:
                 self.lateness_s += end - next_end

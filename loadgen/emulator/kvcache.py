@@ -5,12 +5,18 @@ chain hash (hash of the previous block's hash and the block's tokens), so a late
 with the same prefix can reuse it.  Freed blocks keep their hash and go to the tail of
 the free queue; allocation takes blocks from the head, so cached blocks are evicted in
 least-recently-used order and only when free blocks are needed.
+
+With an event list (``KVCache(..., events=[])``) the cache records what vLLM's KV events
+report (``--kv-events-config``): ``("stored", hashes, parent_hash, first_block_index,
+request)`` for each run of blocks a request registers, ``("removed", hashes)`` for the
+cached blocks an allocation evicts; the engine publishes them after each step
+(:mod:`loadgen.emulator.kvevents`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class BlockOwner(Protocol):
@@ -37,7 +43,9 @@ def prompt_block_hashes(tokens: Sequence[Hashable], block_size: int) -> list[Has
 class KVCache:
     """Block allocator of one instance: reference counts, free queue, hash -> block map."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int,
+                 events: list[tuple[Any, ...]] | None = None) -> None:
+        self.events = events
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._refs = [0] * num_blocks
@@ -91,6 +99,7 @@ class KVCache:
             blocks.append(block)
         if cached_blocks:
             req.num_hashed_blocks = len(blocks)
+        removed = []
         for _ in range(needed):
             block = next(iter(free))
             del free[block]
@@ -98,9 +107,12 @@ class KVCache:
             if old_hash is not None:  # evict the least recently used cached block
                 if self._cached.get(old_hash) == block:
                     del self._cached[old_hash]
+                    removed.append(old_hash)
                 self._hash_of[block] = None
             refs[block] = 1
             blocks.append(block)
+        if removed and self.events is not None:
+            self.events.append(("removed", removed))
         self._register_full_blocks(req, num_tokens)
         return True
 
@@ -109,13 +121,29 @@ class KVCache:
         if full <= req.num_hashed_blocks:
             return
         cached = self._cached
+        events = self.events
+        run: list[Hashable] = []  # consecutive newly stored blocks, for one event
+        start = 0
         for i in range(req.num_hashed_blocks, full):
             block_hash = req.block_hashes[i]
             if block_hash not in cached:
                 block = req.blocks[i]
                 cached[block_hash] = block
                 self._hash_of[block] = block_hash
+                if events is not None:
+                    if not run:
+                        start = i
+                    run.append(block_hash)
+            elif run and events is not None:
+                events.append(self._stored(req, run, start))
+                run = []
+        if run and events is not None:
+            events.append(self._stored(req, run, start))
         req.num_hashed_blocks = full
+
+    @staticmethod
+    def _stored(req: BlockOwner, run: list[Hashable], start: int) -> tuple[Any, ...]:
+        return ("stored", run, req.block_hashes[start - 1] if start else None, start, req)
 
     def free(self, req: BlockOwner) -> None:
         """Release ``req``'s blocks; they stay cached until evicted."""

@@ -45,6 +45,7 @@ class EngineRequest:
         "num_preemptions",
         "num_prompt_tokens",
         "output_len",
+        "prompt",
         "request_id",
         "state",
         "waiter",
@@ -54,6 +55,7 @@ class EngineRequest:
                  finish_reason: str, block_size: int, arrival_time: float = 0.0) -> None:
         self.request_id = request_id
         self.num_prompt_tokens = len(prompt_tokens)
+        self.prompt = prompt_tokens  # the KV events' token ids of stored blocks
         self.block_hashes = prompt_block_hashes(prompt_tokens, block_size)
         #: tokens to generate before finishing, and the reason reported then
         self.output_len = output_len
