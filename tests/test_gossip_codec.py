@@ -29,8 +29,10 @@ class FakeView:
     def __init__(self):
         self.rows = {}
 
-    def upsert_remote(self, origin, instance, rid, prompt, predicted, started, generated):
+    def upsert_remote(self, origin, instance, rid, prompt, predicted, started, generated,
+                      cached=0):
         self.rows[(origin, instance, rid)] = (prompt, predicted, started, generated)
+        self.cached = {**getattr(self, "cached", {}), (origin, instance, rid): cached}
 
     def remove_remote(self, origin, instance, rid):
         del self.rows[(origin, instance, rid)]
@@ -199,3 +201,24 @@ def test_expiry_and_bye():
     assert view.rows == {(8, "i1", 1): (10, 5, 0, 0)}
     apply(s, 2, codec.BYE, [], origin=8)
     assert view.rows == {} and s.origins == {}
+
+
+def test_cached_prompt_tokens_travel_with_a_dispatch_and_a_snapshot():
+    """Without them another proxy would simulate a request that reuses a cached prefix as
+    a full prefill; ops of proxies that predate the field mean 0."""
+    view = FakeView()
+    s = RemoteState(view, expiry=2.0)
+    apply(s, 1, codec.SNAPSHOT,
+          [1, 0, 1, 0, [["i0", 1, 900, 5, 0, 0, 640], ["i0", 2, 9, 5, 0, 0]]])
+    assert view.cached == {(7, "i0", 1): 640, (7, "i0", 2): 0}
+    apply(s, 2, codec.DELTA, [1, [[codec.DISPATCH, "i1", 3, 700, 8, 0, 0, 512],
+                                  [codec.PROGRESS, "i1", 3, 2, 1]]])
+    assert view.cached[(7, "i1", 3)] == 512 and view.rows[(7, "i1", 3)] == (700, 8, 1, 2)
+    data = codec.encode(KEY, 7, 1, 3, 1000, codec.DELTA,
+                        [2, [[codec.DISPATCH, "i1", 4, 700, 8, 0, 0, 512]]])
+    assert codec.decode(KEY, data, now_ms=1000, window_ms=5000).payload[1][0][7] == 512
+    for bad in ([codec.DISPATCH, "i1", 4, 700, 8, 0, 0, -1],
+                [codec.DISPATCH, "i1", 4, 700, 8, 0, 0, 5, 6]):
+        with pytest.raises(codec.Rejected):
+            codec.decode(KEY, codec.encode(KEY, 7, 1, 4, 1000, codec.DELTA, [3, [bad]]),
+                         now_ms=1000, window_ms=5000)

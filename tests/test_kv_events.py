@@ -237,3 +237,25 @@ async def test_the_proxy_follows_the_emulators_cache_through_evictions() -> None
             for url in cluster.urls:
                 hits += await _metric(session, url, "vllm:prefix_cache_hits_total")
             assert predicted == hits and predicted >= 20 * BS  # the second turn hit
+
+
+async def test_chunked_tokenization_is_exact_and_reuses_the_shared_start(tmp_path: Path
+                                                                         ) -> None:
+    tok = proxy_tokenizer.load(str(words.write_tokenizer(tmp_path / "tok")))
+    assert tok.chunks.chunked
+    history = words.make_prompt(3000, seed=7)
+    for turn in range(3):
+        history += " " + words.make_prompt(200, seed=turn) + "\n"
+        assert await tok.encode(history) == list(tok.tokenizer.encode(history).ids)
+    # turns 2 and 3 found their history's chunks cached
+    assert tok.chunks.hits >= 2 * (len(words.make_prompt(3000, seed=7)) // 2100)
+
+
+def test_a_tokenizer_that_cutting_would_change_encodes_whole() -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    # no pre-tokenizer: the whole text is one piece (one <unk>), two when cut
+    tok = Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    enc = proxy_tokenizer.ChunkedEncoder(lambda t: list(tok.encode(t).ids))
+    assert not enc.chunked

@@ -187,7 +187,7 @@ class EngineBlocks:
             if parent_own is None:
                 self.orphans += len(hashes)
                 return
-        mine = token_hashes(token_ids, block_size, parent_own)[:len(hashes)]
+        mine = token_hashes(token_ids, block_size, parent_own, limit=len(hashes))
         for engine_hash, h in zip(hashes, mine):
             own[engine_hash] = h
         self.stored_blocks += len(mine)

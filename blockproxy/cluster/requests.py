@@ -157,11 +157,15 @@ class RequestTable:
 
     # ---- other proxies' requests and phantom load ---------------------------------------------
     def upsert_remote(self, origin: int, rid: int, prompt_tokens: int, predicted_tokens: int,
-                      started: int, generated: int, now: float) -> Entry:
-        """Add or update another proxy's (or a phantom) request, appended when new."""
+                      started: int, generated: int, now: float, cached_tokens: int = 0
+                      ) -> Entry:
+        """Add or update another proxy's (or a phantom) request, appended when new;
+        ``cached_tokens``: its prompt tokens the origin expects the prefix cache to serve."""
         entry = self.remote.get((origin, rid))
         if entry is None:
-            entry = self._append(prompt_tokens, predicted_tokens, now)
+            cached_tokens = max(min(cached_tokens, prompt_tokens - 1), 0)
+            entry = self._append(prompt_tokens, predicted_tokens, now, cached_tokens)
+            entry.cached_tokens = cached_tokens
             entry.origin, entry.rid = origin, rid
             self.remote[(origin, rid)] = entry
         elif entry.prompt_tokens != prompt_tokens or entry.predicted_tokens != predicted_tokens:

@@ -50,11 +50,11 @@ class ClusterView:
 
     # ---- gossip sink: other proxies' requests, by instance name -------------------------------
     def upsert_remote(self, origin: int, instance: str, rid: int, prompt: int, predicted: int,
-                      started: int, generated: int) -> None:
+                      started: int, generated: int, cached: int = 0) -> None:
         inst = self.instances.get(instance)
         if inst is not None:  # an instance this proxy does not know: nothing to simulate
             inst.requests.upsert_remote(origin, rid, prompt, predicted, started, generated,
-                                        time.perf_counter())
+                                        time.perf_counter(), cached)
 
     def remove_remote(self, origin: int, instance: str, rid: int) -> None:
         inst = self.instances.get(instance)

@@ -7,14 +7,17 @@ Wire format (one UDP datagram, at most :data:`MAX_DATAGRAM` bytes)::
 ``tag`` is the 32-byte HMAC-SHA256 of the msgpack bytes under the shared key.  Payloads:
 
 - ``DELTA``: ``[dseq, ops]``; ``dseq`` numbers delta datagrams (gap detection) and each
-  op is ``[DISPATCH, instance, rid, prompt, predicted, started, generated]``,
+  op is ``[DISPATCH, instance, rid, prompt, predicted, started, generated, cached]``
+  (``cached``: prompt tokens the origin expects the instance's prefix cache to serve;
+  absent, from proxies that predate it, means 0),
   ``[PROGRESS, instance, rid, generated, started]``, ``[DONE, instance, rid]`` or
   ``[BLOCKS, instance, [hash, ...]]``: prefix blocks newly cached on the instance by a
   request this origin dispatched (only blocks the origin did not know there, at most
   :data:`MAX_BLOCKS_PER_OP` per op).  A delta with no ops is a heartbeat.
 - ``SNAPSHOT``: ``[snapshot_id, part, parts, dseq, entries]``: part ``part`` of ``parts``
   of the origin's full state as of delta ``dseq``; an entry is
-  ``[instance, rid, prompt, predicted, started, generated]``.
+  ``[instance, rid, prompt, predicted, started, generated, cached]`` (``cached`` may be
+  absent).
 - ``BYE``: ``[]``: the origin leaves (clean shutdown); its entries go at once.
 
 :func:`decode` checks size, tag, shape and timestamp and raises :class:`Rejected` with a
@@ -157,7 +160,7 @@ def _valid_delta(payload: object) -> bool:
             return False
         code = op[0]
         if code == DISPATCH:
-            ok = len(op) == 7 and _name(op[1]) and _counts(op[2:])
+            ok = len(op) in (7, 8) and _name(op[1]) and _counts(op[2:])
         elif code == PROGRESS:
             ok = len(op) == 5 and _name(op[1]) and _counts(op[2:])
         elif code == DONE:
@@ -180,5 +183,5 @@ def _valid_snapshot(payload: object) -> bool:
     if not (_uint(snap_id, MAX_ID) and _uint(part, MAX_COUNT) and _uint(parts, MAX_COUNT)
             and _uint(dseq, MAX_ID) and part < parts and isinstance(entries, list)):
         return False
-    return all(isinstance(e, list) and len(e) == 6 and _name(e[0]) and _counts(e[1:])
+    return all(isinstance(e, list) and len(e) in (6, 7) and _name(e[0]) and _counts(e[1:])
                for e in entries)

@@ -170,7 +170,7 @@ class Gossiper:
                 e = item.entry
                 started = 1 if e.first_token_at else 0
                 ops.append([codec.DISPATCH, e.instance.name, e.rid, e.prompt_tokens,
-                            e.predicted_tokens, started, e.generated])
+                            e.predicted_tokens, started, e.generated, e.cached_tokens])
                 item.announced = True
                 item.sent_generated, item.sent_started = e.generated, started
         self.pending.clear()
@@ -194,7 +194,7 @@ class Gossiper:
         for tracked in self.local.values():
             e = tracked.entry
             rows.append([e.instance.name, e.rid, e.prompt_tokens, e.predicted_tokens,
-                         1 if e.first_token_at else 0, e.generated])
+                         1 if e.first_token_at else 0, e.generated, e.cached_tokens])
         groups = list(codec.split(rows, self._snapshot_budget))
         self.snapshot_id += 1
         for i, group in enumerate(groups):

@@ -24,14 +24,15 @@ from blockproxy.gossip.codec import Datagram, Rejected
 REPLAY_WINDOW = 4096
 
 Key = tuple[str, int]  # (instance name, request id)
-Row = list[int]  # [prompt, predicted, started, generated]
+Row = list[int]  # [prompt, predicted, started, generated, cached]
 
 
 class Sink(Protocol):
     """Where remote entries go (the cluster view)."""
 
     def upsert_remote(self, origin: int, instance: str, rid: int, prompt: int,
-                      predicted: int, started: int, generated: int) -> None: ...
+                      predicted: int, started: int, generated: int, cached: int = 0
+                      ) -> None: ...
 
     def remove_remote(self, origin: int, instance: str, rid: int) -> None: ...
 
@@ -142,13 +143,14 @@ class RemoteState:
         assert isinstance(instance, str) and isinstance(rid, int)
         key = (instance, rid)
         if code == codec.DISPATCH:
-            prompt, predicted, started, generated = op[3:]  # type: ignore[misc]
-            self._set(org, key, [prompt, predicted, started, generated])  # type: ignore[list-item]
+            prompt, predicted, started, generated = op[3:7]  # type: ignore[misc]
+            cached = op[7] if len(op) > 7 else 0
+            self._set(org, key, [prompt, predicted, started, generated, cached])  # type: ignore[list-item]
         elif code == codec.PROGRESS:
             row = org.entries.get(key)
             if row is not None:
                 generated, started = op[3], op[4]
-                self._set(org, key, [row[0], row[1], started, generated])  # type: ignore[list-item]
+                self._set(org, key, [row[0], row[1], started, generated, row[4]])  # type: ignore[list-item]
         elif code == codec.DONE and org.entries.pop(key, None) is not None:
             self.sink.remove_remote(org.origin, instance, rid)
 
@@ -179,7 +181,7 @@ class RemoteState:
     def _replace(self, org: Origin, entries: list[list[object]]) -> None:
         fresh: dict[Key, Row] = {}
         for e in entries:
-            fresh[(e[0], e[1])] = list(e[2:])  # type: ignore[index,arg-type]
+            fresh[(e[0], e[1])] = [*e[2:7], *([0] if len(e) < 7 else [])]  # type: ignore[index,arg-type,misc,list-item]
         for key in [k for k in org.entries if k not in fresh]:
             del org.entries[key]
             self.sink.remove_remote(org.origin, *key)

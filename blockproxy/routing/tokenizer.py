@@ -19,6 +19,7 @@ a few milliseconds, so prompts over :data:`INLINE_CHARS` are encoded in a worker
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import re
@@ -30,6 +31,8 @@ from blockproxy.routing.prefix import MAX_BYTES
 
 #: prompts up to this many characters are encoded on the event loop
 INLINE_CHARS = 8192
+#: characters of a cached tokenization chunk (at least; cut before the next space)
+CHUNK_CHARS = 2048
 
 
 class ModelTokenizer:
@@ -68,12 +71,124 @@ class ModelTokenizer:
     async def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; ``special``: add the tokenizer's special tokens (BOS), as
         vLLM does for completions prompts and not for rendered chats."""
-        if len(text) <= INLINE_CHARS:
-            return list(self.tokenizer.encode(text, add_special_tokens=special).ids)
-        loop = asyncio.get_running_loop()
-        enc = await loop.run_in_executor(
-            None, functools.partial(self.tokenizer.encode, text, add_special_tokens=special))
-        return list(enc.ids)
+        ids = await self.chunks.encode(text)
+        if special:
+            return self._prefix + ids + self._suffix
+        return ids
+
+    @functools.cached_property
+    def chunks(self) -> ChunkedEncoder:
+        enc = self.tokenizer.encode
+        prefix = list(enc("", add_special_tokens=True).ids)
+        self._prefix, self._suffix = prefix, []
+        probe = list(enc("a", add_special_tokens=True).ids)
+        plain = list(enc("a", add_special_tokens=False).ids)
+        if probe[:len(prefix)] == prefix and probe[len(prefix):][:len(plain)] == plain:
+            self._suffix = probe[len(prefix) + len(plain):]
+            if self._suffix and prefix[-len(self._suffix):] == self._suffix:
+                self._prefix = prefix[:-len(self._suffix)]  # "" got both
+        return ChunkedEncoder(lambda t: list(enc(t, add_special_tokens=False).ids))
+
+
+class ChunkedEncoder:
+    """Tokenization with a cache of text chunks, so a conversation's next turn tokenizes
+    only what is new.
+
+    The text is cut into chunks of at least :data:`CHUNK_CHARS` characters, each cut just
+    before a space (where word-level, byte-level BPE and most pre-tokenizers split anyway);
+    a chunk's ids are cached under the chain of the chunks before it, so the shared start
+    of two prompts is tokenized once.  Whether cutting changes anything is checked when
+    the encoder is made, on a probe text with spaces, newlines, runs of whitespace and
+    punctuation: a tokenizer for which the cut pieces differ from the whole (SentencePiece
+    models that prepend a space marker to every piece, say) encodes every prompt whole.
+    Encoding that cannot use the cache and is long runs in a worker thread.
+    """
+
+    def __init__(self, encode: Any, max_cached_ids: int = 4_000_000) -> None:
+        self._encode = encode
+        self._cache: collections.OrderedDict[Any, list[int]] = collections.OrderedDict()
+        self._cached_ids = 0
+        self.max_cached_ids = max_cached_ids
+        self.hits = self.misses = 0
+        probe = ("The quick  brown fox, jumps over\nthe lazy dog.\n\n  Again: "
+                 "1234 56789 tokens!! ") * (2 * CHUNK_CHARS // 60 + 2)
+        self.chunked = self._split_encode(probe) == encode(probe)
+        self._cache.clear()
+        self._cached_ids = 0
+
+    @staticmethod
+    def cuts(text: str) -> list[int]:
+        """End offsets of the chunks of ``text``."""
+        out = []
+        i = 0
+        while True:
+            j = text.find(" ", i + CHUNK_CHARS)
+            if j < 0:
+                out.append(len(text))
+                return out
+            out.append(j)
+            i = j
+
+    def _split_encode(self, text: str) -> list[int]:
+        keys, pieces, cached = self._plan(text)
+        return self._finish(keys, pieces, cached, [self._encode(p) for p in pieces[cached:]])
+
+    def _plan(self, text: str) -> tuple[list[Any], list[str], int]:
+        """The chunks of ``text``, their cache keys, and how many leading ones are cached."""
+        keys: list[Any] = []
+        pieces: list[str] = []
+        key: Any = None
+        start = 0
+        for end in self.cuts(text):
+            piece = text[start:end]
+            key = (key, hash(piece), end - start)
+            keys.append(key)
+            pieces.append(piece)
+            start = end
+        cached = 0
+        while cached < len(keys) and keys[cached] in self._cache:
+            cached += 1
+        return keys, pieces, cached
+
+    def _finish(self, keys: list[Any], pieces: list[str], cached: int,
+                fresh: list[list[int]]) -> list[int]:
+        ids: list[int] = []
+        for key in keys[:cached]:
+            ids.extend(self._cache[key])
+            self._cache.move_to_end(key)
+        for key, got in zip(keys[cached:], fresh):
+            ids.extend(got)
+            self._remember(key, got)
+        self.hits += cached
+        self.misses += len(fresh)
+        return ids
+
+    def _remember(self, key: Any, ids: list[int]) -> None:
+        self._cache[key] = ids
+        self._cached_ids += len(ids)
+        while self._cached_ids > self.max_cached_ids and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cached_ids -= len(old)
+
+    async def encode(self, text: str) -> list[int]:
+        if not self.chunked:
+            if len(text) <= INLINE_CHARS:
+                return list(self._encode(text))
+            return list(await asyncio.get_running_loop().run_in_executor(
+                None, self._encode, text))
+        keys, pieces, cached = self._plan(text)
+        new = pieces[cached:]
+        if sum(map(len, new)) <= INLINE_CHARS:  # a new turn's tail: short
+            fresh = [self._encode(p) for p in new]
+        else:
+            fresh = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [self._encode(p) for p in new])
+        # the cache may have changed meanwhile: re-check what is still there
+        cached2 = self._plan(text)[2]
+        if cached2 < cached:
+            return self._finish(keys, pieces, 0,
+                                [self._encode(p) for p in pieces[:cached]] + fresh)
+        return self._finish(keys, pieces, cached, fresh)
 
 
 _ITERATES_PARTS = re.compile(r"content'?\]?\s+is\s+string|for\s+\w+\s+in\s+\w+\[?['\"]?content")
