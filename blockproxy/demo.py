@@ -35,8 +35,8 @@ from blockproxy.cli import require_extra
 PREFIX_PEERS = ("sglang:cache_aware", "vllm-router:cache_aware")
 #: per workload: policies, instances, requests/sessions, rate multiplier, time scale
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "sessions": {"policies": "block,round_robin", "instances": 4, "size": 120,
-                 "rate_multiplier": 10.0, "time_scale": 6.0},
+    "sessions": {"policies": "block,round_robin", "instances": 4, "size": 60,
+                 "rate_multiplier": 30.0, "time_scale": 6.0},
     "azure": {"policies": "block,round_robin,least_requests", "instances": 4, "size": 200,
               "rate_multiplier": 40.0, "time_scale": 8.0},
 }
@@ -51,10 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="llama-3.1-8b-h100-tp1", help="GPU profile")
     parser.add_argument("--num-requests", type=int,
                         help="azure: requests replayed; sessions: sessions generated "
-                             "(default 200 / 120)")
+                             "(default 200 / 60)")
     parser.add_argument("--rate-multiplier", type=float,
                         help="replay this many times faster than the trace or generator "
-                             "(default 40 / 10)")
+                             "(default 40 / 30)")
     parser.add_argument("--time-scale", type=float,
                         help="emulated GPU slowed down this many times (so one CPU process "
                              "emulates the cluster faithfully); figures are real-GPU time "
