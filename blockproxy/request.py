@@ -6,12 +6,13 @@ Bad input raises :class:`ApiError`, which the server turns into OpenAI-shaped er
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from blockproxy.compiled import pick
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -58,13 +59,7 @@ def all_ints_py(values: list[Any]) -> bool:
     return all(isinstance(p, int) and not isinstance(p, bool) for p in values)
 
 
-all_ints: Callable[[list[Any]], bool] = all_ints_py
-if os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") in ("", "0"):
-    try:
-        from blockproxy._fastcore import all_ints as _compiled_all_ints
-        all_ints = _compiled_all_ints
-    except ImportError:  # not built: the simulator switch has already warned
-        pass
+all_ints: Callable[[list[Any]], bool] = pick("all_ints", all_ints_py)
 
 
 def _text_length(prompt: Any) -> int:

@@ -17,11 +17,11 @@ longest cached run of leading blocks.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from blockproxy.compiled import pick
 from blockproxy.routing.prefix import token_hashes
 
 #: engine tokens one hashed block stands for when sizing the cache: ``BLOCK_BYTES`` of
@@ -138,15 +138,7 @@ class PrefixCachePy:
         return list(self._free), dict(self._used)
 
 
-PrefixCache: Any
-if os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0"):
-    PrefixCache = PrefixCachePy
-else:
-    try:
-        from blockproxy._fastcore import PrefixCacheC
-        PrefixCache = PrefixCacheC
-    except ImportError:  # not built: the simulator switch has already warned
-        PrefixCache = PrefixCachePy
+PrefixCache: Any = pick("PrefixCacheC", PrefixCachePy)
 
 
 def cache_for_kv(num_gpu_blocks: int, block_size: int) -> Any:

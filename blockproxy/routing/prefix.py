@@ -17,12 +17,12 @@ processes and machines, so proxies can share them.
 
 from __future__ import annotations
 
-import os
 import struct
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from blockproxy.compiled import pick
 from blockproxy.request import CHAT, RequestInfo, all_ints
 
 #: bytes per hashed block: about 32 tokens of English text, 32 token ids
@@ -69,15 +69,7 @@ def prefix_hashes_py(data: bytes, block: int, limit: int, parent: int | None = N
     return out
 
 
-prefix_hashes: Callable[..., list[int]]
-if os.environ.get("BLOCKPROXY_NO_EXTENSIONS", "") not in ("", "0"):
-    prefix_hashes = prefix_hashes_py
-else:
-    try:
-        from blockproxy._fastcore import prefix_hashes as _compiled
-        prefix_hashes = _compiled
-    except ImportError:  # not built: the simulator switch has already warned
-        prefix_hashes = prefix_hashes_py
+prefix_hashes: Callable[..., list[int]] = pick("prefix_hashes", prefix_hashes_py)
 
 
 class PromptBlocks(NamedTuple):
