@@ -185,7 +185,11 @@ def test_interrupted_compare_stops_every_process_it_started(tmp_path: Path, sig:
         assert printed <= children
         time.sleep(0.5)  # let requests be in flight
         proc.send_signal(sig)
-        rc = proc.wait(30)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("compare still running 30 s after the signal; its log:\n"
+                        + log.read_text()[-4000:])
     finally:
         if proc.poll() is None:
             proc.kill()
