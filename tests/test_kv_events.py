@@ -259,3 +259,21 @@ def test_a_tokenizer_that_cutting_would_change_encodes_whole() -> None:
     tok = Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
     enc = proxy_tokenizer.ChunkedEncoder(lambda t: list(tok.encode(t).ids))
     assert not enc.chunked
+
+
+async def test_special_tokens_wrap_the_chunked_ids_as_the_tokenizer_adds_them(tmp_path: Path
+                                                                              ) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    d = words.write_tokenizer(tmp_path / "bos")
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.post_processor = TemplateProcessing(single="<|start|> $A <|end|>",
+                                            special_tokens=[("<|start|>", 1), ("<|end|>", 2)])
+    tok.save(str(d / "tokenizer.json"))
+    model = proxy_tokenizer.load(str(d))
+    text = words.make_prompt(1500, seed=11)
+    assert await model.encode(text) == list(tok.encode(text).ids)
+    assert (await model.encode(text))[0] == 1 and (await model.encode(text))[-1] == 2
+    assert await model.encode(text, special=False) == list(
+        tok.encode(text, add_special_tokens=False).ids)

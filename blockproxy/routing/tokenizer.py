@@ -47,6 +47,9 @@ class ModelTokenizer:
         # vLLM passes content parts as a list to templates that iterate over them, and
         # joins their text into one string for the others.
         self.parts_as_list = bool(template) and _ITERATES_PARTS.search(template or "") is not None
+        enc = tokenizer.encode
+        self._wrap = self._special_wrap(enc)
+        self.chunks = ChunkedEncoder(lambda t: list(enc(t, add_special_tokens=False).ids))
 
     def render_chat(self, body: dict[str, Any]) -> str | None:
         """The chat template applied to a request's messages (generation prompt added
@@ -71,23 +74,25 @@ class ModelTokenizer:
     async def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; ``special``: add the tokenizer's special tokens (BOS), as
         vLLM does for completions prompts and not for rendered chats."""
+        if special and self._wrap is None:  # specials that are not a plain wrap
+            return list(self.tokenizer.encode(text, add_special_tokens=True).ids)
         ids = await self.chunks.encode(text)
-        if special:
-            return self._prefix + ids + self._suffix
+        if special and self._wrap is not None:
+            return self._wrap[0] + ids + self._wrap[1]
         return ids
 
-    @functools.cached_property
-    def chunks(self) -> ChunkedEncoder:
-        enc = self.tokenizer.encode
-        prefix = list(enc("", add_special_tokens=True).ids)
-        self._prefix, self._suffix = prefix, []
+    @staticmethod
+    def _special_wrap(enc: Any) -> tuple[list[int], list[int]] | None:
+        """(ids before, ids after) that special tokens add around any text, or None when
+        the post-processor does something else."""
+        empty = list(enc("", add_special_tokens=True).ids)
         probe = list(enc("a", add_special_tokens=True).ids)
         plain = list(enc("a", add_special_tokens=False).ids)
-        if probe[:len(prefix)] == prefix and probe[len(prefix):][:len(plain)] == plain:
-            self._suffix = probe[len(prefix) + len(plain):]
-            if self._suffix and prefix[-len(self._suffix):] == self._suffix:
-                self._prefix = prefix[:-len(self._suffix)]  # "" got both
-        return ChunkedEncoder(lambda t: list(enc(t, add_special_tokens=False).ids))
+        for cut in range(len(empty) + 1):
+            before, after = empty[:cut], empty[cut:]
+            if probe == before + plain + after:
+                return before, after
+        return None
 
 
 class ChunkedEncoder:
