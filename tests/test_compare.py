@@ -171,7 +171,10 @@ def test_interrupted_compare_stops_every_process_it_started(tmp_path: Path, sig:
         proc = subprocess.Popen(
             _compare("--policies", "round_robin,block", "--num-requests", "400",
                      "--json", str(tmp_path / "never.json")),
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True,
+            # as from a terminal: a shell's background job (CI under nohup ... &) would
+            # hand SIGINT down ignored, and Python then never raises KeyboardInterrupt
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while "proxy pid" not in log.read_text():
