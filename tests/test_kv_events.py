@@ -8,6 +8,7 @@ events over ZeroMQ on loopback, and ``blockproxy serve`` following them.
 from __future__ import annotations
 
 import asyncio
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,7 @@ def test_the_continued_chain_is_the_full_chain() -> None:
     ids = list(range(7 * BS))
     full = prefix.token_hashes(ids, BS)
     assert prefix.token_hashes(ids[3 * BS:], BS, parent=full[2]) == full[3:]
-    assert prefix.prefix_hashes_py(
-        prefix.token_hashes.__globals__["array"]("i", ids).tobytes(), BS * 4, 100) == full
+    assert prefix.prefix_hashes_py(array("i", ids).tobytes(), BS * 4, 100) == full
 
 
 # ---- the emulator's side -----------------------------------------------------------------

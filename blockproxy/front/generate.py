@@ -115,8 +115,6 @@ class GenerateHandler:
         completions prompt the tokenizer encodes, or a chat the model's template renders.
         Also whether they are the whole prompt."""
         tok = inst.tokenizer
-        if tok is None and inst.spec.kv_events is None:
-            return None, False
         if info.route == CHAT:
             if tok is None:
                 return None, False
@@ -142,9 +140,12 @@ class GenerateHandler:
     async def _serve(self, request: web.Request, info: RequestInfo,
                      candidates: list[Instance]) -> web.StreamResponse:
         limit = min(inst.limits.max_model_len for inst in candidates)
-        ids, exact_count = await self._token_ids(info, candidates[0])
+        first = candidates[0]
+        ids, exact_count = None, False
+        if first.tokenizer is not None or first.spec.kv_events is not None:  # exact mode
+            ids, exact_count = await self._token_ids(info, first)
         job = self.describer.describe(info, request.headers.get(HINT_HEADER), limit, ids,
-                                      candidates[0].limits.block_size, exact_count)
+                                      first.limits.block_size, exact_count)
         tried: list[Instance] = []
         headers = self.upstream.forward_headers(request.raw_headers)
         for _ in range(self.config.max_retries + 1):

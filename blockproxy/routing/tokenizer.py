@@ -158,9 +158,14 @@ class ChunkedEncoder:
     def _finish(self, keys: list[Any], pieces: list[str], cached: int,
                 fresh: list[list[int]]) -> list[int]:
         ids: list[int] = []
-        for key in keys[:cached]:
-            ids.extend(self._cache[key])
-            self._cache.move_to_end(key)
+        for key, piece in zip(keys[:cached], pieces):
+            got = self._cache.get(key)
+            if got is None:  # evicted while the fresh pieces were encoded in a thread
+                got = self._encode(piece)
+                self._remember(key, got)
+            else:
+                self._cache.move_to_end(key)
+            ids.extend(got)
         for key, got in zip(keys[cached:], fresh):
             ids.extend(got)
             self._remember(key, got)
@@ -188,11 +193,6 @@ class ChunkedEncoder:
         else:
             fresh = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: [self._encode(p) for p in new])
-        # the cache may have changed meanwhile: re-check what is still there
-        cached2 = self._plan(text)[2]
-        if cached2 < cached:
-            return self._finish(keys, pieces, 0,
-                                [self._encode(p) for p in pieces[:cached]] + fresh)
         return self._finish(keys, pieces, cached, fresh)
 
 
