@@ -50,8 +50,17 @@ class ProxyConfig:
     max_body_bytes: int = _opt(4 * 1024 * 1024, "largest request body accepted (413 above)")
     max_retries: int = _opt(2, "other instances tried when one fails before the first byte")
     connect_timeout: float = _opt(5.0, "seconds to connect to an instance")
-    read_timeout: float = _opt(600.0, "seconds of upstream silence before giving up")
+    read_timeout: float = _opt(600.0, "seconds of upstream silence before a stream (or the "
+                                      "wait for its headers) is given up")
+    unary_timeout: float = _opt(1800.0, "seconds a non-streaming request may take in all "
+                                        "(vLLM answers it only when it is done); 504 after")
+    max_upstream_connections: int = _opt(1024, "open connections per instance at most "
+                                               "(0 = no cap); beyond, a request waits up to "
+                                               "the connect timeout for one")
     eject_after: int = _opt(3, "consecutive failures that eject an instance")
+    max_ejected_percent: float = _opt(50.0, "at most this share of the active instances is "
+                                            "ejected at once (at least one may be); when all "
+                                            "serving a model are out, all are used (panic)")
     probe_interval: float = _opt(1.0, "seconds between /health probes of ejected instances "
                                       "(doubles per failure, up to 30 s)")
     reload_interval: float = _opt(1.0, "seconds between checks of the backends file")

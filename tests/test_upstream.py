@@ -167,14 +167,15 @@ async def test_a_large_body_is_read_whole_through_flow_control(
         (200, "application/json", b"x" * (3 * 1024 * 1024))
 
 
-async def test_5xx_raises_and_4xx_passes_through(origin: tuple[str, Origin],
-                                                 upstream: Upstream) -> None:
+async def test_any_status_is_returned(origin: tuple[str, Origin], upstream: Upstream
+                                      ) -> None:
+    """What a 5xx means for the instance is the caller's to decide: the client does not
+    raise on it (the request reached the server, so it must not be retried blindly)."""
     url, _ = origin
-    with pytest.raises(UpstreamError, match="HTTP 503"):
-        await upstream.open(url + "/fail?status=503", b"{}", b"")
-    resp = await upstream.open(url + "/fail?status=400", b"{}", b"")
-    assert resp.status == 400 and await resp.read() == b"no"
-    resp.close()
+    for status in (503, 400):
+        resp = await upstream.open(url + f"/fail?status={status}", b"{}", b"")
+        assert resp.status == status and await resp.read() == b"no"
+        resp.close()
 
 
 async def test_refused_connection_raises(upstream: Upstream) -> None:
@@ -182,8 +183,9 @@ async def test_refused_connection_raises(upstream: Upstream) -> None:
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
-    with pytest.raises(UpstreamError, match="connect"):
+    with pytest.raises(UpstreamError, match="connect") as info:
         await upstream.open(f"http://127.0.0.1:{port}/v1/completions", b"{}", b"")
+    assert not info.value.sent and not info.value.local  # safe to retry elsewhere
 
 
 async def test_silence_times_out(upstream: Upstream) -> None:
@@ -192,8 +194,37 @@ async def test_silence_times_out(upstream: Upstream) -> None:
 
     server, url = await raw_server(silent)
     async with server:
-        with pytest.raises(UpstreamError, match="no data for 1 s"):
+        with pytest.raises(UpstreamError, match="no data for 1 s") as info:
             await upstream.open(url + "/v1/completions", b"{}", b"")
+        assert info.value.sent and info.value.timeout  # it may be running: never retry
+
+
+async def test_connections_per_instance_are_capped() -> None:
+    """Beyond the cap a request waits for a connection; past the connect timeout it fails
+    as not sent and local (the proxy's limit, not the instance's fault)."""
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n"
+                     b"\r\nok")
+        await writer.drain()
+
+    server, url = await raw_server(slow)
+    client = Upstream(connect_timeout=0.3, read_timeout=5.0, max_connections_per_instance=2)
+    async with server:
+        first = [asyncio.create_task(client.passthrough("GET", url + "/x", b"", b""))
+                 for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(UpstreamError, match="stayed busy") as info:
+            await client.passthrough("GET", url + "/x", b"", b"")
+        assert not info.value.sent and info.value.local
+        waiting = asyncio.create_task(client.passthrough("GET", url + "/x", b"", b""))
+        await asyncio.sleep(0.05)
+        release.set()  # the first two finish; the waiting one gets a connection
+        assert [r[2] for r in await asyncio.gather(*first, waiting)] == [b"ok"] * 3
+        assert client.pool.open == {}  # every connection closed, every slot freed
+    await client.close()
 
 
 async def test_a_body_cut_short_breaks_the_stream(upstream: Upstream) -> None:

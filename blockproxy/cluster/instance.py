@@ -153,10 +153,12 @@ class Instance:
     def record_success(self) -> None:
         self.failures = 0
 
-    def record_failure(self, now: float, eject_after: int, probe_interval: float) -> bool:
-        """Count a failure; returns True when it ejects the instance."""
+    def record_failure(self, now: float, eject_after: int, probe_interval: float,
+                       may_eject: bool = True) -> bool:
+        """Count a failure; returns True when it ejects the instance (only if
+        ``may_eject``: the cluster's cap on ejected instances allows it)."""
         self.failures += 1
-        if self.healthy and self.failures >= eject_after:
+        if self.healthy and self.failures >= eject_after and may_eject:
             self.healthy = False
             self.probe_backoff = probe_interval
             self.next_probe_at = now + probe_interval

@@ -100,8 +100,21 @@ class ClusterView:
         return added, removed, changed
 
     def candidates(self, model: str) -> list[Instance]:
-        """Instances that may take a new request for ``model`` now."""
-        return [i for i in self.instances.values() if i.accepts_new() and i.serves(model)]
+        """Instances that may take a new request for ``model`` now.  When every active
+        instance serving it is ejected, all of them (panic mode, as Envoy's: ejection
+        rests on failures that may be the clients', so never let it refuse everything)."""
+        out = [i for i in self.instances.values() if i.accepts_new() and i.serves(model)]
+        if not out:
+            out = [i for i in self.instances.values()
+                   if i.state == "active" and not i.removed and i.serves(model)]
+        return out
+
+    def may_eject(self, max_percent: float) -> bool:
+        """Whether one more instance may be ejected: at most ``max_percent`` of the active
+        instances are out at once (at least one may always be)."""
+        active = [i for i in self.instances.values() if i.state == "active" and not i.removed]
+        ejected = sum(not i.healthy for i in active)
+        return ejected + 1 <= max(1, int(len(active) * max_percent / 100))
 
     def estimate_progress(self) -> None:
         """Advance every instance's non-streaming requests along their predictions."""

@@ -20,6 +20,7 @@ from blockproxy.cluster.prober import Prober
 from blockproxy.cluster.scraper import Scraper
 from blockproxy.cluster.view import ClusterView
 from blockproxy.config import ProxyConfig
+from blockproxy.front import paths
 from blockproxy.front.endpoints import Endpoints
 from blockproxy.front.gate import Gate
 from blockproxy.front.generate import GenerateHandler
@@ -60,7 +61,8 @@ class Proxy:
         self.view.apply(specs)
         self.metrics = Metrics(self.view)
         self.gate = Gate(self.metrics.in_flight)
-        self.upstream = Upstream(config.connect_timeout, config.read_timeout)
+        self.upstream = Upstream(config.connect_timeout, config.read_timeout,
+                                 config.max_upstream_connections)
         self.predictor = LengthPredictor(quantile=config.length_quantile,
                                          default_tokens=config.default_output_tokens)
         policy = make_policy(config.policy, self.rng, **policy_options(config))
@@ -119,7 +121,9 @@ class Proxy:
         app.router.add_get("/ready", ep.ready)
         app.router.add_get("/metrics", ep.prometheus)
         app.router.add_get("/debug/cluster", ep.debug_cluster)
-        app.router.add_route("*", "/v1/{tail:.*}", ep.forward)
+        for path in paths.PASS_THROUGH:
+            app.router.add_post(path, ep.pass_through(path))
+        app.router.add_route("*", "/{tail:.*}", ep.not_found)  # last: what nothing matched
         app.cleanup_ctx.append(self._running)
         return app
 

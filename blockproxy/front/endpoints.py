@@ -1,21 +1,24 @@
 """The endpoints beside generation: models, liveness, readiness, metrics, the debug view,
-and pass-through of other ``/v1/*`` paths."""
+vLLM's other request paths passed through, and the answer to every other path."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from blockproxy import simulator
 from blockproxy.cluster.requests import LOCAL, PHANTOM
 from blockproxy.cluster.scraper import Scraper
 from blockproxy.cluster.view import ClusterView
+from blockproxy.front import paths
 from blockproxy.front.gate import Gate
-from blockproxy.front.generate import GenerateHandler, error_response
+from blockproxy.front.generate import INSTANCE_FAILURE, GenerateHandler, error_response
 from blockproxy.gossip.node import Gossiper
 from blockproxy.metrics import Metrics
 from blockproxy.request import ApiError
@@ -77,31 +80,95 @@ class Endpoints:
         return web.Response(body=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
                             content_type="application/json")
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
-        """Any other ``/v1/*`` path: forward unchanged to an instance serving the model."""
-        raw = await request.read()
-        model = None
-        if raw:
-            try:
-                body = orjson.loads(raw)
-                model = body.get("model") if isinstance(body, dict) else None
-            except orjson.JSONDecodeError:
-                model = None
+    def pass_through(self, path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """The handler of one of vLLM's other request paths (:data:`paths.PASS_THROUGH`):
+        forwarded unchanged to ``path`` on one instance serving the body's model."""
+        async def handle(request: web.Request) -> web.Response:
+            with self.gate.inside():
+                try:
+                    return await self._pass(request, path)
+                except ApiError as err:
+                    return error_response(err)
+        return handle
+
+    async def _pass(self, request: web.Request, path: str) -> web.Response:
+        cfg = self.generate.config
+        if self.gate.draining:
+            raise ApiError(503, "the proxy is shutting down", "ServiceUnavailableError")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"request body larger than {cfg.max_body_bytes} bytes",
+                           "RequestEntityTooLarge") from None
+        try:
+            body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, "`model` must be a string", param="model")
+        if model is not None and not self.view.knows_model(model):
+            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError",
+                           "model")
         pool = [i for i in self.view.instances.values() if i.accepts_new()
                 and (model is None or i.serves(model))]
         if not pool:
-            return error_response(ApiError(503, "no healthy instance for this request",
-                                           "ServiceUnavailableError"))
-        inst = self.rng.choice(pool)
+            raise ApiError(503, "no healthy instance for this request",
+                           "ServiceUnavailableError")
+        self.rng.shuffle(pool)
+        pool.sort(key=lambda i: i.active)  # the least busy, ties at random
+        target = path + ("?" + request.query_string if request.query_string else "")
+        headers = self.upstream.forward_headers(request.raw_headers)
+        for inst in pool[:cfg.max_retries + 1]:
+            try:
+                status, ctype, payload = await self.upstream.passthrough(
+                    "POST", inst.url + target, raw, headers, cfg.unary_timeout)
+            except UpstreamError as exc:
+                if not exc.sent:  # never reached the instance: try another
+                    if not exc.local:
+                        self.generate.failed(inst, exc)
+                    continue
+                if exc.timeout:
+                    raise ApiError(504, f"instance {inst.name} did not answer within "
+                                   f"{cfg.unary_timeout:g} s", "GatewayTimeoutError") from None
+                self.generate.failed(inst, exc)
+                raise ApiError(502, f"instance {inst.name} failed after the request was "
+                               "sent (not retried)", "BadGatewayError") from None
+            if status in INSTANCE_FAILURE:
+                self.generate.failed(inst, UpstreamError(f"HTTP {status}"))
+            elif status < 500:
+                inst.record_success()
+            return web.Response(status=status, body=payload,
+                                content_type=ctype or "application/json")
+        raise ApiError(502, "no instance could serve the request", "BadGatewayError")
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        """Every path that is not a route as written: read as nginx reads it (decoded,
+        ``//`` merged, dot segments resolved) and served by the route it names, else 404
+        (405 for a route asked with the wrong method)."""
+        raw_path = request.raw_path.split("?", 1)[0]
         try:
-            status, ctype, payload = await self.upstream.passthrough(
-                request.method, inst.url + request.path_qs, raw,
-                self.upstream.forward_headers(request.raw_headers))
-        except UpstreamError as exc:
-            self.generate.failed(inst, exc)
-            return error_response(ApiError(502, f"instance {inst.name} failed: {exc}",
-                                           "BadGatewayError"))
-        return web.Response(status=status, body=payload, content_type=ctype)
+            norm = paths.normalise(raw_path)
+        except UnicodeDecodeError:
+            norm = None
+        if norm is None:
+            return error_response(ApiError(400, "the request path is malformed or climbs "
+                                           "above the root"))
+        allow = paths.allowed_methods(norm)
+        if allow is not None and request.method == allow and norm != raw_path:
+            clone = request.clone(rel_url=URL.build(path=norm,
+                                                    query_string=request.query_string))
+            match = await request.app.router.resolve(clone)
+            if match.handler is not self.not_found:
+                return await match.handler(clone)
+        if allow is not None:
+            return web.Response(status=405, headers={"Allow": allow},
+                                body=ApiError(405, f"{request.method} is not allowed on "
+                                              f"{norm}; use {allow}",
+                                              "MethodNotAllowed").body(),
+                                content_type="application/json")
+        return error_response(ApiError(404, f"no route for {request.method} {norm}",
+                                       "NotFoundError"))
 
 
 def _origin_name(origin: int) -> str:

@@ -42,6 +42,10 @@ from blockproxy.upstream import Upstream, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("blockproxy")
 
+#: statuses that say the instance (or what fronts it) is failing, not the request: they
+#: count towards ejection.  Every 5xx is passed to the client, none is retried.
+INSTANCE_FAILURE = frozenset({502, 503, 504})
+
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
@@ -148,6 +152,9 @@ class GenerateHandler:
                                       first.limits.block_size, exact_count)
         tried: list[Instance] = []
         headers = self.upstream.forward_headers(request.raw_headers)
+        # A stream may wait for its headers (and then each chunk) up to the read timeout;
+        # vLLM answers a unary request only when it is done, so that has a deadline.
+        timeout = self.config.read_timeout if info.stream else self.config.unary_timeout
         for _ in range(self.config.max_retries + 1):
             pool = [c for c in candidates if c not in tried and c.accepts_new()] or \
                 [c for c in self.view.candidates(info.model) if c not in tried]
@@ -157,51 +164,82 @@ class GenerateHandler:
             entry.observed = info.stream
             inst = entry.instance
             tried.append(inst)
+            deadline = time.monotonic() + timeout
             try:
-                upstream = await self.upstream.open(inst.url + info.route, info.raw, headers)
+                upstream = await self.upstream.open(inst.url + info.route, info.raw, headers,
+                                                    timeout)
             except UpstreamError as exc:
                 inst.release(entry)
-                self.failed(inst, exc)
-                self.metrics.retries.labels(inst.name).inc()
-                continue
+                if not exc.sent:  # it never reached the engine: another instance may take it
+                    if not exc.local:
+                        self.failed(inst, exc)
+                    self.metrics.retries.labels(inst.name).inc()
+                    continue
+                return self._failed_after_send(info, inst, exc)
             except asyncio.CancelledError:
                 inst.release(entry)
                 self.metrics.cancellations.inc()
                 raise
-            inst.record_success()
             try:
-                return await self._relay(request, info, entry, upstream)
+                return await self._relay(request, info, entry, upstream, deadline)
             finally:
                 upstream.close()
                 inst.release(entry)
-        err = ApiError(502, "no instance could serve the request "
+        err = ApiError(502 if tried else 503, "no instance could serve the request "
                        f"(tried {', '.join(i.name for i in tried) or 'none'})",
-                       "BadGatewayError")
-        self._count(info.route, 502)
+                       "BadGatewayError" if tried else "ServiceUnavailableError")
+        self._count(info.route, err.status)
+        return error_response(err)
+
+    def _failed_after_send(self, info: RequestInfo, inst: Instance,
+                           exc: UpstreamError) -> web.Response:
+        """The request was written to ``inst`` and then no answer came: it may be running
+        there, so it is not sent anywhere else."""
+        if exc.timeout:
+            if info.stream:  # silent past the read timeout: the instance is stuck
+                self.failed(inst, exc)
+                what = f"sent no response headers within {self.config.read_timeout:g} s"
+            else:  # a long generation is the request's own doing
+                what = f"did not finish within {self.config.unary_timeout:g} s"
+            err = ApiError(504, f"instance {inst.name} {what}", "GatewayTimeoutError")
+        else:
+            self.failed(inst, exc)
+            err = ApiError(502, f"instance {inst.name} failed after the request was sent "
+                           "(not retried: it may have run)", "BadGatewayError")
+        self._count(info.route, err.status)
         return error_response(err)
 
     def failed(self, inst: Instance, exc: Exception) -> None:
-        """An instance failed before the first byte: count it, eject after too many."""
-        log.warning("instance %s failed before the first byte: %s", inst.name, exc)
+        """An instance failed: count it, eject after too many in a row."""
+        log.warning("instance %s (%s) failed: %s", inst.name, inst.url, exc)
         if inst.record_failure(time.monotonic(), self.config.eject_after,
-                               self.config.probe_interval):
+                               self.config.probe_interval,
+                               self.view.may_eject(self.config.max_ejected_percent)):
             log.warning("instance %s ejected after %d failures", inst.name, inst.failures)
             self.metrics.ejections.labels(inst.name).inc()
 
     async def _relay(self, request: web.Request, info: RequestInfo, entry: Entry,
-                     upstream: UpstreamResponse) -> web.StreamResponse:
+                     upstream: UpstreamResponse, deadline: float) -> web.StreamResponse:
         status = upstream.status
-        if status != 200 or not info.stream:
-            payload = await upstream.read()
-            done = time.perf_counter()
-            if status == 200:
-                usage = parse_usage(payload)
-                if usage.completion_tokens is not None:
-                    self._learn(info, entry, usage, usage.completion_tokens, done)
-            self._count(info.route, status)
-            return web.Response(status=status, body=payload,
-                                content_type=upstream.content_type or "application/json")
-        return await self._relay_stream(request, info, entry, upstream)
+        inst = entry.instance
+        if status in INSTANCE_FAILURE:
+            self.failed(inst, UpstreamError(f"HTTP {status}"))
+        elif status < 500:  # a 500 is the engine's answer to this request
+            inst.record_success()
+        if status == 200 and info.stream:
+            return await self._relay_stream(request, info, entry, upstream)
+        try:
+            payload = await upstream.read(deadline - time.monotonic())
+        except UpstreamError as exc:
+            return self._failed_after_send(info, inst, exc)
+        done = time.perf_counter()
+        if status == 200:
+            usage = parse_usage(payload)
+            if usage.completion_tokens is not None:
+                self._learn(info, entry, usage, usage.completion_tokens, done)
+        self._count(info.route, status)
+        return web.Response(status=status, body=payload,
+                            content_type=upstream.content_type or "application/json")
 
     async def _relay_stream(self, request: web.Request, info: RequestInfo, entry: Entry,
                             upstream: UpstreamResponse) -> web.StreamResponse:

@@ -1,13 +1,15 @@
 """The upstream HTTP client: pooled keep-alive connections to the instances.
 
 Everything that talks to an instance goes through here (:mod:`.http1` holds the connections).
-Failures that happen before the first byte of a response (refused, reset, timeout, a 5xx
-status) raise :class:`UpstreamError` so the caller can retry elsewhere; failures while
-streaming raise it from :meth:`UpstreamResponse.iter_chunks`.
+A failure raises :class:`UpstreamError`, which says whether the request had been written
+(``sent``): only a request that was not may be tried on another instance, since one that
+was may already be running on its engine.  Responses of any status are returned; what a
+status means for the instance is the caller's business.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +26,23 @@ _DROP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-
 
 
 class UpstreamError(Exception):
-    """An instance failed (connection or 5xx)."""
+    """An instance failed to answer.  The message names no URL (clients may see it).
+
+    ``sent``: the request had been written, so it may have reached the engine (never
+    retry it); ``local``: the proxy ran out of a resource of its own (file descriptors,
+    its connection cap), which is not the instance's fault; ``timeout``: a deadline passed.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True, local: bool = False,
+                 timeout: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.local = local
+        self.timeout = timeout
+
+    @classmethod
+    def of(cls, prefix: str, exc: HttpError) -> UpstreamError:
+        return cls(f"{prefix}{exc}", sent=exc.sent, local=exc.local, timeout=exc.timeout)
 
 
 class _Origin:
@@ -55,11 +73,20 @@ class UpstreamResponse:
         ctype = conn.header(b"content-type")
         self.content_type = ctype.split(b";", 1)[0].strip().decode("latin-1") if ctype else ""
 
-    async def read(self) -> bytes:
+    async def read(self, timeout: float | None = None) -> bytes:
+        """The whole body, within ``timeout`` seconds if given, else waiting up to the
+        read timeout for each part."""
+        conn = self._conn
         try:
-            return await self._conn.read_body(self._timeout)
+            if timeout is None:
+                return await conn.read_body(self._timeout)
+            return await asyncio.wait_for(conn.read_body(max(timeout, 0.001)),
+                                          max(timeout, 0.001))
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"no complete response within {timeout:g} s",
+                                timeout=True) from None
         except HttpError as exc:
-            raise UpstreamError(f"reading the response failed: {exc}") from exc
+            raise UpstreamError.of("reading the response failed: ", exc) from exc
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Bytes as they arrive, no buffering."""
@@ -69,7 +96,7 @@ class UpstreamResponse:
             while data := await conn.read_chunk(timeout):
                 yield data
         except HttpError as exc:
-            raise UpstreamError(f"the stream broke: {exc}") from exc
+            raise UpstreamError.of("the stream broke: ", exc) from exc
 
     def close(self) -> None:
         """Keep the connection if the response was read to the end, else abort it (on vLLM:
@@ -80,10 +107,11 @@ class UpstreamResponse:
 class Upstream:
     """Pooled client for all instances."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float,
+                 max_connections_per_instance: int = 0) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.pool = Pool(connect_timeout)
+        self.pool = Pool(connect_timeout, max_per_host=max_connections_per_instance)
         self._origins: dict[str, _Origin] = {}
 
     async def close(self) -> None:
@@ -113,14 +141,14 @@ class Upstream:
             conn = await pool.acquire(origin.host, origin.port,
                                       min(self.connect_timeout, timeout))
         except HttpError as exc:
-            raise UpstreamError(f"{url}: {exc}") from exc
+            raise UpstreamError.of("", exc) from exc
         length = len(body) if body or method not in ("GET", "HEAD") else None
         conn.send(request_head(method, path, origin.host_header, headers, length) + body)
         try:
             await conn.read_headers(timeout)
         except HttpError as exc:
             conn.abort()
-            raise UpstreamError(f"{url}: {exc}") from exc
+            raise UpstreamError.of("", exc) from exc
         except BaseException:  # cancelled while waiting: abort the request upstream
             conn.abort()
             raise
@@ -129,20 +157,22 @@ class Upstream:
             conn.abort()
         return UpstreamResponse(pool, origin, conn, timeout)
 
-    async def open(self, url: str, body: bytes, headers: bytes) -> UpstreamResponse:
-        """POST and wait for the response headers; 5xx and connection failures raise."""
-        resp = await self._send("POST", url, body, headers, self.read_timeout)
-        if resp.status >= 500:
-            resp._conn.abort()
-            raise UpstreamError(f"{url}: HTTP {resp.status}")
-        return resp
+    async def open(self, url: str, body: bytes, headers: bytes,
+                   timeout: float | None = None) -> UpstreamResponse:
+        """POST and wait for the response headers (up to ``timeout``, else the read
+        timeout), whatever their status."""
+        return await self._send("POST", url, body, headers, timeout or self.read_timeout)
 
-    async def passthrough(self, method: str, url: str, body: bytes,
-                          headers: bytes) -> tuple[int, str, bytes]:
-        """Forward any request unchanged; returns (status, content type, body)."""
-        resp = await self._send(method, url, body, headers, self.read_timeout)
+    async def passthrough(self, method: str, url: str, body: bytes, headers: bytes,
+                          timeout: float | None = None) -> tuple[int, str, bytes]:
+        """Forward one request unchanged and read the whole response within ``timeout``
+        (else the read timeout per wait); returns (status, content type, body)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        resp = await self._send(method, url, body, headers, timeout or self.read_timeout)
         try:
-            return resp.status, resp.content_type, await resp.read()
+            return resp.status, resp.content_type, await resp.read(
+                None if timeout is None else timeout - (loop.time() - start))
         finally:
             resp.close()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 from collections.abc import Iterable
 from typing import cast
 
@@ -28,7 +29,19 @@ HIGH_WATER = 256 * 1024
 
 
 class HttpError(Exception):
-    """The connection failed, timed out or sent something that is not HTTP."""
+    """The connection failed, timed out or sent something that is not HTTP.
+
+    ``sent``: whether the request had been written (it may then have reached the server);
+    ``local``: this process ran out of something (file descriptors, its connection cap),
+    which says nothing about the server; ``timeout``: a wait passed its deadline.
+    """
+
+    def __init__(self, message: str, *, sent: bool = True, local: bool = False,
+                 timeout: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.local = local
+        self.timeout = timeout
 
 
 class Connection(asyncio.Protocol):
@@ -55,6 +68,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.busy = False
         self.idle_since = 0.0
+        self.key: tuple[str, int] = ("", 0)
+        self.counted = False  # among the pool's open connections to ``key``
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +86,7 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.closed(self)
         self.closed = True
         if self.busy and not self.complete:
             if self.headers_done and not self.framed:
@@ -113,7 +129,8 @@ class Connection(asyncio.Protocol):
         self.headers_done = self.complete = self.keep_alive = False
         self.error = None
         if self.closed:
-            self.error = HttpError("the connection closed before the request was sent")
+            self.error = HttpError("the connection closed before the request was sent",
+                                   sent=False)
             return
         self.transport.write(data)
 
@@ -159,6 +176,7 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self.pool.closed(self)
         if self.transport is not None:
             self.transport.abort()
 
@@ -196,9 +214,15 @@ class Pool:
 
     TICK = 0.1
 
-    def __init__(self, connect_timeout: float, idle_timeout: float = 2.0) -> None:
+    def __init__(self, connect_timeout: float, idle_timeout: float = 2.0,
+                 max_per_host: int = 0) -> None:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        #: open connections allowed per ``host:port`` (0: no cap); a request beyond it
+        #: waits for one to be released, up to the connect timeout
+        self.max_per_host = max_per_host
+        self.open: dict[tuple[str, int], int] = {}
+        self._slot_waiters: dict[tuple[str, int], collections.deque[asyncio.Future[None]]] = {}
         self._idle: dict[tuple[str, int], list[Connection]] = {}
         self._swept_at = 0.0
         self._waiting: set[Connection] = set()
@@ -219,7 +243,7 @@ class Pool:
             self._waiting.discard(conn)
             fut = conn.waiter
             if fut is not None and not fut.done():
-                fut.set_exception(HttpError(f"no data for {conn.timeout:g} s"))
+                fut.set_exception(HttpError(f"no data for {conn.timeout:g} s", timeout=True))
         if self._waiting:
             self._watchdog = loop.call_later(self.TICK, self._tick, loop)
 
@@ -228,23 +252,76 @@ class Pool:
         """An idle connection to ``host:port``, or a new one."""
         connect_timeout = connect_timeout or self.connect_timeout
         loop = asyncio.get_running_loop()
-        idle = self._idle.get((host, port))
-        now = loop.time()
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.idle_timeout:
-                return conn
-            conn.abort()
+        key = (host, port)
+        deadline = loop.time() + connect_timeout
+        while True:
+            idle = self._idle.get(key)
+            now = loop.time()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                    return conn
+                conn.abort()
+            if not self.max_per_host or self.open.get(key, 0) < self.max_per_host:
+                break
+            await self._wait_slot(key, loop, deadline - now)
+        self.open[key] = self.open.get(key, 0) + 1
         try:
             _, proto = await asyncio.wait_for(
                 loop.create_connection(lambda: Connection(loop, self), host, port),
                 connect_timeout)
         except asyncio.TimeoutError:
+            self._free(key)
             raise HttpError(f"connect to {host}:{port} timed out after "
-                            f"{connect_timeout:g} s") from None
+                            f"{connect_timeout:g} s", sent=False, timeout=True) from None
         except OSError as exc:
-            raise HttpError(f"connect to {host}:{port} failed: {exc!r}") from exc
+            self._free(key)
+            local = exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+            raise HttpError(f"connect to {host}:{port} failed: {exc!r}", sent=False,
+                            local=local) from exc
+        except BaseException:
+            self._free(key)
+            raise
+        proto.key = key
+        proto.counted = True
         return proto
+
+    async def _wait_slot(self, key: tuple[str, int], loop: asyncio.AbstractEventLoop,
+                         timeout: float) -> None:
+        fut: asyncio.Future[None] = loop.create_future()
+        waiters = self._slot_waiters.setdefault(key, collections.deque())
+        waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, max(timeout, 0.0))
+        except asyncio.TimeoutError:
+            raise HttpError(f"all {self.max_per_host} connections to {key[0]}:{key[1]} "
+                            "stayed busy", sent=False, local=True) from None
+        finally:
+            if fut in waiters:
+                waiters.remove(fut)
+
+    def closed(self, conn: Connection) -> None:
+        """A connection of this pool closed: its slot is free."""
+        if conn.counted:
+            conn.counted = False
+            self._free(conn.key)
+
+    def _free(self, key: tuple[str, int]) -> None:
+        left = self.open.get(key, 0) - 1
+        if left > 0:
+            self.open[key] = left
+        else:
+            self.open.pop(key, None)
+        if self._slot_waiters.get(key):
+            self._wake_slot(key)
+
+    def _wake_slot(self, key: tuple[str, int]) -> None:
+        waiters = self._slot_waiters[key]
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
 
     def release(self, host: str, port: int, conn: Connection) -> None:
         """Back to the pool if the response was read to the end, else aborted."""
@@ -254,6 +331,8 @@ class Pool:
         conn.busy = False
         now = conn.idle_since = conn.loop.time()
         self._idle.setdefault((host, port), []).append(conn)
+        if self._slot_waiters.get((host, port)):
+            self._wake_slot((host, port))
         if now - self._swept_at > self.idle_timeout:
             self._swept_at = now
             self._sweep(now)

@@ -23,6 +23,7 @@ from loadgen.emulator.metrics import InstanceMetrics
 from loadgen.emulator.protocol import APIError, ParsedRequest
 from loadgen.emulator.scheduler import FINISHED, EngineRequest
 from loadgen.headers import OUTPUT_TOKENS_HEADER
+from loadgen.tokenizer import token_ids
 from loadgen.truth import Truth
 
 VLLM_VERSION = "0.32.0"
@@ -111,6 +112,22 @@ class Handlers:
             "steps": [list(s) for s in steps],
         }
         return web.Response(body=orjson.dumps(body), content_type=JSON)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``/tokenize``: a completions ``prompt`` or chat ``messages`` in token ids."""
+        try:
+            body = protocol.decode_json(await request.read())
+            model = body.get("model")
+            if model is not None and model != self.instance.model_name:
+                raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError",
+                               "model")
+            tokens = protocol.prompt_tokens(body, "messages" in body)
+        except APIError as err:
+            return error_response(err)
+        ids = token_ids(tokens)
+        return web.Response(body=orjson.dumps({"count": len(ids), "max_model_len":
+                                               self.max_model_len, "tokens": ids,
+                                               "token_strs": None}), content_type=JSON)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -217,6 +234,7 @@ def create_app(instance: Instance) -> web.Application:
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/debug/engine", handlers.debug_engine)
+    app.router.add_post("/tokenize", handlers.tokenize)
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     return app
