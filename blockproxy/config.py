@@ -64,7 +64,26 @@ class ProxyConfig:
     probe_interval: float = _opt(1.0, "seconds between /health probes of ejected instances "
                                       "(doubles per failure, up to 30 s)")
     reload_interval: float = _opt(1.0, "seconds between checks of the backends file")
-    drain_timeout: float = _opt(30.0, "SIGTERM: seconds to let in-flight requests finish")
+    drain_grace: float = _opt(5.0, "SIGTERM: seconds to keep accepting (with /ready 503 and "
+                                   "Connection: close) so load balancers stop routing here")
+    drain_timeout: float = _opt(20.0, "SIGTERM: then seconds to let in-flight requests finish "
+                                      "(grace + drain fit Kubernetes' default 30 s)")
+    header_timeout: float = _opt(60.0, "seconds for a request's headers to arrive, from its "
+                                       "first byte or the connection's opening (408 after)")
+    body_timeout: float = _opt(60.0, "seconds for a request's body to arrive (408 after)")
+    send_timeout: float = _opt(60.0, "seconds a client may read nothing of a response before "
+                                     "its connection is closed (its generation aborted)")
+    keepalive_timeout: float = _opt(75.0, "seconds an idle client connection is kept open")
+    max_connections: int = _opt(0, "open client connections at most; one more gets a 503 "
+                                   "(0 = fit the open-files limit: (limit - 256) / 2)")
+    max_in_flight: int = _opt(0, "requests served at once at most; one more gets a 503 "
+                                 "(0 = no cap beyond the connection cap)")
+    api_key: str = _opt("", "require Authorization: Bearer <key> (comma-separated keys; "
+                            "/health, /ready and /metrics stay open)")
+    access_log: str = _opt("", "write an access log (combined format, request time and "
+                               "X-Request-Id) to this file, '-' for stdout (off when empty)")
+    admin_port: int = _opt(0, "serve /metrics and /debug/* on this port only, not on the "
+                              "main one (0 = on the main port)")
     log_level: str = _opt("info", "logging level")
     gossip_bind: str = _opt("", "UDP HOST:PORT for gossip with other proxies (off when empty)")
     gossip_seeds: str = _opt("", "comma-separated HOST:PORT of other proxies; a name may "

@@ -81,8 +81,20 @@ class Metrics:
                                      "Prompt tokens of dispatched requests that the chosen "
                                      "instance was predicted to hold in its prefix cache",
                                      registry=r)
-        self.retries = Counter("blockproxy_retries_total", "Requests retried on another "
-                               "instance before the first byte", ["instance"], registry=r)
+        self.retries = Counter("blockproxy_retries_total", "Requests tried on another "
+                               "instance because this one was not reached", ["instance"],
+                               registry=r)
+        self.connections = Gauge("blockproxy_client_connections", "Open client connections",
+                                 registry=r)
+        self.rejected_connections = Counter(
+            "blockproxy_rejected_connections_total",
+            "Client connections refused (503) at the connection cap", registry=r)
+        self.client_timeouts = Counter(
+            "blockproxy_client_timeouts_total", "Client connections closed for slowness: "
+            "headers, body or reading the response", ["kind"], registry=r)
+        self.unauthorized = Counter("blockproxy_unauthorized_requests_total",
+                                    "Requests refused for a missing or wrong API key",
+                                    registry=r)
         self.ejections = Counter("blockproxy_ejections_total", "Instances ejected after "
                                  "repeated failures", ["instance"], registry=r)
         self.cancellations = Counter("blockproxy_cancellations_total",

@@ -207,8 +207,10 @@ class ProxyProcess(_Managed):
         port = self.port or free_port_range(1)
         backends = self.log_dir / "backends.yaml"
         backends.write_text(json.dumps({"backends": self.entries}))  # JSON is valid YAML
+        # (a run's end is no deployment's: the proxy need not wait for load balancers)
         args = [*command("blockproxy"), "serve", "--backends", str(backends),
-                "--host", HOST, "--port", str(port), "--policy", self.policy]
+                "--host", HOST, "--port", str(port), "--policy", self.policy,
+                "--drain-grace", "0"]
         if self.profile:
             args += ["--profile", self.profile]
         child = ChildProcess([*args, *self.extra_args], f"proxy-{port}", self.log_dir)

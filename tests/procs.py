@@ -8,6 +8,7 @@ or ``with``).
 from __future__ import annotations
 
 import json
+import shlex
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,15 +66,19 @@ class Emulator(Proc):
 
 
 class Proxy(Proc):
-    """``blockproxy serve`` on a free port."""
+    """``blockproxy serve`` on a free port (leaving at once on SIGTERM unless ``args`` give
+    a ``--drain-grace``), optionally under an open-files limit."""
 
     def __init__(self, tmp: Path, backends: str | Path, args: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, nofile: int | None = None) -> None:
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__([*command("blockproxy"), "serve", "--backends", str(backends),
-                          "--port", str(self.port), *args],
-                         tmp / f"proxy-{self.port}.log", env)
+        grace = [] if "--drain-grace" in args else ["--drain-grace", "0"]
+        cmd = [*command("blockproxy"), "serve", "--backends", str(backends),
+               "--port", str(self.port), *grace, *args]
+        if nofile is not None:
+            cmd = ["sh", "-c", f"ulimit -n {nofile} && exec {shlex.join(cmd)}"]
+        super().__init__(cmd, tmp / f"proxy-{self.port}.log", env)
         try:
             wait_healthy_blocking([self.url], [self], timeout=20.0)
         except Exception:

@@ -225,3 +225,128 @@ async def test_failures_after_the_request_was_sent(reply: bytes, status: int, co
     assert failures == ([0, 1] if counted else [0, 0])  # one instance tried, no retry
     for server, _ in servers:
         server.close()
+
+
+# ---- the listener: what the proxy's own socket enforces ------------------------------
+class Served:
+    """A proxy served as ``blockproxy serve`` serves it (guarded socket), in this loop."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.runner = web.AppRunner(proxy.make_app(), handler_cancellation=True,
+                                    keepalive_timeout=proxy.config.keepalive_timeout)
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Served:
+        from blockproxy.serve import listen
+
+        await self.runner.setup()
+        self.server = await listen(self.proxy, self.runner, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.runner.cleanup()
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return promtext.find(self.proxy.metrics.render().decode(), name, **labels) or 0.0
+
+
+async def _response(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+async def test_headers_must_arrive_in_time(two_urls: list[str]) -> None:
+    async with Served(_proxy(two_urls, header_timeout=0.3)) as served:
+        reader, writer = await served.connect()  # says nothing at all
+        trickle_r, trickle_w = await served.connect()
+        trickle_w.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # never finishes
+        ok_r, ok_w = await served.connect()
+        ok_w.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await _response(ok_r)).startswith(b"HTTP/1.1 200")
+        for r in (reader, trickle_r):
+            data = await _response(r, 2.0)
+            assert data.startswith(b"HTTP/1.1 408") and b'"RequestTimeout"' in data
+        assert served.metric("blockproxy_client_timeouts_total", kind="header") == 2
+        for w in (writer, trickle_w, ok_w):
+            w.close()
+
+
+async def test_a_keep_alive_connection_is_not_timed_while_a_request_runs(
+        two_urls: list[str]) -> None:
+    """The header timer covers headers only: a request slower than it completes, and the
+    connection then serves another."""
+    async with Served(_proxy(two_urls, header_timeout=0.3)) as served:
+        reader, writer = await served.connect()
+        body = b'{"model": "tiny", "prompt": "x", "max_tokens": 80, "ignore_eos": true}'
+        for close in (b"", b"Connection: close\r\n"):
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\n" + close +
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            assert b'"completion_tokens":80' in await reader.readexactly(length)
+        writer.close()
+
+
+async def test_the_connection_cap_refuses_with_503(two_urls: list[str]) -> None:
+    async with Served(_proxy(two_urls, max_connections=2)) as served:
+        held = [await served.connect() for _ in range(2)]
+        await asyncio.sleep(0.05)
+        reader, writer = await served.connect()
+        data = await _response(reader)
+        assert data.startswith(b"HTTP/1.1 503") and b"too many connections" in data
+        assert served.metric("blockproxy_rejected_connections_total") == 1
+        held[0][1].close()
+        await asyncio.sleep(0.05)
+        reader, writer = await served.connect()  # a slot is free again
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await _response(reader)).startswith(b"HTTP/1.1 200")
+        for _, w in held:
+            w.close()
+
+
+async def test_a_body_must_arrive_in_time(two_urls: list[str]) -> None:
+    async with Served(_proxy(two_urls, body_timeout=0.3)) as served:
+        reader, writer = await served.connect()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+        data = await _response(reader)
+        assert data.startswith(b"HTTP/1.1 408") and b"did not arrive" in data
+        assert all(i.active == 0 for i in served.proxy.view.instances.values())
+
+
+async def test_a_client_that_stops_reading_is_let_go(
+        aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
+    """Send timeout: a stream whose client reads nothing is closed after it, and its
+    generation aborted on the instance; a concurrent stream is unaffected."""
+    import socket
+
+    async for urls in _emulated(aiohttp_server, 1, 0.01):
+        async with Served(_proxy(urls, send_timeout=0.5)) as served:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", served.port))
+            _reader, writer = await asyncio.open_connection(sock=sock)
+            body = (b'{"model": "tiny", "prompt": "x", "max_tokens": 60000, "stream": true, '
+                    b'"ignore_eos": true}')
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            inst = served.proxy.view.instances["i0"]
+            for _ in range(200):  # it never reads: the proxy gives up on it
+                await asyncio.sleep(0.05)
+                if served.metric("blockproxy_client_timeouts_total", kind="send"):
+                    break
+            assert served.metric("blockproxy_client_timeouts_total", kind="send") == 1
+            await asyncio.sleep(0.1)
+            assert inst.active == 0  # released, and the upstream connection aborted
+            writer.close()

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from loadgen.procs import wait_for
-from tests.procs import Emulator, Proxy, http_get, metric_value, write_backends
+from tests.procs import Emulator, Proxy, free_ports, http_get, metric_value, write_backends
 
 MODEL = "tiny"
 
@@ -337,6 +337,106 @@ async def test_sigterm_lets_streams_finish(tmp_path: Path):
                 events = await task
             assert events[-1] == b"data: [DONE]" and len(events) == 101
             assert await asyncio.to_thread(proxy.wait, 10) == 0
+
+
+async def test_sigterm_keeps_serving_through_the_grace(tmp_path: Path):
+    """SIGTERM: /ready turns 503 at once while requests (new connections too) are still
+    served with Connection: close for the grace period; then the port closes."""
+    with Emulator(tmp_path, instances=1, time_scale=0.1) as emu:
+        backends = write_backends(tmp_path / "one.yaml", [{"url": emu.urls[0]}])
+        with Proxy(tmp_path, backends, ["--drain-grace", "2"]) as proxy:
+            proxy.signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(proxy.url + "/ready") as resp:
+                    assert resp.status == 503
+                body = {"model": MODEL, "prompt": "hello", "max_tokens": 3}
+                async with session.post(proxy.url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["Connection"] == "close"
+            assert proxy.popen.poll() is None  # still within the grace
+            assert await asyncio.to_thread(proxy.wait, 10) == 0
+            assert "still serving for 2 s" in proxy.output()
+
+
+async def test_half_sent_requests_cannot_exhaust_descriptors(tmp_path: Path):
+    """Under ``ulimit -n 1024``, 1,100 connections that send half a request: the proxy
+    keeps (1024 - 256) / 2 = 384 of them, refuses the rest with 503, never runs out of
+    descriptors and never blames a backend; once they go, requests are served again."""
+    with Emulator(tmp_path, instances=2, time_scale=0.1) as emu:
+        backends = write_backends(tmp_path / "two.yaml", [{"url": u} for u in emu.urls])
+        with Proxy(tmp_path, backends, nofile=1024) as proxy:
+            conns = []
+            for _ in range(1100):
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+                conns.append((reader, writer))
+            await asyncio.sleep(0.5)
+            answered = reset = 0  # refused with a 503, or (past 64 at once) a plain close
+            for reader, _ in conns:
+                try:
+                    data = await asyncio.wait_for(reader.read(200), 0.01)
+                except asyncio.TimeoutError:
+                    continue
+                except ConnectionResetError:
+                    reset += 1
+                    continue
+                answered += data.startswith(b"HTTP/1.1 503")
+                reset += data == b""
+            assert answered + reset == 1100 - 384 and answered >= 64
+            fds = len(list(Path(f"/proc/{proxy.popen.pid}/fd").iterdir()))
+            assert fds < 1024 - 128
+            for _, writer in conns:
+                writer.close()
+            await asyncio.sleep(0.5)
+            view = proxy.cluster()
+            assert all(i["healthy"] and i["failures"] == 0 for i in view["instances"])
+            status, _ = http_get(proxy.url + "/v1/models")
+            assert status == 200
+            assert metric_value(proxy.metrics(), "blockproxy_rejected_connections_total") \
+                == 1100 - 384
+
+
+async def test_api_key_request_id_access_log_and_admin_port(tmp_path: Path):
+    log = tmp_path / "access.log"
+    admin_port = free_ports(1)[0]
+    with Emulator(tmp_path, instances=1, time_scale=0.1) as emu:
+        backends = write_backends(tmp_path / "one.yaml", [{"url": emu.urls[0]}])
+        with Proxy(tmp_path, backends, ["--api-key", "k1,k2", "--access-log", str(log),
+                                        "--admin-port", str(admin_port)]) as proxy:
+            async with aiohttp.ClientSession() as session:
+                body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+                url = proxy.url + "/v1/completions"
+                async with session.post(url, json=body) as resp:
+                    assert resp.status == 401
+                    assert (await resp.json())["error"]["type"] == "AuthenticationError"
+                async with session.post(url, json=body,
+                                        headers={"Authorization": "Bearer k3"}) as resp:
+                    assert resp.status == 401
+                async with session.post(url, json=body, headers={
+                        "Authorization": "Bearer k2", "X-Request-Id": "abc-123"}) as resp:
+                    assert resp.status == 200 and resp.headers["X-Request-Id"] == "abc-123"
+                async with session.post(url, json=body,
+                                        headers={"Authorization": "Bearer k1"}) as resp:
+                    generated = resp.headers["X-Request-Id"]
+                    assert resp.status == 200 and len(generated) == 32
+                for path in ("/health", "/ready"):  # probes need no key
+                    async with session.get(proxy.url + path) as resp:
+                        assert resp.status == 200
+                async with session.get(proxy.url + "/metrics") as resp:  # on the admin port
+                    assert resp.status == 404
+                admin = f"http://127.0.0.1:{admin_port}"
+                async with session.get(admin + "/metrics") as resp:
+                    assert resp.status == 200
+                    assert "blockproxy_unauthorized_requests_total 2.0" in await resp.text()
+                async with session.get(admin + "/debug/cluster",
+                                       headers={"Authorization": "Bearer k1"}) as resp:
+                    assert resp.status == 200
+    lines = log.read_text().splitlines()
+    assert any('"POST /v1/completions HTTP/1.1" 200' in line and line.endswith(" abc-123")
+               for line in lines)
+    assert any(line.endswith(" " + generated) for line in lines)
+    assert sum('" 401 ' in line for line in lines) == 2
 
 
 # ---- routing ------------------------------------------------------------------------------

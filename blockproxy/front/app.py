@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import resource
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -20,10 +21,11 @@ from blockproxy.cluster.prober import Prober
 from blockproxy.cluster.scraper import Scraper
 from blockproxy.cluster.view import ClusterView
 from blockproxy.config import ProxyConfig
-from blockproxy.front import paths
+from blockproxy.front import door, paths
 from blockproxy.front.endpoints import Endpoints
 from blockproxy.front.gate import Gate
 from blockproxy.front.generate import GenerateHandler
+from blockproxy.front.listener import Listener, default_max_connections
 from blockproxy.gossip.node import Gossiper, load_key, parse_origin
 from blockproxy.metrics import Metrics
 from blockproxy.request import CHAT, COMPLETIONS
@@ -60,7 +62,13 @@ class Proxy:
                                 config.speed)
         self.view.apply(specs)
         self.metrics = Metrics(self.view)
-        self.gate = Gate(self.metrics.in_flight)
+        self.gate = Gate(self.metrics.in_flight, config.max_in_flight)
+        #: the main port's connection guard (:func:`blockproxy.serve.listen` uses it)
+        self.listener = Listener(
+            config.max_connections or default_max_connections(
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+            config.header_timeout, self.metrics.connections,
+            self.metrics.rejected_connections, self.metrics.client_timeouts)
         self.upstream = Upstream(config.connect_timeout, config.read_timeout,
                                  config.max_upstream_connections)
         self.predictor = LengthPredictor(quantile=config.length_quantile,
@@ -112,20 +120,40 @@ class Proxy:
                      added, removed, changed)
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes)
+        """The main port's application: generation, vLLM's pass-through paths, models,
+        probes, and (without ``--admin-port``) metrics and the debug view."""
+        app = self._base_app(self.config.max_body_bytes)
         ep = self.endpoints
         app.router.add_post(COMPLETIONS, self.generate.handle)
         app.router.add_post(CHAT, self.generate.handle)
         app.router.add_get("/v1/models", ep.models)
-        app.router.add_get("/health", ep.health)
-        app.router.add_get("/ready", ep.ready)
-        app.router.add_get("/metrics", ep.prometheus)
-        app.router.add_get("/debug/cluster", ep.debug_cluster)
         for path in paths.PASS_THROUGH:
             app.router.add_post(path, ep.pass_through(path))
-        app.router.add_route("*", "/{tail:.*}", ep.not_found)  # last: what nothing matched
+        self._add_probes(app, admin=not self.config.admin_port)
         app.cleanup_ctx.append(self._running)
         return app
+
+    def make_admin_app(self) -> web.Application:
+        """The admin port's application (``--admin-port``): metrics, debug view, probes."""
+        app = self._base_app(1024)
+        self._add_probes(app, admin=True)
+        return app
+
+    def _base_app(self, max_body: int) -> web.Application:
+        keys = tuple(k.strip() for k in self.config.api_key.split(",") if k.strip())
+        app = web.Application(client_max_size=max_body, middlewares=[
+            door.make_middleware(self.listener, keys, self.metrics)])
+        app.on_response_prepare.append(door.make_prepare_hook(lambda: self.gate.leaving))
+        return app
+
+    def _add_probes(self, app: web.Application, admin: bool) -> None:
+        ep = self.endpoints
+        app.router.add_get("/health", ep.health)
+        app.router.add_get("/ready", ep.ready)
+        if admin:
+            app.router.add_get("/metrics", ep.prometheus)
+            app.router.add_get("/debug/cluster", ep.debug_cluster)
+        app.router.add_route("*", "/{tail:.*}", ep.not_found)  # last: what nothing matched
 
     async def _running(self, app: web.Application) -> AsyncIterator[None]:
         """Start gossip and the loops; stop them and close the upstream client at cleanup

@@ -16,7 +16,7 @@ from blockproxy import simulator
 from blockproxy.cluster.requests import LOCAL, PHANTOM
 from blockproxy.cluster.scraper import Scraper
 from blockproxy.cluster.view import ClusterView
-from blockproxy.front import paths
+from blockproxy.front import door, paths
 from blockproxy.front.gate import Gate
 from blockproxy.front.generate import INSTANCE_FAILURE, GenerateHandler, error_response
 from blockproxy.gossip.node import Gossiper
@@ -56,7 +56,7 @@ class Endpoints:
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = not self.gate.draining and \
+        ready = not self.gate.leaving and \
             any(i.accepts_new() for i in self.view.instances.values())
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
@@ -74,7 +74,8 @@ class Endpoints:
                 if self.scraper else None
             out.append(described)
         body = {"policy": self.generate.policy_name, "simulator": simulator.IMPLEMENTATION,
-                "in_flight": self.gate.in_flight, "draining": self.gate.draining,
+                "in_flight": self.gate.in_flight, "leaving": self.gate.leaving,
+                "draining": self.gate.draining,
                 "predictor": self.predictor.stats(), "instances": out,
                 "gossip": self.gossip.info() if self.gossip else None}
         return web.Response(body=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
@@ -84,11 +85,11 @@ class Endpoints:
         """The handler of one of vLLM's other request paths (:data:`paths.PASS_THROUGH`):
         forwarded unchanged to ``path`` on one instance serving the body's model."""
         async def handle(request: web.Request) -> web.Response:
-            with self.gate.inside():
-                try:
+            try:
+                with self.gate.inside():
                     return await self._pass(request, path)
-                except ApiError as err:
-                    return error_response(err)
+            except ApiError as err:
+                return error_response(err)
         return handle
 
     async def _pass(self, request: web.Request, path: str) -> web.Response:
@@ -96,7 +97,7 @@ class Endpoints:
         if self.gate.draining:
             raise ApiError(503, "the proxy is shutting down", "ServiceUnavailableError")
         try:
-            raw = await request.read()
+            raw = await door.read_body(request, cfg.body_timeout, self.metrics)
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"request body larger than {cfg.max_body_bytes} bytes",
                            "RequestEntityTooLarge") from None
@@ -118,7 +119,8 @@ class Endpoints:
         self.rng.shuffle(pool)
         pool.sort(key=lambda i: i.active)  # the least busy, ties at random
         target = path + ("?" + request.query_string if request.query_string else "")
-        headers = self.upstream.forward_headers(request.raw_headers)
+        headers = self.upstream.forward_headers(request.raw_headers,
+                                                request.get(door.ID_KEY))
         for inst in pool[:cfg.max_retries + 1]:
             try:
                 status, ctype, payload = await self.upstream.passthrough(
@@ -154,8 +156,8 @@ class Endpoints:
         if norm is None:
             return error_response(ApiError(400, "the request path is malformed or climbs "
                                            "above the root"))
-        allow = paths.allowed_methods(norm)
-        if allow is not None and request.method == allow and norm != raw_path:
+        allow = _allowed_methods(request.app, norm)
+        if allow is not None and request.method in allow.split(", ") and norm != raw_path:
             clone = request.clone(rel_url=URL.build(path=norm,
                                                     query_string=request.query_string))
             match = await request.app.router.resolve(clone)
@@ -169,6 +171,15 @@ class Endpoints:
                                 content_type="application/json")
         return error_response(ApiError(404, f"no route for {request.method} {norm}",
                                        "NotFoundError"))
+
+
+def _allowed_methods(app: web.Application, path: str) -> str | None:
+    """The methods of the route at exactly ``path`` (the catch-all aside), as ``Allow``."""
+    for resource in app.router.resources():
+        if resource.canonical == path:
+            methods = sorted({route.method for route in resource} - {"*", "HEAD"})
+            return ", ".join(methods) or None
+    return None
 
 
 def _origin_name(origin: int) -> str:

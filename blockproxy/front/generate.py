@@ -22,6 +22,7 @@ from blockproxy.cluster.instance import Instance
 from blockproxy.cluster.requests import Entry
 from blockproxy.cluster.view import ClusterView
 from blockproxy.config import ProxyConfig
+from blockproxy.front import door
 from blockproxy.front.gate import Gate
 from blockproxy.front.relay import (
     DONE_EVENT,
@@ -75,11 +76,11 @@ class GenerateHandler:
         try:
             info = await self._read_request(request, route)
             candidates = self._candidates(info.model)
+            with self.gate.inside():
+                return await self._serve(request, info, candidates)
         except ApiError as err:
             self._count(route, err.status)
             return error_response(err)
-        with self.gate.inside():
-            return await self._serve(request, info, candidates)
 
     def _count(self, route: str, status: int) -> None:
         counter = self._counted.get((route, status))
@@ -96,7 +97,7 @@ class GenerateHandler:
         if self.gate.draining:
             raise ApiError(503, "the proxy is shutting down", "ServiceUnavailableError")
         try:
-            raw = await request.read()
+            raw = await door.read_body(request, self.config.body_timeout, self.metrics)
         except web.HTTPRequestEntityTooLarge:
             raise ApiError(413, f"request body larger than {self.config.max_body_bytes} bytes",
                            "RequestEntityTooLarge") from None
@@ -151,7 +152,8 @@ class GenerateHandler:
         job = self.describer.describe(info, request.headers.get(HINT_HEADER), limit, ids,
                                       first.limits.block_size, exact_count)
         tried: list[Instance] = []
-        headers = self.upstream.forward_headers(request.raw_headers)
+        headers = self.upstream.forward_headers(request.raw_headers,
+                                                request.get(door.ID_KEY))
         # A stream may wait for its headers (and then each chunk) up to the read timeout;
         # vLLM answers a unary request only when it is done, so that has a deadline.
         timeout = self.config.read_timeout if info.stream else self.config.unary_timeout
@@ -248,16 +250,18 @@ class GenerateHandler:
         await response.prepare(request)
         tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
         held = b""  # the chunk ending in [DONE]: sent with the end of the body, one write
+        send_timeout = self.config.send_timeout
+        write = door.write
         try:
             async for data in upstream.iter_chunks():
                 now = time.perf_counter()
                 if held:
-                    await response.write(held)
+                    await write(request, response, held, send_timeout)
                     held = b""
                 if data.endswith(DONE_EVENT):
                     held = data
                 else:
-                    await response.write(data)
+                    await write(request, response, data, send_timeout)
                 count = token_events(data)
                 if count > 0:
                     if not entry.first_token_at:
@@ -280,6 +284,12 @@ class GenerateHandler:
             self._count(info.route, 502)
             await response.write_eof()
             return response
+        except door.SendTimeout as exc:  # the client stopped reading: let it go
+            self.metrics.client_timeouts.labels("send").inc()
+            log.info("closing a client connection: %s", exc)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(str(exc)) from None
         except (ConnectionResetError, asyncio.CancelledError):
             self.metrics.cancellations.inc()
             raise

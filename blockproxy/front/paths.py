@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from blockproxy.request import CHAT, COMPLETIONS
-
 #: vLLM's request paths beside generation that are forwarded unchanged (POST, JSON body
 #: naming the model): one request to one instance serving its model.  Not listed, so 404:
 #: the Responses API (stored responses live on the instance that made them), audio
@@ -21,19 +19,6 @@ from blockproxy.request import CHAT, COMPLETIONS
 PASS_THROUGH: tuple[str, ...] = (
     "/v1/embeddings", "/v1/score", "/v1/rerank", "/rerank", "/score", "/pooling",
     "/classify", "/tokenize", "/detokenize")
-
-GENERATE: tuple[str, ...] = (COMPLETIONS, CHAT)
-OWN_GET: tuple[str, ...] = ("/v1/models", "/health", "/ready", "/metrics", "/debug/cluster")
-
-
-def allowed_methods(path: str) -> str | None:
-    """The ``Allow`` header of a route, None when ``path`` is not one."""
-    if path in GENERATE or path in PASS_THROUGH:
-        return "POST"
-    if path in OWN_GET:
-        return "GET"
-    return None
-
 
 def normalise(raw_path: str) -> str | None:
     """``raw_path`` (without its query) as nginx resolves it, or None when it climbs above

@@ -118,10 +118,15 @@ class Upstream:
         self.pool.close()
 
     @staticmethod
-    def forward_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    def forward_headers(raw_headers: Iterable[tuple[bytes, bytes]],
+                        request_id: str | None = None) -> bytes:
         """The client's headers (as received: ``request.raw_headers``) minus hop-by-hop
-        ones, as a prebuilt header block."""
-        return header_block((k, v) for k, v in raw_headers if k.lower() not in _DROP)
+        ones, as a prebuilt header block; with ``X-Request-Id: request_id`` when the client
+        sent none."""
+        kept = [(k, v) for k, v in raw_headers if k.lower() not in _DROP]
+        if request_id is not None and not any(k.lower() == b"x-request-id" for k, _ in kept):
+            kept.append((b"X-Request-Id", request_id.encode()))
+        return header_block(kept)
 
     def _split(self, url: str) -> tuple[_Origin, str]:
         slash = url.find("/", url.find("//") + 2)
