@@ -90,6 +90,8 @@ else:  # pragma: no cover - Python 3.10 has no stdlib TOML parser; YAML still wo
         tomllib = None
 
 STATES = ("active", "draining", "standby")
+#: longest instance name (UTF-8 bytes): what a gossip datagram carries
+MAX_NAME_BYTES = 200
 
 
 class BackendsError(ValueError):
@@ -437,6 +439,12 @@ def _build(doc: _Document, chk: _Checker) -> list[BackendSpec]:
         if "url" not in values:
             raise chk.error("missing", entry.line, f"{where}.url")
         values.setdefault("name", default_name(values["url"]))
+        if len(values["name"].encode()) > MAX_NAME_BYTES:
+            line = raw["name"].line if "name" in raw else entry.line
+            raise chk.error(f"a name is at most {MAX_NAME_BYTES} bytes (gossip carries it); "
+                            f"got {len(values['name'].encode())}"
+                            + ("" if "name" in raw else ": give the instance a name"),
+                            line, f"{where}.name")
         spec = BackendSpec(**values)
         for key in ("url", "name"):
             value = getattr(spec, key)
@@ -553,7 +561,8 @@ class BackendsWatcher:
     def check_now(self) -> bool:
         """Poll the file once; return True if a new list was applied.
 
-        Exceptions raised by ``on_change`` propagate (``current`` is already updated).
+        ``on_change`` must apply a list whole or raise having changed nothing; when it
+        raises, the list is refused like an invalid file and ``current`` stays.
         """
         try:
             key = self._stat()
@@ -595,12 +604,17 @@ class BackendsWatcher:
         if new == self.current:
             return False
         added, removed, changed = diff_backends(self.current, new)
+        if self.on_change is not None:
+            try:
+                self.on_change(new)  # all or nothing: it raises before changing anything
+            except Exception as exc:
+                self.log.warning("the new backends list cannot be applied, keeping the last "
+                                 "good list (%d instances): %s", len(self.current), exc)
+                return False
         self.log.info("backends reloaded from %s: added %s, removed %s, changed %s",
                       self.source, [s.name for s in added], [s.name for s in removed],
                       [s.name for s in changed])
         self.current = new
-        if self.on_change is not None:
-            self.on_change(new)
         return True
 
     async def run(self) -> None:

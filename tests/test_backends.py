@@ -536,5 +536,6 @@ async def test_watcher_run_survives_failing_callback(backends_file: Path,
     await asyncio.wait_for(calls.wait(), timeout=10)
     watcher.stop()
     await asyncio.wait_for(task, timeout=10)
-    assert any("applying the new backends list failed" in r.getMessage()
-               for r in caplog.records)
+    assert any("cannot be applied, keeping the last good list" in r.getMessage()
+               and "boom" in r.getMessage() for r in caplog.records)
+    assert watcher.current == parse_backends(ONE, "yaml")

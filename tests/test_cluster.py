@@ -125,3 +125,44 @@ def test_an_arrival_voids_the_calibration_span():
     inst.first_token(other, now=0.2)
     inst.streamed(entry, 0.3, 8)
     assert inst.calibration.samples == 0
+
+
+def test_a_reload_that_cannot_be_built_changes_nothing(tmp_path) -> None:
+    """A changed instance whose new profile does not exist: the whole list is refused
+    before anything is applied, so the instance keeps serving, and the file reverted is a
+    no-op rather than a lost instance."""
+    from blockproxy.backends import BackendsWatcher
+    from blockproxy.profile import ProfileError
+
+    path = tmp_path / "b.yaml"
+    path.write_text("backends:\n  - url: http://127.0.0.1:9001\n    name: a\n"
+                    "  - url: http://127.0.0.1:9002\n    name: b\n")
+    view = ClusterView("llama-3.1-8b-h100-tp1")
+    watcher = BackendsWatcher(path, lambda specs: None if view.apply(specs) else None)
+    view.apply(watcher.current)
+    before = dict(view.instances)
+    path.write_text("backends:\n  - url: http://127.0.0.1:9001\n    name: a\n"
+                    "  - url: http://127.0.0.1:9003\n    name: b\n    profile: no-such\n"
+                    "  - url: http://127.0.0.1:9004\n    name: c\n")
+    with pytest.raises(ProfileError):
+        view.apply(__import__("blockproxy.backends").backends.parse_backends(
+            path.read_text(), "yaml"))
+    assert view.instances == before and not any(i.removed for i in before.values())
+    assert not watcher.check_now()  # refused: the last good list stays in force
+    assert [s.name for s in watcher.current] == ["a", "b"]
+    assert view.instances == before
+    path.write_text("backends:\n  - url: http://127.0.0.1:9001\n    name: a\n"
+                    "  - url: http://127.0.0.1:9002\n    name: b\n")
+    watcher.check_now()
+    assert view.instances == before and all(i.accepts_new() for i in before.values())
+
+
+def test_names_longer_than_gossip_carries_are_refused_at_load() -> None:
+    from blockproxy.backends import BackendsError, parse_backends
+
+    with pytest.raises(BackendsError, match="at most 200 bytes"):
+        parse_backends("backends:\n  - url: http://127.0.0.1:9001\n    name: " + "n" * 201,
+                       "yaml")
+    with pytest.raises(BackendsError, match="at most 200 bytes"):
+        parse_backends("http://" + "h" * 60 + "." + "h" * 60 + "." + "h" * 60 + "." + "h" * 60
+                       + ":9001", "list")

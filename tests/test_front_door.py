@@ -350,3 +350,43 @@ async def test_a_client_that_stops_reading_is_let_go(
             await asyncio.sleep(0.1)
             assert inst.active == 0  # released, and the upstream connection aborted
             writer.close()
+
+
+# ---- background loops --------------------------------------------------------------
+async def test_an_odd_models_answer_stops_neither_discovery_nor_probing(
+        two_urls: list[str], aiohttp_server: Callable[..., Awaitable[TestServer]],
+        aiohttp_client: Any) -> None:
+    """A backend whose /v1/models has the wrong shape is ignored; probing and discovery of
+    the other instances go on; a loop that keeps failing turns /health to 503."""
+    async def odd_models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": ["not", "a", "name"]}, {"id": 7}, "x"]})
+
+    odd = web.Application()
+    odd.router.add_get("/v1/models", odd_models)
+    odd_url = str((await aiohttp_server(odd)).make_url("")).rstrip("/")
+    cfg = ProxyConfig(backends="(in process)", scrape_interval=0.0, probe_interval=0.1)
+    proxy = Proxy(cfg, [BackendSpec(url=odd_url, name="odd"),
+                        BackendSpec(url=two_urls[0], name="good")])
+    good = proxy.view.instances["good"]
+    good.record_failure(0.0, 1, 0.1)  # ejected; its probe is due
+    client = await aiohttp_client(proxy.make_app())
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if good.healthy and good.models:
+            break
+    assert good.healthy and good.models == {"tiny"}
+    assert proxy.view.instances["odd"].models == set()
+    assert (await client.get("/health")).status == 200
+    assert proxy.metrics.task_restarts.labels("probe")._value.get() == 0
+
+    async def broken() -> None:
+        raise RuntimeError("always")
+    proxy.supervisor.every("broken", 0.01, broken)
+    proxy.supervisor.start_one("broken")
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        resp = await client.get("/health")
+        if resp.status == 503:
+            break
+    assert resp.status == 503
+    assert (await resp.json())["failing_loops"] == ["broken"]

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from blockproxy.cluster.instance import Instance
 from blockproxy.cluster.view import ClusterView
 
 log = logging.getLogger("blockproxy.prober")
@@ -27,19 +28,24 @@ class Prober:
         self.discovered_at: dict[str, float] = {}
 
     async def check_once(self) -> None:
-        now = time.monotonic()
         for inst in list(self.view.instances.values()):
-            if not inst.healthy and now >= inst.next_probe_at:
-                if await self.upstream.healthy(inst.url):
-                    inst.probe_succeeded()
-                    log.info("instance %s is back", inst.name)
-                else:
-                    inst.probe_failed(now)
-            every = DISCOVER_AFTER_S if inst.models else DISCOVER_UNTIL_KNOWN_S
-            if inst.healthy and not inst.spec.models and \
-                    now - self.discovered_at.get(inst.name, -1e9) > every:
-                self.discovered_at[inst.name] = now
-                cards = await self.upstream.models(inst.url)
-                if cards is not None:
-                    inst.model_cards = {c["id"]: c for c in cards if "id" in c}
-                    inst.models = set(inst.model_cards)
+            try:
+                await self._check(inst, time.monotonic())
+            except Exception:  # one instance's oddity must not stop the others' probes
+                log.exception("probing instance %s failed", inst.name)
+
+    async def _check(self, inst: Instance, now: float) -> None:
+        if not inst.healthy and now >= inst.next_probe_at:
+            if await self.upstream.healthy(inst.url):
+                inst.probe_succeeded()
+                log.info("instance %s is back", inst.name)
+            else:
+                inst.probe_failed(now)
+        every = DISCOVER_AFTER_S if inst.models else DISCOVER_UNTIL_KNOWN_S
+        if inst.healthy and not inst.spec.models and \
+                now - self.discovered_at.get(inst.name, -1e9) > every:
+            self.discovered_at[inst.name] = now
+            cards = await self.upstream.models(inst.url)
+            if cards is not None:
+                inst.model_cards = {c["id"]: c for c in cards}
+                inst.models = set(inst.model_cards)

@@ -76,6 +76,13 @@ class ClusterView:
         """
         added, removed, changed = [], [], []
         wanted = {s.name: s for s in specs}
+        # Build every new instance first: a spec that cannot be built (an unknown profile,
+        # an unreadable tokenizer) raises before anything has changed.
+        built: dict[str, Instance] = {}
+        for spec in specs:
+            current = self.instances.get(spec.name)
+            if current is None or (current.spec != spec and _needs_rebuild(current.spec, spec)):
+                built[spec.name] = self._new_instance(spec)
         for name in list(self.instances):
             if name not in wanted:
                 self.instances.pop(name).removed = True
@@ -83,13 +90,13 @@ class ClusterView:
         for spec in specs:
             current = self.instances.get(spec.name)
             if current is None:
-                self.instances[spec.name] = self._new_instance(spec)
+                self.instances[spec.name] = built[spec.name]
                 added.append(spec.name)
             elif current.spec != spec:
-                if _needs_rebuild(current.spec, spec):
+                if spec.name in built:
                     # Another URL or engine: a new instance; streams on the old one finish.
                     current.removed = True
-                    self.instances[spec.name] = self._new_instance(spec)
+                    self.instances[spec.name] = built[spec.name]
                 else:
                     current.spec = spec
                     current.state = spec.state

@@ -96,6 +96,7 @@ class Proxy:
                                    self.generate, self.predictor, self.rng, self.gossip,
                                    self.scraper)
         self.supervisor = Supervisor(self.metrics.task_restarts)
+        self.endpoints.supervisor = self.supervisor
         self._add_loops(watcher)
 
     def _add_loops(self, watcher: BackendsWatcher | None) -> None:

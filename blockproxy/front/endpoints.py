@@ -23,6 +23,7 @@ from blockproxy.gossip.node import Gossiper
 from blockproxy.metrics import Metrics
 from blockproxy.request import ApiError
 from blockproxy.routing.lengths import LengthPredictor
+from blockproxy.supervise import Supervisor
 from blockproxy.upstream import Upstream, UpstreamError
 
 
@@ -39,6 +40,8 @@ class Endpoints:
         self.rng = rng
         self.gossip = gossip
         self.scraper = scraper
+        #: the background loops, whose failing ones turn /health red (set by the Proxy)
+        self.supervisor: Supervisor | None = None
 
     async def models(self, request: web.Request) -> web.Response:
         """Union of the model cards of healthy instances."""
@@ -53,6 +56,11 @@ class Endpoints:
                                  dumps=lambda o: orjson.dumps(o).decode())
 
     async def health(self, request: web.Request) -> web.Response:
+        """Liveness: 503 while a background loop keeps crashing (see :mod:`supervise`)."""
+        failing = self.supervisor.failing() if self.supervisor is not None else []
+        if failing:
+            return web.json_response({"status": "failing", "failing_loops": failing},
+                                     status=503)
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:

@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from blockproxy.backends import MAX_NAME_BYTES
+
 VERSION = 1
 MAX_DATAGRAM = 1200
 TAG_LEN = 32
@@ -44,7 +46,7 @@ MAX_BLOCKS_PER_OP = 100
 #: ints on the wire that become table cells must fit comfortably in int64
 MAX_COUNT = 1 << 31
 MAX_ID = (1 << 64) - 1
-MAX_NAME = 200
+MAX_NAME = MAX_NAME_BYTES  # the backends file refuses longer names
 
 #: drop reasons, the label values of ``blockproxy_gossip_dropped_total``
 REASONS = ("oversized", "malformed", "forged", "version", "clock", "replayed", "stale")

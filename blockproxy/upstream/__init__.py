@@ -215,4 +215,7 @@ class Upstream:
         except orjson.JSONDecodeError:
             return None
         cards = data.get("data") if isinstance(data, dict) else None
-        return [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else None
+        if not isinstance(cards, list):
+            return None
+        return [c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)
+                and 0 < len(c["id"].encode()) <= 200]
