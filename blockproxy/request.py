@@ -46,6 +46,9 @@ class RequestInfo:
     include_usage: bool
     body: dict[str, Any]
     raw: bytes
+    #: sequences the engine generates for it (``n`` choices of each of a batch of
+    #: completions prompts): their stream events interleave, one token each
+    sequences: int = 1
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -124,6 +127,7 @@ def parse_request(route: str, raw: bytes) -> RequestInfo:
         raise _bad("'model' is required", "model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' must be a non-empty string", "model")
+    batch = 1
     if route == CHAT:
         chars = _messages_length(body.get("messages"))
         max_tokens = _optional_int(body, "max_completion_tokens") or \
@@ -133,6 +137,9 @@ def parse_request(route: str, raw: bytes) -> RequestInfo:
             raise _bad("'prompt' is required", "prompt")
         chars = _text_length(body["prompt"])
         max_tokens = _optional_int(body, "max_tokens")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            batch = len(prompt)  # a batch of prompts (strings or token-id lists)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream")
@@ -140,6 +147,7 @@ def parse_request(route: str, raw: bytes) -> RequestInfo:
     if options is not None and not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
     include_usage = bool(options and options.get("include_usage"))
+    sequences = batch * (_optional_int(body, "n") or 1)
     return RequestInfo(route=route, model=model, stream=stream, prompt_chars=chars,
                        max_tokens=max_tokens, include_usage=include_usage, body=body,
-                       raw=raw)
+                       raw=raw, sequences=sequences)

@@ -138,7 +138,10 @@ def test_a_reload_that_cannot_be_built_changes_nothing(tmp_path) -> None:
     path.write_text("backends:\n  - url: http://127.0.0.1:9001\n    name: a\n"
                     "  - url: http://127.0.0.1:9002\n    name: b\n")
     view = ClusterView("llama-3.1-8b-h100-tp1")
-    watcher = BackendsWatcher(path, lambda specs: None if view.apply(specs) else None)
+    def apply(specs: list[BackendSpec]) -> None:
+        view.apply(specs)
+
+    watcher = BackendsWatcher(path, apply)
     view.apply(watcher.current)
     before = dict(view.instances)
     path.write_text("backends:\n  - url: http://127.0.0.1:9001\n    name: a\n"

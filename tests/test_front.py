@@ -125,3 +125,4 @@ def test_a_mistyped_policy_option_is_an_error() -> None:
         make_policy("block", tie_tolerence=0.1)
     with pytest.raises(ValueError, match="no option sample_k"):
         make_policy("round_robin", sample_k=2)
+

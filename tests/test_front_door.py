@@ -390,3 +390,31 @@ async def test_an_odd_models_answer_stops_neither_discovery_nor_probing(
             break
     assert resp.status == 503
     assert (await resp.json())["failing_loops"] == ["broken"]
+
+
+async def test_several_sequences_do_not_feed_calibration(
+        aiohttp_server: Callable[..., Awaitable[TestServer]], aiohttp_client: Any) -> None:
+    """n = 3: three events per engine step.  The request is estimated, not observed: its
+    events do not calibrate the instance's speed, and its length is learned per sequence."""
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for step in range(40):
+            for choice in range(3):
+                await resp.write(b'data: {"choices":[{"index":%d,"text":" w"}]}\n\n' % choice)
+            await asyncio.sleep(0.002)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", stream)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    proxy = _proxy([url])
+    client = await aiohttp_client(proxy.make_app())
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 40, "n": 3, "stream": True}
+    resp = await client.post("/v1/completions", json=body)
+    assert resp.status == 200 and (await resp.text()).count('"text"') == 120
+    inst = proxy.view.instances["i0"]
+    assert inst.calibration.samples == 0 and inst.active == 0
+    assert proxy.predictor.learned("tiny", 1) is None  # one observation: not yet learned
+    assert proxy.predictor._global.quantile(0.5) == 40

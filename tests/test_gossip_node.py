@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.cluster import LOCAL, PHANTOM, ClusterView
-from blockproxy.cluster.scraper import Scraper, parse_vllm_gauges
+from blockproxy.cluster.scraper import MAX_PHANTOMS, Scraper, parse_vllm_gauges
 from blockproxy.gossip import codec
 from blockproxy.gossip.node import Gossiper
 from loadgen.procs import free_udp_ports
@@ -215,3 +215,19 @@ def test_scraper_clears_the_cache_model_of_a_restarted_instance():
     assert inst.prefix.match([1, 2, 3]) == 3
     assert scraper.restarted(inst, parse_vllm_gauges(page % 40))
     assert inst.prefix.match([1, 2, 3]) == 0
+
+
+@pytest.mark.parametrize("value", ["+Inf", "NaN", "-5", "1e300"])
+def test_scraper_survives_absurd_gauges(value: str):
+    """A gauge of inf or NaN is ignored, a negative one is zero, a huge one is capped: the
+    scrape goes on and the view stays bounded."""
+    v = view()
+    scraper = Scraper(v, None, CollectorRegistry(), 1.0)
+    inst = v.instances["i0"]
+    page = (f"vllm:num_requests_running 1\nvllm:num_requests_waiting {value}\n"
+            f"vllm:kv_cache_usage_perc {value}\n")
+    gauges = parse_vllm_gauges(page)
+    for _ in range(2):
+        scraper.apply(inst, gauges)
+    assert 1 <= inst.requests.n <= MAX_PHANTOMS
+    assert scraper.kv_usage.get("i0", 0.0) <= 1.0

@@ -13,6 +13,7 @@ again when the gap closes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -31,17 +32,20 @@ GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cac
 RESTART_COUNTER = "vllm:prompt_tokens_total"
 #: phantom size before any request has been seen
 DEFAULT_PROMPT, DEFAULT_OUTPUT = 512, 256
+#: phantom requests per instance at most, whatever its page claims
+MAX_PHANTOMS = 4096
 
 
 def parse_vllm_gauges(text: str) -> dict[str, float]:
     """The three gauges and the prompt-token counter, summed over label sets (engines);
-    missing ones are absent."""
+    missing ones are absent, and so are values that are not finite numbers >= 0."""
     out: dict[str, float] = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in GAUGES:
-                    out[sample.name] = out.get(sample.name, 0.0) + sample.value
+                value = sample.value
+                if sample.name in GAUGES and math.isfinite(value):
+                    out[sample.name] = out.get(sample.name, 0.0) + max(value, 0.0)
     except ValueError:  # a malformed page: use what was read before the bad line
         pass
     return out
@@ -90,14 +94,14 @@ class Scraper:
 
     def apply(self, inst: Instance, gauges: dict[str, float]) -> int:
         """Reconcile one instance's phantoms with its gauges; returns the phantom count."""
-        running = int(gauges.get("vllm:num_requests_running", 0))
-        waiting = int(gauges.get("vllm:num_requests_waiting", 0))
+        running = int(min(gauges.get("vllm:num_requests_running", 0), MAX_PHANTOMS))
+        waiting = int(min(gauges.get("vllm:num_requests_waiting", 0), MAX_PHANTOMS))
         if "vllm:kv_cache_usage_perc" in gauges:
-            self.kv_usage[inst.name] = gauges["vllm:kv_cache_usage_perc"]
+            self.kv_usage[inst.name] = min(gauges["vllm:kv_cache_usage_perc"], 1.0)
         phantoms = inst.requests.of_origin(PHANTOM)
         known = [e for e in inst.requests.entries if e.origin != PHANTOM]
         excess = running + waiting - len(known)
-        target = max(0, min(excess, self.prev_excess.get(inst.name, 0)))
+        target = max(0, min(excess, self.prev_excess.get(inst.name, 0), MAX_PHANTOMS))
         self.prev_excess[inst.name] = excess
         known_started = sum(1 for e in known if e.first_token_at)
         started = min(target, max(running - known_started, 0))
@@ -123,10 +127,16 @@ class Scraper:
         for inst in list(self.view.instances.values()):
             if not inst.healthy or inst.removed:
                 continue
-            text = await self.upstream.get_text(inst.url + "/metrics")
-            if text is None:
-                continue
-            gauges = parse_vllm_gauges(text)
-            self.restarted(inst, gauges)
-            if "vllm:num_requests_running" in gauges or "vllm:num_requests_waiting" in gauges:
-                self.apply(inst, gauges)
+            try:
+                await self._scrape(inst)
+            except Exception:  # one instance's page must not stop the others' scrapes
+                log.exception("scraping instance %s failed", inst.name)
+
+    async def _scrape(self, inst: Instance) -> None:
+        text = await self.upstream.get_text(inst.url + "/metrics")
+        if text is None:
+            return
+        gauges = parse_vllm_gauges(text)
+        self.restarted(inst, gauges)
+        if "vllm:num_requests_running" in gauges or "vllm:num_requests_waiting" in gauges:
+            self.apply(inst, gauges)

@@ -163,7 +163,9 @@ class GenerateHandler:
             if not pool:
                 break
             entry = self.dispatcher.dispatch(pool, job)
-            entry.observed = info.stream
+            # one stream event is one token of one sequence: with several, events do not
+            # time engine steps, so such a request is estimated rather than observed
+            entry.observed = info.stream and info.sequences == 1
             inst = entry.instance
             tried.append(inst)
             deadline = time.monotonic() + timeout
@@ -252,6 +254,7 @@ class GenerateHandler:
         held = b""  # the chunk ending in [DONE]: sent with the end of the body, one write
         send_timeout = self.config.send_timeout
         write = door.write
+        events = 0
         try:
             async for data in upstream.iter_chunks():
                 now = time.perf_counter()
@@ -263,11 +266,12 @@ class GenerateHandler:
                 else:
                     await write(request, response, data, send_timeout)
                 count = token_events(data)
+                events += count
                 if count > 0:
                     if not entry.first_token_at:
                         inst.first_token(entry, now)
                         count -= 1
-                    if count:
+                    if count and entry.observed:
                         inst.streamed(entry, now, count)
                 tail.append(data)
             ending = b"".join(tail)
@@ -296,8 +300,9 @@ class GenerateHandler:
         usage = parse_usage(ending)
         if usage.completion_tokens is not None:
             output = usage.completion_tokens
-        else:  # token events, less a chat stream's first (role-only) event
-            output = max(entry.generated - (1 if info.route == CHAT else 0), 0)
+        else:  # token events, less a chat stream's first (role-only) events, per sequence
+            first = info.sequences if info.route == CHAT else 0
+            output = max(events - first, 0) // info.sequences
         self._learn(info, entry, usage, output, time.perf_counter())
         self._count(info.route, 200)
         await response.write_eof(held)
