@@ -399,7 +399,7 @@ async def test_several_sequences_do_not_feed_calibration(
     async def stream(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for step in range(40):
+        for _step in range(40):
             for choice in range(3):
                 await resp.write(b'data: {"choices":[{"index":%d,"text":" w"}]}\n\n' % choice)
             await asyncio.sleep(0.002)
