@@ -88,8 +88,10 @@ class ProxyConfig:
     gossip_bind: str = _opt("", "UDP HOST:PORT for gossip with other proxies (off when empty)")
     gossip_seeds: str = _opt("", "comma-separated HOST:PORT of other proxies; a name may "
                                  "resolve to many (re-resolved periodically)")
-    gossip_key_file: str = _opt("", "file holding the shared gossip HMAC key (without one "
-                                    "an all-zero key is used: insecure)")
+    gossip_key_file: str = _opt("", "file holding the shared gossip HMAC key (required "
+                                    "with --gossip-bind)")
+    gossip_insecure: bool = _opt(False, "testing only: gossip without a key (an all-zero "
+                                        "one): anyone who reaches the port can add load")
     gossip_id: str = _opt("", "this proxy's gossip origin id (integer or name; random when "
                               "empty)")
     gossip_interval: float = _opt(0.005, "seconds between gossip delta batches")

@@ -222,3 +222,44 @@ def test_cached_prompt_tokens_travel_with_a_dispatch_and_a_snapshot():
         with pytest.raises(codec.Rejected):
             codec.decode(KEY, codec.encode(KEY, 7, 1, 4, 1000, codec.DELTA, [3, [bad]]),
                          now_ms=1000, window_ms=5000)
+
+
+def test_replays_are_refused_after_an_origin_expires_or_says_bye():
+    """The replay window outlives the origin: captured datagrams re-sent after it expired
+    (or left) are not ghost load, while the origin itself, when it speaks again with newer
+    seqs, is taken back."""
+    view = FakeView()
+    s = RemoteState(view, expiry=2.0)
+    apply(s, 1, codec.SNAPSHOT, [1, 0, 1, 0, [["i0", 1, 10, 5, 0, 0]]], now=0.0)
+    apply(s, 2, codec.DELTA, [1, [[codec.DISPATCH, "i0", 2, 10, 5, 0, 0]]], now=0.0)
+    assert s.expire(3.0) == [7] and view.rows == {}
+    for seq in (1, 2):
+        with pytest.raises(Rejected, match="replayed"):
+            apply(s, seq, codec.SNAPSHOT, [1, 0, 1, 0, [["i0", 1, 10, 5, 0, 0]]], now=3.1)
+    assert view.rows == {}
+    apply(s, 3, codec.SNAPSHOT, [2, 0, 1, 1, [["i0", 3, 10, 5, 0, 0]]], now=3.2)
+    assert view.rows == {(7, "i0", 3): (10, 5, 0, 0)}
+    apply(s, 4, codec.BYE, [], now=3.3)
+    with pytest.raises(Rejected, match="replayed"):
+        apply(s, 3, codec.SNAPSHOT, [2, 0, 1, 1, [["i0", 3, 10, 5, 0, 0]]], now=3.4)
+    with pytest.raises(Rejected, match="stale"):  # an older incarnation stays refused
+        apply(s, 9, codec.SNAPSHOT, [1, 0, 1, 0, []], inc=0, now=3.5)
+    assert view.rows == {}
+
+
+def test_origins_and_entries_per_origin_are_capped(monkeypatch):
+    from blockproxy.gossip import state
+
+    monkeypatch.setattr(state, "MAX_ORIGINS", 3)
+    monkeypatch.setattr(state, "MAX_ENTRIES", 2)
+    view = FakeView()
+    s = RemoteState(view, expiry=2.0)
+    for origin in (7, 8, 9):
+        apply(s, 1, codec.SNAPSHOT, [1, 0, 1, 0, []], origin=origin)
+    with pytest.raises(Rejected, match="full"):
+        apply(s, 1, codec.SNAPSHOT, [1, 0, 1, 0, []], origin=10)
+    apply(s, 2, codec.DELTA, [1, [[codec.DISPATCH, "i0", r, 10, 5, 0, 0] for r in range(5)]])
+    apply(s, 3, codec.SNAPSHOT, [2, 0, 1, 1, [["i1", r, 10, 5, 0, 0] for r in range(5)]],
+          origin=8)
+    assert len(s.origins[7].entries) == 2 and len(s.origins[8].entries) == 2
+    assert len(view.rows) == 4

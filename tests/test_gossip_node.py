@@ -231,3 +231,42 @@ def test_scraper_survives_absurd_gauges(value: str):
         scraper.apply(inst, gauges)
     assert 1 <= inst.requests.n <= MAX_PHANTOMS
     assert scraper.kv_usage.get("i0", 0.0) <= 1.0
+
+
+async def test_an_own_datagram_sent_back_does_not_silence_a_peer(mesh):
+    """A captured datagram of this proxy's, re-sent with a peer's address as its source,
+    must not make this proxy take that peer for itself and stop talking to it."""
+    a, b, _ = mesh
+    await eventually(lambda: b.transport.address in a.membership.peers())
+    now = __import__("time").time_ns() // 1_000_000
+    own = codec.encode(KEY, a.origin, a.incarnation, a.seq + 100, now, codec.DELTA, [0, []])
+    a._received(own, b.transport.address)
+    assert b.transport.address in a.membership.peers()
+    assert b.transport.address not in a.membership.own
+
+
+async def test_an_origin_is_bound_to_the_address_it_speaks_from(mesh):
+    """A fresh (not yet seen) datagram of a peer's, re-sent from elsewhere, is refused:
+    the origin speaks from its own address, and the sender does not become a peer."""
+    a, b, _ = mesh
+    await eventually(lambda: b.origin in a.state.origins)
+    now = __import__("time").time_ns() // 1_000_000
+    forged_from = ("127.0.0.1", 9)
+    data = codec.encode(KEY, b.origin, b.incarnation, b.seq + 1000, now, codec.DELTA,
+                        [10 ** 6, [[codec.DISPATCH, "i0", 77, 5000, 500, 0, 0]]])
+    a._received(data, forged_from)
+    assert a.metrics.dropped.labels("address")._value.get() == 1
+    assert forged_from not in a.membership.peers()
+    assert (b.origin, "i0", 77) not in remote_rows(a.view)
+
+
+def test_gossip_without_a_key_is_refused_unless_insecure():
+    from blockproxy.config import ProxyConfig
+    from blockproxy.front.app import Proxy
+
+    specs = [BackendSpec(url="http://127.0.0.1:9000", name="i0")]
+    port = free_udp_ports(1)[0]
+    with pytest.raises(ValueError, match="--gossip-key-file"):
+        Proxy(ProxyConfig(gossip_bind=f"127.0.0.1:{port}"), specs)
+    proxy = Proxy(ProxyConfig(gossip_bind=f"127.0.0.1:{port}", gossip_insecure=True), specs)
+    assert proxy.gossip is not None and proxy.gossip.key == bytes(32)

@@ -6,6 +6,8 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -167,9 +169,14 @@ async def test_bad_datagrams_rejected_and_counted(tmp_module, backends, key_file
         proxy.stop()
 
 
-async def test_no_key_warns(tmp_module, backends):
+async def test_no_key_is_refused_and_insecure_warns(tmp_module, backends):
     port = free_udp_ports(1)[0]
-    proxy = Proxy(tmp_module, backends, ["--gossip-bind", f"127.0.0.1:{port}", *GOSSIP])
+    done = subprocess.run([sys.executable, "-m", "blockproxy", "--backends", str(backends),
+                           "--gossip-bind", f"127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--gossip-key-file" in done.stderr
+    proxy = Proxy(tmp_module, backends, ["--gossip-bind", f"127.0.0.1:{port}",
+                                         "--gossip-insecure", *GOSSIP])
     proxy.stop()
     assert "WITHOUT A KEY" in proxy.log_path.read_text()
 

@@ -79,6 +79,10 @@ class Proxy:
                                         self.metrics, self.gate)
         self.gossip: Gossiper | None = None
         if config.gossip_bind:
+            if not config.gossip_key_file and not config.gossip_insecure:
+                raise ValueError("gossip needs a shared key: --gossip-key-file FILE (e.g. "
+                                 "head -c 32 /dev/urandom | base64 > FILE); "
+                                 "--gossip-insecure runs without one, for tests only")
             self.gossip = Gossiper(
                 self.view, self.metrics.registry, bind=config.gossip_bind,
                 seeds=config.gossip_seeds, key=load_key(config.gossip_key_file),

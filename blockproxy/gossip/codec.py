@@ -49,7 +49,8 @@ MAX_ID = (1 << 64) - 1
 MAX_NAME = MAX_NAME_BYTES  # the backends file refuses longer names
 
 #: drop reasons, the label values of ``blockproxy_gossip_dropped_total``
-REASONS = ("oversized", "malformed", "forged", "version", "clock", "replayed", "stale")
+REASONS = ("oversized", "malformed", "forged", "version", "clock", "replayed", "stale",
+           "address", "full")
 
 
 class Rejected(Exception):

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +108,15 @@ class Gossiper:
         self.rng = rng or random.Random()
         self.bind = parse_address(bind)
         self.membership = Membership(parse_seeds(seeds), peer_timeout=expiry)
-        if key is None:
+        if key is None:  # only with --gossip-insecure (the Proxy refuses otherwise)
             log.warning("GOSSIP RUNS WITHOUT A KEY (all-zero HMAC key): anyone who can reach "
                         "udp %s can inject load into the routing view; set --gossip-key-file",
                         bind)
         self.key = key or bytes(32)
+        #: the address each live origin speaks from: datagrams of it from elsewhere are
+        #: refused (a captured datagram re-sent by someone else)
+        self.addresses: dict[int, Address] = {}
+        self._local_ips: dict[str, bool] = {}
         self.origin = origin if origin is not None else parse_origin("", self.rng)
         self.incarnation = time.time_ns() // 1_000_000
         self.interval, self.snapshot_interval = interval, snapshot_interval
@@ -217,13 +222,21 @@ class Gossiper:
         try:
             dg = codec.decode(self.key, data, now_ns // 1_000_000, self.window_ms)
             if dg.origin == self.origin:
-                if dg.incarnation == self.incarnation:
+                if dg.incarnation == self.incarnation and self._is_own(addr):
                     self.membership.own.add(addr)  # a seed that is this proxy
                     return
-                raise Rejected("stale")  # our id, another incarnation: a clash or a replay
+                # our id from elsewhere: a captured datagram of ours sent back, or a clash
+                raise Rejected("replayed" if dg.incarnation == self.incarnation else "stale")
+            bound = self.addresses.get(dg.origin)
+            if bound is not None and bound != addr and dg.origin in self.state.origins:
+                raise Rejected("address")
             gaps = self.state.origins[dg.origin].gaps if dg.origin in self.state.origins \
                 else 0
             self.state.apply(dg, time.monotonic())
+            if dg.origin in self.state.origins:
+                self.addresses[dg.origin] = addr
+            else:  # it said BYE
+                self.addresses.pop(dg.origin, None)
         except Rejected as exc:
             m.dropped.labels(exc.reason).inc()
             return
@@ -238,6 +251,26 @@ class Gossiper:
         m.bytes.labels("in").inc(len(data))
         m.datagrams.labels("in").inc()
         m.propagation.observe(max(now_ns / 1e9 - dg.timestamp_ms / 1000, 0.0))
+
+    def _is_own(self, addr: Address) -> bool:
+        """Whether ``addr`` is this proxy's socket: its port, on an address of this host
+        (one it can bind to)."""
+        own = self.transport.address
+        if own is None or addr[1] != own[1]:
+            return False
+        local = self._local_ips.get(addr[0])
+        if local is None:
+            if len(self._local_ips) > 64:
+                self._local_ips.clear()
+            family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.bind((addr[0], 0))
+                local = True
+            except OSError:
+                local = False
+            self._local_ips[addr[0]] = local
+        return local
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -259,6 +292,7 @@ class Gossiper:
                 self.send_snapshot()
                 mono = time.monotonic()
                 for origin in self.state.expire(mono):
+                    self.addresses.pop(origin, None)
                     log.info("gossip origin %016x expired", origin)
                 self.membership.expire(mono)
             else:

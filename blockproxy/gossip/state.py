@@ -9,7 +9,11 @@ Rules (DESIGN.md section 3):
 - deltas apply in ``dseq`` order; a gap stops delta application until the next complete
   snapshot, which replaces all the origin's entries (prefix-block ops, idempotent and in
   no snapshot, apply whatever their order);
-- an origin silent for ``expiry`` seconds is dropped with its entries.
+- an origin silent for ``expiry`` seconds is dropped with its entries, but its incarnation
+  and highest seq are remembered (for ``remember`` seconds, longer than the codec's clock
+  window), so its captured datagrams replayed later are still refused;
+- at most :data:`MAX_ORIGINS` origins and :data:`MAX_ENTRIES` entries per origin are kept
+  (a new origin beyond the cap is refused, entries beyond it ignored).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from blockproxy.gossip.codec import Datagram, Rejected
 
 #: how far back seqs are remembered for replay detection
 REPLAY_WINDOW = 4096
+#: other proxies at most (a deployment has a handful)
+MAX_ORIGINS = 256
+#: active requests per other proxy at most
+MAX_ENTRIES = 16384
 
 Key = tuple[str, int]  # (instance name, request id)
 Row = list[int]  # [prompt, predicted, started, generated, cached]
@@ -76,20 +84,39 @@ class Origin:
 class RemoteState:
     """All remote origins; apply verified datagrams, expire the silent."""
 
-    def __init__(self, sink: Sink, expiry: float) -> None:
+    def __init__(self, sink: Sink, expiry: float, remember: float = 60.0) -> None:
         self.sink = sink
         self.expiry = expiry
+        self.remember = remember
         self.origins: dict[int, Origin] = {}
+        #: origins that expired or left: (incarnation, highest seq, when)
+        self.gone: dict[int, tuple[int, int, float]] = {}
 
     def apply(self, dg: Datagram, now: float) -> None:
-        """Apply one verified datagram (raises :class:`Rejected` for replays and stale ones)."""
+        """Apply one verified datagram (raises :class:`Rejected` for replays, stale ones
+        and a new origin beyond the cap)."""
         org = self.origins.get(dg.origin)
         if org is not None and dg.incarnation < org.incarnation:
             raise Rejected("stale")
         if org is None or dg.incarnation > org.incarnation:
-            if org is not None:
+            max_seq = -1
+            if org is None:
+                gone = self.gone.get(dg.origin)
+                if gone is not None:
+                    incarnation, max_seq, _ = gone
+                    if dg.incarnation < incarnation:
+                        raise Rejected("stale")
+                    if dg.incarnation > incarnation:
+                        max_seq = -1
+                    elif dg.seq <= max_seq:
+                        raise Rejected("replayed")
+                if len(self.origins) >= MAX_ORIGINS:
+                    raise Rejected("full")
+                self.gone.pop(dg.origin, None)
+            else:
                 self._drop(org)  # a restarted proxy replaces its old self
-            org = self.origins[dg.origin] = Origin(dg.origin, dg.incarnation, now)
+            org = self.origins[dg.origin] = Origin(dg.origin, dg.incarnation, now,
+                                                   max_seq=max_seq)
         org.check_replay(dg.seq)
         org.last_heard = now
         if dg.kind == codec.DELTA:
@@ -97,16 +124,24 @@ class RemoteState:
         elif dg.kind == codec.SNAPSHOT:
             self._snapshot_part(org, dg.payload)
         elif dg.kind == codec.BYE:
-            self._drop(org)
-            del self.origins[org.origin]
+            self._forget(org, now)
 
     def expire(self, now: float) -> list[int]:
         """Drop origins silent for longer than ``expiry``; returns their ids."""
         gone = [o for o in self.origins.values() if now - o.last_heard > self.expiry]
         for org in gone:
-            self._drop(org)
-            del self.origins[org.origin]
+            self._forget(org, now)
+        for origin in [o for o, (_, _, t) in self.gone.items() if now - t > self.remember]:
+            del self.gone[origin]
         return [o.origin for o in gone]
+
+    def _forget(self, org: Origin, now: float) -> None:
+        """Drop an origin's entries; remember how far its seqs went."""
+        self._drop(org)
+        del self.origins[org.origin]
+        if len(self.gone) >= 4 * MAX_ORIGINS:
+            del self.gone[min(self.gone, key=lambda o: self.gone[o][2])]
+        self.gone[org.origin] = (org.incarnation, org.max_seq, now)
 
     def staleness(self, now: float) -> float:
         """Age of the oldest origin's last datagram (0 with no origins)."""
@@ -155,6 +190,8 @@ class RemoteState:
             self.sink.remove_remote(org.origin, instance, rid)
 
     def _set(self, org: Origin, key: Key, row: Row) -> None:
+        if key not in org.entries and len(org.entries) >= MAX_ENTRIES:
+            return
         org.entries[key] = row
         self.sink.upsert_remote(org.origin, key[0], key[1], *row)
 
@@ -180,7 +217,7 @@ class RemoteState:
 
     def _replace(self, org: Origin, entries: list[list[object]]) -> None:
         fresh: dict[Key, Row] = {}
-        for e in entries:
+        for e in entries[:MAX_ENTRIES]:
             fresh[(e[0], e[1])] = [*e[2:7], *([0] if len(e) < 7 else [])]  # type: ignore[index,arg-type,misc,list-item]
         for key in [k for k in org.entries if k not in fresh]:
             del org.entries[key]
