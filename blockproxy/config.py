@@ -74,6 +74,9 @@ class ProxyConfig:
     send_timeout: float = _opt(60.0, "seconds a client may read nothing of a response before "
                                      "its connection is closed (its generation aborted)")
     keepalive_timeout: float = _opt(75.0, "seconds an idle client connection is kept open")
+    send_buffer_bytes: int = _opt(0, "kernel send buffer of client connections (SO_SNDBUF, "
+                                     "as nginx's listen sndbuf=; 0 = the kernel's default): "
+                                     "what a client that stops reading can hold")
     max_connections: int = _opt(0, "open client connections at most; one more gets a 503 "
                                    "(0 = fit the open-files limit: (limit - 256) / 2)")
     max_in_flight: int = _opt(0, "requests served at once at most; one more gets a 503 "

@@ -418,3 +418,22 @@ async def test_several_sequences_do_not_feed_calibration(
     assert inst.calibration.samples == 0 and inst.active == 0
     assert proxy.predictor.learned("tiny", 1) is None  # one observation: not yet learned
     assert proxy.predictor._global.quantile(0.5) == 40
+
+
+def test_fuzzed_requests_get_success_or_openai_errors(tmp_path: Any) -> None:
+    """hypothesis-generated methods, paths, headers and bodies against a live proxy
+    (scripts/front_door.py fuzz, fewer examples): every answer a success or a well-formed
+    OpenAI error, nothing the proxy refused reaching the backend, descriptors flat."""
+    import importlib.util
+
+    from tests.procs import ROOT
+
+    spec = importlib.util.spec_from_file_location("front_door",
+                                                  ROOT / "scripts" / "front_door.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.fuzz(argparse.Namespace(examples=150), tmp_path)
+    assert result["violations"] == [] and result["examples"] == 150
+    assert result["backend_requests"] > 0  # the valid ones did get through
+    assert result["proxy_after"]["fds"] <= result["proxy_before"]["fds"] + 4

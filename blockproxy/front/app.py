@@ -68,7 +68,8 @@ class Proxy:
             config.max_connections or default_max_connections(
                 resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
             config.header_timeout, self.metrics.connections,
-            self.metrics.rejected_connections, self.metrics.client_timeouts)
+            self.metrics.rejected_connections, self.metrics.client_timeouts,
+            config.send_buffer_bytes)
         self.upstream = Upstream(config.connect_timeout, config.read_timeout,
                                  config.max_upstream_connections)
         self.predictor = LengthPredictor(quantile=config.length_quantile,

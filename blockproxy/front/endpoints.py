@@ -3,6 +3,7 @@ vLLM's other request paths passed through, and the answer to every other path.""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -83,6 +84,7 @@ class Endpoints:
             out.append(described)
         body = {"policy": self.generate.policy_name, "simulator": simulator.IMPLEMENTATION,
                 "in_flight": self.gate.in_flight, "leaving": self.gate.leaving,
+                "tasks": len(asyncio.all_tasks()),
                 "draining": self.gate.draining,
                 "predictor": self.predictor.stats(), "instances": out,
                 "gossip": self.gossip.info() if self.gossip else None}

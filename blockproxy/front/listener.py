@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import socket
 from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
@@ -69,9 +70,11 @@ class Listener:
     """Counts and guards the client connections of one listening socket."""
 
     def __init__(self, max_connections: int, header_timeout: float,
-                 connections: Gauge, rejected: Counter, timeouts: Counter) -> None:
+                 connections: Gauge, rejected: Counter, timeouts: Counter,
+                 send_buffer: int = 0) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.send_buffer = send_buffer
         self.open = 0
         self.lingering = 0
         self.guards: dict[asyncio.BaseTransport, Guard] = {}
@@ -118,6 +121,10 @@ class Guard(asyncio.Protocol):
         lis.open += 1
         lis._gauge.inc()
         lis.guards[tr] = self
+        if lis.send_buffer:
+            sock = tr.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, lis.send_buffer)
         self.transport = tr
         self.inner.connection_made(tr)
         self._arm()

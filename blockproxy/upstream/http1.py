@@ -25,7 +25,7 @@ from typing import cast
 import httptools
 
 #: pause reading a response when this much of its body is buffered unread
-HIGH_WATER = 256 * 1024
+HIGH_WATER = 64 * 1024
 
 
 class HttpError(Exception):
