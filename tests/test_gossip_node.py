@@ -217,8 +217,9 @@ def test_scraper_clears_the_cache_model_of_a_restarted_instance():
     assert inst.prefix.match([1, 2, 3]) == 0
 
 
-@pytest.mark.parametrize("value", ["+Inf", "NaN", "-5", "1e300"])
-def test_scraper_survives_absurd_gauges(value: str):
+@pytest.mark.parametrize(("value", "phantoms"), [("+Inf", 1), ("NaN", 1), ("-5", 1),
+                                               ("1e300", MAX_PHANTOMS)])
+def test_scraper_survives_absurd_gauges(value: str, phantoms: int):
     """A gauge of inf or NaN is ignored, a negative one is zero, a huge one is capped: the
     scrape goes on and the view stays bounded."""
     v = view()
@@ -229,7 +230,7 @@ def test_scraper_survives_absurd_gauges(value: str):
     gauges = parse_vllm_gauges(page)
     for _ in range(2):
         scraper.apply(inst, gauges)
-    assert 1 <= inst.requests.n <= MAX_PHANTOMS
+    assert inst.requests.n == phantoms  # running 1 (+ waiting, when it is a number)
     assert scraper.kv_usage.get("i0", 0.0) <= 1.0
 
 

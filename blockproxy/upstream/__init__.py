@@ -16,7 +16,14 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from blockproxy.upstream.http1 import Connection, HttpError, Pool, header_block, request_head
+from blockproxy.upstream.http1 import (
+    Connection,
+    Failure,
+    HttpError,
+    Pool,
+    header_block,
+    request_head,
+)
 
 # Hop-by-hop headers (RFC 9110 7.6.1), those this client sets itself, and ``Expect`` (the
 # body is always sent whole).
@@ -25,20 +32,10 @@ _DROP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-
                    b"content-length", b"accept-encoding", b"expect"})
 
 
-class UpstreamError(Exception):
-    """An instance failed to answer.  The message names no URL (clients may see it).
-
-    ``sent``: the request had been written, so it may have reached the engine (never
-    retry it); ``local``: the proxy ran out of a resource of its own (file descriptors,
-    its connection cap), which is not the instance's fault; ``timeout``: a deadline passed.
-    """
-
-    def __init__(self, message: str, *, sent: bool = True, local: bool = False,
-                 timeout: bool = False) -> None:
-        super().__init__(message)
-        self.sent = sent
-        self.local = local
-        self.timeout = timeout
+class UpstreamError(Failure):
+    """An instance failed to answer (``sent``, ``local``, ``timeout``: see
+    :class:`~.http1.Failure`; a request that was sent may be running on the engine, so it
+    is never retried).  The message names no URL (clients may see it)."""
 
     @classmethod
     def of(cls, prefix: str, exc: HttpError) -> UpstreamError:

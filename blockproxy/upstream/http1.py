@@ -28,8 +28,8 @@ import httptools
 HIGH_WATER = 64 * 1024
 
 
-class HttpError(Exception):
-    """The connection failed, timed out or sent something that is not HTTP.
+class Failure(Exception):
+    """A request that failed, and what that means for retrying it.
 
     ``sent``: whether the request had been written (it may then have reached the server);
     ``local``: this process ran out of something (file descriptors, its connection cap),
@@ -42,6 +42,10 @@ class HttpError(Exception):
         self.sent = sent
         self.local = local
         self.timeout = timeout
+
+
+class HttpError(Failure):
+    """The connection failed, timed out or sent something that is not HTTP."""
 
 
 class Connection(asyncio.Protocol):
