@@ -117,7 +117,10 @@ async def one_request(session: aiohttp.ClientSession, url: str, stream: bool,
         async with session.post(url + "/v1/completions", json=body,
                                 headers={"X-Request-Id": rid}) as resp:
             if resp.status != 200:
-                error = orjson.loads(await resp.read()).get("error", {})
+                try:
+                    error = orjson.loads(await resp.read()).get("error", {})
+                except orjson.JSONDecodeError:
+                    error = {}
                 outcome[f"error_{resp.status}"] = outcome.get(f"error_{resp.status}", 0) + 1
                 if error.get("code") != resp.status:
                     outcome["lost"] += 1

@@ -19,7 +19,7 @@ from blockproxy.cluster.scraper import Scraper
 from blockproxy.cluster.view import ClusterView
 from blockproxy.front import door, paths
 from blockproxy.front.gate import Gate
-from blockproxy.front.generate import INSTANCE_FAILURE, GenerateHandler, error_response
+from blockproxy.front.generate import GenerateHandler, error_response
 from blockproxy.gossip.node import Gossiper
 from blockproxy.metrics import Metrics
 from blockproxy.request import ApiError
@@ -140,16 +140,8 @@ class Endpoints:
                     if not exc.local:
                         self.generate.failed(inst, exc)
                     continue
-                if exc.timeout:
-                    raise ApiError(504, f"instance {inst.name} did not answer within "
-                                   f"{cfg.unary_timeout:g} s", "GatewayTimeoutError") from None
-                self.generate.failed(inst, exc)
-                raise ApiError(502, f"instance {inst.name} failed after the request was "
-                               "sent (not retried)", "BadGatewayError") from None
-            if status in INSTANCE_FAILURE:
-                self.generate.failed(inst, UpstreamError(f"HTTP {status}"))
-            elif status < 500:
-                inst.record_success()
+                raise self.generate.after_send(inst, exc, stream=False) from None
+            self.generate.answered(inst, status)
             return web.Response(status=status, body=payload,
                                 content_type=ctype or "application/json")
         raise ApiError(502, "no instance could serve the request", "BadGatewayError")

@@ -197,21 +197,32 @@ class GenerateHandler:
 
     def _failed_after_send(self, info: RequestInfo, inst: Instance,
                            exc: UpstreamError) -> web.Response:
+        err = self.after_send(inst, exc, info.stream)
+        self._count(info.route, err.status)
+        return error_response(err)
+
+    def after_send(self, inst: Instance, exc: UpstreamError, stream: bool) -> ApiError:
         """The request was written to ``inst`` and then no answer came: it may be running
-        there, so it is not sent anywhere else."""
+        there, so it is not sent anywhere else.  Counts the failure where it is the
+        instance's, and returns the client's error."""
         if exc.timeout:
-            if info.stream:  # silent past the read timeout: the instance is stuck
+            if stream:  # silent past the read timeout: the instance is stuck
                 self.failed(inst, exc)
                 what = f"sent no response headers within {self.config.read_timeout:g} s"
             else:  # a long generation is the request's own doing
                 what = f"did not finish within {self.config.unary_timeout:g} s"
-            err = ApiError(504, f"instance {inst.name} {what}", "GatewayTimeoutError")
-        else:
-            self.failed(inst, exc)
-            err = ApiError(502, f"instance {inst.name} failed after the request was sent "
-                           "(not retried: it may have run)", "BadGatewayError")
-        self._count(info.route, err.status)
-        return error_response(err)
+            return ApiError(504, f"instance {inst.name} {what}", "GatewayTimeoutError")
+        self.failed(inst, exc)
+        return ApiError(502, f"instance {inst.name} failed after the request was sent "
+                        "(not retried: it may have run)", "BadGatewayError")
+
+    def answered(self, inst: Instance, status: int) -> None:
+        """What an instance's answer says of its health: 502/503/504 count as failures; a
+        500 is the engine's answer to that request, neither failure nor success."""
+        if status in INSTANCE_FAILURE:
+            self.failed(inst, UpstreamError(f"HTTP {status}"))
+        elif status < 500:
+            inst.record_success()
 
     def failed(self, inst: Instance, exc: Exception) -> None:
         """An instance failed: count it, eject after too many in a row."""
@@ -226,10 +237,7 @@ class GenerateHandler:
                      upstream: UpstreamResponse, deadline: float) -> web.StreamResponse:
         status = upstream.status
         inst = entry.instance
-        if status in INSTANCE_FAILURE:
-            self.failed(inst, UpstreamError(f"HTTP {status}"))
-        elif status < 500:  # a 500 is the engine's answer to this request
-            inst.record_success()
+        self.answered(inst, status)
         if status == 200 and info.stream:
             return await self._relay_stream(request, info, entry, upstream)
         try:
