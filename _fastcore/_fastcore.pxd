@@ -25,8 +25,8 @@ cdef struct Scratch:
     # Arrays carved out of one allocation owned by an InstanceModelC (_buf_cap entries each).
     Req* req
     int64_t* running      # running set, admission order; count in n_running
-    int64_t* waiting      # waiting queue in waiting[head:m]; prepends move head down
-                          # (tail fixed at m, at most m queued, so head >= 0)
+    int64_t* waiting      # waiting queue in waiting[head:tail]; preemptions move head
+                          # down (never below 0), expected arrivals move tail up
     int64_t* sched_idx    # requests scheduled in the current step
     int64_t* sched_new    # tokens each of them computes in that step
 

@@ -10,9 +10,11 @@ The simulation loop is a ``nogil`` C function (so Cython rejects any Python obje
 it): it works on request records and index arrays in a scratch buffer that the model
 keeps and grows as needed.  The GIL stays held during ``predict()``, so calls on one
 model never overlap.
-The waiting queue is ``waiting[head:m]``: it only ever loses its front (admission) or
-gains a new front (preemption), so its tail stays at ``m`` and ``head`` never goes
-below 0.  The running set is a plain array (admission order), popped from its end on
+The waiting queue is ``waiting[head:tail]``: it loses its front (admission), gains a new
+front (preemption) or a new back (an expected arrival).  It starts at ``head = `` the
+initially running count and ``tail = m``; a preemption needs a request that was running
+first, so ``head`` never goes below 0, and ``tail`` reaches at most ``m`` plus the
+arrivals, the number of request records.  The running set is a plain array (admission order), popped from its end on
 preemption and compacted in place when requests finish.
 """
 
@@ -62,6 +64,7 @@ cdef int NUM_COLUMNS = 5
 cdef int64_t MAX_TOKENS = (<int64_t>1) << 40
 # No request holds more tokens than this, so a larger KV cache never limits a target.
 cdef int64_t KV_TOKENS_CAP = (<int64_t>1) << 42
+cdef int64_t MAX_ARRIVALS = (<int64_t>1) << 16
 
 
 cdef inline int64_t ceil_div(int64_t a, int64_t b, int shift) noexcept nogil:
@@ -212,8 +215,11 @@ cdef class InstanceModelC:
         self._s.sched_new = self._s.sched_idx + cap
         return 0
 
-    def predict(self, state, n, new_prompt, new_cached, new_output, double bound=INFINITY):
-        """Simulate the instance holding ``state[:, :n]`` plus one new request.
+    def predict(self, state, n, new_prompt, new_cached, new_output, double bound=INFINITY,
+                double arrival_interval=INFINITY, arrival_prompt=0, arrival_cached=0,
+                arrival_output=0, arrival_limit=0):
+        """Simulate the instance holding ``state[:, :n]`` plus one new request (and up to
+        ``arrival_limit`` expected arrivals, one every ``arrival_interval`` seconds).
 
         The simulation stops once its clock passes ``bound`` seconds (times not reached
         are ``inf``).
@@ -225,6 +231,7 @@ cdef class InstanceModelC:
         cdef const int64_t[:, ::1] view
         cdef Py_ssize_t nn, col, bad, cap
         cdef int64_t extra[5]
+        cdef int64_t a_prompt, a_cached, a_output, a_limit
         cdef const int64_t* data
         cdef Outcome out
         try:
@@ -255,13 +262,33 @@ cdef class InstanceModelC:
             if extra[col] < 0:
                 value = (new_prompt, new_cached, 0, new_output, 0)[col]
                 raise ValueError(f"state values must be in [0, 2**40], got {value}")
-        self._reserve(nn + 1)
-        out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound)
+        if not arrival_interval > 0.0:
+            raise ValueError(f"arrival_interval must be positive, got {arrival_interval}")
+        a_prompt = token_arg(arrival_prompt)
+        a_cached = token_arg(arrival_cached)
+        a_output = token_arg(arrival_output)
+        for value, checked in ((arrival_prompt, a_prompt), (arrival_cached, a_cached),
+                               (arrival_output, a_output)):
+            if checked < 0:
+                raise ValueError(f"arrival sizes must be in [0, 2**40], got {value}")
+        try:
+            a_limit = arrival_limit
+        except OverflowError:
+            a_limit = -1
+        if a_limit < 0 or a_limit > MAX_ARRIVALS:
+            raise ValueError(f"arrival_limit must be in [0, 2**16], got {arrival_limit}")
+        if arrival_interval == INFINITY:
+            a_limit = 0
+        self._reserve(nn + 1 + a_limit)
+        out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound,
+                        arrival_interval, a_prompt, a_cached, a_output, a_limit)
         return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps)
 
     cdef Outcome _run(self, const int64_t* state, Py_ssize_t stride, Py_ssize_t n,
                       int64_t new_prompt, int64_t new_cached,
-                      int64_t new_output, double bound) noexcept nogil:
+                      int64_t new_output, double bound, double a_interval,
+                      int64_t a_prompt, int64_t a_cached, int64_t a_output,
+                      int64_t a_limit) noexcept nogil:
         cdef Req* req = self._s.req
         cdef int64_t* running = self._s.running
         cdef int64_t* waiting = self._s.waiting
@@ -282,7 +309,10 @@ cdef class InstanceModelC:
         cdef double speed = self.speed
         cdef Py_ssize_t m = n + 1
         cdef int64_t new = m - 1
-        cdef Py_ssize_t n_running = 0, head, n_waiting = 0, n_sched, i, k, w, n_run
+        cdef Py_ssize_t n_running = 0, head, tail, n_waiting = 0, n_sched, i, k, w, n_run
+        cdef Py_ssize_t n_req = m
+        cdef int64_t a_p, a_c, a_tg, arrived = 0
+        cdef double next_at, start
         cdef int64_t p, c, g, pr, r, h, victim, used = 0, free_blocks, peak
         cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
@@ -338,13 +368,35 @@ cdef class InstanceModelC:
                 sched_idx[n_waiting] = i
                 n_waiting += 1
         head = m - n_waiting
+        tail = m
         for k in range(n_waiting):
             waiting[head + k] = sched_idx[k]
         free_blocks = num_gpu_blocks - used
         peak = used
+        # Every expected arrival is the same request; clamped as the others are.
+        a_p = a_prompt if a_prompt > 1 else 1
+        a_c = a_cached if a_cached < a_p - 1 else a_p - 1
+        a_tg = a_output if a_output > 1 else 1
+        fit = kv_tokens - a_p + 1
+        if a_tg > fit:
+            a_tg = fit if fit > 1 else 1
+        next_at = 0.5 * a_interval
 
         while iterations < max_iterations and t <= bound:
             iterations += 1
+            # ---- expected arrivals due by now join the waiting queue ----------------------
+            while arrived < a_limit and t >= next_at:
+                req[n_req].prompt = a_p
+                req[n_req].cached = a_c
+                req[n_req].target = a_tg
+                req[n_req].gen = 0
+                req[n_req].comp = 0
+                req[n_req].blocks = 0
+                waiting[tail] = n_req
+                tail += 1
+                n_req += 1
+                arrived += 1
+                next_at = (<double>arrived + 0.5) * a_interval
             # ---- fast-forward a decode-only stretch ----------------------------------------
             n_run = n_running
             if fast_forward and n_run > 0 and n_run <= budget_cap:
@@ -379,9 +431,26 @@ cdef class InstanceModelC:
                             else:
                                 hi = mid - 1
                         j = lo  # if j stays 0, need is stale but unused: no stretch below
+                    if j > 1 and arrived < a_limit:
+                        # Only the steps that start before the next arrival: the largest
+                        # jj < j whose start (jj steps on) is before it, then jj + 1 steps.
+                        a = fixed + c_decode * <double>n_run + c_context * <double>ctx_sum
+                        lo = 0
+                        hi = j - 1
+                        while lo < hi:
+                            mid = (lo + hi + 1) // 2
+                            start = t + speed * (<double>mid * a + c_context * (
+                                <double>n_run * bp_tri_as_double(mid)))
+                            if start < next_at:
+                                lo = mid
+                            else:
+                                hi = mid - 1
+                        if lo + 1 < j:
+                            j = lo + 1
+                            need = decode_blocks_needed(req, running, n_run, bs, bs_shift, j)
                     admissible = False
                     # Admissibility only matters for a stretch (j > 1) and has no side effect.
-                    if j > 1 and head < m and n_run < max_num_seqs and budget_cap - n_run > 0:
+                    if j > 1 and head < tail and n_run < max_num_seqs and budget_cap - n_run > 0:
                         h = waiting[head]
                         total_h = req[h].prompt + req[h].gen
                         comp_h = req[h].cached if req[h].cached < total_h - 1 else total_h - 1
@@ -444,7 +513,7 @@ cdef class InstanceModelC:
                 budget -= num_new
                 i += 1
             if not preempted:
-                while head < m and budget > 0 and n_running < max_num_seqs:
+                while head < tail and budget > 0 and n_running < max_num_seqs:
                     h = waiting[head]
                     total_h = req[h].prompt + req[h].gen
                     comp_h = req[h].cached if req[h].cached < total_h - 1 else total_h - 1

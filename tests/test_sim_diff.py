@@ -167,10 +167,29 @@ def huge_cases(draw: st.DrawFn) -> tuple[dict, np.ndarray, int, tuple[int, int, 
     return cfg, arr, n, (draw(huge()), draw(huge()), draw(huge()))
 
 
+@st.composite
+def arrivals(draw: st.DrawFn, block_size: int = 16, small: bool = False
+             ) -> tuple[float, int, int, int, int]:
+    """Expected future arrivals: (interval, prompt, cached, output, limit)."""
+    tok = st.one_of(st.integers(0, 3), st.integers(0, 60)) if small else tokens(block_size)
+    prompt = draw(tok)
+    cached = draw(st.one_of(st.just(0), tok, st.integers(max(prompt - 2, 0), prompt + 2)))
+    interval = draw(st.sampled_from([math.inf, 1e-6, 1e-3, 0.0137, 0.05, 0.3, 1.0, 2.5, 1e6]))
+    return interval, prompt, cached, draw(tok), draw(st.sampled_from([0, 1, 2, 7, 64, 300]))
+
+
+NO_ARRIVALS = (math.inf, 0, 0, 0, 0)
+
+
 def run_both(c_cls: type, cfg: dict, arr: np.ndarray, n: int, new: tuple[int, int, int],
-             bound: float = math.inf):
-    c = c_cls(**cfg).predict(arr, n, *new, bound)
-    py = InstanceModelPy(**cfg).predict(arr, n, *new, bound)
+             bound: float = math.inf,
+             arrive: tuple[float, int, int, int, int] = NO_ARRIVALS):
+    prompt, cached, output = new
+    interval, a_prompt, a_cached, a_output, limit = arrive
+    c = c_cls(**cfg).predict(arr, n, prompt, cached, output, bound,
+                             interval, a_prompt, a_cached, a_output, limit)
+    py = InstanceModelPy(**cfg).predict(arr, n, prompt, cached, output, bound,
+                                        interval, a_prompt, a_cached, a_output, limit)
     return c, py
 
 
@@ -186,6 +205,18 @@ def test_random_states_identical(data: st.DataObject) -> None:
     c, py = run_both(c_cls, cfg, arr, n, new, bound)
     assert c == py
     assert [type(x) for x in c] == [float, float, float, int, int, int]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_states_with_future_arrivals_identical(data: st.DataObject) -> None:
+    c_cls = c_impl_or_skip()
+    cfg = data.draw(configs())
+    arr, n, new = data.draw(states(cfg["block_size"]))
+    arrive = data.draw(arrivals(cfg["block_size"]))
+    bound = data.draw(st.sampled_from([math.inf, 0.0, 0.05, 1.0, 30.0]))
+    c, py = run_both(c_cls, cfg, arr, n, new, bound, arrive)
+    assert c == py
 
 
 @settings(max_examples=300, deadline=None)
@@ -255,6 +286,11 @@ def test_many_requests_realistic_limits_identical(data: st.DataObject) -> None:
     arr, n, new = data.draw(states(16, max_n=300))
     c, py = run_both(c_cls, cfg, arr, n, new)
     assert c == py
+    # The same with a realistic arrival process (about 5 to 50 requests per second).
+    arrive = (data.draw(st.sampled_from([0.02, 0.05, 0.2])), data.draw(st.integers(1, 3000)),
+              data.draw(st.integers(0, 500)), data.draw(st.integers(1, 600)), 256)
+    c, py = run_both(c_cls, cfg, arr, n, new, math.inf, arrive)
+    assert c == py
 
 
 # ---- fast-forward == one step at a time (each implementation) ----------------------------
@@ -276,6 +312,23 @@ def test_fast_forward_agrees_with_stepping(impl: str, data: st.DataObject) -> No
     stepwise = cls(**dict(cfg, fast_forward=False)).predict(arr, n, *new)
     # Each loop iteration simulates at least one step, or is a step that only preempted
     # and is followed by a step or the end: far below the cap, neither run was cut short.
+    assume(2 * stepwise[5] + 2 < cfg["max_iterations"])
+    assert ff[3:] == stepwise[3:]
+    for x, y in zip(ff[:3], stepwise[:3]):
+        assert close(x, y), (ff, stepwise)
+
+
+@pytest.mark.parametrize("impl", ["c", "py"])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fast_forward_agrees_with_stepping_with_arrivals(impl: str, data: st.DataObject
+                                                         ) -> None:
+    cls = c_impl_or_skip() if impl == "c" else InstanceModelPy
+    cfg = data.draw(configs(max_iterations=20_000))
+    arr, n, new = data.draw(states(cfg["block_size"], max_n=16, small=True))
+    arrive = data.draw(arrivals(small=True))
+    ff = cls(**dict(cfg, fast_forward=True)).predict(arr, n, *new, math.inf, *arrive)
+    stepwise = cls(**dict(cfg, fast_forward=False)).predict(arr, n, *new, math.inf, *arrive)
     assume(2 * stepwise[5] + 2 < cfg["max_iterations"])
     assert ff[3:] == stepwise[3:]
     for x, y in zip(ff[:3], stepwise[:3]):
@@ -383,6 +436,19 @@ def _predict_error_cases() -> list[tuple[str, np.ndarray, int, tuple[int, int, i
     arr[4, 1] = -5
     cases.append(("first bad value wins", arr, 2, (-3, 0, 1)))
     return cases
+
+
+@pytest.mark.parametrize("arrive", [
+    (0.0, 1, 0, 1, 4), (-1.0, 1, 0, 1, 4), (math.nan, 1, 0, 1, 4), (0.1, -1, 0, 1, 4),
+    (0.1, 1, MAX_TOKENS + 1, 1, 4), (0.1, 1, 0, 1 << 70, 4), (0.1, 1, 0, 1, -1),
+    (0.1, 1, 0, 1, (1 << 16) + 1), (0.1, 1, 0, 1, 1 << 70)])
+def test_arrival_errors_match(c_impl, arrive) -> None:
+    ok = np.array([[10], [0], [1], [5], [1]], dtype=np.int64)
+    with pytest.raises(ValueError) as py_err:
+        InstanceModelPy(**H100).predict(ok, 1, 5, 0, 5, math.inf, *arrive)
+    with pytest.raises(ValueError) as c_err:
+        c_impl(**H100).predict(ok, 1, 5, 0, 5, math.inf, *arrive)
+    assert str(c_err.value) == str(py_err.value)
 
 
 @pytest.mark.parametrize("name,arr,n,new", _predict_error_cases(),

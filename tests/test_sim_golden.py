@@ -189,3 +189,44 @@ def test_bound_stops_a_simulation_that_is_already_too_slow(sim_impl, fast_forwar
     cut = Prediction(*model.predict(state(), 0, 100, 0, 5, 3.0))
     assert cut.ttft == full.ttft and math.isinf(cut.e2e)
     assert Prediction(*model.predict(state(), 0, 100, 0, 5, 10.0)) == full
+
+
+# ---- expected future arrivals ---------------------------------------------------------------
+
+def predict_with(model, st, n, prompt, cached, output, interval, a_prompt, a_cached, a_output,
+                 limit) -> Prediction:
+    return Prediction(*model.predict(st, n, prompt, cached, output, math.inf, interval,
+                                     a_prompt, a_cached, a_output, limit))
+
+
+def test_arrival_joins_at_the_next_step_and_slows_the_decode(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    # Alone: prefill 100 tokens (2.0 s), then 4 decode steps of 1.1: e2e 6.4.
+    alone = predict(model, state(), 0, 100, 0, 5)
+    assert alone.e2e == pytest.approx(6.4, rel=1e-12)
+    # One arrival of 50 prompt tokens at 0.5 * 5.0 = 2.5 s: it joins at the start of the
+    # step that begins at 3.1 (the first at or after 2.5), which then also prefills its 50
+    # tokens: 1 + 0.1 + 0.5 = 1.6.  From then on both decode: 1.2 per step.  The new
+    # request's steps: 2.0, 3.1, 4.7 (its 3rd token), 5.9, 7.1 (its 5th): e2e 7.1.
+    p = predict_with(model, state(), 0, 100, 0, 5, 5.0, 50, 0, 100, 1)
+    assert p.ttft == alone.ttft
+    assert p.e2e == pytest.approx(7.1, rel=1e-12)
+
+
+def test_arrivals_after_the_end_or_none_change_nothing(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    alone = predict(model, state(), 0, 100, 0, 5)
+    assert predict_with(model, state(), 0, 100, 0, 5, 100.0, 50, 0, 100, 10) == alone
+    assert predict_with(model, state(), 0, 100, 0, 5, 1.0, 50, 0, 100, 0) == alone
+    assert predict_with(model, state(), 0, 100, 0, 5, math.inf, 50, 0, 100, 10) == alone
+
+
+def test_more_arrivals_never_finish_the_request_sooner(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    st = state((300, 0, 4, 40, 1), (200, 0, 0, 30, 0))
+    e2e = [predict_with(model, st, 2, 100, 0, 20, interval, 80, 0, 50, 64).e2e
+           for interval in (math.inf, 20.0, 5.0, 2.0, 0.5)]
+    assert e2e == sorted(e2e) and e2e[-1] > e2e[0]
+    capped = [predict_with(model, st, 2, 100, 0, 20, 0.5, 80, 0, 50, limit).e2e
+              for limit in (0, 1, 4, 64)]
+    assert capped == sorted(capped)

@@ -30,17 +30,26 @@ request appended to its queue.
   decode_seqs + per_context_token * context_tokens)``, where a decode is a request with
   output computing only its last sampled token, every other computed token is a prefill
   token, and ``context_tokens`` sums ``computed + new`` over the scheduled requests.
+* Expected future arrivals (optional): ``arrival_limit`` requests of ``arrival_prompt``
+  tokens (``arrival_cached`` of them cached) and ``arrival_output`` output tokens, the
+  k-th (from 0) arriving at ``(k + 0.5) * arrival_interval`` seconds.  An arrival joins
+  the back of the waiting queue at the start of the first step that begins at or after its
+  time, as a request reaching the engine between two steps does.  They stand for the load
+  the instance will receive while the new request runs (rate and mean sizes of its recent
+  arrivals: :mod:`blockproxy.cluster.arrivals`), which slows every step of it.
 * Fast-forward: when every running request is decoding, all fit in the budget and no
   waiting request can be admitted, the steps up to the one before the next finish (or
-  before the KV cache runs out) are advanced in closed form.
+  before the KV cache runs out, or up to the last one that starts before the next
+  arrival) are advanced in closed form.
 
 State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``; entries
 ``0..n-1`` are the instance's active requests in dispatch order):
 ``COL_PROMPT``, ``COL_CACHED``, ``COL_GENERATED``, ``COL_PREDICTED``, ``COL_STARTED``
 (non-zero: admitted by the engine, i.e. in the running set).
 
-``predict(state, n, new_prompt, new_cached, new_output, bound=inf)`` returns ``(ttft, e2e,
-queue_delay, preemptions, peak_blocks, steps)``:
+``predict(state, n, new_prompt, new_cached, new_output, bound=inf, arrival_interval=inf,
+arrival_prompt=0, arrival_cached=0, arrival_output=0, arrival_limit=0)`` returns ``(ttft,
+e2e, queue_delay, preemptions, peak_blocks, steps)``:
 seconds from now until the new request's first token, until its last token, and until it
 is first scheduled; preemptions during the simulation; the largest number of KV blocks in
 use; engine steps simulated.  A request that can never be served (it does not fit in the
@@ -65,6 +74,8 @@ NUM_COLUMNS = 5
 MAX_TOKENS = 1 << 40
 #: No request holds more tokens than this, so a larger KV cache never limits a target.
 KV_TOKENS_CAP = 1 << 42
+#: Most expected future arrivals one simulation accepts.
+MAX_ARRIVALS = 1 << 16
 INF = math.inf
 
 
@@ -113,9 +124,11 @@ class InstanceModelPy:
         self.fast_forward = bool(fast_forward)
 
     def predict(self, state: Any, n: int, new_prompt: int, new_cached: int,
-                new_output: int, bound: float = INF
-                ) -> tuple[float, float, float, int, int, int]:
-        """Simulate the instance holding ``state[:, :n]`` plus one new request."""
+                new_output: int, bound: float = INF, arrival_interval: float = INF,
+                arrival_prompt: int = 0, arrival_cached: int = 0, arrival_output: int = 0,
+                arrival_limit: int = 0) -> tuple[float, float, float, int, int, int]:
+        """Simulate the instance holding ``state[:, :n]`` plus one new request (and up to
+        ``arrival_limit`` expected arrivals, one every ``arrival_interval`` seconds)."""
         if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
             raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
         cols = state[:NUM_COLUMNS, :n].tolist()
@@ -129,11 +142,23 @@ class InstanceModelPy:
             for value in col:
                 if value < 0 or value > MAX_TOKENS:
                     raise ValueError(f"state values must be in [0, 2**40], got {value}")
+        interval = float(arrival_interval)
+        if not interval > 0.0:
+            raise ValueError(f"arrival_interval must be positive, got {arrival_interval}")
+        for value in (arrival_prompt, arrival_cached, arrival_output):
+            if value < 0 or value > MAX_TOKENS:
+                raise ValueError(f"arrival sizes must be in [0, 2**40], got {value}")
+        if arrival_limit < 0 or arrival_limit > MAX_ARRIVALS:
+            raise ValueError(f"arrival_limit must be in [0, 2**16], got {arrival_limit}")
+        limit = int(arrival_limit) if math.isfinite(interval) else 0
         return self._run(m, prompt_col, cached_col, gen_col, pred_col, started_col,
-                         float(bound))
+                         float(bound), interval, int(arrival_prompt), int(arrival_cached),
+                         int(arrival_output), limit)
 
     def _run(self, m: int, prompt_col: list[int], cached_col: list[int], gen: list[int],
-             pred_col: list[int], started_col: list[int], bound: float
+             pred_col: list[int], started_col: list[int], bound: float,
+             a_interval: float = INF, a_prompt: int = 0, a_cached: int = 0,
+             a_output: int = 0, a_limit: int = 0
              ) -> tuple[float, float, float, int, int, int]:
         bs = self.block_size
         budget_cap = self.max_num_batched_tokens
@@ -177,6 +202,15 @@ class InstanceModelPy:
                 waiting.append(i)
         free = self.num_gpu_blocks - used
         peak = used
+        # Every expected arrival is the same request; clamped as the others are.
+        a_p = a_prompt if a_prompt > 1 else 1
+        a_c = a_cached if a_cached < a_p - 1 else a_p - 1
+        a_tg = a_output if a_output > 1 else 1
+        fit = kv_tokens - a_p + 1
+        if a_tg > fit:
+            a_tg = fit if fit > 1 else 1
+        arrived = 0
+        next_at = 0.5 * a_interval
 
         t = 0.0
         ttft = INF
@@ -189,6 +223,17 @@ class InstanceModelPy:
         sched_new: list[int] = []
         while iterations < self.max_iterations and t <= bound:
             iterations += 1
+            # ---- expected arrivals due by now join the waiting queue ----------------------
+            while arrived < a_limit and t >= next_at:
+                waiting.append(len(prompt))
+                prompt.append(a_p)
+                cached.append(a_c)
+                target.append(a_tg)
+                gen.append(0)
+                comp.append(0)
+                blocks.append(0)
+                arrived += 1
+                next_at = (float(arrived) + 0.5) * a_interval
             # ---- fast-forward a decode-only stretch --------------------------------------
             n_run = len(running)
             if self.fast_forward and n_run > 0 and n_run <= budget_cap:
@@ -215,6 +260,21 @@ class InstanceModelPy:
                             else:
                                 hi = mid - 1
                         j = lo
+                    if j > 1 and arrived < a_limit:
+                        # Only the steps that start before the next arrival: the largest
+                        # jj < j whose start (jj steps on) is before it, then jj + 1 steps.
+                        a = fixed + c_decode * float(n_run) + c_context * float(ctx_sum)
+                        lo = 0
+                        hi = j - 1
+                        while lo < hi:
+                            mid = (lo + hi + 1) // 2
+                            start = t + speed * (float(mid) * a + c_context * (
+                                float(n_run) * float(mid * (mid + 1) // 2)))
+                            if start < next_at:
+                                lo = mid
+                            else:
+                                hi = mid - 1
+                        j = lo + 1
                     admissible = False
                     if waiting and n_run < self.max_num_seqs and budget_cap - n_run > 0:
                         h = waiting[0]
