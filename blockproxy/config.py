@@ -47,6 +47,14 @@ class ProxyConfig:
     past_prediction_tokens: int = _opt(16, "simulator: tokens still expected from a request "
                                            "already past its predicted length")
     calibrate: bool = _opt(True, "learn each instance's true speed from observed token timings")
+    learn_overhead: bool = _opt(True, "learn each instance's per-request overhead (time "
+                                      "before its engine queues a request) from observed "
+                                      "first tokens")
+    future_arrivals: int = _opt(256, "simulator: requests expected to arrive at an instance "
+                                     "while the new one runs, at most (its recent arrival "
+                                     "rate and mean sizes; 0 = none)")
+    arrival_window: float = _opt(30.0, "seconds over which an instance's recent arrivals are "
+                                       "averaged (exponential decay)")
     max_body_bytes: int = _opt(4 * 1024 * 1024, "largest request body accepted (413 above)")
     max_retries: int = _opt(2, "other instances tried when one fails before the first byte")
     connect_timeout: float = _opt(5.0, "seconds to connect to an instance")

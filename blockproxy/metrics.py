@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
@@ -71,6 +71,12 @@ class Metrics:
         # the request path observes these on every completion: children looked up once
         self.e2e_error = self.prediction_error.labels("e2e")
         self.ttft_error = self.prediction_error.labels("ttft")
+        self.prediction_bias = Summary(
+            "blockproxy_prediction_relative_error",
+            "(predicted - observed) / observed, per quantity: its mean is the bias (< 0: "
+            "predictions too low)", ["quantity"], registry=r)
+        self.e2e_bias = self.prediction_bias.labels("e2e")
+        self.ttft_bias = self.prediction_bias.labels("ttft")
         self.length_error = Histogram(
             "blockproxy_output_length_abs_relative_error",
             "|predicted - true| / true output tokens", buckets=ERROR_BUCKETS, registry=r)

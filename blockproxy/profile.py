@@ -40,6 +40,8 @@ class StepTime:
     per_prefill_token_s: float
     per_decode_seq_s: float
     per_context_token_s: float = 0.0
+    #: time before the engine queues a request (HTTP, tokenisation, API-server scheduling)
+    per_request_s: float = 0.0
 
     def step_seconds(self, prefill_tokens: int, decode_seqs: int, context_tokens: int = 0) -> float:
         """Time of one step that computes ``prefill_tokens`` and decodes ``decode_seqs``."""
@@ -75,6 +77,7 @@ class Profile:
                 "per_prefill_token_us": st.per_prefill_token_s * 1e6,
                 "per_decode_seq_us": st.per_decode_seq_s * 1e6,
                 "per_context_token_us": st.per_context_token_s * 1e6,
+                "per_request_ms": st.per_request_s * 1e3,
             },
             "engine": {
                 "max_num_seqs": self.engine.max_num_seqs,
@@ -129,6 +132,8 @@ def parse_profile(data: Any, default_name: str = "") -> Profile:
         per_decode_seq_s=_number(st, "per_decode_seq_us", "step_time.") / 1e6,
         per_context_token_s=(_number(st, "per_context_token_us", "step_time.") / 1e6
                              if "per_context_token_us" in st else 0.0),
+        per_request_s=(_number(st, "per_request_ms", "step_time.") / 1e3
+                       if "per_request_ms" in st else 0.0),
     )
     eng = _section(data, "engine")
     engine = EngineLimits(**{f: _positive_int(eng, f, "engine.") for f in (

@@ -103,11 +103,14 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
         elif name.startswith("blockproxy_prediction_abs_relative_error_"):
             key = (labels.get("quantity", "?"), name.rsplit("_", 1)[1])
             sums[key] = sums.get(key, 0.0) + value
+        elif name.startswith("blockproxy_prediction_relative_error_"):
+            key = ("bias_" + labels.get("quantity", "?"), name.rsplit("_", 1)[1])
+            sums[key] = sums.get(key, 0.0) + value
         elif name.startswith("blockproxy_output_length_abs_relative_error_"):
             key = ("output_length", name.rsplit("_", 1)[1])
             sums[key] = sums.get(key, 0.0) + value
     errors: dict[str, float | None] = {}
-    for quantity in ("ttft", "e2e", "output_length"):
+    for quantity in ("ttft", "e2e", "output_length", "bias_ttft", "bias_e2e"):
         count = sums.get((quantity, "count"), 0.0)
         errors[quantity] = sums[(quantity, "sum")] / count if count else None
     return {"prediction_error": errors,

@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-ms", type=float, default=40.0,
                         help="mean stall length in ms at time-scale 1 (uniform 0.5x-1.5x)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engines' noise")
+    parser.add_argument("--request-overhead-ms", type=float, metavar="MS",
+                        help="per-request time before the engine queues a request (x "
+                             "time-scale; default: the profile's per_request_ms, else 0)")
     parser.add_argument("--kv-events-port", type=int, metavar="PORT",
                         help="publish KV cache events as vLLM does (ZeroMQ PUB, msgpack): "
                              "instance i on tcp://HOST:PORT+i")
@@ -102,12 +105,17 @@ def build_instances(args: argparse.Namespace) -> list[Instance]:
     limits = _limits(profile, args)
     started = int(time.time())
     truth = Truth(args.truth) if getattr(args, "truth", None) else None
+    overhead = getattr(args, "request_overhead_ms", None)
+    overhead = profile.step_time.per_request_s if overhead is None else overhead * 1e-3
+    if overhead < 0:
+        raise ValueError("--request-overhead-ms must be >= 0")
     instances = []
     for i in range(args.instances):
         timing = TimingConfig(time_scale=args.time_scale,
                               speed_factor=factors[i] if len(factors) > 1 else factors[0],
                               noise_sigma=args.noise_sigma, stall_prob=args.stall_prob,
-                              stall_ms=args.stall_ms, seed=args.seed * 1_000_003 + i)
+                              stall_ms=args.stall_ms, seed=args.seed * 1_000_003 + i,
+                              request_overhead_s=overhead)
         metrics = InstanceMetrics(args.model_name)
         publisher = None
         if getattr(args, "kv_events_port", None):

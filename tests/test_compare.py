@@ -66,6 +66,8 @@ def test_parse_proxy_metrics_means_and_decisions():
         'blockproxy_prediction_abs_relative_error_count{quantity="ttft"} 8.0',
         'blockproxy_prediction_abs_relative_error_sum{quantity="e2e"} 0.0',
         'blockproxy_prediction_abs_relative_error_count{quantity="e2e"} 0.0',
+        'blockproxy_prediction_relative_error_sum{quantity="ttft"} -1.0',
+        'blockproxy_prediction_relative_error_count{quantity="ttft"} 8.0',
         "blockproxy_output_length_abs_relative_error_sum 4.0",
         "blockproxy_output_length_abs_relative_error_count 8.0",
         "blockproxy_dispatched_prompt_tokens_total 4000.0",
@@ -73,7 +75,8 @@ def test_parse_proxy_metrics_means_and_decisions():
     ])
     parsed = parse_proxy_metrics(text)
     assert parsed["decisions"] == {"i0": 3, "i1": 5}
-    assert parsed["prediction_error"] == {"ttft": 0.25, "e2e": None, "output_length": 0.5}
+    assert parsed["prediction_error"] == {"ttft": 0.25, "e2e": None, "output_length": 0.5,
+                                          "bias_ttft": -0.125, "bias_e2e": None}
     assert parsed["predicted_prefix_hit_rate"] == 0.25
     assert parse_proxy_metrics("")["predicted_prefix_hit_rate"] is None
 

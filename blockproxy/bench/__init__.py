@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decision.add_argument("--decisions", type=int, default=2000, help="decisions timed")
     decision.add_argument("--active", type=int, default=64,
                           help="active requests per instance")
+    decision.add_argument("--arrival-rate", type=float, default=30.0,
+                          help="recent arrivals per second at each instance (what the "
+                               "chosen instance's prediction expects more of; 0 = none)")
     decision.add_argument("--policies", default="block,least_tokens,round_robin",
                           help="policies to time")
     from blockproxy.bench.overhead import add_arguments as add_overhead_arguments

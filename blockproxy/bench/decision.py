@@ -40,8 +40,11 @@ CLUSTER_SIZES = (4, 16)
 
 
 def build_cluster(size: int, active: int, profile: str, pairs: np.ndarray,
-                  rng: np.random.Generator) -> tuple[ClusterView, list[Instance]]:
-    """``size`` instances, each holding ``active`` requests with realistic lengths."""
+                  rng: np.random.Generator, arrival_rate: float = 0.0
+                  ) -> tuple[ClusterView, list[Instance]]:
+    """``size`` instances, each holding ``active`` requests with realistic lengths and
+    a recent arrival process of ``arrival_rate`` requests per second (trace sizes) over
+    the last minute, which the chosen instance's prediction extrapolates."""
     view = ClusterView(profile)
     view.apply([BackendSpec(url=f"http://127.0.0.1:{20000 + i}", name=f"i{i}")
                 for i in range(size)])
@@ -53,6 +56,13 @@ def build_cluster(size: int, active: int, profile: str, pairs: np.ndarray,
             entry = inst.reserve(int(state[simulator.COL_PROMPT, i]),
                                  int(state[simulator.COL_PREDICTED, i]), 0.0)
             inst.requests.table[:, entry.slot] = state[:, i]
+        recent = inst.requests.recent
+        recent.clear()  # forget the set-up's reserves
+        if arrival_rate > 0:
+            now = time.perf_counter()
+            count = int(60 * arrival_rate)
+            for k, (p, o) in enumerate(pairs[rng.integers(0, len(pairs), count)]):
+                recent.record(now - 60 + k / arrival_rate, int(p), 0, int(o))
     return view, instances
 
 
@@ -76,11 +86,13 @@ def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
     jobs = [Job(int(p), 256) for p, _ in pairs[rng.integers(0, len(pairs), args.decisions)]]
     result: dict[str, Any] = {"simulator": simulator.IMPLEMENTATION, "lengths": source,
                               "active_per_instance": args.active, "decisions": args.decisions,
+                              "arrival_rate_per_instance": args.arrival_rate,
                               "unit": "microseconds"}
     for policy_name in args.policies.split(","):
         per_size = {}
         for size in CLUSTER_SIZES:
-            view, instances = build_cluster(size, args.active, args.profile, pairs, rng)
+            view, instances = build_cluster(size, args.active, args.profile, pairs, rng,
+                                            args.arrival_rate)
             time_decisions(view, instances, policy_name, jobs[:20], args.seed)  # warm-up
             samples = np.array(time_decisions(view, instances, policy_name, jobs,
                                               args.seed)) * 1e6
@@ -96,7 +108,8 @@ PREFIX_PROMPT_TOKENS = (8192, 32768)
 
 def _filled_cluster(args: argparse.Namespace, pairs: np.ndarray, rng: np.random.Generator
                     ) -> tuple[ClusterView, list[Instance]]:
-    view, instances = build_cluster(16, args.active, args.profile, pairs, rng)
+    view, instances = build_cluster(16, args.active, args.profile, pairs, rng,
+                                    args.arrival_rate)
     for inst in instances:
         base = int(rng.integers(1 << 40))
         inst.prefix.acquire(range(base, base + inst.prefix.capacity))

@@ -108,3 +108,45 @@ class DecodeSpans:
         updated = self.calibration.observe_step(per_step, model_step)
         self.restart(requests, entry, now)
         return updated
+
+
+class RequestOverhead:
+    """What a request costs before the engine queues it (HTTP, tokenisation, the API
+    server's scheduling): a time the step model has no term for.
+
+    It starts at ``initial`` (the profile's ``per_request_ms``, times the configured speed)
+    and, once ``min_samples`` are in, is the median, floored at zero, of the last
+    ``window`` residuals ``observed TTFT - simulated TTFT`` of streamed requests that the
+    simulator expected to be scheduled in its first step: for them the simulated TTFT is
+    one step, so the residual is the overhead (plus the wait for the step in flight when
+    the request reached the engine, which is just as real and just as unmodelled).
+    Requests that queued are left out: their residual is mostly queueing error.
+    """
+
+    MAX_S = 10.0
+
+    def __init__(self, enabled: bool = True, initial: float = 0.0, window: int = 128,
+                 min_samples: int = 16, update_every: int = 8) -> None:
+        self.enabled = enabled
+        self.seconds = initial
+        self.window = window
+        self.min_samples = min_samples
+        self.update_every = update_every
+        self.samples = 0
+        self._residuals: list[float] = []
+        self._next = 0
+
+    def observe(self, residual_s: float) -> bool:
+        """Fold in one residual; True when :attr:`seconds` changed."""
+        if not self.enabled or not math.isfinite(residual_s):
+            return False
+        if len(self._residuals) < self.window:
+            self._residuals.append(residual_s)
+        else:
+            self._residuals[self._next] = residual_s
+            self._next = (self._next + 1) % self.window
+        self.samples += 1
+        if self.samples < self.min_samples or self.samples % self.update_every:
+            return False
+        self.seconds = min(max(statistics.median(self._residuals), 0.0), self.MAX_S)
+        return True

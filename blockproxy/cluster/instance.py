@@ -11,11 +11,12 @@ record what they observe; they never touch the table's columns.
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from blockproxy import simulator
 from blockproxy.backends import BackendSpec
-from blockproxy.cluster.calibration import DecodeSpans, SpeedCalibration
+from blockproxy.cluster.calibration import DecodeSpans, RequestOverhead, SpeedCalibration
 from blockproxy.cluster.prefix import EngineBlocks, cache_for_kv
 from blockproxy.cluster.requests import Entry, RequestTable
 from blockproxy.profile import EngineLimits, Profile
@@ -29,7 +30,8 @@ class Instance:
     """One vLLM instance: its configuration, health, simulator and active requests."""
 
     def __init__(self, spec: BackendSpec, profile: Profile, past_prediction_tokens: int = 16,
-                 calibrate: bool = True, speed: float = 1.0) -> None:
+                 calibrate: bool = True, speed: float = 1.0, arrival_window: float = 30.0,
+                 arrival_limit: int = 256, learn_overhead: bool = True) -> None:
         self.spec = spec
         self.name = spec.name
         self.url = spec.url
@@ -50,7 +52,12 @@ class Instance:
         self.calibration = SpeedCalibration(enabled=calibrate, initial=speed)
         self.spans = DecodeSpans(self.calibration, profile.step_time.fixed_s,
                                  profile.step_time.per_decode_seq_s)
-        self.requests = RequestTable(self)
+        self.requests = RequestTable(self, arrival_window=arrival_window,
+                                     arrival_limit=arrival_limit)
+        #: seconds from dispatch until the engine queues a request (HTTP, tokenisation):
+        #: the profile's, times the configured speed, then learned online
+        self.overhead = RequestOverhead(enabled=learn_overhead,
+                                        initial=profile.step_time.per_request_s * speed)
         self.kv_tokens = self.limits.num_gpu_blocks * self.limits.block_size
         self.prefix = cache_for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
         #: the model's tokenizer (exact prompt tokens and engine blocks), when configured
@@ -78,11 +85,26 @@ class Instance:
         return not self.models or model in self.models
 
     def predict(self, prompt_tokens: int, cached_tokens: int, output_tokens: int,
-                bound: float = math.inf) -> simulator.Prediction:
-        """Simulate this instance with one more request (stopping past ``bound`` seconds)."""
+                bound: float = math.inf, future: bool = False) -> simulator.Prediction:
+        """Simulate this instance with one more request (stopping past ``bound`` seconds),
+        its per-request overhead included; with ``future``, also the requests expected to
+        arrive here meanwhile (its recent arrival process).
+
+        Routing compares candidates without ``future``: an instance's recent arrivals are
+        mostly the router's own past choices, so counting them against it would push each
+        conversation away from the instance that caches it.  The values a user reads (the
+        prediction recorded for the chosen instance, its error metrics) use ``future``."""
         r = self.requests
-        return simulator.Prediction._make(self.model.predict(
-            r.table, r.n, prompt_tokens, cached_tokens, output_tokens, bound))
+        o = self.overhead.seconds
+        if future:
+            p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
+                                   bound - o, *r.recent.expected(time.perf_counter()))
+        else:
+            p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
+                                   bound - o)
+        if o:
+            return simulator.Prediction(p[0] + o, p[1] + o, p[2] + o, p[3], p[4], p[5])
+        return simulator.Prediction._make(p)
 
     def cached_tokens(self, job: Job) -> int:
         """Prompt tokens of ``job`` this instance probably has in its prefix cache: whole
@@ -96,10 +118,11 @@ class Instance:
         tokens = int(matched * job.block_tokens) // bs * bs
         return max(min(tokens, (job.prompt_tokens - 1) // bs * bs), 0)
 
-    def predict_job(self, job: Job, bound: float = math.inf) -> simulator.Prediction:
+    def predict_job(self, job: Job, bound: float = math.inf, future: bool = False
+                    ) -> simulator.Prediction:
         """:meth:`predict` for ``job``, its cached prefix here included."""
         return self.predict(job.prompt_tokens, self.cached_tokens(job), job.output_tokens,
-                            bound)
+                            bound, future)
 
     def unprocessed_tokens(self) -> int:
         """Prompt tokens not yet computed plus output tokens still expected."""
@@ -132,8 +155,12 @@ class Instance:
                                      job.blocks, new)
 
     def first_token(self, entry: Entry, now: float) -> None:
-        """The request produced its first token: it is running."""
+        """The request produced its first token: it is running.  A streamed one that the
+        simulator expected to be scheduled at once teaches the per-request overhead."""
         self.requests.first_token(entry, now)
+        if entry.observed and entry.predicted_queue_delay == entry.overhead_s:
+            self.overhead.observe(now - entry.dispatched_at
+                                  - (entry.predicted_ttft - entry.overhead_s))
         self.spans.restart(self.requests, entry, now)
 
     def streamed(self, entry: Entry, now: float, tokens: int) -> None:
@@ -192,7 +219,10 @@ class Instance:
             "active_requests": self.requests.n,
             "waiting_requests": self.requests.waiting(),
             "predicted_queue_delay_s": probe.queue_delay,
-            "calibration": {"speed": self.model.speed, "samples": self.calibration.samples},
+            "calibration": {"speed": self.model.speed, "samples": self.calibration.samples,
+                            "request_overhead_s": self.overhead.seconds,
+                            "overhead_samples": self.overhead.samples},
+            "arrivals": self.requests.recent.describe(time.perf_counter()),
             "limits": vars(self.limits),
             "prefix_cache": {**self.prefix.describe(),
                              "mode": "kv_events" if self.engine_blocks else "model",

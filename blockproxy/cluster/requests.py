@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from blockproxy import simulator
+from blockproxy.cluster.arrivals import ArrivalProcess
 
 if TYPE_CHECKING:
     from blockproxy.cluster.instance import Instance
@@ -43,6 +44,9 @@ class Entry:
     dispatched_at: float
     predicted_ttft: float = math.nan
     predicted_e2e: float = math.nan
+    predicted_queue_delay: float = math.nan
+    #: the instance's per-request overhead included in those predictions
+    overhead_s: float = 0.0
     first_token_at: float = 0.0
     generated: int = 0
     #: calibration span: start time, tokens since, and the instance's arrival count then
@@ -75,8 +79,11 @@ class RequestListener(Protocol):
 class RequestTable:
     """The active requests of one instance: the simulator's table and their entries."""
 
-    def __init__(self, owner: Instance, capacity: int = 64) -> None:
+    def __init__(self, owner: Instance, capacity: int = 64, arrival_window: float = 30.0,
+                 arrival_limit: int = 256) -> None:
         self.owner = owner
+        #: the recent arrivals here (own and gossiped), for the simulator's future load
+        self.recent = ArrivalProcess(arrival_window, arrival_limit)
         self.table = np.zeros((simulator.NUM_COLUMNS, capacity), dtype=np.int64)
         self.n = 0
         self.entries: list[Entry] = []
@@ -96,6 +103,7 @@ class RequestTable:
         whose prompt ``cached_tokens`` are probably in the prefix cache; ``blocks`` are its
         prefix blocks (``new_blocks`` those not cached before), held while it runs."""
         entry = self._append(prompt_tokens, predicted_tokens, now, cached_tokens)
+        self.recent.record(now, prompt_tokens, cached_tokens, predicted_tokens)
         entry.blocks, entry.new_blocks = blocks, new_blocks
         entry.cached_tokens = cached_tokens
         if self.listener is not None:
@@ -168,6 +176,8 @@ class RequestTable:
             entry.cached_tokens = cached_tokens
             entry.origin, entry.rid = origin, rid
             self.remote[(origin, rid)] = entry
+            if origin != PHANTOM:
+                self.recent.record(now, prompt_tokens, cached_tokens, predicted_tokens)
         elif entry.prompt_tokens != prompt_tokens or entry.predicted_tokens != predicted_tokens:
             entry.prompt_tokens, entry.predicted_tokens = prompt_tokens, predicted_tokens
             self.table[simulator.COL_PROMPT, entry.slot] = prompt_tokens

@@ -25,6 +25,10 @@ class ClusterView:
     past_prediction_tokens: int = 16
     calibrate: bool = True
     speed: float = 1.0
+    #: the simulator's expected future arrivals: decay window (s) and most per simulation
+    arrival_window: float = 30.0
+    future_arrivals: int = 256
+    learn_overhead: bool = True
     instances: dict[str, Instance] = field(default_factory=dict)
     #: told of every local reserve/release on any instance (the gossiper), or None
     listener: RequestListener | None = None
@@ -38,7 +42,8 @@ class ClusterView:
 
     def _new_instance(self, spec: BackendSpec) -> Instance:
         inst = Instance(spec, self._profile(spec.profile), self.past_prediction_tokens,
-                        self.calibrate, self.speed)
+                        self.calibrate, self.speed, self.arrival_window,
+                        self.future_arrivals, self.learn_overhead)
         inst.requests.listener = self.listener
         return inst
 

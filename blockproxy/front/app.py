@@ -59,7 +59,9 @@ class Proxy:
         self.config = config
         self.rng = rng or random.Random()
         self.view = ClusterView(config.profile, config.past_prediction_tokens, config.calibrate,
-                                config.speed)
+                                config.speed, arrival_window=config.arrival_window,
+                                future_arrivals=config.future_arrivals,
+                                learn_overhead=config.learn_overhead)
         self.view.apply(specs)
         self.metrics = Metrics(self.view)
         self.gate = Gate(self.metrics.in_flight, config.max_in_flight)

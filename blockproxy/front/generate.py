@@ -333,11 +333,15 @@ class GenerateHandler:
         if output > 0:
             m.length_error.observe(abs(entry.predicted_tokens - output) / output)
         if math.isfinite(entry.predicted_e2e) and e2e > 0:
-            m.e2e_error.observe(abs(entry.predicted_e2e - e2e) / e2e)
+            rel = (entry.predicted_e2e - e2e) / e2e
+            m.e2e_error.observe(abs(rel))
+            m.e2e_bias.observe(rel)
         if entry.first_token_at:
             ttft = entry.first_token_at - entry.dispatched_at
             m.ttft.observe(ttft)
             if math.isfinite(entry.predicted_ttft) and ttft > 0:
-                m.ttft_error.observe(abs(entry.predicted_ttft - ttft) / ttft)
+                rel = (entry.predicted_ttft - ttft) / ttft
+                m.ttft_error.observe(abs(rel))
+                m.ttft_bias.observe(rel)
             if output > 1:
                 m.itl.observe((done - entry.first_token_at) / (output - 1))

@@ -1,8 +1,10 @@
 """Choose an instance for a job and reserve the request there, with no await in between.
 
 The policy picks; the prediction for the chosen instance is made whatever the policy (so
-prediction error is measured alike for all); the reservation is recorded at once, so the
-next decision, a microsecond later, already sees this request.
+prediction error is measured alike for all), with the requests expected to arrive there
+meanwhile (which no policy's comparison uses: see ``Instance.predict``); the reservation
+is recorded at once, so the next decision, a microsecond later, already sees this
+request.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class Dispatcher:
         """Choose one of ``candidates`` (never empty) and reserve ``job`` on it."""
         start = time.perf_counter()
         inst, prediction = self.policy.choose(candidates, job)
-        if prediction is None:
-            prediction = inst.predict_job(job)
+        if prediction is None or inst.requests.recent.limit:
+            prediction = inst.predict_job(job, future=True)
         now = time.perf_counter()
         self._decision_time.observe(now - start)
         counter = self._decisions.get(inst.name)
@@ -45,4 +47,6 @@ class Dispatcher:
             self.metrics.cached_tokens.inc(entry.cached_tokens)
         entry.predicted_ttft = prediction.ttft
         entry.predicted_e2e = prediction.e2e
+        entry.predicted_queue_delay = prediction.queue_delay
+        entry.overhead_s = inst.overhead.seconds
         return entry

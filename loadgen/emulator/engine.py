@@ -2,10 +2,13 @@
 
 True step time = time_scale x speed_factor x profile model x lognormal noise (mean one,
 ``noise_sigma``), plus, with probability ``stall_prob`` per step, a stall of
-``stall_ms`` (x time_scale).  A speed factor is a step-time multiplier: 1.25 is 25%
-slower.  Steps are paced against a monotonic-clock deadline (``next_end += step``), so
-the loop's own Python overhead does not inflate step times; when the loop falls more than
-:data:`RESYNC_S` behind (an overloaded process) it re-synchronises instead of bursting.
+``stall_ms`` (x time_scale).  Each request reaches the scheduler ``request_overhead_s``
+(x time_scale) after it arrived: the API server's HTTP handling and tokenisation, which
+no step accounts for (the profile's ``per_request_ms`` unless overridden).  A speed factor
+is a step-time multiplier: 1.25 is 25% slower.  Steps are paced against a monotonic-clock
+deadline (``next_end += step``), so the loop's own Python overhead does not inflate step
+times; when the loop falls more than :data:`RESYNC_S` behind (an overloaded process) it
+re-synchronises instead of bursting.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class TimingConfig:
     stall_prob: float = 0.001
     stall_ms: float = 40.0
     seed: int = 0
+    request_overhead_s: float = 0.0
 
 
 class StepRecord(NamedTuple):

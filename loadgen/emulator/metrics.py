@@ -89,6 +89,14 @@ class InstanceMetrics:
             out.append(f"# TYPE {base} {kind}")
             out.append(f"{name}{{{labels}}} {value}")
 
+        limits = engine.limits
+        # vLLM's CacheConfig as an info gauge (its labels are the config's fields; vLLM's
+        # carries no model_name), which `blockproxy profile` reads the KV cache size from.
+        out.append("# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig")
+        out.append("# TYPE vllm:cache_config_info gauge")
+        out.append(f'vllm:cache_config_info{{block_size="{limits.block_size}",'
+                   f'cache_dtype="auto",enable_prefix_caching="True",engine="0",'
+                   f'num_gpu_blocks="{limits.num_gpu_blocks}"}} 1.0')
         sample("vllm:num_requests_running", "gauge",
                "Number of requests in model execution batches.", len(sched.running))
         sample("vllm:num_requests_waiting", "gauge",

@@ -24,6 +24,8 @@ class StepTimeModel:
     per_prefill_token_s: float
     per_decode_seq_s: float
     per_context_token_s: float
+    #: what a request costs before the engine queues it (the API server's share)
+    per_request_s: float = 0.0
 
     def seconds(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
         """Noise-free duration of a step at time-scale 1 and speed factor 1."""
@@ -68,7 +70,8 @@ def find_profile(name_or_path: str) -> Path:
 
 
 def _number(section: dict[str, Any], key: str, where: str) -> float:
-    value = section.get(key, 0.0 if key == "per_context_token_us" else None)
+    value = section.get(key, 0.0 if key in ("per_context_token_us", "per_request_ms")
+                        else None)
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not math.isfinite(value) or value < 0:
         raise ValueError(f"{where}.{key}: expected a non-negative number, got {value!r}")
@@ -93,6 +96,7 @@ def parse_profile(data: dict[str, Any], name: str = "") -> Profile:
         per_prefill_token_s=_number(step, "per_prefill_token_us", "step_time") * 1e-6,
         per_decode_seq_s=_number(step, "per_decode_seq_us", "step_time") * 1e-6,
         per_context_token_s=_number(step, "per_context_token_us", "step_time") * 1e-6,
+        per_request_s=_number(step, "per_request_ms", "step_time") * 1e-3,
     )
     limits = EngineLimits(*(_positive_int(engine, key, "engine") for key in (
         "max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size",

@@ -164,8 +164,12 @@ class Handlers:
         output_len = min(output_len, max(1, self.kv_capacity - len(parsed.tokens)))
         prefix = "chatcmpl-" if chat else "cmpl-"
         request_id = f"{prefix}{uuid.uuid4().hex}"
+        arrival = time.perf_counter()
+        timing = self.engine.timing
+        if timing.request_overhead_s > 0:  # the API server's share, before the engine
+            await asyncio.sleep(timing.request_overhead_s * timing.time_scale)
         req = EngineRequest(request_id, parsed.tokens, output_len, reason,
-                            self.engine.limits.block_size, time.perf_counter())
+                            self.engine.limits.block_size, arrival)
         self.engine.submit(req)
         try:
             if parsed.stream:
