@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("blockproxy.serve", "run the proxy (the default: blockproxy --backends FILE)"),
     "demo": ("blockproxy.demo", "show blockproxy's predictions on an emulated cluster"),
     "bench": ("blockproxy.bench", "micro-benchmarks (bench sim: simulator speed)"),
+    "profile": ("blockproxy.profiler", "fit a step-time profile against a live vLLM instance"),
 }
 
 

@@ -17,13 +17,13 @@ import re
 import signal
 import statistics
 import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from loadgen import promtext
+from loadgen.procs import command
 from tests.procs import ROOT, free_ports, http_get
 
 _spec = importlib.util.spec_from_file_location("real_vllm", ROOT / "scripts" / "real_vllm.py")
@@ -142,57 +142,17 @@ def vllm_metric(text: str, name: str) -> float:
 
 # ---- a step-time profile for the tiny model on this CPU -----------------------------------
 
-def _stream_gaps(url: str, prompt: str | list[int], max_tokens: int) -> tuple[float, list[float]]:
-    """TTFT and inter-token gaps (s) of one streamed completion, timed at the client."""
-    import urllib.request
-
-    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
-                       "stream": True, "ignore_eos": True}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    t0 = time.monotonic()
-    stamps = []
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        for line in resp:
-            if line.startswith(b"data: {"):
-                stamps.append(time.monotonic())
-    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
-
-
-def fit_profile(url: str, path: Path, cache: dict[str, str]) -> dict:
-    """Fit ``fixed + per_prefill_token x P + per_decode_seq x D`` against a live server.
-
-    Decode steps: the median inter-token gap with 1 and with 4 concurrent streams gives
-    the fixed cost and the per-sequence cost; prefill: the TTFT of a long prompt against
-    a short one gives the per-token cost.  Crude, but it is what ``blockproxy profile``
-    would do, and the proxy's calibration corrects the overall speed online.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    _stream_gaps(url, "warm up", 8)
-    one = statistics.median(_stream_gaps(url, "hello", 48)[1])
-    with ThreadPoolExecutor(4) as pool:
-        runs = list(pool.map(lambda i: _stream_gaps(url, f"hello {i}", 48), range(4)))
-    four = statistics.median(g for _, gaps in runs for g in gaps[4:-4])
-    per_decode = max((four - one) / 3, 0.0)
-    fixed = max(one - per_decode, 1e-4)
-    short = statistics.median(_stream_gaps(url, [5] * 8, 1)[0] for _ in range(3))
-    long = statistics.median(_stream_gaps(url, [5] * 1024, 1)[0] for _ in range(3))
-    per_prefill = max((long - short) / 1016, 0.0)
-    profile = {
-        "format_version": 1, "name": path.stem, "model": "tiny random Llama (CPU test tier)",
-        "hardware": "this machine's CPU, one core per instance", "tensor_parallel_size": 1,
-        "source": "fitted by tests/real_vllm.py:fit_profile against a live vLLM server",
-        "step_time": {"fixed_ms": fixed * 1e3, "per_prefill_token_us": per_prefill * 1e6,
-                      "per_decode_seq_us": per_decode * 1e6, "per_context_token_us": 0.0},
-        "engine": {"max_num_seqs": MAX_NUM_SEQS,
-                   "max_num_batched_tokens": int(cache.get("max_num_batched_tokens") or 2048),
-                   "num_gpu_blocks": int(cache.get("num_gpu_blocks") or 2048),
-                   "block_size": int(cache.get("block_size") or 16),
-                   "max_model_len": MAX_MODEL_LEN},
-    }
-    path.write_text(json.dumps(profile, indent=2))
-    return profile
+def fit_profile(url: str, path: Path) -> dict:
+    """``blockproxy profile`` against a live server (the real command, as a user runs it):
+    step time, per-request overhead and the engine limits, the sequence cap probed."""
+    proc = subprocess.run(
+        [*command("blockproxy"), "profile", "--backend", url, "--out", str(path),
+         "--max-num-batched-tokens", "2048", "--probe-seqs", "8", "--hardware",
+         "this machine's CPU, one core per instance"],
+        capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"blockproxy profile failed: {proc.stderr[-3000:]}")
+    return json.loads(path.read_text())
 
 
 # ---- prediction error from the proxy's debug log ------------------------------------------

@@ -82,7 +82,15 @@ def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_module: Path, vllm_pair: list[VllmServer]) -> Path:
     path = tmp_module / "tiny-cpu.json"
-    fit_profile(vllm_pair[0].url, path, vllm_pair[0].cache_config())
+    fitted = fit_profile(vllm_pair[0].url, path)
+    # The limits come from vLLM itself: the cache config from /metrics, the sequence cap
+    # probed, the context limit from /v1/models.
+    cache = vllm_pair[0].cache_config()
+    assert fitted["engine"]["max_num_seqs"] == MAX_NUM_SEQS
+    assert fitted["engine"]["max_model_len"] == MAX_MODEL_LEN
+    assert fitted["engine"]["num_gpu_blocks"] == int(cache["num_gpu_blocks"])
+    assert fitted["engine"]["block_size"] == int(cache["block_size"])
+    print("\nblockproxy profile on real vLLM:", json.dumps(fitted["fit"], indent=2))
     return path
 
 
