@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("blockproxy.demo", "show blockproxy's predictions on an emulated cluster"),
     "bench": ("blockproxy.bench", "micro-benchmarks (bench sim: simulator speed)"),
     "profile": ("blockproxy.profiler", "fit a step-time profile against a live vLLM instance"),
+    "train-lengths": ("blockproxy.train_lengths",
+                      "train the output-length model offline from a request log"),
 }
 
 
@@ -34,7 +36,7 @@ def require_extra(command: str, *modules: str) -> None:
 
 
 def _usage(version: str) -> argparse.ArgumentParser:
-    listing = "\n".join(f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items())
+    listing = "\n".join(f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="blockproxy", description="Predictive reverse proxy for vLLM instances "
         "(OpenAI API).", epilog=f"commands:\n{listing}",

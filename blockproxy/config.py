@@ -44,6 +44,12 @@ class ProxyConfig:
     length_quantile: float = _opt(0.5, "quantile of observed output lengths used as the "
                                        "prediction")
     default_output_tokens: int = _opt(256, "predicted output length before anything is learned")
+    length_model: str = _opt("", "output-length model trained offline (blockproxy "
+                                 "train-lengths); it goes on learning online")
+    length_warmup: int = _opt(64, "requests of a model the length model learns from before it "
+                                  "predicts (a loaded model predicts at once)")
+    length_tail_quantile: float = _opt(0.9, "quantile of a request's output length its tail "
+                                            "E2E is predicted at")
     past_prediction_tokens: int = _opt(16, "simulator: tokens still expected from a request "
                                            "already past its predicted length")
     calibrate: bool = _opt(True, "learn each instance's true speed from observed token timings")

@@ -77,6 +77,13 @@ class Metrics:
             "predictions too low)", ["quantity"], registry=r)
         self.e2e_bias = self.prediction_bias.labels("e2e")
         self.ttft_bias = self.prediction_bias.labels("ttft")
+        self.tail_predictions = Counter(
+            "blockproxy_prediction_tail_total",
+            "Completed requests with a predicted tail E2E (at the length model's high "
+            "quantile): outcome=within when the E2E stayed under it, else exceeded",
+            ["outcome"], registry=r)
+        self.tail_within = self.tail_predictions.labels("within")
+        self.tail_exceeded = self.tail_predictions.labels("exceeded")
         self.length_error = Histogram(
             "blockproxy_output_length_abs_relative_error",
             "|predicted - true| / true output tokens", buckets=ERROR_BUCKETS, registry=r)

@@ -1,5 +1,7 @@
 """Shared fixtures.
 
+``instance_url`` is one emulated vLLM instance (the real emulator app and engine) served in
+the test's own event loop.
 ``sim_impl`` runs a test against both simulator implementations (ids ``c`` and ``py``),
 as propcache does; ``--no-c-extensions`` or ``BLOCKPROXY_NO_EXTENSIONS=1`` keeps only the
 pure-Python twin.
@@ -7,11 +9,17 @@ pure-Python twin.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from aiohttp.test_utils import TestServer
 
 from blockproxy import simulator
+from loadgen import emulate
+from loadgen.emulator.server import create_app
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,3 +41,18 @@ def _implementations(config: pytest.Config) -> list:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "sim_impl" in metafunc.fixturenames:
         metafunc.parametrize("sim_impl", _implementations(metafunc.config))
+
+
+@pytest.fixture
+async def instance_url(aiohttp_server: Callable[..., Awaitable[TestServer]]
+                       ) -> AsyncIterator[str]:
+    """One emulated vLLM instance (the real emulator app and engine) on loopback."""
+    parser = argparse.ArgumentParser()
+    emulate.add_arguments(parser)
+    args = parser.parse_args(["--time-scale", "0.05", "--stall-prob", "0", "--seed", "1"])
+    inst = emulate.build_instances(args)[0]
+    engine = asyncio.create_task(inst.engine.run())
+    server = await aiohttp_server(create_app(inst))
+    yield str(server.make_url("")).rstrip("/")
+    engine.cancel()
+    await asyncio.gather(engine, return_exceptions=True)

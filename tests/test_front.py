@@ -3,37 +3,19 @@ served in the same event loop: a failure here points at a handler, not at a proc
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from blockproxy.backends import BackendSpec
 from blockproxy.config import ProxyConfig
 from blockproxy.front.app import Proxy
-from loadgen import emulate, promtext
-from loadgen.emulator.server import create_app
+from loadgen import promtext
 
 Client = TestClient[web.Request, web.Application]
-
-
-@pytest.fixture
-async def instance_url(aiohttp_server: Callable[..., Awaitable[TestServer]]
-                       ) -> AsyncIterator[str]:
-    """One emulated vLLM instance (the real emulator app and engine) on loopback."""
-    parser = argparse.ArgumentParser()
-    emulate.add_arguments(parser)
-    args = parser.parse_args(["--time-scale", "0.05", "--stall-prob", "0", "--seed", "1"])
-    inst = emulate.build_instances(args)[0]
-    engine = asyncio.create_task(inst.engine.run())
-    server = await aiohttp_server(create_app(inst))
-    yield str(server.make_url("")).rstrip("/")
-    engine.cancel()
-    await asyncio.gather(engine, return_exceptions=True)
 
 
 @pytest.fixture

@@ -45,6 +45,8 @@ class Entry:
     predicted_ttft: float = math.nan
     predicted_e2e: float = math.nan
     predicted_queue_delay: float = math.nan
+    #: predicted e2e with the output length at its high quantile (nan: none predicted)
+    predicted_e2e_high: float = math.nan
     #: the instance's per-request overhead included in those predictions
     overhead_s: float = 0.0
     first_token_at: float = 0.0

@@ -31,7 +31,7 @@ from blockproxy.metrics import Metrics
 from blockproxy.request import CHAT, COMPLETIONS
 from blockproxy.routing.describe import Describer
 from blockproxy.routing.dispatch import Dispatcher
-from blockproxy.routing.lengths import LengthPredictor
+from blockproxy.routing.lengths import LengthModel, LengthPredictor
 from blockproxy.routing.policies import make_policy, policy_class
 from blockproxy.supervise import Supervisor
 from blockproxy.upstream import Upstream
@@ -74,10 +74,14 @@ class Proxy:
             config.send_buffer_bytes)
         self.upstream = Upstream(config.connect_timeout, config.read_timeout,
                                  config.max_upstream_connections)
+        model = (LengthModel.load(config.length_model, warmup=config.length_warmup)
+                 if config.length_model else LengthModel(warmup=config.length_warmup))
         self.predictor = LengthPredictor(quantile=config.length_quantile,
-                                         default_tokens=config.default_output_tokens)
+                                         default_tokens=config.default_output_tokens,
+                                         model=model)
         policy = make_policy(config.policy, self.rng, **policy_options(config))
-        self.generate = GenerateHandler(config, self.view, Describer(self.predictor),
+        self.generate = GenerateHandler(config, self.view, Describer(
+            self.predictor, tail_quantile=config.length_tail_quantile),
                                         Dispatcher(policy, self.metrics), self.upstream,
                                         self.metrics, self.gate)
         self.gossip: Gossiper | None = None

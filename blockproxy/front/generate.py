@@ -37,6 +37,8 @@ from blockproxy.request import CHAT, ApiError, RequestInfo, parse_request
 from blockproxy.routing import tokenizer
 from blockproxy.routing.describe import Describer
 from blockproxy.routing.dispatch import Dispatcher
+from blockproxy.routing.features import TENANT_HEADER, tenant_of
+from blockproxy.routing.job import Job
 from blockproxy.routing.lengths import HINT_HEADER
 from blockproxy.routing.prefix import MAX_BYTES, MAX_IDS
 from blockproxy.upstream import Upstream, UpstreamError, UpstreamResponse
@@ -149,8 +151,9 @@ class GenerateHandler:
         ids, exact_count = None, False
         if first.tokenizer is not None or first.spec.kv_events is not None:  # exact mode
             ids, exact_count = await self._token_ids(info, first)
-        job = self.describer.describe(info, request.headers.get(HINT_HEADER), limit, ids,
-                                      first.limits.block_size, exact_count)
+        job = self.describer.describe(
+            info, request.headers.get(HINT_HEADER), limit, ids, first.limits.block_size,
+            exact_count, tenant_of(request.headers.get(TENANT_HEADER), info))
         tried: list[Instance] = []
         headers = self.upstream.forward_headers(request.raw_headers,
                                                 request.get(door.ID_KEY))
@@ -185,7 +188,7 @@ class GenerateHandler:
                 self.metrics.cancellations.inc()
                 raise
             try:
-                return await self._relay(request, info, entry, upstream, deadline)
+                return await self._relay(request, info, job, entry, upstream, deadline)
             finally:
                 upstream.close()
                 inst.release(entry)
@@ -233,13 +236,13 @@ class GenerateHandler:
             log.warning("instance %s ejected after %d failures", inst.name, inst.failures)
             self.metrics.ejections.labels(inst.name).inc()
 
-    async def _relay(self, request: web.Request, info: RequestInfo, entry: Entry,
+    async def _relay(self, request: web.Request, info: RequestInfo, job: Job, entry: Entry,
                      upstream: UpstreamResponse, deadline: float) -> web.StreamResponse:
         status = upstream.status
         inst = entry.instance
         self.answered(inst, status)
         if status == 200 and info.stream:
-            return await self._relay_stream(request, info, entry, upstream)
+            return await self._relay_stream(request, info, job, entry, upstream)
         try:
             payload = await upstream.read(deadline - time.monotonic())
         except UpstreamError as exc:
@@ -248,13 +251,14 @@ class GenerateHandler:
         if status == 200:
             usage = parse_usage(payload)
             if usage.completion_tokens is not None:
-                self._learn(info, entry, usage, usage.completion_tokens, done)
+                self._learn(info, job, entry, usage, usage.completion_tokens, done)
         self._count(info.route, status)
         return web.Response(status=status, body=payload,
                             content_type=upstream.content_type or "application/json")
 
-    async def _relay_stream(self, request: web.Request, info: RequestInfo, entry: Entry,
-                            upstream: UpstreamResponse) -> web.StreamResponse:
+    async def _relay_stream(self, request: web.Request, info: RequestInfo, job: Job,
+                            entry: Entry, upstream: UpstreamResponse
+                            ) -> web.StreamResponse:
         inst = entry.instance
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await response.prepare(request)
@@ -311,12 +315,12 @@ class GenerateHandler:
         else:  # token events, less a chat stream's first (role-only) events, per sequence
             first = info.sequences if info.route == CHAT else 0
             output = max(events - first, 0) // info.sequences
-        self._learn(info, entry, usage, output, time.perf_counter())
+        self._learn(info, job, entry, usage, output, time.perf_counter())
         self._count(info.route, 200)
         await response.write_eof(held)
         return response
 
-    def _learn(self, info: RequestInfo, entry: Entry, usage: Usage, output: int,
+    def _learn(self, info: RequestInfo, job: Job, entry: Entry, usage: Usage, output: int,
                done: float) -> None:
         """Feed a completed request back: lengths, token ratio, latency and error metrics."""
         e2e = done - entry.dispatched_at
@@ -329,7 +333,9 @@ class GenerateHandler:
                       e2e, entry.predicted_e2e)
         m.e2e.observe(e2e)
         self.describer.learn(info, entry.prompt_tokens, entry.predicted_tokens,
-                             usage.prompt_tokens, output, usage.finish_reason)
+                             usage.prompt_tokens, output, usage.finish_reason, job)
+        if math.isfinite(entry.predicted_e2e_high):
+            (m.tail_within if e2e <= entry.predicted_e2e_high else m.tail_exceeded).inc()
         if output > 0:
             m.length_error.observe(abs(entry.predicted_tokens - output) / output)
         if math.isfinite(entry.predicted_e2e) and e2e > 0:

@@ -9,6 +9,7 @@ request.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,10 @@ class Dispatcher:
         inst, prediction = self.policy.choose(candidates, job)
         if prediction is None or inst.requests.recent.limit:
             prediction = inst.predict_job(job, future=True)
+        high = math.nan
+        if job.output_high > job.output_tokens:  # the risk of a long answer, priced
+            high = inst.predict_job(job._replace(output_tokens=job.output_high),
+                                    future=True).e2e
         now = time.perf_counter()
         self._decision_time.observe(now - start)
         counter = self._decisions.get(inst.name)
@@ -48,5 +53,6 @@ class Dispatcher:
         entry.predicted_ttft = prediction.ttft
         entry.predicted_e2e = prediction.e2e
         entry.predicted_queue_delay = prediction.queue_delay
+        entry.predicted_e2e_high = high
         entry.overhead_s = inst.overhead.seconds
         return entry

@@ -1,7 +1,16 @@
-"""Online response-length predictor: how many tokens will this request generate?
+"""Response-length predictor: how many tokens will this request generate?
 
-The simulator needs every request's output length before it is known.  This first
-predictor learns from finished requests only:
+The simulator needs every request's output length before it is known.  Two learners, both
+fed by finished requests:
+
+* :class:`LengthModel`, a distribution per request: an online log-linear regression over
+  the request's hashed features (:mod:`blockproxy.routing.features`: endpoint, prompt
+  length, ``max_tokens``, tenant, a bag of words, the conversation's previous turn) gives
+  the median of ``log(1 + tokens)``; the recent residuals of its model give the spread, so
+  any quantile is ``exp(mu + residual quantile) - 1``.  It can be trained offline
+  (``blockproxy train-lengths``) and loaded at start, and goes on learning online.  It
+  predicts once it has seen ``warmup`` requests of a model (at once when loaded).
+* The rings below, which need no features and answer from the first few requests:
 
 * Observations are kept per ``(model, prompt-length bucket)``, per model, and globally, each
   in a ring of the last ``window`` lengths.  The bucket of a prompt is
@@ -22,11 +31,15 @@ ring has changed since its quantile was last computed.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from blockproxy.routing.features import FeatureHasher, Features
 
 HINT_HEADER = "x-blockproxy-output-tokens"
 
@@ -96,6 +109,154 @@ class _Ring:
         return self.cached
 
 
+class _Residuals:
+    """The last ``window`` residuals of a model's log-length regression, sorted on demand
+    (as :class:`_Ring`: once ``count / 32`` new values have arrived)."""
+
+    __slots__ = ("count", "pending", "pos", "sorted", "values")
+
+    def __init__(self, window: int, values: np.ndarray | None = None,
+                 snapshot: np.ndarray | None = None, pending: int = 1) -> None:
+        self.values = np.zeros(window, dtype=np.float64)
+        self.count = 0
+        self.pos = 0
+        self.pending = 0
+        self.sorted = self.values[:0]
+        if values is not None:  # a saved state: the values, the sorted snapshot in use
+            for v in values[-window:]:
+                self.push(float(v))
+            if snapshot is not None:
+                self.sorted = np.array(snapshot, dtype=np.float64)
+        self.pending = pending
+
+    def push(self, value: float) -> None:
+        self.values[self.pos] = value
+        self.pos = (self.pos + 1) % len(self.values)
+        self.count = min(self.count + 1, len(self.values))
+        self.pending += 1
+
+    def quantile(self, q: float) -> float:
+        if self.pending > 0 and self.pending * 32 >= self.count * (self.count >= 64):
+            self.sorted = np.sort(self.values[:self.count])
+            self.pending = 0
+        n = len(self.sorted)
+        if n == 0:
+            return 0.0
+        return float(self.sorted[min(n - 1, math.ceil(q * (n - 1)))])
+
+    def ordered(self) -> np.ndarray:
+        """The values oldest first."""
+        if self.count < len(self.values):
+            return self.values[:self.count].copy()
+        return np.concatenate([self.values[self.pos:], self.values[:self.pos]])
+
+
+class LengthModel:
+    """Online log-linear regression of output length over hashed features, with the
+    residuals' empirical distribution for quantiles.
+
+    ``mu(x) = base[model] + w . x`` predicts ``log(1 + tokens)``: ``base`` is the model's
+    running mean log length (so a cold model starts at its average), ``w`` is learned by
+    AdaGrad on the squared error, one sparse step per finished request.  A request cut by
+    ``max_tokens`` (censored: its length is at least what it generated) teaches only when
+    the prediction lies below that bound, and adds no residual.
+    """
+
+    def __init__(self, bits: int = 18, rate: float = 0.2, window: int = 1024,
+                 warmup: int = 64) -> None:
+        if rate <= 0 or window < 1 or warmup < 0:
+            raise ValueError("rate must be > 0, window >= 1 and warmup >= 0")
+        self.hasher = FeatureHasher(bits)
+        self.rate = rate
+        self.window = window
+        self.warmup = warmup
+        self.weights = np.zeros(self.hasher.size, dtype=np.float64)
+        self.squares = np.ones(self.hasher.size, dtype=np.float64)
+        self.base: dict[str, float] = {}
+        self.seen: dict[str, int] = {}
+        self.residuals: dict[str, _Residuals] = {}
+
+    def ready(self, model: str) -> bool:
+        return self.seen.get(model, 0) >= self.warmup
+
+    def mu(self, model: str, x: Features) -> float:
+        return self.base.get(model, 0.0) + float(self.weights[x.slots] @ x.values)
+
+    def quantile(self, model: str, x: Features, q: float) -> float:
+        """The ``q`` quantile of the request's output length, in tokens (>= 0)."""
+        res = self.residuals.get(model)
+        r = res.quantile(q) if res is not None else 0.0
+        return max(math.expm1(self.mu(model, x) + r), 0.0)
+
+    def learn(self, model: str, x: Features, tokens: int, censored: bool) -> None:
+        z = math.log1p(max(tokens, 0))
+        seen = self.seen.get(model, 0)
+        if seen == 0:
+            self.base[model] = z
+        mu = self.mu(model, x)
+        if censored and mu >= z:
+            return
+        if not censored:
+            res = self.residuals.get(model)
+            if res is None:
+                res = self.residuals[model] = _Residuals(self.window)
+            res.push(z - mu)
+            # the base follows the mean log length (of uncensored requests)
+            self.base[model] += (z - self.base[model]) / min(seen + 1, 1000)
+        self.seen[model] = seen + 1
+        grad = (mu - z) * x.values
+        idx = x.slots
+        squares = self.squares[idx] + grad * grad
+        self.squares[idx] = squares
+        self.weights[idx] -= self.rate * grad / np.sqrt(squares)
+
+    def save(self, path: str | Path) -> None:
+        """Weights, AdaGrad state, bases and residuals in one ``.npz`` file."""
+        models = sorted(self.seen)
+        meta = {"format": "blockproxy-length-model-1", "bits": self.hasher.bits,
+                "rate": self.rate, "models": models,
+                "base": [self.base.get(m, 0.0) for m in models],
+                "seen": [self.seen[m] for m in models]}
+        arrays: dict[str, Any] = {}
+        for i, m in enumerate(models):
+            res = self.residuals.get(m)
+            if res is not None:
+                arrays[f"residuals_{i}"] = res.ordered()
+                arrays[f"sorted_{i}"] = res.sorted
+                arrays[f"pending_{i}"] = np.array(res.pending)
+        arrays.update(meta=np.array(json.dumps(meta)), weights=self.weights,
+                      squares=self.squares)
+        with open(path, "wb") as f:  # np.savez would append ".npz" to another suffix
+            np.savez_compressed(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path, window: int = 1024, warmup: int = 64) -> LengthModel:
+        """A model saved by :meth:`save`; a file that is not one is a ValueError."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta.get("format") != "blockproxy-length-model-1":
+                    raise ValueError("not a blockproxy length model")
+                model = cls(int(meta["bits"]), float(meta["rate"]), window, warmup)
+                weights, squares = data["weights"], data["squares"]
+                if weights.shape != model.weights.shape or squares.shape != weights.shape:
+                    raise ValueError("weights do not match the feature size")
+                model.weights[:] = weights
+                model.squares[:] = squares
+                for i, (name, base, seen) in enumerate(
+                        zip(meta["models"], meta["base"], meta["seen"], strict=True)):
+                    model.base[name] = float(base)
+                    model.seen[name] = int(seen)
+                    key = f"residuals_{i}"
+                    if key in data:
+                        model.residuals[name] = _Residuals(
+                            window, data[key], data[f"sorted_{i}"],
+                            int(data[f"pending_{i}"]))
+        except (OSError, KeyError, TypeError, json.JSONDecodeError, ValueError) as exc:
+            raise ValueError(f"cannot load length model {path}: {exc}") from None
+        return model
+
+
 class LengthPredictor:
     """Predicts output tokens per request from the lengths of finished requests.
 
@@ -110,7 +271,8 @@ class LengthPredictor:
     """
 
     def __init__(self, quantile: float = 0.5, window: int = 512, min_samples: int = 8,
-                 default_tokens: int = 256, bucket_base: float = 2.0) -> None:
+                 default_tokens: int = 256, bucket_base: float = 2.0,
+                 model: LengthModel | None = None) -> None:
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {quantile}")
         if window < 1 or min_samples < 1 or default_tokens < 1:
@@ -124,6 +286,8 @@ class LengthPredictor:
         self.min_samples = min_samples
         self.default_tokens = default_tokens
         self.bucket_base = bucket_base
+        #: the per-request distribution, used for requests described with features
+        self.model = model if model is not None else LengthModel()
         # Rings are created by observe() only, so predict() for unknown models or prompt
         # lengths allocates nothing.
         self._by_bucket: dict[tuple[str, int], _Ring] = {}
@@ -151,15 +315,21 @@ class LengthPredictor:
         return ring.quantile(self.quantile)
 
     def predict(self, model: str, prompt_tokens: int, max_tokens: int | None,
-                context_left: int | None = None, hint: int | None = None) -> int:
+                context_left: int | None = None, hint: int | None = None,
+                features: Features | None = None, quantile: float | None = None) -> int:
         """Predicted output tokens of a new request, between 1 and the caps.
 
         ``hint`` (a client's ``x-blockproxy-output-tokens``, if >= 1) replaces the learned
-        value; ``max_tokens`` and ``context_left`` (tokens the context limit leaves after
-        the prompt) cap the result whichever way it was obtained.
+        value; with ``features`` and a :class:`LengthModel` that has warmed up, the value is
+        that request's ``quantile`` (default: the predictor's); else the rings'.
+        ``max_tokens`` and ``context_left`` (tokens the context limit leaves after the
+        prompt) cap the result whichever way it was obtained.
         """
         if hint is not None and hint >= 1:
             tokens = hint
+        elif features is not None and self.model.ready(model):
+            q = self.quantile if quantile is None else quantile
+            tokens = round(self.model.quantile(model, features, q))
         else:
             learned = self.learned(model, prompt_tokens)
             tokens = self.default_tokens if learned is None else learned
@@ -171,17 +341,19 @@ class LengthPredictor:
 
     def observe(self, model: str, prompt_tokens: int, output_tokens: int,
                 max_tokens: int | None, finish_reason: str | None,
-                predicted: int | None = None) -> None:
+                predicted: int | None = None, features: Features | None = None) -> None:
         """Record a finished request's true output length.
 
         Censored requests (cut by ``max_tokens``) are recorded at their length; see the
         class docstring.  With ``predicted``, the prediction's error is scored too
-        (uncensored requests only).
+        (uncensored requests only); with ``features``, the :class:`LengthModel` learns.
         """
         if output_tokens < 0:
             raise ValueError(f"output_tokens must be >= 0, got {output_tokens}")
         censored = (finish_reason == "length" and max_tokens is not None
                     and output_tokens >= max_tokens)
+        if features is not None:
+            self.model.learn(model, features, output_tokens, censored)
         key = (model, self.bucket(prompt_tokens))
         ring = self._by_bucket.get(key)
         if ring is None:
@@ -230,4 +402,6 @@ class LengthPredictor:
             "quantile": self.quantile,
             # Samples currently in each model's window (at most ``window``).
             "model_samples": {m: r.count for m, r in self._by_model.items()},
+            # requests the per-request length model has learned from, per model
+            "length_model": {"seen": dict(self.model.seen), "warmup": self.model.warmup},
         }
