@@ -11,8 +11,10 @@ and ``tenant`` are optional.  Each request goes through the proxy's own descript
 (:class:`~blockproxy.routing.describe.Describer`: the same features, the same conversation
 matching through prefix blocks) and is then learned, exactly as a running proxy learns from
 a completion.  With ``--holdout F`` the last fraction F of the log is predicted before it is
-learned and scored: mean absolute percentage error and log2-bucket accuracy of the length
-model, beside the prompt-length rings it replaces.  The report (JSON) goes to stdout; serve
+learned and scored: mean absolute percentage error and log2-bucket accuracy of what the
+proxy would have predicted (``served``: the length model or the rings, whichever has been
+better on that model's recent requests), of the length model alone and of the
+prompt-length rings alone.  The report (JSON) goes to stdout; serve
 the model with ``blockproxy serve --length-model FILE``.
 """
 
@@ -95,7 +97,7 @@ def train(records: list[dict[str, Any]], model: LengthModel, holdout: float = 0.
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     split = len(records) - math.floor(len(records) * holdout)
-    scores = {"length_model": Score(), "prompt_length_rings": Score()}
+    scores = {"served": Score(), "length_model": Score(), "prompt_length_rings": Score()}
     skipped = 0
     for epoch in range(epochs):
         # a fresh predictor each pass: its rings and conversation memory start empty, the
@@ -116,8 +118,13 @@ def train(records: list[dict[str, Any]], model: LengthModel, holdout: float = 0.
             censored = (finish == "length" and info.max_tokens is not None
                         and actual >= info.max_tokens)
             if i >= split and not censored:
-                scores["length_model"].add(job.output_tokens, actual)
                 predictor = describer.predictor
+                scores["served"].add(job.output_tokens, actual)
+                if job.features is not None:
+                    own = round(model.quantile(info.model, job.features, predictor.quantile))
+                    if info.max_tokens is not None:
+                        own = min(own, info.max_tokens)
+                    scores["length_model"].add(max(own, 1), actual)
                 ring = predictor.learned(info.model, job.prompt_tokens)
                 ring_tokens = predictor.default_tokens if ring is None else ring
                 if info.max_tokens is not None:

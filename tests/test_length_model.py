@@ -109,6 +109,21 @@ def test_model_learns_what_prompt_length_cannot_show() -> None:
     # the noise (sigma 0.3) alone leaves a MAPE near 0.24; the task word is the signal
     assert model_score["mape"] < 0.35 < rings["mape"]
     assert model_score["bucket_accuracy"] > rings["bucket_accuracy"]
+    # what the proxy serves: the better of the two on recent requests, here the model
+    assert report["holdout"]["served"] == model_score
+
+
+def test_the_rings_answer_where_features_carry_nothing() -> None:
+    """Lengths that depend on nothing visible: the model's words only fit noise, and the
+    predictor keeps answering from the rings once it has compared the two."""
+    rng = random.Random(8)
+    p = LengthPredictor(model=LengthModel(warmup=16))
+    for _ in range(1500):
+        words = " ".join(str(rng.randrange(10_000)) for _ in range(30))
+        x = p.model.hasher.features(completion(words), 40)
+        length = max(1, round(100 * math.exp(0.8 * rng.gauss(0, 1))))
+        p.observe("m", 40, length, None, "stop", features=x)
+    assert p.stats()["length_model"]["answering"] == {"m": "rings"}
 
 
 def test_quantiles_are_ordered_and_cover() -> None:

@@ -257,6 +257,12 @@ class LengthModel:
         return model
 
 
+#: requests both learners are scored on before the comparison decides which one answers
+COMPARE_AFTER = 32
+#: the comparison's memory (an exponential moving average over about this many requests)
+COMPARE_WINDOW = 500
+
+
 class LengthPredictor:
     """Predicts output tokens per request from the lengths of finished requests.
 
@@ -293,11 +299,42 @@ class LengthPredictor:
         self._by_bucket: dict[tuple[str, int], _Ring] = {}
         self._by_model: dict[str, _Ring] = {}
         self._global = _Ring(window)
+        #: per model: decayed |log error| of the length model, of the rings, requests scored
+        self._scores: dict[str, list[float]] = {}
         self._observations = 0
         self._censored = 0
         self._errors = 0
         self._abs_pct_error_sum = 0.0
         self._same_bucket = 0
+
+    def uses_model(self, model: str) -> bool:
+        """Whether the length model answers for ``model``: once it has warmed up, while
+        its recent error is no worse than the rings' (where the features carry nothing the
+        prompt length does not, the rings' plain quantile is as good and steadier)."""
+        if not self.model.ready(model):
+            return False
+        score = self._scores.get(model)
+        return score is None or score[2] < COMPARE_AFTER or score[0] <= score[1]
+
+    def _compare(self, model: str, prompt_tokens: int, features: Features,
+                 output_tokens: int) -> None:
+        """Score both learners on a finished request, before either learns from it:
+        decayed mean absolute error of log(1 + tokens)."""
+        if not self.model.ready(model):
+            return
+        ring = self.learned(model, prompt_tokens)
+        if ring is None:
+            return
+        score = self._scores.get(model)
+        if score is None:
+            score = self._scores[model] = [0.0, 0.0, 0]
+        truth = math.log1p(output_tokens)
+        mine = abs(math.log1p(self.model.quantile(model, features, self.quantile)) - truth)
+        theirs = abs(math.log1p(ring) - truth)
+        score[2] += 1
+        rate = 1.0 / min(score[2], COMPARE_WINDOW)
+        score[0] += (mine - score[0]) * rate
+        score[1] += (theirs - score[1]) * rate
 
     def bucket(self, prompt_tokens: int) -> int:
         """The prompt-length bucket of ``prompt_tokens``."""
@@ -327,7 +364,7 @@ class LengthPredictor:
         """
         if hint is not None and hint >= 1:
             tokens = hint
-        elif features is not None and self.model.ready(model):
+        elif features is not None and self.uses_model(model):
             q = self.quantile if quantile is None else quantile
             tokens = round(self.model.quantile(model, features, q))
         else:
@@ -353,6 +390,8 @@ class LengthPredictor:
         censored = (finish_reason == "length" and max_tokens is not None
                     and output_tokens >= max_tokens)
         if features is not None:
+            if not censored:
+                self._compare(model, prompt_tokens, features, output_tokens)
             self.model.learn(model, features, output_tokens, censored)
         key = (model, self.bucket(prompt_tokens))
         ring = self._by_bucket.get(key)
@@ -403,5 +442,11 @@ class LengthPredictor:
             # Samples currently in each model's window (at most ``window``).
             "model_samples": {m: r.count for m, r in self._by_model.items()},
             # requests the per-request length model has learned from, per model
-            "length_model": {"seen": dict(self.model.seen), "warmup": self.model.warmup},
+            "length_model": {
+                "seen": dict(self.model.seen), "warmup": self.model.warmup,
+                # decayed mean |log(1 + predicted) - log(1 + true)|: model, rings
+                "log_error": {m: {"length_model": s[0], "rings": s[1], "scored": s[2]}
+                              for m, s in self._scores.items()},
+                "answering": {m: "length_model" if self.uses_model(m) else "rings"
+                              for m in self.model.seen}},
         }
