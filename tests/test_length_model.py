@@ -89,7 +89,7 @@ def test_features_tell_requests_apart() -> None:
     assert prompt_words(ids) == []
     assert prompt_words(chat("System rules", "old question", "the NEW one")) == \
         ["system", "rules", "the", "new", "one"]
-    assert len(prompt_words(completion(" ".join(map(str, range(500)))))) == 64
+    assert len(prompt_words(completion(" ".join(map(str, range(500)))))) == 48
 
 
 def test_tenant_is_the_header_else_the_user_field() -> None:

@@ -43,6 +43,15 @@ class ArrivalProcess:
         self._cached = 0.0
         self._output = 0.0
 
+    def snapshot(self) -> tuple[float, ...]:
+        """The whole state, for :meth:`restore` (a benchmark undoing its own arrivals)."""
+        return (self._first, self._last, self._count, self._prompt, self._cached,
+                self._output)
+
+    def restore(self, state: tuple[float, ...]) -> None:
+        (self._first, self._last, self._count, self._prompt, self._cached,
+         self._output) = state
+
     def record(self, now: float, prompt_tokens: int, cached_tokens: int,
                output_tokens: int) -> None:
         """One request arrived at ``now``."""
