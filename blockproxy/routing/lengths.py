@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from blockproxy.routing.features import FeatureHasher, Features
+from blockproxy.routing.features import FeatureHasher, Features, log2_bucket
 
 HINT_HEADER = "x-blockproxy-output-tokens"
 
@@ -64,6 +64,8 @@ def parse_hint(value: str | None) -> int | None:
 
 def length_bucket(tokens: int, base: float = 2.0) -> int:
     """``floor(log_base(tokens))`` computed exactly for integers; tokens below 1 count as 1."""
+    if base == 2.0:
+        return log2_bucket(tokens)
     tokens = max(1, int(tokens))
     bucket = int(math.log(tokens, base))
     # math.log is inexact at powers of the base (log(1000, 10) = 2.9999...), so fix it up.
