@@ -106,17 +106,20 @@ class EmulatedCluster(_Managed):
 
     kind = "emulator"
 
-    def __init__(self, instances: int, *, profile: str, time_scale: float = 1.0,
-                 speed_factors: Sequence[float] | None = None, seed: int = 0,
-                 extra_args: Sequence[str] = (), instances_per_process: int = 6,
-                 kv_events: bool = False, log_dir: str | Path | None = None) -> None:
+    def __init__(self, instances: int, *, profile: str | Sequence[str],
+                 time_scale: float = 1.0, speed_factors: Sequence[float] | None = None,
+                 seed: int = 0, extra_args: Sequence[str] = (),
+                 instances_per_process: int = 6, kv_events: bool = False,
+                 hide_profiles: bool = False, log_dir: str | Path | None = None) -> None:
         if instances < 1 or instances_per_process < 1:
             raise ValueError("instances and instances_per_process must be at least 1")
         if speed_factors and len(speed_factors) not in (1, instances):
             raise ValueError(f"{len(speed_factors)} speed factors for {instances} instances")
         super().__init__(log_dir)
         self.instances = instances
-        self.profile = profile
+        #: the profile of each instance (what its GPU is)
+        self.profiles = instance_profiles(profile, instances)
+        self.profile = self.profiles[0]
         self.time_scale = time_scale
         self.speed_factors = list(speed_factors or [1.0])
         self.seed = seed
@@ -124,7 +127,23 @@ class EmulatedCluster(_Managed):
         self.instances_per_process = instances_per_process
         #: publish KV events (``--kv-events-port``) and describe the word tokenizer
         self.kv_events = kv_events
+        #: the backends file names no profile (the proxy's calibration has to find out)
+        self.hide_profiles = hide_profiles
         self.event_urls: list[str] = []
+
+    def _groups(self) -> list[tuple[int, int]]:
+        """(first, count) of each emulator process: consecutive instances with the same
+        profile, at most ``instances_per_process`` of them."""
+        groups: list[tuple[int, int]] = []
+        first = 0
+        while first < self.instances:
+            count = 1
+            while (first + count < self.instances and count < self.instances_per_process
+                   and self.profiles[first + count] == self.profiles[first]):
+                count += 1
+            groups.append((first, count))
+            first += count
+        return groups
 
     def _launch(self) -> tuple[list[ChildProcess], list[str]]:
         # One range for both: the event ports follow the HTTP ports.
@@ -136,15 +155,14 @@ class EmulatedCluster(_Managed):
             write_tokenizer(self.log_dir / "tokenizer")
         children: list[ChildProcess] = []
         try:
-            for k, first in enumerate(range(0, self.instances, self.instances_per_process)):
-                count = min(self.instances_per_process, self.instances - first)
+            for k, (first, count) in enumerate(self._groups()):
                 factors = (self.speed_factors if len(self.speed_factors) == 1
                            else self.speed_factors[first:first + count])
                 # Process k > 0 gets another seed so its engines' noise differs from
                 # process 0's (the emulator seeds instance i with a function of seed, i).
                 args = [*command("loadgen"), "emulate",
                         "--instances", str(count), "--base-port", str(base + first),
-                        "--host", HOST, "--profile", self.profile,
+                        "--host", HOST, "--profile", self.profiles[first],
                         "--time-scale", repr(self.time_scale),
                         "--speed-factors", ",".join(repr(f) for f in factors),
                         "--seed", str(self.seed + 1000 * k), *self.extra_args]
@@ -161,12 +179,37 @@ class EmulatedCluster(_Managed):
         """Backends-file entries for the running instances (limits overridden by the
         emulator flags are passed on, as an operator would configure them)."""
         limits = engine_limits_from_args(self.extra_args)
-        entries = [{"url": url, "name": f"i{i}", "profile": self.profile, **limits}
-                   for i, url in enumerate(self.urls)]
+        entries: list[dict[str, Any]] = [{"url": url, "name": f"i{i}", **limits}
+                                         for i, url in enumerate(self.urls)]
+        if not self.hide_profiles:
+            for entry, profile in zip(entries, self.profiles):
+                entry["profile"] = profile
         if self.kv_events:
             for entry, events in zip(entries, self.event_urls):
                 entry.update(kv_events=events, tokenizer=str(self.log_dir / "tokenizer"))
         return entries
+
+
+def instance_profiles(spec: str | Sequence[str], instances: int) -> list[str]:
+    """The profile of each of ``instances``: one name for all, or a list (a string is split
+    at commas) whose items may repeat as ``NAME*COUNT``, summing to ``instances``:
+    ``llama-3.1-8b-h100-tp1*4,llama-3.1-8b-a100-80gb-tp1*4``."""
+    items = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        name, _, count = item.rpartition("*") if "*" in item else (item, "", "1")
+        try:
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"bad profile count in {item!r} (NAME*COUNT)") from None
+        if not name or n < 1:
+            raise ValueError(f"bad profile item {item!r} (NAME or NAME*COUNT)")
+        out += [name] * n
+    if len(out) == 1:
+        return out * instances
+    if len(out) != instances:
+        raise ValueError(f"{len(out)} profiles for {instances} instances")
+    return out
 
 
 def engine_limits_from_args(args: Sequence[str]) -> dict[str, int]:

@@ -46,7 +46,13 @@ from typing import Any
 
 from loadgen import __version__, promtext, report
 from loadgen.capacity import add_search_arguments, find_capacity, probe_kwargs, slo_check
-from loadgen.cluster import EmulatedCluster, PeerProcess, ProxyProcess, get_texts
+from loadgen.cluster import (
+    EmulatedCluster,
+    PeerProcess,
+    ProxyProcess,
+    get_texts,
+    instance_profiles,
+)
 from loadgen.measure import real_view
 from loadgen.peers import PeerMissing, parse_router
 from loadgen.procs import free_udp_ports
@@ -196,12 +202,15 @@ def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
 class Lab:
     """How to build one fresh cluster + proxy, and run a benchmark through them."""
 
-    def __init__(self, *, instances: int, profile: str, time_scale: float = 1.0,
-                 speed_factors: Sequence[float] | None = None,
+    def __init__(self, *, instances: int, profile: str | Sequence[str],
+                 time_scale: float = 1.0, speed_factors: Sequence[float] | None = None,
                  emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
                  proxies: int = 1, gossip: bool = True, peer_args: Sequence[str] = (),
-                 kv_events: bool = False, log: Log = _stderr) -> None:
-        self.instances, self.profile, self.time_scale = instances, profile, time_scale
+                 kv_events: bool = False, hide_profiles: bool = False,
+                 log: Log = _stderr) -> None:
+        self.instances, self.time_scale = instances, time_scale
+        self.profiles = instance_profiles(profile, instances)
+        self.hide_profiles = hide_profiles
         self.kv_events = kv_events
         self.proxies, self.gossip = proxies, gossip
         self.speed_factors = speed_factors
@@ -228,17 +237,21 @@ class Lab:
             raise ValueError(f"--proxies {self.proxies} runs blockproxy only, not {policy}")
         run_dir = Path(tempfile.mkdtemp(prefix="loadgen-run-"))
         truth = run_dir / "truth.json"  # written by run_benchmark before its first send
-        cluster = EmulatedCluster(self.instances, profile=self.profile,
+        cluster = EmulatedCluster(self.instances, profile=self.profiles,
                                   time_scale=self.time_scale, speed_factors=self.speed_factors,
                                   seed=seed, extra_args=[*self.emulator_args,
                                                          "--truth", str(truth)],
-                                  kv_events=self.kv_events and peer is None)
+                                  kv_events=self.kv_events and peer is None,
+                                  hide_profiles=self.hide_profiles)
         async with cluster, contextlib.AsyncExitStack() as stack:
             stack.callback(shutil.rmtree, run_dir, True)
             procs: list[ProxyProcess | PeerProcess]
             if peer is None:
+                # One GPU type: the proxy's --profile too; several: the backends file
+                # names each; hidden: neither (the proxy's default profile, calibrated).
+                single = len(set(self.profiles)) == 1 and not self.hide_profiles
                 procs = [ProxyProcess(cluster.backend_entries(), name, args,
-                                      profile=self.profile)
+                                      profile=self.profiles[0] if single else None)
                          for args in self._all_proxy_args(run_dir)]
             else:
                 procs = [PeerProcess(peer, name, cluster.urls, run_dir, self.peer_args)]
@@ -317,7 +330,8 @@ async def _capacity(lab: Lab, policy: str, specs: Sequence[RequestSpec], seed: i
 
 
 async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec], *,
-                           instances: int, profile: str, time_scale: float = 1.0,
+                           instances: int, profile: str | Sequence[str],
+                           time_scale: float = 1.0, hide_profiles: bool = False,
                            speed_factors: Sequence[float] | None = None,
                            emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
                            seed: int = 0, capacity: dict[str, Any] | None = None,
@@ -336,7 +350,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
     lab = Lab(instances=instances, profile=profile, time_scale=time_scale,
               speed_factors=speed_factors, emulator_args=emulator_args,
               proxy_args=proxy_args, proxies=proxies, gossip=gossip, peer_args=peer_args,
-              kv_events=kv_events, log=log)
+              kv_events=kv_events, hide_profiles=hide_profiles, log=log)
     results: dict[str, Any] = {}
     for policy in policies:
         log(f"[seed {seed}] {policy}")
@@ -395,7 +409,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nginx:least_conn, ...; see loadgen.peers)")
     parser.add_argument("--instances", type=int, default=2, help="emulated instances")
     parser.add_argument("--profile", default="llama-3.1-8b-h100-tp1",
-                        help="profile of the emulator and the proxy")
+                        help="profile of the emulated instances, named in the backends file: "
+                             "one for all, or one per instance, comma-separated, NAME*COUNT "
+                             "repeating (llama-3.1-8b-h100-tp1*4,llama-3.1-8b-a100-80gb-tp1*4)")
+    parser.add_argument("--hide-profiles", action="store_true",
+                        help="the backends file names no profile: the proxy starts from its "
+                             "default profile and has only its calibration to go on")
     parser.add_argument("--speed-factors", type=_csv(float),
                         help="emulator step-time multiplier per instance (hidden from proxy)")
     parser.add_argument("--seeds", type=_csv(int),
@@ -427,8 +446,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
     keys = ("trace", "format", "start", "duration", "num_requests", "clip_context",
-            "instances", "profile", "speed_factors", "proxy_arg", "emulator_arg", "proxies",
-            "no_gossip", "kv_events")
+            "instances", "profile", "hide_profiles", "speed_factors", "proxy_arg",
+            "emulator_arg", "proxies", "no_gossip", "kv_events")
     cfg = {k: getattr(args, k) for k in keys}
     cfg.update({k: v for k, v in kwargs.items() if k != "progress"})
     cfg["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
@@ -439,6 +458,7 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] |
     """Validate flags; returns (run_benchmark kwargs, capacity config or None)."""
     if args.instances < 1:
         raise ValueError("--instances must be at least 1")
+    instance_profiles(args.profile, args.instances)  # fail early on a bad list
     if args.proxies < 1:
         raise ValueError("--proxies must be at least 1")
     if not args.use_trace_timestamps and math.isinf(args.request_rate) \
@@ -486,7 +506,7 @@ async def _main(args: argparse.Namespace, kwargs: dict[str, Any],
         profile=args.profile, time_scale=args.time_scale, speed_factors=args.speed_factors,
         emulator_args=args.emulator_arg, proxy_args=args.proxy_arg, capacity=capacity,
         proxies=args.proxies, gossip=not args.no_gossip, peer_args=args.peer_arg,
-        kv_events=args.kv_events, **kwargs)
+        kv_events=args.kv_events, hide_profiles=args.hide_profiles, **kwargs)
     result["config"] = _config(args, kwargs)
     return result
 

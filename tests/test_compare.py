@@ -10,10 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from loadgen import compare
-from loadgen.cluster import EmulatedCluster, ProxyProcess, engine_limits_from_args
+from loadgen.cluster import (
+    EmulatedCluster,
+    ProxyProcess,
+    engine_limits_from_args,
+    instance_profiles,
+)
 from loadgen.compare import parse_proxy_metrics, proxy_policy, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +94,25 @@ def test_engine_limits_from_emulator_args_reach_the_backends_file():
         engine_limits_from_args(["--block-size=x"])
 
 
+def test_instance_profiles_one_for_all_a_list_or_repeated_names():
+    assert instance_profiles("a", 3) == ["a", "a", "a"]
+    assert instance_profiles("a*2,b", 3) == ["a", "a", "b"]
+    assert instance_profiles(["x", "y"], 2) == ["x", "y"]
+    for bad in ("a*2", "a*x,b", "a*0,b,c", ",a"):
+        with pytest.raises(ValueError):
+            instance_profiles(bad, 3)
+
+
+def test_a_mixed_fleet_runs_one_emulator_per_gpu_type_and_can_hide_its_profiles():
+    cluster = EmulatedCluster(5, profile="h*2,a*3", instances_per_process=2)
+    assert cluster._groups() == [(0, 2), (2, 2), (4, 1)]  # a process never mixes types
+    cluster.urls = [f"http://127.0.0.1:{9000 + i}" for i in range(5)]
+    assert [e["profile"] for e in cluster.backend_entries()] == ["h", "h", "a", "a", "a"]
+    hidden = EmulatedCluster(2, profile="h,a", hide_profiles=True)
+    hidden.urls = cluster.urls[:2]
+    assert all("profile" not in e for e in hidden.backend_entries())
+
+
 def test_parse_emulator_metrics_sums_instances():
     page = ('emulator:steps_total{engine="0",model_name="m"} 100\n'
             'emulator:step_lateness_seconds_total{engine="0",model_name="m"} 0.05\n'
@@ -130,6 +155,25 @@ async def test_cluster_over_several_processes_and_proxy_stop_by_pid():
             pids = [*cluster.pids, *proxy.pids]
             assert all(_alive(p) for p in pids)
     assert not any(_alive(p) for p in pids)
+
+
+async def test_mixed_fleet_instances_run_at_their_own_profile_speed():
+    profiles = ["llama-3.1-8b-h100-tp1", "llama-3.1-8b-a100-80gb-tp1"]
+    async with EmulatedCluster(2, profile=profiles, extra_args=["--stall-prob=0"]) as cluster:
+        assert [c.args[c.args.index("--profile") + 1] for c in cluster.children] == profiles
+        async with ProxyProcess(cluster.backend_entries(), "round_robin") as proxy:
+            async with aiohttp.ClientSession() as session:
+                times = []
+                for _ in range(2):  # round robin: one on each
+                    t0 = time.perf_counter()
+                    async with session.post(proxy.url + "/v1/completions", json={
+                            "model": "tiny", "prompt": "hello " * 50, "max_tokens": 40,
+                            "ignore_eos": True}) as resp:
+                        assert resp.status == 200, await resp.text()
+                        await resp.read()
+                    times.append(time.perf_counter() - t0)
+    # 40 decode steps: H100 ~ 40 x 5.8 ms, A100 ~ 40 x 16.6 ms (2.8x)
+    assert max(times) / min(times) > 2.0, times
 
 
 async def test_proxy_with_bad_flags_fails_fast_and_leaves_nothing():
