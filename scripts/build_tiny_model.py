@@ -18,6 +18,8 @@ import random
 from pathlib import Path
 
 VOCAB_SIZE = 2048
+#: context length: long enough that a stream outlives a few slow scrapes of a busy server
+MAX_POSITIONS = 8192
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -59,7 +61,7 @@ def build_tokenizer(out: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus(5000), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=2048)
+                                   unk_token="<unk>", model_max_length=MAX_POSITIONS)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
@@ -71,7 +73,7 @@ def build_model(out: Path, vocab_size: int, seed: int = 0) -> None:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS,
         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)

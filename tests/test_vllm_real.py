@@ -23,6 +23,7 @@ import pytest
 from loadgen.procs import wait_for
 from tests.procs import ROOT, Proxy, http_get, metric_value, write_backends
 from tests.real_vllm import (
+    LONG_OUTPUT,
     MAX_MODEL_LEN,
     MAX_NUM_SEQS,
     MODEL,
@@ -192,7 +193,7 @@ async def test_cluster_view_matches_vllm_metrics(proxy: Proxy, vllm_pair: list[V
     assert await wait_for(lambda: all(i["active_requests"] == 0
                                       for i in proxy.cluster()["instances"]), timeout=VLLM_WAIT_S)
     names = {i["url"]: i["name"] for i in proxy.cluster()["instances"]}
-    body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 1800,
+    body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": LONG_OUTPUT,
             "stream": True, "ignore_eos": True}
 
     async def drain(session: aiohttp.ClientSession) -> None:
@@ -261,10 +262,13 @@ async def test_load_bypassing_the_proxy_is_scraped_as_phantoms(proxy: Proxy,
         return int(inst.get("by_origin", {}).get("phantom", 0))
 
     async with aiohttp.ClientSession() as session:
-        responses = await open_streams(session, target.url, 3, 1800)
+        responses = await open_streams(session, target.url, 3, LONG_OUTPUT)
         try:
             assert all(r.status == 200 for r in responses)
-            assert await wait_for(lambda: phantoms() == 3, timeout=VLLM_WAIT_S), proxy.cluster()
+            assert await wait_for(lambda: phantoms() == 3, timeout=VLLM_WAIT_S), (
+                [i for i in proxy.cluster()["instances"] if i["name"] == name],
+                {g: vllm_metric(target.metrics(), g)
+                 for g in ("vllm:num_requests_running", "vllm:num_requests_waiting")})
             inst = next(i for i in proxy.cluster()["instances"] if i["name"] == name)
             assert inst["kv_cache_usage"] is not None and inst["kv_cache_usage"] > 0
         finally:
@@ -275,7 +279,7 @@ async def test_load_bypassing_the_proxy_is_scraped_as_phantoms(proxy: Proxy,
 
 async def test_client_disconnect_aborts_on_vllm(proxy: Proxy, vllm_pair: list[VllmServer]):
     cancelled = metric_value(proxy.metrics(), "blockproxy_cancellations_total")
-    body = {"model": MODEL, "prompt": "tell me a story", "max_tokens": 1800, "stream": True,
+    body = {"model": MODEL, "prompt": "tell me a story", "max_tokens": LONG_OUTPUT, "stream": True,
             "ignore_eos": True}
     async with aiohttp.ClientSession() as session:
         async with session.post(proxy.url + "/v1/completions", json=body) as resp:
@@ -358,7 +362,7 @@ async def test_vllm_killed_mid_stream_ends_with_error_event(vllm_logs: Path, tmp
     try:
         backends = backends_for(tmp_path, [doomed], None)
         with Proxy(tmp_path, backends) as proxy:
-            body = {"model": MODEL, "prompt": "x", "max_tokens": 1800, "stream": True,
+            body = {"model": MODEL, "prompt": "x", "max_tokens": LONG_OUTPUT, "stream": True,
                     "ignore_eos": True}
             async with aiohttp.ClientSession() as session:
                 async with session.post(proxy.url + "/v1/completions", json=body) as resp:
