@@ -199,19 +199,36 @@ async def read_limits(inst: Instance, args: argparse.Namespace, notes: list[str]
     return limits, model
 
 
-async def probe_max_num_seqs(inst: Instance, probe: int, notes: list[str]) -> int:
-    """Send ``probe`` concurrent streams; the most running at once is the sequence cap."""
-    tasks = [asyncio.create_task(inst.stream(8, 48)) for _ in range(probe)]
-    most, waited = 0, False
+#: output tokens of each sequence-cap probe stream: long enough to outlast a few slow
+#: ``/metrics`` scrapes (a fast engine finishes short streams between two of them); the
+#: probe stops as soon as the cap is seen, so a fast engine does not pay for them
+PROBE_TOKENS = 512
+
+
+async def probe_max_num_seqs(inst: Instance, probe: int, notes: list[str],
+                             max_model_len: int = 0) -> int:
+    """Send ``probe`` concurrent streams; the most running at once is the sequence cap.
+
+    The probe ends once two scrapes in a row show requests waiting beside the same number
+    running (the cap, seen twice), or when every stream is done; the rest are cancelled.
+    """
+    tokens = min(PROBE_TOKENS, max_model_len - 16) if max_model_len > 24 else PROBE_TOKENS
+    tasks = [asyncio.create_task(inst.stream(8, tokens)) for _ in range(probe)]
+    most, waited, seen_full = 0, False, 0
     try:
         while not all(t.done() for t in tasks):
             text = await inst.get_text("/metrics")
-            running = _prom_value(text, "vllm:num_requests_running") or 0.0
+            running = int(_prom_value(text, "vllm:num_requests_running") or 0.0)
             waiting = _prom_value(text, "vllm:num_requests_waiting") or 0.0
-            most = max(most, int(running))
+            seen_full = seen_full + 1 if waiting > 0 and running == most else 0
+            most = max(most, running)
             waited = waited or waiting > 0
+            if seen_full >= 2:
+                break
             await asyncio.sleep(0.02)
     finally:
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     if most >= probe or not waited:
         notes.append(f"max_num_seqs is at least {most} ({probe} streams never queued): "
@@ -305,7 +322,8 @@ async def profile_instance(args: argparse.Namespace) -> tuple[Profile, dict[str,
         if args.max_num_seqs:
             max_num_seqs = args.max_num_seqs
         else:
-            max_num_seqs = await probe_max_num_seqs(inst, args.probe_seqs, notes)
+            max_num_seqs = await probe_max_num_seqs(inst, args.probe_seqs, notes,
+                                                     limits["max_model_len"])
             progress.step(f"max_num_seqs {max_num_seqs}")
         limits["max_num_seqs"] = max_num_seqs
         started = time.monotonic()
