@@ -206,13 +206,13 @@ PROBE_TOKENS = 512
 
 
 async def probe_max_num_seqs(inst: Instance, probe: int, notes: list[str],
-                             max_model_len: int = 0) -> int:
+                             max_model_len: int) -> int:
     """Send ``probe`` concurrent streams; the most running at once is the sequence cap.
 
     The probe ends once two scrapes in a row show requests waiting beside the same number
     running (the cap, seen twice), or when every stream is done; the rest are cancelled.
     """
-    tokens = min(PROBE_TOKENS, max_model_len - 16) if max_model_len > 24 else PROBE_TOKENS
+    tokens = max(1, min(PROBE_TOKENS, max_model_len - 16))  # after an 8-token prompt
     tasks = [asyncio.create_task(inst.stream(8, tokens)) for _ in range(probe)]
     most, waited, seen_full = 0, False, 0
     try:

@@ -18,8 +18,6 @@ import random
 from pathlib import Path
 
 VOCAB_SIZE = 2048
-#: context length: long enough that a stream outlives a few slow scrapes of a busy server
-MAX_POSITIONS = 8192
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -49,7 +47,7 @@ def corpus(lines: int, seed: int = 0) -> list[str]:
             for _ in range(lines)]
 
 
-def build_tokenizer(out: Path) -> None:
+def build_tokenizer(out: Path, max_positions: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,19 +59,19 @@ def build_tokenizer(out: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus(5000), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=MAX_POSITIONS)
+                                   unk_token="<unk>", model_max_length=max_positions)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
 
-def build_model(out: Path, vocab_size: int, seed: int = 0) -> None:
+def build_model(out: Path, vocab_size: int, max_positions: int, seed: int = 0) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
         bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
@@ -82,11 +80,14 @@ def build_model(out: Path, vocab_size: int, seed: int = 0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="output directory (created)")
+    parser.add_argument("--max-positions", type=int, default=2048,
+                        help="context length the model supports")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(args.out)
+    build_tokenizer(args.out, args.max_positions)
     vocab = json.loads((args.out / "tokenizer.json").read_text())["model"]["vocab"]
-    build_model(args.out, vocab_size=max(VOCAB_SIZE, len(vocab) + 3))
+    build_model(args.out, vocab_size=max(VOCAB_SIZE, len(vocab) + 3),
+                max_positions=args.max_positions)
     print(f"tiny model written to {args.out}")
 
 

