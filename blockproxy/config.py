@@ -63,6 +63,11 @@ class ProxyConfig:
                                        "averaged (exponential decay)")
     max_body_bytes: int = _opt(4 * 1024 * 1024, "largest request body accepted (413 above)")
     max_retries: int = _opt(2, "other instances tried when one fails before the first byte")
+    max_continuations: int = _opt(2, "times a stream whose instance fails mid-stream is "
+                                     "continued on another instance (0 = end it with an "
+                                     "error event)")
+    stall_timeout: float = _opt(30.0, "seconds a started stream that can be continued may "
+                                      "go silent before it is continued elsewhere")
     connect_timeout: float = _opt(5.0, "seconds to connect to an instance")
     read_timeout: float = _opt(600.0, "seconds of upstream silence before a stream (or the "
                                       "wait for its headers) is given up")

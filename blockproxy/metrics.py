@@ -116,6 +116,12 @@ class Metrics:
         self.stream_failures = Counter("blockproxy_stream_failures_total",
                                        "Upstream failures after streaming had started",
                                        ["instance"], registry=r)
+        self.continuations = Counter(
+            "blockproxy_continuations_total", "Streams continued on another instance after "
+            "this one failed mid-stream", ["instance"], registry=r)
+        self.continuation_gap = Histogram(
+            "blockproxy_continuation_gap_seconds", "From a mid-stream failure to the "
+            "continuation's first token", buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("blockproxy_in_flight_requests", "Requests being served",
                                registry=r)
         self.task_restarts = Counter("blockproxy_background_task_restarts_total",

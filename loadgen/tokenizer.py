@@ -6,7 +6,9 @@ Rule (what ``loadgen emulate`` counts as tokens):
   (``str.split()``); a prompt given as a list of token ids counts one token per id;
 * chat: every message costs :data:`CHAT_TOKENS_PER_MESSAGE` template tokens (start
   marker, role, end marker) plus the words of its text content, and the generation
-  prompt adds :data:`CHAT_GENERATION_PROMPT_TOKENS` (start marker and ``assistant``).
+  prompt adds :data:`CHAT_GENERATION_PROMPT_TOKENS` (start marker and ``assistant``);
+  with ``continue_final_message`` (and no generation prompt) the last message has no end
+  marker, so a partial assistant answer continues where it stopped.
 
 Token *identity* matters too: the emulator's prefix cache hashes blocks of these tokens,
 so two prompts that start with the same words share cached KV blocks.  The builders here
@@ -70,16 +72,23 @@ def message_text(content: Any) -> str:
     raise TypeError("message content must be a string, a list of parts or null")
 
 
-def chat_tokens(messages: Iterable[dict[str, Any]]) -> list[Token]:
-    """Tokens of a chat conversation, template tokens included (see the module rule)."""
+def chat_tokens(messages: Iterable[dict[str, Any]], generation_prompt: bool = True,
+                continue_final: bool = False) -> list[Token]:
+    """Tokens of a chat conversation, template tokens included (see the module rule).
+    ``continue_final`` leaves the last message open (no end marker), as vLLM's
+    ``continue_final_message`` does, so its text continues; ``generation_prompt`` is
+    vLLM's ``add_generation_prompt``."""
     tokens: list[Token] = []
     for message in messages:
         tokens.append("<|start|>")
         tokens.append(str(message.get("role", "user")))
         tokens.extend(message_text(message.get("content")).split())
         tokens.append("<|end|>")
-    tokens.append("<|start|>")
-    tokens.append("assistant")
+    if continue_final and tokens:
+        tokens.pop()
+    if generation_prompt:
+        tokens.append("<|start|>")
+        tokens.append("assistant")
     return tokens
 
 

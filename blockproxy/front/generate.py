@@ -23,9 +23,18 @@ from blockproxy.cluster.requests import Entry
 from blockproxy.cluster.view import ClusterView
 from blockproxy.config import ProxyConfig
 from blockproxy.front import door
+from blockproxy.front.continuation import (
+    Splice,
+    Transcript,
+    continuation_body,
+    finish_event,
+    refusal,
+    usage_event,
+)
 from blockproxy.front.gate import Gate
 from blockproxy.front.relay import (
     DONE_EVENT,
+    EVENT_END,
     TAIL_CHUNKS,
     Usage,
     parse_usage,
@@ -55,6 +64,23 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 def error_response(err: ApiError) -> web.Response:
     return web.Response(status=err.status, body=err.body(), content_type="application/json")
+
+
+class _Part:
+    """One upstream generation of a client's stream: its reservation, its response, the
+    splice that rewrites it (a continuation's), the chunk held back for the end, and
+    when the part before it failed (a continuation's)."""
+
+    __slots__ = ("entry", "failed_at", "held", "partial", "splice", "upstream")
+
+    def __init__(self, entry: Entry, upstream: UpstreamResponse, splice: Splice | None
+                 ) -> None:
+        self.entry = entry
+        self.upstream = upstream
+        self.splice = splice
+        self.held = b""
+        self.partial = b""  # the start of an event whose end has not come
+        self.failed_at = 0.0
 
 
 class GenerateHandler:
@@ -144,16 +170,20 @@ class GenerateHandler:
             return None, False
         return await tok.encode(text), len(text) == info.prompt_chars
 
-    async def _serve(self, request: web.Request, info: RequestInfo,
-                     candidates: list[Instance]) -> web.StreamResponse:
+    async def _job(self, request: web.Request, info: RequestInfo,
+                   candidates: list[Instance]) -> Job:
         limit = min(inst.limits.max_model_len for inst in candidates)
         first = candidates[0]
         ids, exact_count = None, False
         if first.tokenizer is not None or first.spec.kv_events is not None:  # exact mode
             ids, exact_count = await self._token_ids(info, first)
-        job = self.describer.describe(
+        return self.describer.describe(
             info, request.headers.get(HINT_HEADER), limit, ids, first.limits.block_size,
             exact_count, tenant_of(request.headers.get(TENANT_HEADER), info))
+
+    async def _serve(self, request: web.Request, info: RequestInfo,
+                     candidates: list[Instance]) -> web.StreamResponse:
+        job = await self._job(request, info, candidates)
         tried: list[Instance] = []
         headers = self.upstream.forward_headers(request.raw_headers,
                                                 request.get(door.ID_KEY))
@@ -188,7 +218,8 @@ class GenerateHandler:
                 self.metrics.cancellations.inc()
                 raise
             try:
-                return await self._relay(request, info, job, entry, upstream, deadline)
+                return await self._relay(request, info, job, entry, upstream, deadline,
+                                         headers)
             finally:
                 upstream.close()
                 inst.release(entry)
@@ -237,12 +268,13 @@ class GenerateHandler:
             self.metrics.ejections.labels(inst.name).inc()
 
     async def _relay(self, request: web.Request, info: RequestInfo, job: Job, entry: Entry,
-                     upstream: UpstreamResponse, deadline: float) -> web.StreamResponse:
+                     upstream: UpstreamResponse, deadline: float, headers: bytes
+                     ) -> web.StreamResponse:
         status = upstream.status
         inst = entry.instance
         self.answered(inst, status)
         if status == 200 and info.stream:
-            return await self._relay_stream(request, info, job, entry, upstream)
+            return await self._relay_stream(request, info, job, entry, upstream, headers)
         try:
             payload = await upstream.read(deadline - time.monotonic())
         except UpstreamError as exc:
@@ -257,49 +289,59 @@ class GenerateHandler:
                             content_type=upstream.content_type or "application/json")
 
     async def _relay_stream(self, request: web.Request, info: RequestInfo, job: Job,
-                            entry: Entry, upstream: UpstreamResponse
+                            entry: Entry, upstream: UpstreamResponse, headers: bytes
                             ) -> web.StreamResponse:
-        inst = entry.instance
+        """Relay a stream; when its instance fails mid-stream, continue it on another
+        (:mod:`.continuation`) while the request allows it and the budget lasts.  The
+        first part's entry and response are the caller's to release; continuations'
+        are released here."""
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
         await response.prepare(request)
-        tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
-        held = b""  # the chunk ending in [DONE]: sent with the end of the body, one write
-        send_timeout = self.config.send_timeout
-        write = door.write
-        events = 0
+        transcript: Transcript | None = None
+        reason = None
+        if self.config.max_continuations > 0:
+            reason = refusal(info, entry.instance.tokenizer is not None)
+            if reason is None:
+                transcript = Transcript(info.route == CHAT)
+        relay = _Part(entry, upstream, None)
+        failed: list[Instance] = []
+        opened: list[_Part] = []
         try:
-            async for data in upstream.iter_chunks():
-                now = time.perf_counter()
-                if held:
-                    await write(request, response, held, send_timeout)
-                    held = b""
-                if data.endswith(DONE_EVENT):
-                    held = data
-                else:
-                    await write(request, response, data, send_timeout)
-                count = token_events(data)
-                events += count
-                if count > 0:
-                    if not entry.first_token_at:
-                        inst.first_token(entry, now)
-                        count -= 1
-                    if count and entry.observed:
-                        inst.streamed(entry, now, count)
-                tail.append(data)
-            ending = b"".join(tail)
-            if not stream_complete(ending):
-                raise UpstreamError("the stream ended without [DONE]")
-        except UpstreamError as exc:
-            if held:
-                await response.write(held)
-            self.metrics.stream_failures.labels(inst.name).inc()
-            log.warning("instance %s failed mid-stream: %s", inst.name, exc)
-            err = ApiError(502, f"upstream instance {inst.name} failed mid-stream: {exc}",
-                           "BadGatewayError")
-            await response.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
-            self._count(info.route, 502)
-            await response.write_eof()
-            return response
+            while True:
+                inst = relay.entry.instance
+                try:
+                    ending, events = await self._pump(request, response, relay, transcript)
+                    break
+                except UpstreamError as exc:
+                    failed_at = time.perf_counter()
+                    self.metrics.stream_failures.labels(inst.name).inc()
+                    log.warning("instance %s failed mid-stream: %s", inst.name, exc)
+                    self.failed(inst, exc)
+                    failed.append(inst)
+                    relay.upstream.close()  # aborts the generation if it is still running
+                    inst.release(relay.entry)
+                    problem = f"upstream instance {inst.name} failed mid-stream: {exc}"
+                    if reason is not None:
+                        problem += f" (not continued: {reason})"
+                    outcome: _Part | bytes | str = problem
+                    if transcript is not None and len(failed) <= self.config.max_continuations:
+                        outcome = await self._continuation(request, info, transcript, failed,
+                                                           headers, relay, problem)
+                    if isinstance(outcome, _Part):
+                        relay = outcome
+                        opened.append(relay)
+                        relay.failed_at = failed_at
+                        self.metrics.continuations.labels(inst.name).inc()
+                        continue
+                    if isinstance(outcome, bytes):  # it had ended at the seam
+                        await response.write_eof(outcome)
+                        self._count(info.route, 200)
+                        return response
+                    err = ApiError(502, outcome, "BadGatewayError")
+                    await response.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
+                    self._count(info.route, 502)
+                    await response.write_eof()
+                    return response
         except door.SendTimeout as exc:  # the client stopped reading: let it go
             self.metrics.client_timeouts.labels("send").inc()
             log.info("closing a client connection: %s", exc)
@@ -309,16 +351,176 @@ class GenerateHandler:
         except (ConnectionResetError, asyncio.CancelledError):
             self.metrics.cancellations.inc()
             raise
-        usage = parse_usage(ending)
-        if usage.completion_tokens is not None:
-            output = usage.completion_tokens
-        else:  # token events, less a chat stream's first (role-only) events, per sequence
-            first = info.sequences if info.route == CHAT else 0
-            output = max(events - first, 0) // info.sequences
-        self._learn(info, job, entry, usage, output, time.perf_counter())
+        finally:
+            for part in opened:
+                part.upstream.close()
+                part.entry.instance.release(part.entry)
+        done = time.perf_counter()
+        if opened:
+            assert transcript is not None
+            self._learn_continued(info, job, entry, transcript, relay, done)
+        else:
+            usage = parse_usage(ending)
+            if usage.completion_tokens is not None:
+                output = usage.completion_tokens
+            else:  # token events, less a chat stream's first (role-only) events, per sequence
+                first = info.sequences if info.route == CHAT else 0
+                output = max(events - first, 0) // info.sequences
+            self._learn(info, job, entry, usage, output, done)
         self._count(info.route, 200)
-        await response.write_eof(held)
+        await response.write_eof(relay.held)
         return response
+
+    async def _pump(self, request: web.Request, response: web.StreamResponse, part: _Part,
+                    transcript: Transcript | None) -> tuple[bytes, int]:
+        """Relay one upstream stream to the client until its end; returns its last chunks
+        and its token events.  The chunk ending in ``[DONE]`` is kept in ``part.held``
+        (sent with the end of the body, one write).  Raises :class:`UpstreamError` when
+        the stream breaks or, once it has started and could be continued, stalls past
+        the stall timeout."""
+        entry, upstream, splice = part.entry, part.upstream, part.splice
+        inst = entry.instance
+        tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
+        send_timeout = self.config.send_timeout
+        timeout = self.config.read_timeout
+        stall = self.config.stall_timeout if transcript is not None else 0.0
+        write = door.write
+        events = 0
+        chunk = upstream.chunk
+        try:
+            while data := await chunk(timeout):
+                now = time.perf_counter()
+                if splice is not None:  # complete events only
+                    data = splice.rewrite(data)
+                    if not data:
+                        continue
+                elif transcript is not None and not data.endswith(EVENT_END):
+                    # hold back a split event: were the stream continued, the client
+                    # would otherwise get half of it, then the continuation's events
+                    data = part.partial + data
+                    cut = data.rfind(EVENT_END)
+                    cut = cut + len(EVENT_END) if cut >= 0 else 0
+                    part.partial = data[cut:]
+                    data = data[:cut]
+                    if not data:
+                        continue
+                elif part.partial:
+                    data = part.partial + data
+                    part.partial = b""
+                if transcript is not None:
+                    transcript.add(data)
+                if part.held:
+                    await write(request, response, part.held, send_timeout)
+                    part.held = b""
+                if data.endswith(DONE_EVENT):
+                    part.held = data
+                else:
+                    await write(request, response, data, send_timeout)
+                count = token_events(data)
+                events += count
+                if count > 0:
+                    if not entry.first_token_at:
+                        inst.first_token(entry, now)
+                        count -= 1
+                        if part.failed_at:
+                            self.metrics.continuation_gap.observe(now - part.failed_at)
+                        if stall > 0:
+                            timeout = stall
+                    if count and entry.observed:
+                        inst.streamed(entry, now, count)
+                tail.append(data)
+        except UpstreamError:
+            if not part.held:  # else it broke after its [DONE]: the stream is whole
+                raise
+        ending = b"".join(tail)
+        if not stream_complete(ending):
+            raise UpstreamError("the stream ended without [DONE]")
+        return ending, events
+
+    async def _continuation(self, request: web.Request, info: RequestInfo,
+                            transcript: Transcript, failed: list[Instance], headers: bytes,
+                            broken: _Part, problem: str) -> _Part | bytes | str:
+        """Continue ``info``'s stream after ``transcript`` on an instance that has not
+        failed it: the open continuation, or the bytes that end a stream which needs none
+        (its budget ran out at the seam, or its last event had come), or why it could
+        not be continued."""
+        text = transcript.text
+        generated = transcript.tokens
+        prompt_tokens = broken.entry.prompt_tokens
+        if transcript.finish is not None or (
+                info.max_tokens is not None and generated >= info.max_tokens):
+            tail = b"" if transcript.finish is not None else finish_event(transcript, "length")
+            if info.include_usage:
+                before = broken.splice.before if broken.splice is not None else 0
+                if broken.splice is not None and broken.splice.prompt_tokens is not None:
+                    prompt_tokens = broken.splice.prompt_tokens
+                elif before:
+                    prompt_tokens = max(prompt_tokens - before, 1)
+                tail += usage_event(transcript, prompt_tokens)
+            return tail + DONE_EVENT
+        ids = None
+        if info.route != CHAT and isinstance(info.body["prompt"], list):
+            tok = failed[0].tokenizer
+            if tok is not None and not isinstance(info.body["prompt"][0], str):
+                ids = await tok.encode(text, special=False)
+        raw = continuation_body(info, text, generated, ids)
+        try:
+            cinfo = parse_request(info.route, raw)
+        except ApiError as err:
+            return f"{problem}; its continuation is invalid: {err.message}"
+        everyone = self.view.candidates(info.model)
+        pool = [c for c in everyone if c not in failed and c.accepts_new()] or \
+            [c for c in everyone if c not in failed]
+        if not pool:
+            return problem + " (no other instance to continue on)"
+        job = await self._job(request, cinfo, pool)
+        timeout = self.config.read_timeout
+        for _ in range(self.config.max_retries + 1):
+            if not pool:
+                break
+            entry = self.dispatcher.dispatch(pool, job)
+            entry.observed = True
+            inst = entry.instance
+            pool.remove(inst)
+            try:
+                upstream = await self.upstream.open(inst.url + info.route, raw, headers,
+                                                    timeout)
+            except UpstreamError as exc:
+                inst.release(entry)
+                if not exc.local:
+                    self.failed(inst, exc)
+                if not exc.sent:
+                    self.metrics.retries.labels(inst.name).inc()
+                    continue
+                return f"{problem}; its continuation on {inst.name} failed too: {exc}"
+            except BaseException:
+                inst.release(entry)
+                raise
+            self.answered(inst, upstream.status)
+            if upstream.status != 200:
+                try:
+                    detail = (await upstream.read(timeout)).decode("utf-8", "replace")[:500]
+                except UpstreamError as exc:
+                    detail = str(exc)
+                upstream.close()
+                inst.release(entry)
+                return (f"{problem}; its continuation on {inst.name} was refused "
+                        f"(HTTP {upstream.status}): {detail}")
+            log.info("continuing a stream on %s after %d tokens", inst.name, generated)
+            return _Part(entry, upstream, Splice(transcript, generated, info.include_usage))
+        return problem + " (no other instance could be reached to continue it)"
+
+    def _learn_continued(self, info: RequestInfo, job: Job, entry: Entry,
+                         transcript: Transcript, last: _Part, done: float) -> None:
+        """A stream served in parts: its length is the request's (learned); its latency
+        was no prediction's, so only the client's view (E2E, TTFT) is observed."""
+        output = transcript.tokens
+        prompt = last.splice.prompt_tokens if last.splice is not None else None
+        self.describer.learn(info, entry.prompt_tokens, entry.predicted_tokens, prompt,
+                             output, transcript.finish, job)
+        self.metrics.e2e.observe(done - entry.dispatched_at)
+        if entry.first_token_at:
+            self.metrics.ttft.observe(entry.first_token_at - entry.dispatched_at)
 
     def _learn(self, info: RequestInfo, job: Job, entry: Entry, usage: Usage, output: int,
                done: float) -> None:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 EVENT = b"data: "
 DONE_EVENT = b"data: [DONE]\n\n"
+EVENT_END = b"\n\n"
 DONE = b"[DONE]"
 USAGE_MARK = b'"choices":[]'
 #: chunks kept from the end of a stream: finish_reason, usage and [DONE] are among them

@@ -85,6 +85,14 @@ class UpstreamResponse:
         except HttpError as exc:
             raise UpstreamError.of("reading the response failed: ", exc) from exc
 
+    async def chunk(self, timeout: float | None = None) -> bytes:
+        """The body bytes buffered so far, waiting up to ``timeout`` (else the read
+        timeout) for some; ``b""`` at the end."""
+        try:
+            return await self._conn.read_chunk(timeout or self._timeout)
+        except HttpError as exc:
+            raise UpstreamError.of("the stream broke: ", exc) from exc
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Bytes as they arrive, no buffering."""
         conn = self._conn

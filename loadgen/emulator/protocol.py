@@ -89,8 +89,16 @@ def _chat_tokens(body: dict[str, Any]) -> list[Token]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise bad_request("Each message must be an object with a string 'role'.",
                               "messages")
+    continue_final = _bool(body, "continue_final_message")
+    generation_prompt = body.get("add_generation_prompt", True)
+    if not isinstance(generation_prompt, bool):
+        raise bad_request(f"add_generation_prompt must be a boolean, got "
+                          f"{generation_prompt!r}.", "add_generation_prompt")
+    if continue_final and generation_prompt:
+        raise bad_request("Cannot set both `continue_final_message` and "
+                          "`add_generation_prompt` to True.")
     try:
-        return chat_tokens(messages)
+        return chat_tokens(messages, generation_prompt, continue_final)
     except TypeError as exc:
         raise bad_request(str(exc), "messages") from None
 

@@ -1,0 +1,159 @@
+"""Mid-stream failover: an instance that dies, or stalls, while it streams is continued on
+another, and the client reads one uninterrupted stream.  Real processes on loopback: two
+``loadgen emulate`` processes (so one can be killed) behind a real ``blockproxy serve``,
+read with aiohttp and with the official ``openai`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from loadgen import promtext
+from loadgen.procs import wait_for
+from tests.procs import Emulator, Proxy, http_get, metric_value, write_backends
+
+MODEL = "tiny"
+PROMPT = "tell me a story about the sea"  # 7 emulator tokens
+
+
+def running(url: str) -> float:
+    return metric_value(http_get(url + "/metrics")[1].decode(), "vllm:num_requests_running")
+
+
+def serving(emulators: list[Emulator]) -> Emulator:
+    """The emulator whose instance is running the one request."""
+    busy = [e for e in emulators if running(e.urls[0]) == 1]
+    assert len(busy) == 1, "exactly one instance should be streaming"
+    return busy[0]
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    with Emulator(tmp_path, instances=1) as a, Emulator(tmp_path, instances=1) as b:
+        yield [a, b]
+
+
+def backends(tmp_path: Path, pair: list[Emulator]) -> Path:
+    return write_backends(tmp_path / "pair.yaml",
+                          [{"url": e.urls[0], "name": n} for e, n in zip(pair, "ab")])
+
+
+def parse(raw: bytes) -> list[Any]:
+    out = []
+    for part in raw.split(b"\n\n"):
+        if part:
+            assert part.startswith(b"data: "), part
+            payload = part[len(b"data: "):]
+            out.append("[DONE]" if payload == b"[DONE]" else json.loads(payload))
+    return out
+
+
+async def stream_and_break(proxy: Proxy, pair: list[Emulator], route: str,
+                           body: dict[str, Any], brk: str) -> list[Any]:
+    """Stream ``body``; after 20 events, break the instance serving it (``kill``: SIGKILL;
+    ``stop``: SIGSTOP, a stall); return every event the client read."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + route, json=body) as resp:
+            assert resp.status == 200
+            head = b""
+            while head.count(b"\n\n") < 20:
+                head += await resp.content.readuntil(b"\n\n")
+            victim = serving(pair)
+            if brk == "kill":
+                victim.popen.kill()
+            else:
+                os.kill(victim.popen.pid, signal.SIGSTOP)
+            try:
+                rest = await asyncio.wait_for(resp.content.read(), 60)
+            finally:
+                if brk == "stop":
+                    os.kill(victim.popen.pid, signal.SIGCONT)
+    return parse(head + rest)
+
+
+@pytest.mark.parametrize("brk", ["kill", "stop"])
+async def test_completions_stream_survives_its_instance(tmp_path: Path, pair: list[Emulator],
+                                                        brk: str):
+    args = ["--stall-timeout", "1"] if brk == "stop" else []
+    with Proxy(tmp_path, backends(tmp_path, pair), args) as proxy:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        events = await stream_and_break(proxy, pair, "/v1/completions", body, brk)
+        assert events[-1] == "[DONE]"
+        assert not any("error" in e for e in events[:-1])
+        tokens = [e for e in events[:-1] if e["choices"]]
+        text = "".join(e["choices"][0]["text"] for e in tokens)
+        assert len(text.split()) == len(tokens) == 1500  # every asked token, once
+        assert {(e["id"], e["created"], e["model"]) for e in events[:-1]} == \
+            {(tokens[0]["id"], tokens[0]["created"], MODEL)}
+        reasons = [e["choices"][0]["finish_reason"] for e in tokens]
+        assert reasons[-1] == "length" and not any(reasons[:-1])
+        usage = events[-2]["usage"]
+        assert usage == {"prompt_tokens": 7, "completion_tokens": 1500, "total_tokens": 1507}
+        text = proxy.metrics()
+        assert metric_value(text, "blockproxy_continuations_total") == 1
+        assert metric_value(text, "blockproxy_continuation_gap_seconds_count") == 1
+        assert metric_value(text, "blockproxy_stream_failures_total") == 1
+        if brk == "stop":  # the stalled generation was aborted, not left to run
+            assert await wait_for(lambda: all(running(e.urls[0]) == 0 for e in pair), 10)
+        assert await wait_for(lambda: all(i["active_requests"] == 0
+                                          for i in proxy.cluster()["instances"]))
+
+
+async def test_chat_stream_survives_its_instance_through_the_openai_client(
+        tmp_path: Path, pair: list[Emulator]):
+    with Proxy(tmp_path, backends(tmp_path, pair)) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused",
+                                    max_retries=0)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=1200,
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True})
+        chunks = []
+        async for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 20:
+                serving(pair).popen.kill()
+        await client.close()
+        assert {c.id for c in chunks} == {chunks[0].id}
+        with_choices = [c for c in chunks if c.choices]
+        roles = [c.choices[0].delta.role for c in with_choices if c.choices[0].delta.role]
+        assert roles == ["assistant"]
+        words = "".join(c.choices[0].delta.content or "" for c in with_choices).split()
+        assert len(words) == 1200
+        reasons = [c.choices[0].finish_reason for c in with_choices]
+        assert reasons[-1] == "length" and not any(reasons[:-1])
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens == 1200
+        assert usage.prompt_tokens == 7 + 5  # the emulator's chat template: 5 tokens
+        assert metric_value(proxy.metrics(), "blockproxy_continuations_total") == 1
+
+
+async def test_what_cannot_be_continued_ends_with_the_error_event(tmp_path: Path,
+                                                                   pair: list[Emulator]):
+    with Proxy(tmp_path, backends(tmp_path, pair)) as proxy:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "stream": True,
+                "ignore_eos": True, "logprobs": 1}  # completions logprobs: not continued
+        events = await stream_and_break(proxy, pair, "/v1/completions", body, "kill")
+        assert events[-1] == "[DONE]"
+        error = events[-2]["error"]
+        assert error["code"] == 502 and "not continued: completions logprobs" in \
+            error["message"]
+        assert promtext.find(proxy.metrics(), "blockproxy_continuations_total") is None
+
+
+async def test_no_continuation_when_turned_off(tmp_path: Path, pair: list[Emulator]):
+    with Proxy(tmp_path, backends(tmp_path, pair), ["--max-continuations", "0"]) as proxy:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "stream": True,
+                "ignore_eos": True}
+        events = await stream_and_break(proxy, pair, "/v1/completions", body, "kill")
+        assert events[-2]["error"]["code"] == 502 and "mid-stream" in \
+            events[-2]["error"]["message"]
