@@ -1,6 +1,6 @@
 """The front door under faults and abuse: benchmarks that print figures (JSON).
 
-    python scripts/front_door.py faults [--duration 180] [--kill-every 15]
+    python scripts/front_door.py faults [--duration 180] [--kill-every 15] [--continuation off]
     python scripts/front_door.py soak [--requests 100000] [--rate 250]
     python scripts/front_door.py slow-clients [--clients 1000]
     python scripts/front_door.py fuzz [--examples 2000]
@@ -10,12 +10,17 @@ serve``) and stops them, also on failure.
 
 - ``faults``: 4 emulated instances (one process each) under steady streaming and unary
   load; every ``--kill-every`` seconds one instance is killed (SIGKILL) and restarted on
-  its port 5 s later.  Reports requests accepted, completed, failed (by how: an error
-  status, or an error event mid-stream), the proxy's retries (only of requests that never
-  reached an engine) and lost ones: a response that is neither complete nor an explicit
-  error (must be 0).  No request runs twice: the proxy writes a request to a second
-  instance only when writing it to the first failed (``retried_not_reached``), so its
-  dispatches less those retries equal the requests it dispatched.
+  its port 5 s later.  Reports requests accepted, completed (a stream: every token asked
+  for), failed (by how: an error status, or an error event mid-stream), the proxy's
+  retries (only of requests that never reached an engine), its continuations (streams
+  whose instance died, continued on another) and lost ones: a response that is neither
+  complete nor an explicit error (must be 0).  No request runs twice: the proxy writes a
+  request to a second instance only when writing it to the first failed
+  (``retried_not_reached``) or to continue a dead instance's stream from where it
+  stopped, so its dispatches less those equal the requests it dispatched.  The failover
+  gap: for each stream that was on an instance when it was killed (the proxy names it in
+  ``X-Blockproxy-Instance``), its longest pause in the 5 s after the kill, p50/p99.
+  ``--continuation off`` runs the proxy with ``--max-continuations 0`` for comparison.
 - ``soak``: short requests at a steady rate; samples the proxy's RSS, open descriptors and
   asyncio tasks every 5 s; after a warm-up they must stay within 10%.
 - ``slow-clients``: ``--clients`` streams whose clients never read (a 4 KiB receive
@@ -107,12 +112,28 @@ class Emulators:
                 for i, u in enumerate(self.urls)]
 
 
+class Pauses:
+    """A stream's instance (``X-Blockproxy-Instance``), lifetime and its pauses over 20 ms
+    between two events: what a failover costs the client."""
+
+    __slots__ = ("end", "instance", "pauses", "start")
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.end = 0.0
+        self.instance = ""
+        self.pauses: list[tuple[float, float]] = []
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, stream: bool,
-                      tokens: int, outcome: dict[str, int]) -> None:
-    """One request; counts how it ended (``lost``: neither complete nor an explicit error)."""
+                      tokens: int, outcome: dict[str, int],
+                      watch: list[Pauses] | None = None) -> None:
+    """One request; counts how it ended (``lost``: neither complete nor an explicit error).
+    With ``watch``, a stream's pauses are recorded there."""
     rid = uuid.uuid4().hex
     body = {"model": "tiny", "prompt": f"request {rid} " + "word " * 30, "max_tokens": tokens,
             "ignore_eos": True, "stream": stream}
+    seen = Pauses()
     try:
         async with session.post(url + "/v1/completions", json=body,
                                 headers={"X-Request-Id": rid}) as resp:
@@ -121,7 +142,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, stream: bool,
                     error = orjson.loads(await resp.read()).get("error", {})
                 except orjson.JSONDecodeError:
                     error = {}
-                outcome[f"error_{resp.status}"] = outcome.get(f"error_{resp.status}", 0) + 1
+                key = f"error_{resp.status}_{'stream' if stream else 'unary'}"
+                outcome[key] = outcome.get(key, 0) + 1
                 if error.get("code") != resp.status:
                     outcome["lost"] += 1
                 return
@@ -131,7 +153,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, stream: bool,
                 ok = data["usage"]["completion_tokens"] == tokens
                 outcome["completed" if ok else "lost"] += 1
                 return
+            seen.instance = resp.headers.get("X-Blockproxy-Instance", "")
             events, errored, done = 0, False, False
+            last = time.monotonic()
             async for line in resp.content:
                 if line.startswith(b"data: [DONE]"):
                     done = True
@@ -139,6 +163,10 @@ async def one_request(session: aiohttp.ClientSession, url: str, stream: bool,
                     errored = True
                 elif line.startswith(b"data: "):
                     events += 1
+                    now = time.monotonic()
+                    if now - last > 0.02:
+                        seen.pauses.append((last, now))
+                    last = now
             if errored and done:
                 outcome["failed_mid_stream"] += 1
             elif done and events == tokens:
@@ -147,6 +175,22 @@ async def one_request(session: aiohttp.ClientSession, url: str, stream: bool,
                 outcome["lost"] += 1
     except (aiohttp.ClientError, asyncio.TimeoutError):
         outcome["lost"] += 1
+    finally:
+        seen.end = time.monotonic()
+        if watch is not None and stream:
+            watch.append(seen)
+
+
+def failover_gaps(streams: list[Pauses], kills: list[tuple[float, str]]) -> list[float]:
+    """For each stream running on an instance when it was killed, its longest pause
+    (ms) in the 5 s after the kill: the gap a client sees when its stream fails over."""
+    gaps = []
+    for s in streams:
+        for at, name in kills:
+            if s.instance == name and s.start < at < s.end:
+                after = [b - a for a, b in s.pauses if b > at and a < at + 5.0]
+                gaps.append(1000 * max(after, default=0.0))
+    return gaps
 
 
 async def faults(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -154,25 +198,34 @@ async def faults(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     await emus.start()
     outcome = {"accepted": 0, "completed": 0, "failed_mid_stream": 0, "lost": 0}
     kills: list[dict[str, Any]] = []
+    killed_at: list[tuple[float, str]] = []
+    streams: list[Pauses] = []
+    low, high = (int(x) for x in args.stream_tokens.split(","))
+    extra = [] if args.continuation == "on" else ["--max-continuations", "0"]
     try:
         proxy = ProxyProcess(emus.entries(), "block",
                              ["--log-level", "warning", "--probe-interval", "0.5",
-                              "--speed", str(args.time_scale)], log_dir=log_dir)
+                              "--speed", str(args.time_scale), *extra], log_dir=log_dir)
         async with proxy, aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=120)) as session:
+                timeout=aiohttp.ClientTimeout(total=300)) as session:
             stop_at = time.monotonic() + args.duration
             rng = random.Random(0)
 
             async def client(k: int) -> None:
                 while time.monotonic() < stop_at:
-                    await one_request(session, proxy.url, k % 4 != 0, rng.randint(20, 120),
-                                      outcome)
+                    if k % 4 != 0:
+                        await one_request(session, proxy.url, True, rng.randint(low, high),
+                                          outcome, streams)
+                    else:
+                        await one_request(session, proxy.url, False, rng.randint(20, 120),
+                                          outcome)
 
             async def chaos() -> None:
                 victim = 0
                 while time.monotonic() + args.kill_every < stop_at:
                     await asyncio.sleep(args.kill_every - 5)
                     emus.kill(victim)
+                    killed_at.append((time.monotonic(), f"i{victim}"))
                     kills.append({"instance": f"i{victim}",
                                   "at_s": round(args.duration - (stop_at - time.monotonic()))})
                     await asyncio.sleep(5)
@@ -189,14 +242,30 @@ async def faults(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 
     retried = _total(metrics, "blockproxy_retries_total")
     dispatches = _total(metrics, "blockproxy_decisions_total")
+    continuations = _total(metrics, "blockproxy_continuations_total")
     requests = sum(v for k, v in outcome.items() if k != "accepted")
     not_dispatched = promtext.find(metrics, "blockproxy_requests_total",
                                    route="/v1/completions", status="503") or 0
-    return {"duration_s": args.duration, "kills": kills, "requests": requests, **outcome,
+    gaps = failover_gaps(streams, killed_at)
+    gap_n = _total(metrics, "blockproxy_continuation_gap_seconds_count")
+
+    def pct(values: list[float], q: float) -> float | None:
+        return round(float(np.percentile(values, q)), 1) if values else None
+
+    return {"duration_s": args.duration, "continuation": args.continuation,
+            "stream_tokens": [low, high], "kills": kills, "requests": requests,
+            "streams": len(streams), **outcome,
             "retried_not_reached": retried, "dispatches": dispatches,
-            "dispatches_less_retries": dispatches - retried,
+            "continuations": continuations,
+            "dispatches_less_retries_and_continuations": dispatches - retried - continuations,
             "requests_dispatched": requests - not_dispatched,
-            "ejections": _total(metrics, "blockproxy_ejections_total")}
+            "ejections": _total(metrics, "blockproxy_ejections_total"),
+            "streams_on_a_killed_instance": len(gaps),
+            "failover_gap_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99),
+                                "max": round(max(gaps), 1) if gaps else None},
+            "proxy_gap_mean_ms": round(1000 * _total(
+                metrics, "blockproxy_continuation_gap_seconds_sum") / gap_n, 1)
+            if gap_n else None}
 
 
 def _total(text: str, name: str) -> float:
@@ -510,6 +579,10 @@ def cli() -> None:
     p.add_argument("--kill-every", type=float, default=15.0)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--time-scale", type=float, default=0.5)
+    p.add_argument("--stream-tokens", default="100,800",
+                   help="MIN,MAX tokens of the streams (unary requests: 20-120)")
+    p.add_argument("--continuation", choices=("on", "off"), default="on",
+                   help="off: the proxy runs with --max-continuations 0")
     p = sub.add_parser("soak", parents=[common])
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--rate", type=float, default=250.0)

@@ -227,3 +227,13 @@ def test_a_stream_that_ends_at_the_seam_gets_its_finish_and_usage() -> None:
                                     "finish_reason": "length", "stop_reason": None}
     assert got[1]["usage"] == {"prompt_tokens": 7, "total_tokens": 9, "completion_tokens": 2}
     assert {e["id"] for e in got} == {"c"}
+
+
+def test_a_known_prompt_count_wins_over_the_continuations_arithmetic() -> None:
+    """With the model's tokenizer the proxy knows the original prompt's count; the engine's
+    re-tokenised seam (here 3 tokens for 2 generated) does not leak into the usage."""
+    t = cont.Transcript(chat=False)
+    t.add(completion_event("c", " ab") + completion_event("c", "c"))
+    upstream = completion_event("d", " e", "stop") + usage_event("d", 8, 1) + DONE
+    got = events_of(cont.Splice(t, 2, True, prompt_tokens=5).rewrite(upstream))
+    assert got[1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}

@@ -67,6 +67,7 @@ async def stream_and_break(proxy: Proxy, pair: list[Emulator], route: str,
             while head.count(b"\n\n") < 20:
                 head += await resp.content.readuntil(b"\n\n")
             victim = serving(pair)
+            assert resp.headers["X-Blockproxy-Instance"] == "ab"[pair.index(victim)]
             if brk == "kill":
                 victim.popen.kill()
             else:

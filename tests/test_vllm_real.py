@@ -357,28 +357,48 @@ async def test_prediction_error_of_block(proxy: Proxy, tiny_profile: Path):
 
 # ---- failure: vLLM dies mid-stream --------------------------------------------------------
 
-async def test_vllm_killed_mid_stream_ends_with_error_event(vllm_logs: Path, tmp_path: Path):
-    """SIGKILL the server (and its engine core) while it streams: the client gets the
-    documented error event, then ``[DONE]``; never a silent truncation."""
+async def test_vllm_killed_mid_stream_is_continued_on_the_other_server(
+        vllm_logs: Path, tmp_path: Path, vllm_pair: list[VllmServer]):
+    """SIGKILL the server (and its engine core) while it streams: the proxy continues the
+    generation on the other real vLLM server, and the client reads one stream of every
+    token asked for, whose usage is the original prompt as vLLM counts it (the proxy has
+    the model's tokenizer) and every token both servers generated for it."""
     require_vllm()
     doomed = start_servers(vllm_logs, 1)[0]
+    survivor = vllm_pair[0]
     try:
-        backends = backends_for(tmp_path, [doomed], None)
-        with Proxy(tmp_path, backends) as proxy:
-            body = {"model": MODEL, "prompt": "x", "max_tokens": LONG_OUTPUT, "stream": True,
-                    "ignore_eos": True}
+        backends = backends_for(tmp_path, [doomed, survivor], None, exact=True)
+        with Proxy(tmp_path, backends, ["--policy", "round_robin"]) as proxy:
+            prompt = "the river ran past the stone house and the cloud " * 8
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 400, "stream": True,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
             async with aiohttp.ClientSession() as session:
+                async with session.post(survivor.url + "/tokenize",
+                                        json={"model": MODEL, "prompt": prompt}) as resp:
+                    prompt_tokens = (await resp.json())["count"]
                 async with session.post(proxy.url + "/v1/completions", json=body) as resp:
                     assert resp.status == 200
-                    for _ in range(3):
-                        assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: {")
+                    assert resp.headers["X-Blockproxy-Instance"] == "cpu0"  # the doomed one
+                    head = b""
+                    while head.count(b"\n\n") < 5:
+                        head += await resp.content.readuntil(b"\n\n")
                     doomed.kill()
-                    rest = await asyncio.wait_for(resp.content.read(), 30)
-            events = [e for e in rest.split(b"\n\n") if e]
-            assert events[-1] == b"data: [DONE]"
-            error = json.loads(events[-2][len(b"data: "):])["error"]
-            assert error["code"] == 502
-            assert metric_value(proxy.metrics(), "blockproxy_stream_failures_total") == 1
+                    rest = await asyncio.wait_for(resp.content.read(), 120)
+            events = [json.loads(e[len(b"data: "):]) for e in (head + rest).split(b"\n\n")
+                      if e and e != b"data: [DONE]"]
+            assert (head + rest).endswith(b"data: [DONE]\n\n")
+            assert not any("error" in e for e in events), events[-2:]
+            tokens = [e for e in events if e["choices"]]
+            assert len(tokens) == 400
+            assert {e["id"] for e in events} == {events[0]["id"]}
+            reasons = [e["choices"][0]["finish_reason"] for e in tokens]
+            assert reasons[-1] == "length" and not any(reasons[:-1])
+            usage = events[-1]["usage"]
+            assert (usage["prompt_tokens"], usage["completion_tokens"],
+                    usage["total_tokens"]) == (prompt_tokens, 400, prompt_tokens + 400)
+            text = proxy.metrics()
+            assert metric_value(text, "blockproxy_continuations_total", instance="cpu0") == 1
+            assert metric_value(text, "blockproxy_stream_failures_total") == 1
     finally:
         doomed.stop()
 

@@ -251,11 +251,15 @@ class Splice:
 
     ``before``: tokens the client already had when the continuation was sent (its prompt
     holds their text, so usage moves them from prompt to completion); ``client_usage``:
-    whether the client asked for the usage event (the continuation always gets one)."""
+    whether the client asked for the usage event (the continuation always gets one);
+    ``prompt_tokens``: the original prompt's exact count when the proxy knows it (the
+    model's tokenizer), else it is the continuation's prompt less ``before`` (exact where
+    the engine re-tokenises the text so far into as many tokens as it generated)."""
 
     __slots__ = ("_ident", "_rest", "before", "chat", "client_usage", "prompt_tokens", "role")
 
-    def __init__(self, transcript: Transcript, before: int, client_usage: bool) -> None:
+    def __init__(self, transcript: Transcript, before: int, client_usage: bool,
+                 prompt_tokens: int | None = None) -> None:
         transcript.fold()
         # a stream that broke before its first event takes the continuation's identity
         self._ident = None if transcript.id is None else {
@@ -265,8 +269,8 @@ class Splice:
         self.before = before
         self.client_usage = client_usage
         self._rest = b""
-        #: the original prompt's tokens, once the continuation reported its usage
-        self.prompt_tokens: int | None = None
+        #: the original prompt's tokens (known, or once the continuation reported usage)
+        self.prompt_tokens = prompt_tokens
 
     def rewrite(self, data: bytes) -> bytes:
         """The client's bytes for upstream ``data`` (complete events only; a split event
@@ -311,8 +315,9 @@ class Splice:
         completion = usage.get("completion_tokens")
         if not isinstance(prompt, int) or not isinstance(completion, int):
             return usage
-        prompt = max(prompt - self.before, 0)
+        if self.prompt_tokens is None:
+            self.prompt_tokens = max(prompt - self.before, 0)
+        prompt = self.prompt_tokens
         completion += self.before
-        self.prompt_tokens = prompt
         return {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}

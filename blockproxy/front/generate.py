@@ -60,6 +60,8 @@ INSTANCE_FAILURE = frozenset({502, 503, 504})
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
+#: the response header naming the instance a request was sent to (a stream's first part)
+INSTANCE_HEADER = "X-Blockproxy-Instance"
 
 
 def error_response(err: ApiError) -> web.Response:
@@ -286,7 +288,8 @@ class GenerateHandler:
                 self._learn(info, job, entry, usage, usage.completion_tokens, done)
         self._count(info.route, status)
         return web.Response(status=status, body=payload,
-                            content_type=upstream.content_type or "application/json")
+                            content_type=upstream.content_type or "application/json",
+                            headers={INSTANCE_HEADER: inst.name})
 
     async def _relay_stream(self, request: web.Request, info: RequestInfo, job: Job,
                             entry: Entry, upstream: UpstreamResponse, headers: bytes
@@ -295,7 +298,8 @@ class GenerateHandler:
         (:mod:`.continuation`) while the request allows it and the budget lasts.  The
         first part's entry and response are the caller's to release; continuations'
         are released here."""
-        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        response = web.StreamResponse(status=200, headers={
+            **SSE_HEADERS, INSTANCE_HEADER: entry.instance.name})
         await response.prepare(request)
         transcript: Transcript | None = None
         reason = None
@@ -325,8 +329,9 @@ class GenerateHandler:
                         problem += f" (not continued: {reason})"
                     outcome: _Part | bytes | str = problem
                     if transcript is not None and len(failed) <= self.config.max_continuations:
-                        outcome = await self._continuation(request, info, transcript, failed,
-                                                           headers, relay, problem)
+                        outcome = await self._continuation(
+                            request, info, transcript, failed, headers, relay, problem,
+                            entry.prompt_tokens if job.exact_prompt else None)
                     if isinstance(outcome, _Part):
                         relay = outcome
                         opened.append(relay)
@@ -439,23 +444,23 @@ class GenerateHandler:
 
     async def _continuation(self, request: web.Request, info: RequestInfo,
                             transcript: Transcript, failed: list[Instance], headers: bytes,
-                            broken: _Part, problem: str) -> _Part | bytes | str:
+                            broken: _Part, problem: str, prompt_tokens: int | None
+                            ) -> _Part | bytes | str:
         """Continue ``info``'s stream after ``transcript`` on an instance that has not
         failed it: the open continuation, or the bytes that end a stream which needs none
         (its budget ran out at the seam, or its last event had come), or why it could
         not be continued."""
         text = transcript.text
         generated = transcript.tokens
-        prompt_tokens = broken.entry.prompt_tokens
+        if broken.splice is not None and broken.splice.prompt_tokens is not None:
+            prompt_tokens = broken.splice.prompt_tokens
         if transcript.finish is not None or (
                 info.max_tokens is not None and generated >= info.max_tokens):
             tail = b"" if transcript.finish is not None else finish_event(transcript, "length")
-            if info.include_usage:
-                before = broken.splice.before if broken.splice is not None else 0
-                if broken.splice is not None and broken.splice.prompt_tokens is not None:
-                    prompt_tokens = broken.splice.prompt_tokens
-                elif before:
-                    prompt_tokens = max(prompt_tokens - before, 1)
+            if info.include_usage:  # the proxy's count where the engine's never came
+                if prompt_tokens is None:
+                    before = broken.splice.before if broken.splice is not None else 0
+                    prompt_tokens = max(broken.entry.prompt_tokens - before, 1)
                 tail += usage_event(transcript, prompt_tokens)
             return tail + DONE_EVENT
         ids = None
@@ -507,7 +512,8 @@ class GenerateHandler:
                 return (f"{problem}; its continuation on {inst.name} was refused "
                         f"(HTTP {upstream.status}): {detail}")
             log.info("continuing a stream on %s after %d tokens", inst.name, generated)
-            return _Part(entry, upstream, Splice(transcript, generated, info.include_usage))
+            return _Part(entry, upstream, Splice(transcript, generated, info.include_usage,
+                                                 prompt_tokens))
         return problem + " (no other instance could be reached to continue it)"
 
     def _learn_continued(self, info: RequestInfo, job: Job, entry: Entry,

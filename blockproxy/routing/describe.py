@@ -88,8 +88,10 @@ class Describer:
             high = predictor.predict(info.model, prompt_tokens, info.max_tokens, context_left,
                                      None, features, self.tail_quantile)
         if hashes is None:
-            return Job(prompt_tokens, output, None, 0.0, features, high)
-        return Job(prompt_tokens, output, hashes, per_block, features, high)
+            return Job(prompt_tokens, output, None, 0.0, features, high,
+                       token_ids is not None and exact_count)
+        return Job(prompt_tokens, output, hashes, per_block, features, high,
+                   token_ids is not None and exact_count)
 
     def learn(self, info: RequestInfo, estimated_prompt: int, predicted_output: int,
               prompt_tokens: int | None, output_tokens: int, finish: str | None,

@@ -26,3 +26,5 @@ class Job(NamedTuple):
     features: Features | None = None
     #: a high quantile of its output length (the tail the SLO risk is priced at), or 0
     output_high: int = 0
+    #: ``prompt_tokens`` is the engine's exact count (the model's tokenizer gave the ids)
+    exact_prompt: bool = False
