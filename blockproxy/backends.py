@@ -39,8 +39,9 @@ appear under ``defaults:``; an entry's own value wins):
 ``weight`` (number > 0; default ``1.0``)
     Relative capacity of the instance; policies that pick without the simulator use it.
 ``state`` (default ``active``)
-    ``active`` takes new requests; ``draining`` finishes the streams it has and gets no new
-    requests; ``standby`` gets no requests and is held for auto-provisioning.
+    ``active`` takes new requests; ``draining`` gets no new requests and hands its streams
+    over to other instances by continuation (``--handoff-tokens``); ``standby`` gets no
+    requests and is held for auto-provisioning.
 ``models`` (list of model ids; default: discovered from the instance's ``/v1/models``)
     Models the instance serves.  A single string means a one-element list.
 ``tokenizer`` (default: none)

@@ -66,6 +66,14 @@ class ProxyConfig:
     max_continuations: int = _opt(2, "times a stream whose instance fails mid-stream is "
                                      "continued on another instance (0 = end it with an "
                                      "error event)")
+    handoff_tokens: int = _opt(64, "an instance set to draining (or removed) hands a stream "
+                                   "over to another instance by continuation unless it is "
+                                   "predicted to end within this many tokens (0 = never: "
+                                   "streams finish where they are)")
+    slice_tokens: int = _opt(0, "SCLS slice mode: streams are generated in slices of this "
+                                "many tokens, each placed anew by the policy and spliced into "
+                                "one stream (0 = off; the x-blockproxy-slice-tokens header "
+                                "sets it per request)")
     stall_timeout: float = _opt(30.0, "seconds a started stream that can be continued may "
                                       "go silent before it is continued elsewhere")
     connect_timeout: float = _opt(5.0, "seconds to connect to an instance")

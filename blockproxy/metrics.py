@@ -117,8 +117,9 @@ class Metrics:
                                        "Upstream failures after streaming had started",
                                        ["instance"], registry=r)
         self.continuations = Counter(
-            "blockproxy_continuations_total", "Streams continued on another instance after "
-            "this one failed mid-stream", ["instance"], registry=r)
+            "blockproxy_continuations_total", "Streams continued on another instance, by "
+            "the instance they left and why (failure: it failed mid-stream; drain: it was "
+            "set to draining or removed)", ["instance", "reason"], registry=r)
         self.continuation_gap = Histogram(
             "blockproxy_continuation_gap_seconds", "From a mid-stream failure to the "
             "continuation's first token", buckets=LATENCY_BUCKETS, registry=r)

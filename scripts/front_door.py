@@ -1,6 +1,7 @@
 """The front door under faults and abuse: benchmarks that print figures (JSON).
 
     python scripts/front_door.py faults [--duration 180] [--kill-every 15] [--continuation off]
+    python scripts/front_door.py drain [--handoff-tokens 0]
     python scripts/front_door.py soak [--requests 100000] [--rate 250]
     python scripts/front_door.py slow-clients [--clients 1000]
     python scripts/front_door.py fuzz [--examples 2000]
@@ -21,6 +22,11 @@ serve``) and stops them, also on failure.
   gap: for each stream that was on an instance when it was killed (the proxy names it in
   ``X-Blockproxy-Instance``), its longest pause in the 5 s after the kill, p50/p99.
   ``--continuation off`` runs the proxy with ``--max-continuations 0`` for comparison.
+- ``drain``: 4 emulated instances under closed-loop streaming load (500-3,000 tokens);
+  after ``--warmup`` seconds the first is set to ``draining`` in the backends file.
+  Reports how long until it is idle (no request running or waiting there), the
+  continuations by reason and every request's outcome; ``--handoff-tokens 0`` lets its
+  streams finish where they are, for comparison.
 - ``soak``: short requests at a steady rate; samples the proxy's RSS, open descriptors and
   asyncio tasks every 5 s; after a warm-up they must stay within 10%.
 - ``slow-clients``: ``--clients`` streams whose clients never read (a 4 KiB receive
@@ -266,6 +272,61 @@ async def faults(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             "proxy_gap_mean_ms": round(1000 * _total(
                 metrics, "blockproxy_continuation_gap_seconds_sum") / gap_n, 1)
             if gap_n else None}
+
+
+async def drain(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """Drain one of 4 instances under streaming load; how long until it is idle."""
+    from loadgen import promtext
+
+    emus = Emulators(4, args.time_scale, log_dir, [])
+    await emus.start()
+    outcome = {"accepted": 0, "completed": 0, "failed_mid_stream": 0, "lost": 0}
+    low, high = (int(x) for x in args.stream_tokens.split(","))
+    entries = emus.entries()
+    result: dict[str, Any] = {"handoff_tokens": args.handoff_tokens,
+                              "stream_tokens": [low, high]}
+    try:
+        proxy = ProxyProcess(entries, "block",
+                             ["--log-level", "warning", "--reload-interval", "0.2",
+                              "--speed", str(args.time_scale),
+                              "--handoff-tokens", str(args.handoff_tokens)], log_dir=log_dir)
+        async with proxy, aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=600)) as session:
+            rng = random.Random(0)
+            stop_at = [float("inf")]
+
+            async def client() -> None:
+                while time.monotonic() < stop_at[0]:
+                    await one_request(session, proxy.url, True, rng.randint(low, high),
+                                      outcome)
+
+            async def busy(url: str) -> float:
+                async with session.get(url + "/metrics") as resp:
+                    text = await resp.text()
+                return sum(promtext.find(text, name) or 0 for name in
+                           ("vllm:num_requests_running", "vllm:num_requests_waiting"))
+
+            clients = [asyncio.create_task(client()) for _ in range(args.clients)]
+            await asyncio.sleep(args.warmup)
+            result["streams_on_it_before"] = await busy(emus.urls[0])
+            entries[0] = {**entries[0], "state": "draining"}
+            (log_dir / "backends.yaml").write_text(json.dumps({"backends": entries}))
+            start = time.monotonic()
+            while await busy(emus.urls[0]) > 0:
+                await asyncio.sleep(0.05)
+            result["idle_after_s"] = round(time.monotonic() - start, 2)
+            stop_at[0] = time.monotonic() + 5
+            await asyncio.gather(*clients)
+            metrics = await proxy.get_text("/metrics")
+    finally:
+        emus.stop()
+    result.update(outcome)
+    result["continuations"] = {
+        labels: v for labels, v in (
+            (s.labels.get("reason", ""), s.value) for s in promtext.samples(metrics)
+            if s.name == "blockproxy_continuations_total")}
+    result["stream_failures"] = _total(metrics, "blockproxy_stream_failures_total")
+    return result
 
 
 def _total(text: str, name: str) -> float:
@@ -583,6 +644,14 @@ def cli() -> None:
                    help="MIN,MAX tokens of the streams (unary requests: 20-120)")
     p.add_argument("--continuation", choices=("on", "off"), default="on",
                    help="off: the proxy runs with --max-continuations 0")
+    p = sub.add_parser("drain", parents=[common])
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--time-scale", type=float, default=0.5)
+    p.add_argument("--stream-tokens", default="500,3000", help="MIN,MAX tokens of the streams")
+    p.add_argument("--warmup", type=float, default=20.0,
+                   help="seconds of load before the first instance is set to draining")
+    p.add_argument("--handoff-tokens", type=int, default=64,
+                   help="the proxy's --handoff-tokens (0: streams finish where they are)")
     p = sub.add_parser("soak", parents=[common])
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--rate", type=float, default=250.0)
@@ -601,7 +670,8 @@ def cli() -> None:
     if args.what == "fuzz":
         result = fuzz(args, log_dir)
     else:
-        run = {"faults": faults, "soak": soak, "slow-clients": slow_clients}[args.what]
+        run = {"faults": faults, "drain": drain, "soak": soak,
+               "slow-clients": slow_clients}[args.what]
         result = asyncio.run(run(args, log_dir))
     text = json.dumps(result, indent=2)
     print(text)

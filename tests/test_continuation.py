@@ -237,3 +237,52 @@ def test_a_known_prompt_count_wins_over_the_continuations_arithmetic() -> None:
     upstream = completion_event("d", " e", "stop") + usage_event("d", 8, 1) + DONE
     got = events_of(cont.Splice(t, 2, True, prompt_tokens=5).rewrite(upstream))
     assert got[1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+# ---- slices (SCLS) ------------------------------------------------------------------------
+
+def test_a_slice_asks_for_its_budget_only() -> None:
+    assert orjson.loads(cont.slice_body(info(COMPLETIONS, max_tokens=900), 256))[
+        "max_tokens"] == 256
+    assert orjson.loads(cont.slice_body(info(COMPLETIONS), 256))["max_tokens"] == 256
+    body = orjson.loads(cont.slice_body(info(CHAT, max_completion_tokens=900), 64))
+    assert body["max_completion_tokens"] == 64 and "max_tokens" not in body
+    nxt = orjson.loads(cont.continuation_body(info(COMPLETIONS, max_tokens=900), " a", 256,
+                                              budget=256))
+    assert nxt["max_tokens"] == 256
+    last = orjson.loads(cont.continuation_body(info(COMPLETIONS, max_tokens=300), " a", 256,
+                                               budget=256))
+    assert last["max_tokens"] == 44
+    open_ended = orjson.loads(cont.continuation_body(info(COMPLETIONS), " a", 256, budget=64))
+    assert open_ended["max_tokens"] == 64
+
+
+@pytest.mark.parametrize("split", [1, 10_000])
+def test_a_slice_end_is_hidden_from_the_client(split: int) -> None:
+    t = cont.Transcript(chat=False)
+    first = (completion_event("c1", " a") + completion_event("c1", " b", "length")
+             + usage_event("c1", 7, 2) + DONE)
+    splice = cont.Splice(t, 0, True, slice_=True)
+    out = b"".join(splice.rewrite(first[i:i + split]) for i in range(0, len(first), split))
+    got = events_of(out)
+    assert [e["choices"][0]["finish_reason"] for e in got] == [None, None]
+    assert [e["choices"][0]["stop_reason"] for e in got] == [None, None]
+    assert splice.slice_end and splice.prompt_tokens == 7
+    t.add(out)
+    last = cont.Splice(t, 2, True, splice.prompt_tokens)
+    got = events_of(last.rewrite(completion_event("c2", " c", "stop") + usage_event("c2", 9, 1)
+                                 + DONE))
+    assert got[0]["id"] == "c1" and got[0]["choices"][0]["finish_reason"] == "stop"
+    assert got[1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    assert got[2] == "[DONE]" and not last.slice_end
+
+
+def test_a_slice_that_stops_by_itself_ends_the_stream() -> None:
+    t = cont.Transcript(chat=True)
+    splice = cont.Splice(t, 0, False, slice_=True)
+    got = events_of(splice.rewrite(
+        chat_event("c", {"role": "assistant", "content": ""})
+        + chat_event("c", {"content": " ok"}, "stop") + usage_event("c", 5, 1) + DONE))
+    assert [e if e == "[DONE]" else e["choices"][0]["finish_reason"] for e in got] == \
+        [None, "stop", "[DONE]"]
+    assert not splice.slice_end

@@ -158,3 +158,111 @@ async def test_no_continuation_when_turned_off(tmp_path: Path, pair: list[Emulat
         events = await stream_and_break(proxy, pair, "/v1/completions", body, "kill")
         assert events[-2]["error"]["code"] == 502 and "mid-stream" in \
             events[-2]["error"]["message"]
+
+
+# ---- drain hand-off -----------------------------------------------------------------------
+
+async def test_a_draining_instance_hands_its_long_streams_over(tmp_path: Path,
+                                                               pair: list[Emulator]):
+    """Set the instance streaming a long answer to ``draining`` in the backends file: the
+    stream moves to the other instance at once (the drained one is idle within seconds,
+    not after the whole answer), and the client reads every token, with no failure."""
+    path = backends(tmp_path, pair)
+    with Proxy(tmp_path, path, ["--reload-interval", "0.2"]) as proxy:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3000, "stream": True,
+                "ignore_eos": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(proxy.url + "/v1/completions", json=body) as resp:
+                name = resp.headers["X-Blockproxy-Instance"]
+                head = b""
+                while head.count(b"\n\n") < 20:
+                    head += await resp.content.readuntil(b"\n\n")
+                drained = pair["ab".index(name)]
+                write_backends(path, [{"url": e.urls[0], "name": n,
+                                       "state": "draining" if e is drained else "active"}
+                                      for e, n in zip(pair, "ab")])
+                # idle long before the 3,000-token answer could have ended there
+                assert await wait_for(lambda: running(drained.urls[0]) == 0, 5)
+                rest = await asyncio.wait_for(resp.content.read(), 60)
+        events = parse(head + rest)
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        assert sum(len(e["choices"][0]["text"].split()) for e in events[:-1]) == 3000
+        assert {e["id"] for e in events[:-1]} == {events[0]["id"]}
+        text = proxy.metrics()
+        assert metric_value(text, "blockproxy_continuations_total", instance=name,
+                            reason="drain") == 1
+        assert promtext.find(text, "blockproxy_stream_failures_total") is None
+
+
+async def test_a_stream_about_to_end_finishes_where_it_is(tmp_path: Path,
+                                                          pair: list[Emulator]):
+    path = backends(tmp_path, pair)
+    with Proxy(tmp_path, path, ["--reload-interval", "0.2", "--handoff-tokens", "5000"]
+               ) as proxy:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1500, "stream": True,
+                "ignore_eos": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(proxy.url + "/v1/completions", json=body) as resp:
+                name = resp.headers["X-Blockproxy-Instance"]
+                await resp.content.readuntil(b"\n\n")
+                write_backends(path, [{"url": e.urls[0], "name": n, "state": "draining"
+                                       if n == name else "active"}
+                                      for e, n in zip(pair, "ab")])
+                events = parse(await resp.content.readuntil(b"\n\n")
+                               + await asyncio.wait_for(resp.content.read(), 60))
+        assert events[-1] == "[DONE]" and len(events) == 1500  # 1,499 + [DONE] after the first
+        assert promtext.find(proxy.metrics(), "blockproxy_continuations_total") is None
+
+
+# ---- SCLS slices --------------------------------------------------------------------------
+
+async def test_a_stream_in_slices_reads_as_one(tmp_path: Path, pair: list[Emulator]):
+    """``--slice-tokens 100``: a 450-token answer is generated as five slices, each placed
+    by the policy; the client reads one stream with one finish and the whole usage."""
+    with Proxy(tmp_path, backends(tmp_path, pair), ["--slice-tokens", "100"]) as proxy:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 450, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(proxy.url + "/v1/completions", json=body) as resp:
+                events = parse(await resp.read())
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        tokens = [e for e in events[:-1] if e["choices"]]
+        assert len(tokens) == 450
+        assert {e["id"] for e in events[:-1]} == {tokens[0]["id"]}
+        reasons = [e["choices"][0]["finish_reason"] for e in tokens]
+        assert reasons[-1] == "length" and not any(reasons[:-1])
+        assert events[-2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 450,
+                                       "total_tokens": 457}
+        assert sum(s.value for s in promtext.samples(proxy.metrics())
+                   if s.name == "blockproxy_continuations_total"
+                   and s.labels["reason"] == "slice") == 4
+
+
+async def test_slices_per_request_through_the_openai_client(tmp_path: Path,
+                                                            pair: list[Emulator]):
+    with Proxy(tmp_path, backends(tmp_path, pair)) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused",
+                                    max_retries=0)
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=130,
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+            extra_headers={"x-blockproxy-slice-tokens": "50"})
+        chunks = [c async for c in stream]
+        await client.close()
+        with_choices = [c for c in chunks if c.choices]
+        assert [c.choices[0].delta.role for c in with_choices
+                if c.choices[0].delta.role] == ["assistant"]
+        assert len("".join(c.choices[0].delta.content or "" for c in with_choices).split()) \
+            == 130
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 130
+        assert chunks[-1].usage.prompt_tokens == 12
+        bad = await aiohttp.ClientSession().__aenter__()
+        try:
+            async with bad.post(proxy.url + "/v1/completions",
+                                json={"model": MODEL, "prompt": "x", "stream": True},
+                                headers={"x-blockproxy-slice-tokens": "many"}) as resp:
+                assert resp.status == 400
+                assert "x-blockproxy-slice-tokens" in (await resp.json())["error"]["message"]
+        finally:
+            await bad.close()

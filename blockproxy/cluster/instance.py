@@ -25,6 +25,9 @@ from blockproxy.routing import tokenizer
 if TYPE_CHECKING:
     from blockproxy.routing.job import Job
 
+#: the state of an instance that takes new requests (the others: draining, standby)
+ACTIVE = "active"
+
 
 class Instance:
     """One vLLM instance: its configuration, health, simulator and active requests."""
@@ -79,7 +82,7 @@ class Instance:
 
     def accepts_new(self) -> bool:
         """Whether new requests may be sent here."""
-        return self.state == "active" and self.healthy and not self.removed
+        return self.state == ACTIVE and self.healthy and not self.removed
 
     def serves(self, model: str) -> bool:
         return not self.models or model in self.models

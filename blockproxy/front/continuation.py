@@ -176,11 +176,27 @@ def _load(payload: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def _budget_keys(info: RequestInfo) -> tuple[str, ...]:
+    """The body's output-budget fields (chat has two names for it)."""
+    return ("max_completion_tokens", "max_tokens") if info.route == CHAT else ("max_tokens",)
+
+
+def slice_body(info: RequestInfo, tokens: int) -> bytes:
+    """``info``'s first slice: the same request with at most ``tokens`` of output."""
+    body = dict(info.body)
+    keys = [k for k in _budget_keys(info) if isinstance(body.get(k), int)] or ["max_tokens"]
+    for key in keys:
+        body[key] = tokens
+    return orjson.dumps(body)
+
+
 def continuation_body(info: RequestInfo, text: str, generated: int,
-                      text_ids: list[int] | None = None) -> bytes:
+                      text_ids: list[int] | None = None, budget: int | None = None
+                      ) -> bytes:
     """The request that continues ``info`` after ``generated`` tokens whose text is
-    ``text`` (``text_ids``: that text's token ids, for a token-id prompt).  It streams with
-    usage (the splice needs the counts), whatever the client asked."""
+    ``text`` (``text_ids``: that text's token ids, for a token-id prompt); ``budget``
+    caps its output (the next slice).  It streams with usage (the splice needs the
+    counts), whatever the client asked."""
     body = dict(info.body)
     if info.route == CHAT:
         messages = list(body["messages"])
@@ -193,7 +209,6 @@ def continuation_body(info: RequestInfo, text: str, generated: int,
         body["messages"] = messages
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
-        keys: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     else:
         prompt = body["prompt"]
         ids = _token_prompt(prompt)
@@ -205,11 +220,13 @@ def continuation_body(info: RequestInfo, text: str, generated: int,
             body["prompt"] = [prompt[0] + text]
         else:
             body["prompt"] = prompt + text
-        keys = ("max_tokens",)
+    keys = [k for k in _budget_keys(info) if isinstance(body.get(k), int)]
     for key in keys:
-        value = body.get(key)
-        if isinstance(value, int):
-            body[key] = max(value - generated, 1)
+        body[key] = max(body[key] - generated, 1)
+        if budget is not None:
+            body[key] = min(body[key], budget)
+    if budget is not None and not keys:
+        body["max_tokens"] = budget
     min_tokens = body.get("min_tokens")
     if isinstance(min_tokens, int) and min_tokens > 0:
         body["min_tokens"] = max(min_tokens - generated, 0)
@@ -256,10 +273,11 @@ class Splice:
     model's tokenizer), else it is the continuation's prompt less ``before`` (exact where
     the engine re-tokenises the text so far into as many tokens as it generated)."""
 
-    __slots__ = ("_ident", "_rest", "before", "chat", "client_usage", "prompt_tokens", "role")
+    __slots__ = ("_ident", "_rest", "before", "chat", "client_usage", "prompt_tokens", "role",
+                 "slice", "slice_end")
 
     def __init__(self, transcript: Transcript, before: int, client_usage: bool,
-                 prompt_tokens: int | None = None) -> None:
+                 prompt_tokens: int | None = None, slice_: bool = False) -> None:
         transcript.fold()
         # a stream that broke before its first event takes the continuation's identity
         self._ident = None if transcript.id is None else {
@@ -271,6 +289,10 @@ class Splice:
         self._rest = b""
         #: the original prompt's tokens (known, or once the continuation reported usage)
         self.prompt_tokens = prompt_tokens
+        #: this part is a slice whose budget is less than the request's: its "length"
+        #: finish is the slice's end, not the stream's (hidden, with its usage and [DONE])
+        self.slice = slice_
+        self.slice_end = False
 
     def rewrite(self, data: bytes) -> bytes:
         """The client's bytes for upstream ``data`` (complete events only; a split event
@@ -290,7 +312,7 @@ class Splice:
             return None
         payload = stripped[len(_DATA):]
         if payload == _DONE:
-            return stripped + _SEP
+            return None if self.slice_end else stripped + _SEP
         obj = _load(payload)
         if obj is None or "error" in obj:
             return stripped + _SEP  # an engine's error event reaches the client as it is
@@ -299,13 +321,20 @@ class Splice:
             obj["usage"] = self._usage(usage)
         choices = obj.get("choices")
         if not choices:
-            if not self.client_usage:
+            if not self.client_usage or self.slice_end:
                 return None
-        elif self.chat and self.role and isinstance(choices[0], dict):
-            delta = choices[0].get("delta") or {}
-            if "role" in delta and not delta.get("content") and \
-                    choices[0].get("finish_reason") is None:
-                return None  # the client had its role event from the first part
+        elif isinstance(choices[0], dict):
+            choice = choices[0]
+            if self.slice and choice.get("finish_reason") == "length":
+                choice["finish_reason"] = None  # the slice ends, the stream goes on
+                if "stop_reason" in choice:
+                    choice["stop_reason"] = None
+                self.slice_end = True
+            if self.chat and self.role:
+                delta = choice.get("delta") or {}
+                if "role" in delta and not delta.get("content") and \
+                        choice.get("finish_reason") is None:
+                    return None  # the client had its role event from the first part
         if self._ident is not None:
             obj.update(self._ident)
         return _DATA + orjson.dumps(obj) + _SEP

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from blockproxy.cluster.instance import Instance
+from blockproxy.cluster.instance import ACTIVE, Instance
 from blockproxy.cluster.requests import Entry
 from blockproxy.cluster.view import ClusterView
 from blockproxy.config import ProxyConfig
@@ -29,6 +29,7 @@ from blockproxy.front.continuation import (
     continuation_body,
     finish_event,
     refusal,
+    slice_body,
     usage_event,
 )
 from blockproxy.front.gate import Gate
@@ -62,10 +63,16 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 #: the response header naming the instance a request was sent to (a stream's first part)
 INSTANCE_HEADER = "X-Blockproxy-Instance"
+#: the request header setting a request's slice size (SCLS slice mode; 0 = none)
+SLICE_HEADER = "x-blockproxy-slice-tokens"
 
 
 def error_response(err: ApiError) -> web.Response:
     return web.Response(status=err.status, body=err.body(), content_type="application/json")
+
+
+class HandOff(Exception):
+    """A stream leaves an instance that is draining (or was removed): not a failure."""
 
 
 class _Part:
@@ -73,11 +80,14 @@ class _Part:
     splice that rewrites it (a continuation's), the chunk held back for the end, and
     when the part before it failed (a continuation's)."""
 
-    __slots__ = ("entry", "failed_at", "held", "partial", "splice", "upstream")
+    __slots__ = ("entry", "failed_at", "held", "max_tokens", "model", "partial", "splice",
+                 "upstream")
 
-    def __init__(self, entry: Entry, upstream: UpstreamResponse, splice: Splice | None
-                 ) -> None:
+    def __init__(self, entry: Entry, upstream: UpstreamResponse, splice: Splice | None,
+                 model: str, max_tokens: int | None) -> None:
         self.entry = entry
+        self.model = model
+        self.max_tokens = max_tokens  # this part's budget (None: up to the context)
         self.upstream = upstream
         self.splice = splice
         self.held = b""
@@ -183,9 +193,31 @@ class GenerateHandler:
             info, request.headers.get(HINT_HEADER), limit, ids, first.limits.block_size,
             exact_count, tenant_of(request.headers.get(TENANT_HEADER), info))
 
+    def _slice_tokens(self, request: web.Request, info: RequestInfo,
+                      candidates: list[Instance]) -> int:
+        """The slice size this request is generated in (0: one piece)."""
+        header = request.headers.get(SLICE_HEADER)
+        size = self.config.slice_tokens
+        if header is not None:
+            try:
+                size = int(header)
+            except ValueError:
+                size = -1
+            if size < 0:
+                raise ApiError(400, f"{SLICE_HEADER} must be a non-negative integer, got "
+                               f"{header!r}", "BadRequestError")
+        if size <= 0 or not info.stream or (info.max_tokens is not None
+                                            and info.max_tokens <= size):
+            return 0
+        if refusal(info, candidates[0].tokenizer is not None) is not None:
+            return 0
+        return size
+
     async def _serve(self, request: web.Request, info: RequestInfo,
                      candidates: list[Instance]) -> web.StreamResponse:
-        job = await self._job(request, info, candidates)
+        slice_ = self._slice_tokens(request, info, candidates)
+        sent = parse_request(info.route, slice_body(info, slice_)) if slice_ else info
+        job = await self._job(request, sent, candidates)
         tried: list[Instance] = []
         headers = self.upstream.forward_headers(request.raw_headers,
                                                 request.get(door.ID_KEY))
@@ -205,7 +237,7 @@ class GenerateHandler:
             tried.append(inst)
             deadline = time.monotonic() + timeout
             try:
-                upstream = await self.upstream.open(inst.url + info.route, info.raw, headers,
+                upstream = await self.upstream.open(inst.url + info.route, sent.raw, headers,
                                                     timeout)
             except UpstreamError as exc:
                 inst.release(entry)
@@ -221,7 +253,7 @@ class GenerateHandler:
                 raise
             try:
                 return await self._relay(request, info, job, entry, upstream, deadline,
-                                         headers)
+                                         headers, slice_)
             finally:
                 upstream.close()
                 inst.release(entry)
@@ -270,13 +302,14 @@ class GenerateHandler:
             self.metrics.ejections.labels(inst.name).inc()
 
     async def _relay(self, request: web.Request, info: RequestInfo, job: Job, entry: Entry,
-                     upstream: UpstreamResponse, deadline: float, headers: bytes
-                     ) -> web.StreamResponse:
+                     upstream: UpstreamResponse, deadline: float, headers: bytes,
+                     slice_: int) -> web.StreamResponse:
         status = upstream.status
         inst = entry.instance
         self.answered(inst, status)
         if status == 200 and info.stream:
-            return await self._relay_stream(request, info, job, entry, upstream, headers)
+            return await self._relay_stream(request, info, job, entry, upstream, headers,
+                                            slice_)
         try:
             payload = await upstream.read(deadline - time.monotonic())
         except UpstreamError as exc:
@@ -292,22 +325,27 @@ class GenerateHandler:
                             headers={INSTANCE_HEADER: inst.name})
 
     async def _relay_stream(self, request: web.Request, info: RequestInfo, job: Job,
-                            entry: Entry, upstream: UpstreamResponse, headers: bytes
-                            ) -> web.StreamResponse:
+                            entry: Entry, upstream: UpstreamResponse, headers: bytes,
+                            slice_: int) -> web.StreamResponse:
         """Relay a stream; when its instance fails mid-stream, continue it on another
-        (:mod:`.continuation`) while the request allows it and the budget lasts.  The
-        first part's entry and response are the caller's to release; continuations'
-        are released here."""
+        (:mod:`.continuation`) while the request allows it and the budget lasts; in
+        slices of ``slice_`` tokens (SCLS), place each next slice anew.  The first part's
+        entry and response are the caller's to release; continuations' are released
+        here."""
         response = web.StreamResponse(status=200, headers={
             **SSE_HEADERS, INSTANCE_HEADER: entry.instance.name})
         await response.prepare(request)
         transcript: Transcript | None = None
         reason = None
-        if self.config.max_continuations > 0:
+        if self.config.max_continuations > 0 or slice_:
             reason = refusal(info, entry.instance.tokenizer is not None)
             if reason is None:
                 transcript = Transcript(info.route == CHAT)
-        relay = _Part(entry, upstream, None)
+        sliced = None
+        if slice_ and transcript is not None:
+            sliced = Splice(transcript, 0, info.include_usage, None, slice_=True)
+        relay = _Part(entry, upstream, sliced, info.model, slice_ or info.max_tokens)
+        known_prompt = entry.prompt_tokens if job.exact_prompt else None
         failed: list[Instance] = []
         opened: list[_Part] = []
         try:
@@ -315,12 +353,37 @@ class GenerateHandler:
                 inst = relay.entry.instance
                 try:
                     ending, events = await self._pump(request, response, relay, transcript)
-                    break
-                except UpstreamError as exc:
+                    if relay.splice is None or not relay.splice.slice_end:
+                        break
+                    # a slice ended: the policy places the next one
+                    assert transcript is not None
+                    relay.upstream.close()
+                    inst.release(relay.entry)
+                    nxt = await self._continuation(
+                        request, info, transcript, failed, headers, relay,
+                        f"the next slice after instance {inst.name} could not be placed",
+                        known_prompt, slice_, "slice")
+                    if isinstance(nxt, _Part):
+                        relay = nxt
+                        opened.append(relay)
+                        self.metrics.continuations.labels(inst.name, "slice").inc()
+                        continue
+                    if isinstance(nxt, bytes):
+                        await response.write_eof(nxt)
+                        self._count(info.route, 200)
+                        return response
+                    err = ApiError(502, nxt, "BadGatewayError")
+                    await response.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
+                    self._count(info.route, 502)
+                    await response.write_eof()
+                    return response
+                except (UpstreamError, HandOff) as exc:
                     failed_at = time.perf_counter()
-                    self.metrics.stream_failures.labels(inst.name).inc()
-                    log.warning("instance %s failed mid-stream: %s", inst.name, exc)
-                    self.failed(inst, exc)
+                    why = "drain" if isinstance(exc, HandOff) else "failure"
+                    if why == "failure":
+                        self.metrics.stream_failures.labels(inst.name).inc()
+                        log.warning("instance %s failed mid-stream: %s", inst.name, exc)
+                        self.failed(inst, exc)
                     failed.append(inst)
                     relay.upstream.close()  # aborts the generation if it is still running
                     inst.release(relay.entry)
@@ -331,12 +394,12 @@ class GenerateHandler:
                     if transcript is not None and len(failed) <= self.config.max_continuations:
                         outcome = await self._continuation(
                             request, info, transcript, failed, headers, relay, problem,
-                            entry.prompt_tokens if job.exact_prompt else None)
+                            known_prompt, slice_ or None, why)
                     if isinstance(outcome, _Part):
                         relay = outcome
                         opened.append(relay)
                         relay.failed_at = failed_at
-                        self.metrics.continuations.labels(inst.name).inc()
+                        self.metrics.continuations.labels(inst.name, why).inc()
                         continue
                     if isinstance(outcome, bytes):  # it had ended at the seam
                         await response.write_eof(outcome)
@@ -434,22 +497,45 @@ class GenerateHandler:
                     if count and entry.observed:
                         inst.streamed(entry, now, count)
                 tail.append(data)
+                if transcript is not None and (inst.state != ACTIVE or inst.removed) and \
+                        not part.held and self._hand_off(part, events):
+                    raise HandOff(f"instance {inst.name} is {inst.state}")
         except UpstreamError:
-            if not part.held:  # else it broke after its [DONE]: the stream is whole
+            # after its [DONE] or the end of its slice, the part is whole
+            if not part.held and not (splice is not None and splice.slice_end):
                 raise
         ending = b"".join(tail)
+        if splice is not None and splice.slice_end:
+            return ending, events
         if not stream_complete(ending):
             raise UpstreamError("the stream ended without [DONE]")
         return ending, events
 
+    def _hand_off(self, part: _Part, events: int) -> bool:
+        """Whether a stream on a draining instance moves: when another instance takes new
+        requests, unless it is predicted to end (or must end, by its budget) within
+        ``--handoff-tokens``.  A stream already past its predicted length is expected to
+        run on, so it moves."""
+        within = self.config.handoff_tokens
+        if within <= 0:
+            return False
+        if part.max_tokens is not None and part.max_tokens - events <= within:
+            return False
+        left = part.entry.predicted_tokens - events
+        if 0 < left <= within:
+            return False
+        here = part.entry.instance
+        return any(c is not here and c.accepts_new() for c in self.view.candidates(part.model))
+
     async def _continuation(self, request: web.Request, info: RequestInfo,
                             transcript: Transcript, failed: list[Instance], headers: bytes,
-                            broken: _Part, problem: str, prompt_tokens: int | None
+                            broken: _Part, problem: str, prompt_tokens: int | None,
+                            budget: int | None = None, reason: str = "failure"
                             ) -> _Part | bytes | str:
-        """Continue ``info``'s stream after ``transcript`` on an instance that has not
-        failed it: the open continuation, or the bytes that end a stream which needs none
-        (its budget ran out at the seam, or its last event had come), or why it could
-        not be continued."""
+        """Continue ``info``'s stream after ``transcript`` on an instance not in
+        ``failed`` (with at most ``budget`` more tokens: a slice): the open
+        continuation, or the bytes that end a stream which needs none (its budget ran out
+        at the seam, or its last event had come), or why it could not be continued."""
         text = transcript.text
         generated = transcript.tokens
         if broken.splice is not None and broken.splice.prompt_tokens is not None:
@@ -465,10 +551,13 @@ class GenerateHandler:
             return tail + DONE_EVENT
         ids = None
         if info.route != CHAT and isinstance(info.body["prompt"], list):
-            tok = failed[0].tokenizer
+            tok = broken.entry.instance.tokenizer
             if tok is not None and not isinstance(info.body["prompt"][0], str):
                 ids = await tok.encode(text, special=False)
-        raw = continuation_body(info, text, generated, ids)
+        left = None if info.max_tokens is None else info.max_tokens - generated
+        if budget is not None and left is not None and left <= budget:
+            budget = None  # the last slice: it may end the stream
+        raw = continuation_body(info, text, generated, ids, budget)
         try:
             cinfo = parse_request(info.route, raw)
         except ApiError as err:
@@ -479,6 +568,10 @@ class GenerateHandler:
         if not pool:
             return problem + " (no other instance to continue on)"
         job = await self._job(request, cinfo, pool)
+        old = broken.entry.instance
+        if reason == "slice" and job.blocks and old.spec.kv_events is None:
+            # the engine keeps the slice's own blocks cached: staying is cheap, and priced
+            old.prefix.insert(job.blocks)
         timeout = self.config.read_timeout
         for _ in range(self.config.max_retries + 1):
             if not pool:
@@ -511,9 +604,11 @@ class GenerateHandler:
                 inst.release(entry)
                 return (f"{problem}; its continuation on {inst.name} was refused "
                         f"(HTTP {upstream.status}): {detail}")
-            log.info("continuing a stream on %s after %d tokens", inst.name, generated)
-            return _Part(entry, upstream, Splice(transcript, generated, info.include_usage,
-                                                 prompt_tokens))
+            if reason != "slice":
+                log.info("continuing a stream on %s after %d tokens", inst.name, generated)
+            splice = Splice(transcript, generated, info.include_usage, prompt_tokens,
+                            slice_=budget is not None)
+            return _Part(entry, upstream, splice, info.model, cinfo.max_tokens)
         return problem + " (no other instance could be reached to continue it)"
 
     def _learn_continued(self, info: RequestInfo, job: Job, entry: Entry,

@@ -59,13 +59,14 @@ class _Origin:
 class UpstreamResponse:
     """An open response from an instance."""
 
-    __slots__ = ("_conn", "_origin", "_pool", "_timeout", "content_type", "status")
+    __slots__ = ("_closed", "_conn", "_origin", "_pool", "_timeout", "content_type", "status")
 
     def __init__(self, pool: Pool, origin: _Origin, conn: Connection, timeout: float) -> None:
         self._pool = pool
         self._origin = origin
         self._conn = conn
         self._timeout = timeout
+        self._closed = False
         self.status = conn.status
         ctype = conn.header(b"content-type")
         self.content_type = ctype.split(b";", 1)[0].strip().decode("latin-1") if ctype else ""
@@ -105,8 +106,10 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Keep the connection if the response was read to the end, else abort it (on vLLM:
-        aborts the generation)."""
-        self._pool.release(self._origin.host, self._origin.port, self._conn)
+        aborts the generation).  Closing twice does nothing more."""
+        if not self._closed:
+            self._closed = True
+            self._pool.release(self._origin.host, self._origin.port, self._conn)
 
 
 class Upstream:
