@@ -97,9 +97,13 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
     """
     sums: dict[tuple[str, str], float] = {}
     decisions: dict[str, float] = {}
+    continuations: dict[str, float] = {}
     prompt = cached = 0.0
     for name, labels, value in promtext.samples(text):
-        if name == "blockproxy_dispatched_prompt_tokens_total":
+        if name == "blockproxy_continuations_total":
+            reason = labels.get("reason", "?")
+            continuations[reason] = continuations.get(reason, 0) + value
+        elif name == "blockproxy_dispatched_prompt_tokens_total":
             prompt += value
         elif name == "blockproxy_predicted_cached_tokens_total":
             cached += value
@@ -121,13 +125,15 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
         errors[quantity] = sums[(quantity, "sum")] / count if count else None
     return {"prediction_error": errors,
             "decisions": {k: int(v) for k, v in sorted(decisions.items())},
+            "continuations": {k: int(v) for k, v in sorted(continuations.items())},
             "predicted_prefix_hit_rate": cached / prompt if prompt else None}
 
 
 def parse_emulator_metrics(texts: Sequence[str]) -> dict[str, Any]:
     """How faithfully the emulated instances kept time (steps run, the mean wall ms a step
-    ended past its deadline, pacing resets: a starved emulator process), and the share of
-    prompt tokens the instances found in their prefix caches (``vllm:prefix_cache_*``)."""
+    ended past its deadline, pacing resets: a starved emulator process), the share of
+    prompt tokens the instances found in their prefix caches (``vllm:prefix_cache_*``) and
+    the prompt tokens they computed (``prefill_tokens``: those not found)."""
     totals = {"emulator:steps_total": 0.0, "emulator:step_lateness_seconds_total": 0.0,
               "emulator:resyncs_total": 0.0, "vllm:prefix_cache_queries_total": 0.0,
               "vllm:prefix_cache_hits_total": 0.0}
@@ -141,7 +147,8 @@ def parse_emulator_metrics(texts: Sequence[str]) -> dict[str, Any]:
             "mean_step_lateness_ms": (totals["emulator:step_lateness_seconds_total"]
                                       / steps * 1000.0 if steps else None),
             "prefix_hit_rate": (totals["vllm:prefix_cache_hits_total"] / queries
-                                if queries else None)}
+                                if queries else None),
+            "prefill_tokens": int(queries - totals["vllm:prefix_cache_hits_total"])}
 
 
 def parse_gossip_metrics(texts: Sequence[str], duration_s: float,

@@ -78,9 +78,13 @@ def test_parse_proxy_metrics_means_and_decisions():
         "blockproxy_output_length_abs_relative_error_count 8.0",
         "blockproxy_dispatched_prompt_tokens_total 4000.0",
         "blockproxy_predicted_cached_tokens_total 1000.0",
+        'blockproxy_continuations_total{instance="i0",reason="slice"} 4.0',
+        'blockproxy_continuations_total{instance="i1",reason="slice"} 2.0',
+        'blockproxy_continuations_total{instance="i1",reason="failure"} 1.0',
     ])
     parsed = parse_proxy_metrics(text)
     assert parsed["decisions"] == {"i0": 3, "i1": 5}
+    assert parsed["continuations"] == {"failure": 1, "slice": 6}
     assert parsed["prediction_error"] == {"ttft": 0.25, "e2e": None, "output_length": 0.5,
                                           "bias_ttft": -0.125, "bias_e2e": None}
     assert parsed["predicted_prefix_hit_rate"] == 0.25
@@ -122,7 +126,7 @@ def test_parse_emulator_metrics_sums_instances():
     out = compare.parse_emulator_metrics([page, page.replace("100", "300")])
     # queries 1000 + 3000, hits 250 + 250
     assert out == {"steps": 400, "resyncs": 2, "mean_step_lateness_ms": pytest.approx(0.25),
-                   "prefix_hit_rate": pytest.approx(500 / 4000)}
+                   "prefix_hit_rate": pytest.approx(500 / 4000), "prefill_tokens": 3500}
     empty = compare.parse_emulator_metrics([""])
     assert empty["mean_step_lateness_ms"] is None and empty["prefix_hit_rate"] is None
 

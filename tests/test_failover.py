@@ -266,3 +266,26 @@ async def test_slices_per_request_through_the_openai_client(tmp_path: Path,
                 assert "x-blockproxy-slice-tokens" in (await resp.json())["error"]["message"]
         finally:
             await bad.close()
+
+
+async def test_a_token_id_prompt_continues_in_ids(tmp_path: Path, pair: list[Emulator]):
+    """With the model's tokenizer configured, a token-id prompt is continued in ids (the
+    tokenizer's ids of the text so far), and its usage counts the original ids exactly."""
+    from loadgen import tokenizer as words
+
+    tok = words.write_tokenizer(tmp_path / "tok")
+    path = write_backends(tmp_path / "ids.yaml", [{"url": e.urls[0], "name": n,
+                                                   "tokenizer": str(tok)}
+                                                  for e, n in zip(pair, "ab")])
+    ids = words.token_ids(PROMPT.split())
+    with Proxy(tmp_path, path) as proxy:
+        body = {"model": MODEL, "prompt": ids, "max_tokens": 1500, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        events = await stream_and_break(proxy, pair, "/v1/completions", body, "kill")
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+        assert len(text.split()) == 1500
+        assert events[-2]["usage"] == {"prompt_tokens": 7, "completion_tokens": 1500,
+                                       "total_tokens": 1507}
+        assert metric_value(proxy.metrics(), "blockproxy_continuations_total",
+                            reason="failure") == 1

@@ -351,32 +351,21 @@ class GenerateHandler:
         try:
             while True:
                 inst = relay.entry.instance
+                failed_at = 0.0
+                outcome: _Part | bytes | str
                 try:
                     ending, events = await self._pump(request, response, relay, transcript)
                     if relay.splice is None or not relay.splice.slice_end:
                         break
                     # a slice ended: the policy places the next one
                     assert transcript is not None
+                    why = "slice"
                     relay.upstream.close()
                     inst.release(relay.entry)
-                    nxt = await self._continuation(
+                    outcome = await self._continuation(
                         request, info, transcript, failed, headers, relay,
                         f"the next slice after instance {inst.name} could not be placed",
-                        known_prompt, slice_, "slice")
-                    if isinstance(nxt, _Part):
-                        relay = nxt
-                        opened.append(relay)
-                        self.metrics.continuations.labels(inst.name, "slice").inc()
-                        continue
-                    if isinstance(nxt, bytes):
-                        await response.write_eof(nxt)
-                        self._count(info.route, 200)
-                        return response
-                    err = ApiError(502, nxt, "BadGatewayError")
-                    await response.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
-                    self._count(info.route, 502)
-                    await response.write_eof()
-                    return response
+                        known_prompt, slice_, why)
                 except (UpstreamError, HandOff) as exc:
                     failed_at = time.perf_counter()
                     why = "drain" if isinstance(exc, HandOff) else "failure"
@@ -387,29 +376,29 @@ class GenerateHandler:
                     failed.append(inst)
                     relay.upstream.close()  # aborts the generation if it is still running
                     inst.release(relay.entry)
-                    problem = f"upstream instance {inst.name} failed mid-stream: {exc}"
+                    outcome = f"upstream instance {inst.name} failed mid-stream: {exc}"
                     if reason is not None:
-                        problem += f" (not continued: {reason})"
-                    outcome: _Part | bytes | str = problem
-                    if transcript is not None and len(failed) <= self.config.max_continuations:
+                        outcome += f" (not continued: {reason})"
+                    elif transcript is not None and \
+                            len(failed) <= self.config.max_continuations:
                         outcome = await self._continuation(
-                            request, info, transcript, failed, headers, relay, problem,
+                            request, info, transcript, failed, headers, relay, outcome,
                             known_prompt, slice_ or None, why)
-                    if isinstance(outcome, _Part):
-                        relay = outcome
-                        opened.append(relay)
-                        relay.failed_at = failed_at
-                        self.metrics.continuations.labels(inst.name, why).inc()
-                        continue
-                    if isinstance(outcome, bytes):  # it had ended at the seam
-                        await response.write_eof(outcome)
-                        self._count(info.route, 200)
-                        return response
-                    err = ApiError(502, outcome, "BadGatewayError")
-                    await response.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
-                    self._count(info.route, 502)
-                    await response.write_eof()
+                if isinstance(outcome, _Part):
+                    relay = outcome
+                    opened.append(relay)
+                    relay.failed_at = failed_at
+                    self.metrics.continuations.labels(inst.name, why).inc()
+                    continue
+                if isinstance(outcome, bytes):  # it had ended at the seam
+                    await response.write_eof(outcome)
+                    self._count(info.route, 200)
                     return response
+                err = ApiError(502, outcome, "BadGatewayError")
+                await response.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
+                self._count(info.route, 502)
+                await response.write_eof()
+                return response
         except door.SendTimeout as exc:  # the client stopped reading: let it go
             self.metrics.client_timeouts.labels("send").inc()
             log.info("closing a client connection: %s", exc)
