@@ -370,7 +370,9 @@ async def test_vllm_killed_mid_stream_is_continued_on_the_other_server(
         backends = backends_for(tmp_path, [doomed, survivor], None, exact=True)
         with Proxy(tmp_path, backends, ["--policy", "round_robin"]) as proxy:
             prompt = "the river ran past the stone house and the cloud " * 8
-            body = {"model": MODEL, "prompt": prompt, "max_tokens": 400, "stream": True,
+            # long enough that the server is still generating when it is killed (a short
+            # answer can be whole in the socket buffers before the client reads 5 events)
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2000, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
             async with aiohttp.ClientSession() as session:
                 async with session.post(survivor.url + "/tokenize",
@@ -389,13 +391,13 @@ async def test_vllm_killed_mid_stream_is_continued_on_the_other_server(
             assert (head + rest).endswith(b"data: [DONE]\n\n")
             assert not any("error" in e for e in events), events[-2:]
             tokens = [e for e in events if e["choices"]]
-            assert len(tokens) == 400
+            assert len(tokens) == 2000
             assert {e["id"] for e in events} == {events[0]["id"]}
             reasons = [e["choices"][0]["finish_reason"] for e in tokens]
             assert reasons[-1] == "length" and not any(reasons[:-1])
             usage = events[-1]["usage"]
             assert (usage["prompt_tokens"], usage["completion_tokens"],
-                    usage["total_tokens"]) == (prompt_tokens, 400, prompt_tokens + 400)
+                    usage["total_tokens"]) == (prompt_tokens, 2000, prompt_tokens + 2000)
             text = proxy.metrics()
             assert metric_value(text, "blockproxy_continuations_total", instance="cpu0") == 1
             assert metric_value(text, "blockproxy_stream_failures_total") == 1
