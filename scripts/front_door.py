@@ -219,7 +219,7 @@ async def faults(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 
             async def client(k: int) -> None:
                 while time.monotonic() < stop_at:
-                    if k % 4 != 0:
+                    if not args.unary_every or k % args.unary_every != 0:
                         await one_request(session, proxy.url, True, rng.randint(low, high),
                                           outcome, streams)
                     else:
@@ -259,7 +259,8 @@ async def faults(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         return round(float(np.percentile(values, q)), 1) if values else None
 
     return {"duration_s": args.duration, "continuation": args.continuation,
-            "stream_tokens": [low, high], "kills": kills, "requests": requests,
+            "stream_tokens": [low, high], "unary_every": args.unary_every, "kills": kills,
+            "requests": requests,
             "streams": len(streams), **outcome,
             "retried_not_reached": retried, "dispatches": dispatches,
             "continuations": continuations,
@@ -644,6 +645,8 @@ def cli() -> None:
                    help="MIN,MAX tokens of the streams (unary requests: 20-120)")
     p.add_argument("--continuation", choices=("on", "off"), default="on",
                    help="off: the proxy runs with --max-continuations 0")
+    p.add_argument("--unary-every", type=int, default=4,
+                   help="every Nth client sends unary requests (0: all stream)")
     p = sub.add_parser("drain", parents=[common])
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--time-scale", type=float, default=0.5)
