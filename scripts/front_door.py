@@ -636,20 +636,19 @@ def cli() -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", help="also write the figures to this file")
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("faults", parents=[common])
+    load = argparse.ArgumentParser(add_help=False)  # faults and drain: closed-loop clients
+    load.add_argument("--clients", type=int, default=16)
+    load.add_argument("--time-scale", type=float, default=0.5)
+    p = sub.add_parser("faults", parents=[common, load])
     p.add_argument("--duration", type=float, default=180.0)
     p.add_argument("--kill-every", type=float, default=15.0)
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--time-scale", type=float, default=0.5)
     p.add_argument("--stream-tokens", default="100,800",
                    help="MIN,MAX tokens of the streams (unary requests: 20-120)")
     p.add_argument("--continuation", choices=("on", "off"), default="on",
                    help="off: the proxy runs with --max-continuations 0")
     p.add_argument("--unary-every", type=int, default=4,
                    help="every Nth client sends unary requests (0: all stream)")
-    p = sub.add_parser("drain", parents=[common])
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--time-scale", type=float, default=0.5)
+    p = sub.add_parser("drain", parents=[common, load])
     p.add_argument("--stream-tokens", default="500,3000", help="MIN,MAX tokens of the streams")
     p.add_argument("--warmup", type=float, default=20.0,
                    help="seconds of load before the first instance is set to draining")

@@ -109,15 +109,21 @@ async def test_completions_stream_survives_its_instance(tmp_path: Path, pair: li
                                           for i in proxy.cluster()["instances"]))
 
 
+def openai_chat(proxy: Proxy, max_tokens: int, headers: dict[str, str] | None = None
+                ) -> tuple[openai.AsyncOpenAI, Any]:
+    """An ``openai`` client of ``proxy`` and the (awaitable) streamed chat it starts."""
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+    return client, client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=max_tokens,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        extra_headers=headers)
+
+
 async def test_chat_stream_survives_its_instance_through_the_openai_client(
         tmp_path: Path, pair: list[Emulator]):
     with Proxy(tmp_path, backends(tmp_path, pair)) as proxy:
-        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused",
-                                    max_retries=0)
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=1200,
-            stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True})
+        client, started = openai_chat(proxy, 1200)
+        stream = await started
         chunks = []
         async for chunk in stream:
             chunks.append(chunk)
@@ -241,13 +247,8 @@ async def test_a_stream_in_slices_reads_as_one(tmp_path: Path, pair: list[Emulat
 async def test_slices_per_request_through_the_openai_client(tmp_path: Path,
                                                             pair: list[Emulator]):
     with Proxy(tmp_path, backends(tmp_path, pair)) as proxy:
-        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused",
-                                    max_retries=0)
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=130,
-            stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-            extra_headers={"x-blockproxy-slice-tokens": "50"})
+        client, started = openai_chat(proxy, 130, {"x-blockproxy-slice-tokens": "50"})
+        stream = await started
         chunks = [c async for c in stream]
         await client.close()
         with_choices = [c for c in chunks if c.choices]

@@ -74,12 +74,18 @@ def refusal(info: RequestInfo, has_tokenizer: bool) -> str | None:
         if body.get("continue_final_message") and not isinstance(
                 messages[-1].get("content"), str):
             return "the continued final message has no plain-text content"
-    elif _token_prompt(body.get("prompt")) is not None and not has_tokenizer:
+    elif token_prompt(body.get("prompt")) is not None and not has_tokenizer:
         return "a token-id prompt continues in ids, which needs the model's tokenizer"
     return None
 
 
-def _token_prompt(prompt: Any) -> list[int] | None:
+def _complete_events(rest: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    """The complete SSE events of ``rest + data``, and what is left of an unended one."""
+    events = (rest + data).split(_SEP)
+    return events, events.pop()
+
+
+def token_prompt(prompt: Any) -> list[int] | None:
     """The ids of a token-id prompt (flat, or a batch of one), else None."""
     if isinstance(prompt, list) and prompt:
         if isinstance(prompt[0], int):
@@ -122,11 +128,9 @@ class Transcript:
         """Parse the complete events recorded so far."""
         if not self._pending:
             return
-        buf = self._rest + b"".join(self._pending)
+        events, self._rest = _complete_events(self._rest, b"".join(self._pending))
         self._pending.clear()
         self._size = 0
-        events = buf.split(_SEP)
-        self._rest = events.pop()
         for event in events:
             self._event(event)
 
@@ -211,7 +215,7 @@ def continuation_body(info: RequestInfo, text: str, generated: int,
         body["add_generation_prompt"] = False
     else:
         prompt = body["prompt"]
-        ids = _token_prompt(prompt)
+        ids = token_prompt(prompt)
         if ids is not None:
             if text_ids is None:
                 raise ValueError("a token-id prompt continues with the text's token ids")
@@ -297,8 +301,7 @@ class Splice:
     def rewrite(self, data: bytes) -> bytes:
         """The client's bytes for upstream ``data`` (complete events only; a split event
         waits for its end)."""
-        events = (self._rest + data).split(_SEP)
-        self._rest = events.pop()
+        events, self._rest = _complete_events(self._rest, data)
         out = []
         for event in events:
             got = self._event(event)

@@ -30,6 +30,7 @@ from blockproxy.front.continuation import (
     finish_event,
     refusal,
     slice_body,
+    token_prompt,
     usage_event,
 )
 from blockproxy.front.gate import Gate
@@ -337,10 +338,10 @@ class GenerateHandler:
         await response.prepare(request)
         transcript: Transcript | None = None
         reason = None
-        if self.config.max_continuations > 0 or slice_:
+        if self.config.max_continuations > 0 and not slice_:  # slices: checked already
             reason = refusal(info, entry.instance.tokenizer is not None)
-            if reason is None:
-                transcript = Transcript(info.route == CHAT)
+        if reason is None and (self.config.max_continuations > 0 or slice_):
+            transcript = Transcript(info.route == CHAT)
         sliced = None
         if slice_ and transcript is not None:
             sliced = Splice(transcript, 0, info.include_usage, None, slice_=True)
@@ -539,10 +540,10 @@ class GenerateHandler:
                 tail += usage_event(transcript, prompt_tokens)
             return tail + DONE_EVENT
         ids = None
-        if info.route != CHAT and isinstance(info.body["prompt"], list):
-            tok = broken.entry.instance.tokenizer
-            if tok is not None and not isinstance(info.body["prompt"][0], str):
-                ids = await tok.encode(text, special=False)
+        tok = broken.entry.instance.tokenizer
+        if info.route != CHAT and tok is not None and \
+                token_prompt(info.body["prompt"]) is not None:
+            ids = await tok.encode(text, special=False)
         left = None if info.max_tokens is None else info.max_tokens - generated
         if budget is not None and left is not None and left <= budget:
             budget = None  # the last slice: it may end the stream

@@ -61,7 +61,8 @@ class Describer:
         blocks are the engine's, ``block_size`` tokens each (exact mode), and with
         ``exact_count`` the ids are the whole prompt, so they also give its length.
         ``tenant`` is the request's tenant (a length feature)."""
-        if token_ids is not None and exact_count:
+        exact = token_ids is not None and exact_count
+        if token_ids is not None and exact:
             prompt_tokens = max(len(token_ids), 1)
         else:
             prompt_tokens = self.tokens.estimate(info.model, info.prompt_chars)
@@ -88,10 +89,8 @@ class Describer:
             high = predictor.predict(info.model, prompt_tokens, info.max_tokens, context_left,
                                      None, features, self.tail_quantile)
         if hashes is None:
-            return Job(prompt_tokens, output, None, 0.0, features, high,
-                       token_ids is not None and exact_count)
-        return Job(prompt_tokens, output, hashes, per_block, features, high,
-                   token_ids is not None and exact_count)
+            return Job(prompt_tokens, output, None, 0.0, features, high, exact)
+        return Job(prompt_tokens, output, hashes, per_block, features, high, exact)
 
     def learn(self, info: RequestInfo, estimated_prompt: int, predicted_output: int,
               prompt_tokens: int | None, output_tokens: int, finish: str | None,

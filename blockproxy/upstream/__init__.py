@@ -96,13 +96,8 @@ class UpstreamResponse:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Bytes as they arrive, no buffering."""
-        conn = self._conn
-        timeout = self._timeout
-        try:
-            while data := await conn.read_chunk(timeout):
-                yield data
-        except HttpError as exc:
-            raise UpstreamError.of("the stream broke: ", exc) from exc
+        while data := await self.chunk():
+            yield data
 
     def close(self) -> None:
         """Keep the connection if the response was read to the end, else abort it (on vLLM:
