@@ -74,6 +74,14 @@ class ProxyConfig:
                                 "many tokens, each placed anew by the policy and spliced into "
                                 "one stream (0 = off; the x-blockproxy-slice-tokens header "
                                 "sets it per request)")
+    slo_ttft_ms: float = _opt(0.0, "time-to-first-token objective (ms) from a request's "
+                                   "arrival: with admission on, requests no instance is "
+                                   "predicted to start within it are held, and refused "
+                                   "(429) when they cannot be (0 = no objective)")
+    admission: bool = _opt(True, "hold requests predicted to miss --slo-ttft-ms until an "
+                                 "instance is predicted in time (off: dispatch them anyway)")
+    admission_queue: int = _opt(1024, "requests held for admission at most; beyond, the "
+                                      "tenant holding the most gives up its latest (429)")
     stall_timeout: float = _opt(30.0, "seconds a started stream that can be continued may "
                                       "go silent before it is continued elsewhere")
     connect_timeout: float = _opt(5.0, "seconds to connect to an instance")

@@ -123,6 +123,19 @@ class Metrics:
         self.continuation_gap = Histogram(
             "blockproxy_continuation_gap_seconds", "From a mid-stream failure to the "
             "continuation's first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.admission = Counter(
+            "blockproxy_admission_total", "Admission outcomes under a TTFT objective: "
+            "admitted (at once), held, released (after holding), rejected_full, "
+            "rejected_deadline (both answered 429), cancelled (the client left while held)",
+            ["outcome"], registry=r)
+        self.admission_depth = Gauge("blockproxy_admission_queue_depth",
+                                     "Requests held for admission now", registry=r)
+        self.admission_wait = Histogram(
+            "blockproxy_admission_wait_seconds", "Time held requests waited before their "
+            "release", buckets=LATENCY_BUCKETS, registry=r)
+        self.slo = Counter(
+            "blockproxy_slo_ttft_total", "Streams whose first token came within the TTFT "
+            "objective from their arrival (met) or not (missed)", ["outcome"], registry=r)
         self.in_flight = Gauge("blockproxy_in_flight_requests", "Requests being served",
                                registry=r)
         self.task_restarts = Counter("blockproxy_background_task_restarts_total",

@@ -22,12 +22,14 @@ class ApiError(Exception):
     """A client-visible error: status code and OpenAI error fields."""
 
     def __init__(self, status: int, message: str, type_: str = "BadRequestError",
-                 param: str | None = None) -> None:
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.param = param
+        #: response headers the error carries (``Retry-After`` of a 429)
+        self.headers = headers
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": self.type,

@@ -68,6 +68,8 @@ class Entry:
     new_blocks: list[int] | None = None
     #: prompt tokens predicted to be in the instance's prefix cache at dispatch
     cached_tokens: int = 0
+    #: seconds the request was held for admission before its dispatch
+    held_s: float = 0.0
 
 
 class RequestListener(Protocol):

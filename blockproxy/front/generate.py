@@ -23,6 +23,7 @@ from blockproxy.cluster.requests import Entry
 from blockproxy.cluster.view import ClusterView
 from blockproxy.config import ProxyConfig
 from blockproxy.front import door
+from blockproxy.front.admission import PRIORITY_HEADER, Admission, priority_of
 from blockproxy.front.continuation import (
     Splice,
     Transcript,
@@ -69,7 +70,8 @@ SLICE_HEADER = "x-blockproxy-slice-tokens"
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.Response(status=err.status, body=err.body(), content_type="application/json")
+    return web.Response(status=err.status, body=err.body(), content_type="application/json",
+                        headers=err.headers)
 
 
 class HandOff(Exception):
@@ -111,14 +113,18 @@ class GenerateHandler:
         self.gate = gate
         self.policy_name = dispatcher.policy.name
         self._counted: dict[tuple[str, int], Any] = {}
+        self.slo_ttft = config.slo_ttft_ms / 1000.0
+        self.admission = (Admission(self.slo_ttft, config.admission_queue, metrics)
+                          if self.slo_ttft > 0 and config.admission else None)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request.path
+        arrived = time.monotonic()
         try:
             info = await self._read_request(request, route)
             candidates = self._candidates(info.model)
             with self.gate.inside():
-                return await self._serve(request, info, candidates)
+                return await self._serve(request, info, candidates, arrived)
         except ApiError as err:
             self._count(route, err.status)
             return error_response(err)
@@ -214,8 +220,30 @@ class GenerateHandler:
             return 0
         return size
 
+    def _pool(self, model: str, tried: list[Instance]) -> list[Instance]:
+        """The instances a request may be sent to now: those taking new requests, else
+        (all are draining or ejected) any that serves the model; none it was tried on."""
+        everyone = self.view.candidates(model)
+        return [c for c in everyone if c not in tried and c.accepts_new()] or \
+            [c for c in everyone if c not in tried]
+
+    async def _admit(self, request: web.Request, info: RequestInfo, job: Job,
+                     pool: list[Instance], arrived: float) -> Entry:
+        """Dispatch under the TTFT objective: at once, or after holding (or 429)."""
+        assert self.admission is not None
+        priority = priority_of(request.headers.get(PRIORITY_HEADER))
+        tenant = tenant_of(request.headers.get(TENANT_HEADER), info) or \
+            request.headers.get("Authorization") or ""
+
+        def dispatch(budget: float) -> Entry | None:
+            now_pool = self._pool(info.model, [])
+            return self.dispatcher.dispatch_in_time(now_pool, job, budget) if now_pool else None
+        return await self.admission.admit(
+            dispatch, lambda: self.dispatcher.idle_service(pool, job), tenant, priority,
+            arrived)
+
     async def _serve(self, request: web.Request, info: RequestInfo,
-                     candidates: list[Instance]) -> web.StreamResponse:
+                     candidates: list[Instance], arrived: float) -> web.StreamResponse:
         slice_ = self._slice_tokens(request, info, candidates)
         sent = parse_request(info.route, slice_body(info, slice_)) if slice_ else info
         job = await self._job(request, sent, candidates)
@@ -225,12 +253,14 @@ class GenerateHandler:
         # A stream may wait for its headers (and then each chunk) up to the read timeout;
         # vLLM answers a unary request only when it is done, so that has a deadline.
         timeout = self.config.read_timeout if info.stream else self.config.unary_timeout
-        for _ in range(self.config.max_retries + 1):
-            pool = [c for c in candidates if c not in tried and c.accepts_new()] or \
-                [c for c in self.view.candidates(info.model) if c not in tried]
+        for attempt in range(self.config.max_retries + 1):
+            pool = self._pool(info.model, tried)
             if not pool:
                 break
-            entry = self.dispatcher.dispatch(pool, job)
+            if attempt == 0 and self.admission is not None:
+                entry = await self._admit(request, info, job, pool, arrived)
+            else:
+                entry = self.dispatcher.dispatch(pool, job)
             # one stream event is one token of one sequence: with several, events do not
             # time engine steps, so such a request is estimated rather than observed
             entry.observed = info.stream and info.sequences == 1
@@ -258,6 +288,8 @@ class GenerateHandler:
             finally:
                 upstream.close()
                 inst.release(entry)
+                if self.admission is not None:
+                    self.admission.poke()
         err = ApiError(502 if tried else 503, "no instance could serve the request "
                        f"(tried {', '.join(i.name for i in tried) or 'none'})",
                        "BadGatewayError" if tried else "ServiceUnavailableError")
@@ -552,9 +584,7 @@ class GenerateHandler:
             cinfo = parse_request(info.route, raw)
         except ApiError as err:
             return f"{problem}; its continuation is invalid: {err.message}"
-        everyone = self.view.candidates(info.model)
-        pool = [c for c in everyone if c not in failed and c.accepts_new()] or \
-            [c for c in everyone if c not in failed]
+        pool = self._pool(info.model, failed)
         if not pool:
             return problem + " (no other instance to continue on)"
         job = await self._job(request, cinfo, pool)
@@ -612,6 +642,14 @@ class GenerateHandler:
         self.metrics.e2e.observe(done - entry.dispatched_at)
         if entry.first_token_at:
             self.metrics.ttft.observe(entry.first_token_at - entry.dispatched_at)
+            self._slo(entry)
+
+    def _slo(self, entry: Entry) -> None:
+        """Count a stream's first token against the TTFT objective, from its arrival
+        (the time it was held included)."""
+        if self.slo_ttft > 0:
+            ttft = entry.first_token_at - entry.dispatched_at + entry.held_s
+            self.metrics.slo.labels("met" if ttft <= self.slo_ttft else "missed").inc()
 
     def _learn(self, info: RequestInfo, job: Job, entry: Entry, usage: Usage, output: int,
                done: float) -> None:
@@ -638,6 +676,8 @@ class GenerateHandler:
         if entry.first_token_at:
             ttft = entry.first_token_at - entry.dispatched_at
             m.ttft.observe(ttft)
+            if info.stream:
+                self._slo(entry)
             if math.isfinite(entry.predicted_ttft) and ttft > 0:
                 rel = (entry.predicted_ttft - ttft) / ttft
                 m.ttft_error.observe(abs(rel))

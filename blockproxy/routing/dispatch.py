@@ -5,6 +5,10 @@ prediction error is measured alike for all), with the requests expected to arriv
 meanwhile (which no policy's comparison uses: see ``Instance.predict``); the reservation
 is recorded at once, so the next decision, a microsecond later, already sees this
 request.
+
+With a TTFT budget (admission under an objective), a choice predicted to start later than
+the budget is replaced by the policy's choice among the candidates predicted in time, and
+when there is none nothing is reserved: the caller holds the request.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from blockproxy.cluster.requests import Entry
 from blockproxy.metrics import Metrics
 from blockproxy.routing.job import Job
 from blockproxy.routing.policies import Policy
+from blockproxy.simulator import Prediction
 
 
 class Dispatcher:
@@ -33,6 +38,37 @@ class Dispatcher:
         """Choose one of ``candidates`` (never empty) and reserve ``job`` on it."""
         start = time.perf_counter()
         inst, prediction = self.policy.choose(candidates, job)
+        return self._reserve(inst, prediction, job, start)
+
+    def dispatch_in_time(self, candidates: Sequence[Instance], job: Job,
+                         ttft_budget: float) -> Entry | None:
+        """:meth:`dispatch` to an instance predicted to give the first token within
+        ``ttft_budget`` seconds; None (nothing reserved) when there is none."""
+        start = time.perf_counter()
+        inst, prediction = self.policy.choose(candidates, job)
+        if not self._in_time(inst, prediction, job, ttft_budget):
+            fit = [c for c in candidates
+                   if c is not inst and self._in_time(c, None, job, ttft_budget)]
+            if not fit:
+                self._decision_time.observe(time.perf_counter() - start)
+                return None
+            inst, prediction = self.policy.choose(fit, job)
+        return self._reserve(inst, prediction, job, start)
+
+    @staticmethod
+    def idle_service(candidates: Sequence[Instance], job: Job) -> float:
+        """Seconds to ``job``'s first token on the fastest of ``candidates`` were it idle
+        (its cached prefix there counted): no deadline closer than this can be met."""
+        best = math.inf
+        for inst in candidates:
+            r = inst.requests  # none of its requests: the table's first 0 rows
+            p = inst.model.predict(r.table, 0, job.prompt_tokens, inst.cached_tokens(job), 1,
+                                   math.inf)
+            best = min(best, p[0] + inst.overhead.seconds)
+        return best
+
+    def _reserve(self, inst: Instance, prediction: Prediction | None, job: Job,
+                 start: float) -> Entry:
         if prediction is None or inst.requests.recent.limit:
             prediction = inst.predict_job(job, future=True)
         high = math.nan
@@ -56,3 +92,12 @@ class Dispatcher:
         entry.predicted_e2e_high = high
         entry.overhead_s = inst.overhead.seconds
         return entry
+
+    @staticmethod
+    def _in_time(inst: Instance, prediction: Prediction | None, job: Job,
+                 budget: float) -> bool:
+        """Whether ``inst`` is predicted to give ``job``'s first token within ``budget``
+        (as routing compares: without expected future arrivals)."""
+        if prediction is None:  # its own length does not delay its first token
+            prediction = inst.predict(job.prompt_tokens, inst.cached_tokens(job), 1, budget)
+        return prediction.ttft <= budget
