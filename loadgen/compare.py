@@ -89,8 +89,8 @@ def proxy_policy(name: str) -> tuple[str, bool]:
 
 
 def parse_proxy_metrics(text: str) -> dict[str, Any]:
-    """Mean prediction errors, decisions per instance and the predicted prefix-cache hit
-    rate (cached / dispatched prompt tokens) from the proxy's ``/metrics``.
+    """Mean prediction errors, decisions per instance, continuations, admission
+    outcomes and the predicted prefix-cache hit rate (cached / dispatched prompt tokens) from the proxy's ``/metrics``.
 
     Means are ``_sum / _count`` of the absolute relative error histograms (None before any
     observation).
@@ -98,11 +98,16 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
     sums: dict[tuple[str, str], float] = {}
     decisions: dict[str, float] = {}
     continuations: dict[str, float] = {}
+    admission: dict[str, float] = {}
     prompt = cached = 0.0
     for name, labels, value in promtext.samples(text):
         if name == "blockproxy_continuations_total":
             reason = labels.get("reason", "?")
             continuations[reason] = continuations.get(reason, 0) + value
+        elif name == "blockproxy_admission_total":
+            admission[labels.get("outcome", "?")] = value
+        elif name == "blockproxy_slo_ttft_total":
+            admission["slo_" + labels.get("outcome", "?")] = value
         elif name == "blockproxy_dispatched_prompt_tokens_total":
             prompt += value
         elif name == "blockproxy_predicted_cached_tokens_total":
@@ -126,6 +131,9 @@ def parse_proxy_metrics(text: str) -> dict[str, Any]:
     return {"prediction_error": errors,
             "decisions": {k: int(v) for k, v in sorted(decisions.items())},
             "continuations": {k: int(v) for k, v in sorted(continuations.items())},
+            # outcomes under a TTFT objective (--slo-ttft-ms): held, released, rejected...,
+            # and slo_met / slo_missed of the streams served
+            "admission": {k: int(v) for k, v in sorted(admission.items()) if v},
             "predicted_prefix_hit_rate": cached / prompt if prompt else None}
 
 

@@ -81,10 +81,14 @@ def test_parse_proxy_metrics_means_and_decisions():
         'blockproxy_continuations_total{instance="i0",reason="slice"} 4.0',
         'blockproxy_continuations_total{instance="i1",reason="slice"} 2.0',
         'blockproxy_continuations_total{instance="i1",reason="failure"} 1.0',
+        'blockproxy_admission_total{outcome="held"} 5.0',
+        'blockproxy_admission_total{outcome="cancelled"} 0.0',
+        'blockproxy_slo_ttft_total{outcome="met"} 7.0',
     ])
     parsed = parse_proxy_metrics(text)
     assert parsed["decisions"] == {"i0": 3, "i1": 5}
     assert parsed["continuations"] == {"failure": 1, "slice": 6}
+    assert parsed["admission"] == {"held": 5, "slo_met": 7}
     assert parsed["prediction_error"] == {"ttft": 0.25, "e2e": None, "output_length": 0.5,
                                           "bias_ttft": -0.125, "bias_e2e": None}
     assert parsed["predicted_prefix_hit_rate"] == 0.25
