@@ -9,7 +9,8 @@ Over the successful requests only:
   (numpy's linear interpolation) in ms; an empty list reports 0, as vLLM does;
 * throughputs divide by the run's duration; input tokens count successful requests only;
 * goodput: a request is good when every configured SLO (``ttft``, ``tpot``, ``e2el`` in
-  ms) is met (value <= SLO); ``request_goodput`` = good requests / duration.
+  ms) is met (value <= SLO); ``request_goodput`` = good requests / duration.  (A cut
+  request, below, is good when only a TTFT SLO is set and its first token met it.)
 
 Our own extra keys: ``goodput_ratio`` (good / all requests sent, failures count as not
 good), and the run's settings added by the runner.  A run the runner stopped early (a
@@ -82,7 +83,10 @@ def _summary(name: str, values_s: Sequence[float], percentiles: Sequence[float])
 
 
 def is_good(record: RequestRecord, slos: dict[str, float]) -> bool:
-    """Whether a successful request meets every SLO (ms); a failed one never does."""
+    """Whether a successful request meets every SLO (ms); a failed one never does.  A
+    cut one (stopped after its first token) is judged when only a TTFT SLO is set."""
+    if record.cut and record.ttft > 0 and set(slos) == {"ttft"}:
+        return record.ttft * 1000.0 <= slos["ttft"]
     if not record.success:
         return False
     tpot = ((record.latency - record.ttft) / (record.output_tokens - 1)

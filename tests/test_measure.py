@@ -69,6 +69,16 @@ def test_goodput_counts_requests_meeting_every_slo() -> None:
     assert m["request_goodput"] == pytest.approx(1.0)
 
 
+def test_a_cut_request_is_judged_on_its_first_token_alone() -> None:
+    cut = [RequestRecord(1, cut=True, ttft=0.1), RequestRecord(2, cut=True, ttft=0.4),
+           RequestRecord(3, cut=True)]  # stopped before its first token
+    m = calculate_metrics(cut, 1.0, goodput={"ttft": 250.0})
+    assert m["request_goodput"] == pytest.approx(1.0) and m["cut"] == 3
+    # its end never came: with any other SLO it cannot be judged good
+    m = calculate_metrics(cut, 1.0, goodput={"ttft": 250.0, "e2el": 10000.0})
+    assert m["request_goodput"] == 0.0
+
+
 def test_empty_run_reports_zeros() -> None:
     m = calculate_metrics([RequestRecord(5, error="x")], 1.0)
     assert m["completed"] == 0 and m["failed"] == 1

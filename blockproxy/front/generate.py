@@ -83,8 +83,8 @@ class _Part:
     splice that rewrites it (a continuation's), the chunk held back for the end, and
     when the part before it failed (a continuation's)."""
 
-    __slots__ = ("entry", "failed_at", "held", "max_tokens", "model", "partial", "splice",
-                 "upstream")
+    __slots__ = ("entry", "failed_at", "first", "held", "max_tokens", "model", "partial",
+                 "splice", "upstream")
 
     def __init__(self, entry: Entry, upstream: UpstreamResponse, splice: Splice | None,
                  model: str, max_tokens: int | None) -> None:
@@ -96,6 +96,7 @@ class _Part:
         self.held = b""
         self.partial = b""  # the start of an event whose end has not come
         self.failed_at = 0.0
+        self.first = False  # the client's first part: its first token is the stream's
 
 
 class GenerateHandler:
@@ -378,6 +379,7 @@ class GenerateHandler:
         if slice_ and transcript is not None:
             sliced = Splice(transcript, 0, info.include_usage, None, slice_=True)
         relay = _Part(entry, upstream, sliced, info.model, slice_ or info.max_tokens)
+        relay.first = True
         known_prompt = entry.prompt_tokens if job.exact_prompt else None
         failed: list[Instance] = []
         opened: list[_Part] = []
@@ -512,6 +514,8 @@ class GenerateHandler:
                     if not entry.first_token_at:
                         inst.first_token(entry, now)
                         count -= 1
+                        if part.first and self.slo_ttft > 0:
+                            self._slo(entry)
                         if part.failed_at:
                             self.metrics.continuation_gap.observe(now - part.failed_at)
                         if stall > 0:
@@ -642,14 +646,12 @@ class GenerateHandler:
         self.metrics.e2e.observe(done - entry.dispatched_at)
         if entry.first_token_at:
             self.metrics.ttft.observe(entry.first_token_at - entry.dispatched_at)
-            self._slo(entry)
 
     def _slo(self, entry: Entry) -> None:
         """Count a stream's first token against the TTFT objective, from its arrival
         (the time it was held included)."""
-        if self.slo_ttft > 0:
-            ttft = entry.first_token_at - entry.dispatched_at + entry.held_s
-            self.metrics.slo.labels("met" if ttft <= self.slo_ttft else "missed").inc()
+        ttft = entry.first_token_at - entry.dispatched_at + entry.held_s
+        self.metrics.slo.labels("met" if ttft <= self.slo_ttft else "missed").inc()
 
     def _learn(self, info: RequestInfo, job: Job, entry: Entry, usage: Usage, output: int,
                done: float) -> None:
@@ -676,8 +678,6 @@ class GenerateHandler:
         if entry.first_token_at:
             ttft = entry.first_token_at - entry.dispatched_at
             m.ttft.observe(ttft)
-            if info.stream:
-                self._slo(entry)
             if math.isfinite(entry.predicted_ttft) and ttft > 0:
                 rel = (entry.predicted_ttft - ttft) / ttft
                 m.ttft_error.observe(abs(rel))
