@@ -217,12 +217,13 @@ cdef class InstanceModelC:
 
     def predict(self, state, n, new_prompt, new_cached, new_output, double bound=INFINITY,
                 double arrival_interval=INFINITY, arrival_prompt=0, arrival_cached=0,
-                arrival_output=0, arrival_limit=0):
-        """Simulate the instance holding ``state[:, :n]`` plus one new request (and up to
-        ``arrival_limit`` expected arrivals, one every ``arrival_interval`` seconds).
+                arrival_output=0, arrival_limit=0, double new_at=0.0):
+        """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
+        ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
+        every ``arrival_interval`` seconds).
 
-        The simulation stops once its clock passes ``bound`` seconds (times not reached
-        are ``inf``).
+        The simulation stops once its clock passes ``bound`` seconds from now (times not
+        reached are ``inf``); times are counted from the new request's arrival.
 
         ``state`` is a C-contiguous ``int64`` array of shape ``(5, capacity)`` (read-only
         is fine; other integer arrays are converted).  Returns ``(ttft, e2e,
@@ -279,16 +280,18 @@ cdef class InstanceModelC:
             raise ValueError(f"arrival_limit must be in [0, 2**16], got {arrival_limit}")
         if arrival_interval == INFINITY:
             a_limit = 0
+        if not (new_at >= 0.0 and new_at < INFINITY):
+            raise ValueError(f"new_at must be a finite non-negative number, got {new_at}")
         self._reserve(nn + 1 + a_limit)
         out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound,
-                        arrival_interval, a_prompt, a_cached, a_output, a_limit)
+                        arrival_interval, a_prompt, a_cached, a_output, a_limit, new_at)
         return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps)
 
     cdef Outcome _run(self, const int64_t* state, Py_ssize_t stride, Py_ssize_t n,
                       int64_t new_prompt, int64_t new_cached,
                       int64_t new_output, double bound, double a_interval,
                       int64_t a_prompt, int64_t a_cached, int64_t a_output,
-                      int64_t a_limit) noexcept nogil:
+                      int64_t a_limit, double new_at) noexcept nogil:
         cdef Req* req = self._s.req
         cdef int64_t* running = self._s.running
         cdef int64_t* waiting = self._s.waiting
@@ -312,7 +315,8 @@ cdef class InstanceModelC:
         cdef Py_ssize_t n_running = 0, head, tail, n_waiting = 0, n_sched, i, k, w, n_run
         cdef Py_ssize_t n_req = m
         cdef int64_t a_p, a_c, a_tg, arrived = 0
-        cdef double next_at, start
+        cdef double next_at, start, stop_at
+        cdef bint joined = new_at <= 0.0  # the new request is in the queue
         cdef int64_t p, c, g, pr, r, h, victim, used = 0, free_blocks, peak
         cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
@@ -364,11 +368,11 @@ cdef class InstanceModelC:
                 used += req[i].blocks
                 running[n_running] = i
                 n_running += 1
-            else:
+            elif i != new or joined:
                 sched_idx[n_waiting] = i
                 n_waiting += 1
-        head = m - n_waiting
-        tail = m
+        tail = m if joined else m - 1  # a late new request joins at the tail later
+        head = tail - n_waiting
         for k in range(n_waiting):
             waiting[head + k] = sched_idx[k]
         free_blocks = num_gpu_blocks - used
@@ -397,6 +401,10 @@ cdef class InstanceModelC:
                 n_req += 1
                 arrived += 1
                 next_at = (<double>arrived + 0.5) * a_interval
+            if not joined and t >= new_at:
+                waiting[tail] = new
+                tail += 1
+                joined = True
             # ---- fast-forward a decode-only stretch ----------------------------------------
             n_run = n_running
             if fast_forward and n_run > 0 and n_run <= budget_cap:
@@ -431,7 +439,10 @@ cdef class InstanceModelC:
                             else:
                                 hi = mid - 1
                         j = lo  # if j stays 0, need is stale but unused: no stretch below
-                    if j > 1 and arrived < a_limit:
+                    stop_at = next_at if arrived < a_limit else INFINITY
+                    if not joined and new_at < stop_at:
+                        stop_at = new_at
+                    if j > 1 and stop_at < INFINITY:
                         # Only the steps that start before the next arrival: the largest
                         # jj < j whose start (jj steps on) is before it, then jj + 1 steps.
                         a = fixed + c_decode * <double>n_run + c_context * <double>ctx_sum
@@ -441,7 +452,7 @@ cdef class InstanceModelC:
                             mid = (lo + hi + 1) // 2
                             start = t + speed * (<double>mid * a + c_context * (
                                 <double>n_run * bp_tri_as_double(mid)))
-                            if start < next_at:
+                            if start < stop_at:
                                 lo = mid
                             else:
                                 hi = mid - 1
@@ -534,11 +545,17 @@ cdef class InstanceModelC:
                     n_sched += 1
                     budget -= num_new
                     if h == new and out.queue_delay == INFINITY:
-                        out.queue_delay = t
+                        out.queue_delay = t - new_at
             if num_gpu_blocks - free_blocks > peak:
                 peak = num_gpu_blocks - free_blocks
             if n_sched == 0:
                 if preempted:
+                    continue
+                if n_running == 0 and head == tail and (arrived < a_limit or not joined):
+                    # idle until the next arrival (the new request's, if it is next)
+                    t = next_at if arrived < a_limit else INFINITY
+                    if not joined and new_at < t:
+                        t = new_at
                     continue
                 break  # nothing can ever run: the new request never finishes
             prefill_tokens = 0
@@ -561,13 +578,13 @@ cdef class InstanceModelC:
                 if req[r].comp == req[r].prompt + req[r].gen:
                     req[r].gen += 1
                     if r == new and out.ttft == INFINITY:
-                        out.ttft = t
+                        out.ttft = t - new_at
                     if req[r].gen >= req[r].target:
                         free_blocks += req[r].blocks
                         req[r].blocks = 0
                         finished_any = True
                         if r == new:
-                            out.e2e = t
+                            out.e2e = t - new_at
             if out.e2e != INFINITY:
                 break
             if finished_any:

@@ -82,6 +82,30 @@ class ProxyConfig:
                                  "instance is predicted in time (off: dispatch them anyway)")
     admission_queue: int = _opt(1024, "requests held for admission at most; beyond, the "
                                       "tenant holding the most gives up its latest (429)")
+    slo_e2e_ms: float = _opt(0.0, "end-to-end latency objective (ms): auto-provisioning "
+                                  "aims at it too (0 = none)")
+    autoscale: str = _opt("advise", "auto-provisioning: off, advise (compute the instances "
+                                    "the load needs: the blockproxy_desired_instances gauge "
+                                    "and /autoscale) or act (also activate standby "
+                                    "instances and drain surplus ones); needs an objective")
+    autoscale_signal: str = _opt("predicted", "what auto-provisioning scales on: predicted "
+                                              "(the simulator against the objectives) or "
+                                              "queue (waiting requests per instance, as a "
+                                              "Kubernetes HPA on vllm:num_requests_waiting)")
+    autoscale_interval: float = _opt(2.0, "seconds between auto-provisioning decisions")
+    scale_up_cooldown: float = _opt(10.0, "seconds after one scale-up before another")
+    scale_down_after: float = _opt(60.0, "seconds one fewer instance must look enough (and "
+                                         "no action come) before scaling down")
+    scale_down_margin: float = _opt(0.6, "scale down only if one fewer instance is "
+                                         "predicted within this fraction of the objectives")
+    scale_queue_target: float = _opt(4.0, "queue signal: waiting requests per instance "
+                                          "aimed at")
+    min_instances: int = _opt(1, "auto-provisioning never goes below this many active "
+                                 "instances per model")
+    scale_command: str = _opt("", "command run (sh -c) when a model's desired instance "
+                                  "count changes, with BLOCKPROXY_MODEL, "
+                                  "BLOCKPROXY_DESIRED_INSTANCES and "
+                                  "BLOCKPROXY_ACTIVE_INSTANCES in its environment")
     stall_timeout: float = _opt(30.0, "seconds a started stream that can be continued may "
                                       "go silent before it is continued elsewhere")
     connect_timeout: float = _opt(5.0, "seconds to connect to an instance")

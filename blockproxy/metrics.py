@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
+    from blockproxy.cluster.autoscale import Autoscaler
     from blockproxy.cluster.view import ClusterView
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -41,6 +42,33 @@ class _ClusterCollector:
         yield active
         yield healthy
         yield speed
+
+
+class _AutoscaleCollector:
+    """Auto-provisioning's figures per model, read from the autoscaler at scrape time."""
+
+    def __init__(self, autoscaler: Autoscaler) -> None:
+        self.autoscaler = autoscaler
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        desired = GaugeMetricFamily(
+            "blockproxy_desired_instances", "Instances the recent load needs to meet the "
+            "objectives (auto-provisioning's decision; feed it to an HPA)", labels=["model"])
+        active = GaugeMetricFamily("blockproxy_active_instances",
+                                   "Active healthy instances serving the model",
+                                   labels=["model"])
+        seconds = CounterMetricFamily(
+            "blockproxy_instance_seconds", "Seconds of active or draining instances "
+            "serving the model, summed over instances", labels=["model"])
+        for name, m in sorted(self.autoscaler.models.items()):
+            if not m.report:
+                continue
+            desired.add_metric([name], m.desired)
+            active.add_metric([name], len(m.report["active"]))
+            seconds.add_metric([name], m.instance_seconds)
+        yield desired
+        yield active
+        yield seconds
 
 
 class Metrics:
@@ -141,7 +169,14 @@ class Metrics:
         self.task_restarts = Counter("blockproxy_background_task_restarts_total",
                                      "Background loops restarted after they raised",
                                      ["task"], registry=r)
+        self.scale_actions = Counter(
+            "blockproxy_scale_actions_total", "Instance state changes made by "
+            "auto-provisioning: up (standby to active), down (to draining), standby "
+            "(drained)", ["model", "action"], registry=r)
         r.register(_ClusterCollector(view))
+
+    def add_autoscaler(self, autoscaler: Autoscaler) -> None:
+        self.registry.register(_AutoscaleCollector(autoscaler))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

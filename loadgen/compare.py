@@ -90,7 +90,8 @@ def proxy_policy(name: str) -> tuple[str, bool]:
 
 def parse_proxy_metrics(text: str) -> dict[str, Any]:
     """Mean prediction errors, decisions per instance, continuations, admission
-    outcomes and the predicted prefix-cache hit rate (cached / dispatched prompt tokens) from the proxy's ``/metrics``.
+    outcomes and the predicted prefix-cache hit rate (cached / dispatched prompt tokens)
+    from the proxy's ``/metrics``.
 
     Means are ``_sum / _count`` of the absolute relative error histograms (None before any
     observation).

@@ -36,8 +36,8 @@ class Slots:
         self.order: list[str] = []
         self.instance = _instance()
 
-    def dispatch(self, name: str) -> Callable[[float], Entry | None]:
-        def attempt(budget: float) -> Entry | None:
+    def dispatch(self, name: str) -> Callable[[float, bool], Entry | None]:
+        def attempt(budget: float, held: bool) -> Entry | None:
             assert budget > 0
             if self.free <= 0:
                 return None

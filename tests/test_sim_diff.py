@@ -181,15 +181,19 @@ def arrivals(draw: st.DrawFn, block_size: int = 16, small: bool = False
 NO_ARRIVALS = (math.inf, 0, 0, 0, 0)
 
 
+#: when the new request arrives (seconds from now): mostly now, sometimes late
+NEW_AT = st.sampled_from([0.0, 0.0, 0.0, 1e-6, 0.01, 0.7, 3.0, 50.0])
+
+
 def run_both(c_cls: type, cfg: dict, arr: np.ndarray, n: int, new: tuple[int, int, int],
              bound: float = math.inf,
-             arrive: tuple[float, int, int, int, int] = NO_ARRIVALS):
+             arrive: tuple[float, int, int, int, int] = NO_ARRIVALS, new_at: float = 0.0):
     prompt, cached, output = new
     interval, a_prompt, a_cached, a_output, limit = arrive
     c = c_cls(**cfg).predict(arr, n, prompt, cached, output, bound,
-                             interval, a_prompt, a_cached, a_output, limit)
+                             interval, a_prompt, a_cached, a_output, limit, new_at)
     py = InstanceModelPy(**cfg).predict(arr, n, prompt, cached, output, bound,
-                                        interval, a_prompt, a_cached, a_output, limit)
+                                        interval, a_prompt, a_cached, a_output, limit, new_at)
     return c, py
 
 
@@ -215,7 +219,7 @@ def test_random_states_with_future_arrivals_identical(data: st.DataObject) -> No
     arr, n, new = data.draw(states(cfg["block_size"]))
     arrive = data.draw(arrivals(cfg["block_size"]))
     bound = data.draw(st.sampled_from([math.inf, 0.0, 0.05, 1.0, 30.0]))
-    c, py = run_both(c_cls, cfg, arr, n, new, bound, arrive)
+    c, py = run_both(c_cls, cfg, arr, n, new, bound, arrive, data.draw(NEW_AT))
     assert c == py
 
 
@@ -327,8 +331,10 @@ def test_fast_forward_agrees_with_stepping_with_arrivals(impl: str, data: st.Dat
     cfg = data.draw(configs(max_iterations=20_000))
     arr, n, new = data.draw(states(cfg["block_size"], max_n=16, small=True))
     arrive = data.draw(arrivals(small=True))
-    ff = cls(**dict(cfg, fast_forward=True)).predict(arr, n, *new, math.inf, *arrive)
-    stepwise = cls(**dict(cfg, fast_forward=False)).predict(arr, n, *new, math.inf, *arrive)
+    new_at = data.draw(NEW_AT)
+    ff = cls(**dict(cfg, fast_forward=True)).predict(arr, n, *new, math.inf, *arrive, new_at)
+    stepwise = cls(**dict(cfg, fast_forward=False)).predict(arr, n, *new, math.inf, *arrive,
+                                                            new_at)
     assume(2 * stepwise[5] + 2 < cfg["max_iterations"])
     assert ff[3:] == stepwise[3:]
     for x, y in zip(ff[:3], stepwise[:3]):
@@ -443,11 +449,20 @@ def _predict_error_cases() -> list[tuple[str, np.ndarray, int, tuple[int, int, i
     (0.1, 1, MAX_TOKENS + 1, 1, 4), (0.1, 1, 0, 1 << 70, 4), (0.1, 1, 0, 1, -1),
     (0.1, 1, 0, 1, (1 << 16) + 1), (0.1, 1, 0, 1, 1 << 70)])
 def test_arrival_errors_match(c_impl, arrive) -> None:
+    _errors_match(c_impl, arrive, 0.0)
+
+
+@pytest.mark.parametrize("new_at", [-1.0, math.inf, math.nan])
+def test_new_at_errors_match(c_impl, new_at) -> None:
+    _errors_match(c_impl, (0.1, 1, 0, 1, 4), new_at)
+
+
+def _errors_match(c_impl, arrive: tuple[float, int, int, int, int], new_at: float) -> None:
     ok = np.array([[10], [0], [1], [5], [1]], dtype=np.int64)
     with pytest.raises(ValueError) as py_err:
-        InstanceModelPy(**H100).predict(ok, 1, 5, 0, 5, math.inf, *arrive)
+        InstanceModelPy(**H100).predict(ok, 1, 5, 0, 5, math.inf, *arrive, new_at)
     with pytest.raises(ValueError) as c_err:
-        c_impl(**H100).predict(ok, 1, 5, 0, 5, math.inf, *arrive)
+        c_impl(**H100).predict(ok, 1, 5, 0, 5, math.inf, *arrive, new_at)
     assert str(c_err.value) == str(py_err.value)
 
 

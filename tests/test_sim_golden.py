@@ -194,9 +194,9 @@ def test_bound_stops_a_simulation_that_is_already_too_slow(sim_impl, fast_forwar
 # ---- expected future arrivals ---------------------------------------------------------------
 
 def predict_with(model, st, n, prompt, cached, output, interval, a_prompt, a_cached, a_output,
-                 limit) -> Prediction:
+                 limit, new_at: float = 0.0) -> Prediction:
     return Prediction(*model.predict(st, n, prompt, cached, output, math.inf, interval,
-                                     a_prompt, a_cached, a_output, limit))
+                                     a_prompt, a_cached, a_output, limit, new_at))
 
 
 def test_arrival_joins_at_the_next_step_and_slows_the_decode(sim_impl, fast_forward):
@@ -230,3 +230,43 @@ def test_more_arrivals_never_finish_the_request_sooner(sim_impl, fast_forward):
     capped = [predict_with(model, st, 2, 100, 0, 20, 0.5, 80, 0, 50, limit).e2e
               for limit in (0, 1, 4, 64)]
     assert capped == sorted(capped)
+
+
+# ---- a late new request (capacity planning) ---------------------------------------------------
+
+def test_a_late_request_on_an_idle_instance_sees_what_it_would_now(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    now = predict(model, state(), 0, 100, 0, 5)
+    for new_at in (0.5, 7.0, 1e4):
+        late = predict_with(model, state(), 0, 100, 0, 5, math.inf, 0, 0, 0, 0, new_at)
+        assert late.ttft == pytest.approx(now.ttft, rel=1e-9)
+        assert late.e2e == pytest.approx(now.e2e, rel=1e-9)
+        assert late.steps == now.steps
+
+
+def test_a_late_request_joins_behind_the_arrivals_due_before_it(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    # Idle until the arrival at 0.5 * 5.0 = 2.5 s; its prefill of 50 tokens takes
+    # 1 + 0.5 = 1.5 s (to 4.0).  The new request arrives at 3.0, during that step, and joins
+    # at 4.0 (queue delay 1.0); that step decodes the arrival and prefills the new one's
+    # 100 tokens: 1 + 0.1 + 1.0 = 2.1, first token at 6.1 (TTFT 3.1 from its arrival).
+    # Then both decode at 1.2 per step: its 5th token at 6.1 + 4 * 1.2 = 10.9 (E2E 7.9).
+    p = predict_with(model, state(), 0, 100, 0, 5, 5.0, 50, 0, 100, 1, 3.0)
+    assert p.queue_delay == pytest.approx(1.0, rel=1e-12)
+    assert p.ttft == pytest.approx(3.1, rel=1e-12)
+    assert p.e2e == pytest.approx(7.9, rel=1e-12)
+
+
+def test_a_late_request_waits_longer_the_longer_an_overload_has_run(sim_impl, fast_forward):
+    # An arrival of 400 prompt tokens (5 s of prefill) every 2 s: more than the instance
+    # can serve, so the queue, and the late request's wait, grow with its arrival time.
+    # (A budget of 512 tokens a step: with 8192, one step of this slow model would take
+    # 80 s and batch a whole queue at once.)
+    model = make_model(sim_impl, fast_forward, max_num_batched_tokens=512)
+    ttft = [predict_with(model, state(), 0, 100, 0, 5, 2.0, 400, 0, 3, 64, at).ttft
+            for at in (1.0, 10.0, 40.0, 100.0)]
+    assert ttft == sorted(ttft) and ttft[-1] > 20 * ttft[0]
+    # at a sustainable rate it does not grow
+    easy = [predict_with(model, state(), 0, 100, 0, 5, 20.0, 400, 0, 3, 64, at).ttft
+            for at in (41.0, 101.0, 401.0)]
+    assert max(easy) == pytest.approx(min(easy), rel=1e-9)

@@ -1,9 +1,11 @@
 """Health probes and model discovery: brings ejected instances back, learns model lists.
 
 Every call of :meth:`Prober.check_once` probes each ejected instance whose backoff has
-passed (``/health``; success brings it back, failure doubles its backoff) and asks
-instances whose backends entry lists no models for ``/v1/models`` (every 2 s until it
-answers, then every 30 s).  The requests go through the upstream client.
+passed (``/health``; success brings it back, failure doubles its backoff), probes each
+standby instance every 5 s (one that does not answer is marked unhealthy, so that
+auto-provisioning activates only instances that are up, and probed back like an ejected
+one), and asks instances whose backends entry lists no models for ``/v1/models`` (every
+2 s until it answers, then every 30 s).  The requests go through the upstream client.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ log = logging.getLogger("blockproxy.prober")
 
 #: seconds between model discoveries of an instance, before and after its first answer
 DISCOVER_UNTIL_KNOWN_S, DISCOVER_AFTER_S = 2.0, 30.0
+#: seconds between probes of a standby instance that looks up
+STANDBY_PROBE_S = 5.0
+STANDBY = "standby"
 
 
 class Prober:
@@ -26,6 +31,7 @@ class Prober:
         self.view = view
         self.upstream = upstream
         self.discovered_at: dict[str, float] = {}
+        self.standby_at: dict[str, float] = {}
 
     async def check_once(self) -> None:
         for inst in list(self.view.instances.values()):
@@ -41,6 +47,14 @@ class Prober:
                 log.info("instance %s is back", inst.name)
             else:
                 inst.probe_failed(now)
+        elif inst.healthy and inst.state == STANDBY and \
+                now - self.standby_at.get(inst.name, -1e9) >= STANDBY_PROBE_S:
+            self.standby_at[inst.name] = now
+            if not await self.upstream.healthy(inst.url):
+                log.info("standby instance %s does not answer", inst.name)
+                inst.healthy = False
+                inst.probe_backoff = 1.0
+                inst.next_probe_at = now + 1.0
         every = DISCOVER_AFTER_S if inst.models else DISCOVER_UNTIL_KNOWN_S
         if inst.healthy and not inst.spec.models and \
                 now - self.discovered_at.get(inst.name, -1e9) > every:

@@ -47,8 +47,9 @@ RATE_WINDOW = 64
 #: a drain rate older than this (s) is not trusted to refuse a request on arrival
 RATE_FRESH = 2.0
 
-#: tries to dispatch the held request with this TTFT budget (s): the entry, or None
-TryDispatch = Callable[[float], "Entry | None"]
+#: tries to dispatch the request with this TTFT budget (s): the entry, or None.  The flag
+#: says the request is held (under overload: find the instances in time before choosing)
+TryDispatch = Callable[[float, bool], "Entry | None"]
 
 
 def priority_of(header: str | None) -> int:
@@ -110,8 +111,9 @@ class Admission:
         until one is; the entry, or :class:`ApiError` 429.  ``idle_service()``: seconds
         to the request's first token on the fastest instance were it idle (a deadline
         closer than this cannot be met); ``arrived``: ``time.monotonic()`` at arrival."""
-        if not self.held:
-            entry = dispatch(self.slo_ttft - (time.monotonic() - arrived))
+        tried = not self.held
+        if tried:
+            entry = dispatch(self.slo_ttft - (time.monotonic() - arrived), False)
             if entry is not None:
                 self._outcome["admitted"].inc()
                 return entry
@@ -137,7 +139,8 @@ class Admission:
         held.timer = loop.call_at(loop.time() + (deadline - service - now), self._expire,
                                   held)
         self._outcome["held"].inc()
-        self._release()  # it may be the head, and an instance in time
+        if not tried:
+            self._release()  # it may be the head, and an instance in time
         if not future.done() and self._loop_task is None:
             self._loop_task = loop.create_task(self._run())
         try:
@@ -216,7 +219,7 @@ class Admission:
             _, held = self._queues[tenant][0]
             now = time.monotonic()
             left = held.deadline - now
-            entry = held.dispatch(left) if left > held.service else None
+            entry = held.dispatch(left, True) if left > held.service else None
             if entry is None:
                 if left <= held.service:
                     self._pop_head(tenant)

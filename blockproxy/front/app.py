@@ -9,14 +9,18 @@ start and stop with the application (``cleanup_ctx``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import random
 import resource
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from blockproxy.backends import BackendSpec, BackendsWatcher
+from blockproxy.cluster.autoscale import MODES, Autoscaler, Objective
 from blockproxy.cluster.prober import Prober
 from blockproxy.cluster.scraper import Scraper
 from blockproxy.cluster.view import ClusterView
@@ -43,6 +47,8 @@ log = logging.getLogger("blockproxy")
 PROGRESS_INTERVAL_S = 0.05
 #: seconds between checks that every instance publishing KV events is subscribed to
 KV_EVENTS_SYNC_S = 1.0
+#: seconds a --scale-command may run before it is killed
+SCALE_COMMAND_TIMEOUT_S = 60
 
 
 def policy_options(config: ProxyConfig) -> dict[str, object]:
@@ -106,6 +112,20 @@ class Proxy:
         self.endpoints = Endpoints(self.view, self.gate, self.metrics, self.upstream,
                                    self.generate, self.predictor, self.rng, self.gossip,
                                    self.scraper)
+        self.autoscaler: Autoscaler | None = None
+        objective = Objective(config.slo_ttft_ms / 1000.0, config.slo_e2e_ms / 1000.0)
+        if config.autoscale != "off" and (objective or config.autoscale_signal == "queue"):
+            self.autoscaler = Autoscaler(
+                self.view, objective, mode=config.autoscale, signal=config.autoscale_signal,
+                horizon=config.arrival_window, down_margin=config.scale_down_margin,
+                down_after=config.scale_down_after, up_cooldown=config.scale_up_cooldown,
+                min_instances=config.min_instances, queue_target=config.scale_queue_target)
+            self.metrics.add_autoscaler(self.autoscaler)
+            self.generate.autoscaler = self.autoscaler
+        elif config.autoscale not in MODES:
+            raise ValueError(f"--autoscale must be one of {', '.join(MODES)}")
+        self._desired: dict[str, int] = {}
+        self._scale_commands: set[asyncio.Task[None]] = set()
         self.supervisor = Supervisor(self.metrics.task_restarts)
         self.endpoints.supervisor = self.supervisor
         self._add_loops(watcher)
@@ -123,6 +143,44 @@ class Proxy:
         if self.gossip is not None:
             sup.loop("gossip", self.gossip.run)
         sup.every("kv_events", KV_EVENTS_SYNC_S, self.kv_events.sync)
+        if self.autoscaler is not None:
+            sup.every("autoscale", self.config.autoscale_interval, self.autoscale_once)
+
+    def autoscale_once(self) -> None:
+        """One auto-provisioning decision per model: apply it, count it, and run the
+        scale command for every model whose desired count changed."""
+        assert self.autoscaler is not None
+        for model, action, inst in self.autoscaler.evaluate(time.perf_counter()):
+            log.info("autoscale %s: %s %s", model, action, inst.name)
+            self.metrics.scale_actions.labels(model, action).inc()
+        for model, m in self.autoscaler.models.items():
+            if not m.report or self._desired.get(model) == m.desired:
+                continue
+            self._desired[model] = m.desired
+            if self.config.scale_command:
+                task = asyncio.get_running_loop().create_task(self._run_scale_command(
+                    model, m.desired, len(m.report["active"])))
+                self._scale_commands.add(task)
+                task.add_done_callback(self._scale_commands.discard)
+
+    async def _run_scale_command(self, model: str, desired: int, active: int) -> None:
+        env = {**os.environ, "BLOCKPROXY_MODEL": model,
+               "BLOCKPROXY_DESIRED_INSTANCES": str(desired),
+               "BLOCKPROXY_ACTIVE_INSTANCES": str(active)}
+        proc = await asyncio.create_subprocess_shell(
+            self.config.scale_command, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), SCALE_COMMAND_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            log.warning("scale command for %s timed out after %d s", model,
+                        SCALE_COMMAND_TIMEOUT_S)
+            return
+        if proc.returncode:
+            log.warning("scale command for %s exited %d: %s", model, proc.returncode,
+                        err.decode("utf-8", "replace")[-500:])
 
     def apply_backends(self, specs: list[BackendSpec]) -> None:
         """Hot reload: make the view match a new backends list."""
@@ -165,7 +223,18 @@ class Proxy:
         if admin:
             app.router.add_get("/metrics", ep.prometheus)
             app.router.add_get("/debug/cluster", ep.debug_cluster)
+            app.router.add_get("/autoscale", self.autoscale_report)
         app.router.add_route("*", "/{tail:.*}", ep.not_found)  # last: what nothing matched
+
+    async def autoscale_report(self, request: web.Request) -> web.Response:
+        """``/autoscale``: the desired instances per model and the reasoning."""
+        if self.autoscaler is None:
+            body: dict[str, object] = {"mode": "off", "why": (
+                "auto-provisioning needs an objective (--slo-ttft-ms or --slo-e2e-ms) or "
+                "--autoscale-signal queue, and --autoscale advise or act")}
+        else:
+            body = self.autoscaler.describe()
+        return web.json_response(body)
 
     async def _running(self, app: web.Application) -> AsyncIterator[None]:
         """Start gossip and the loops; stop them and close the upstream client at cleanup
@@ -176,6 +245,8 @@ class Proxy:
         self.kv_events.sync()  # before the first tick: events from the start
         yield
         await self.supervisor.stop()
+        for task in list(self._scale_commands):
+            task.cancel()
         await self.kv_events.close()
         if self.gossip is not None:
             self.gossip.stop()

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from blockproxy.cluster.autoscale import Autoscaler
 from blockproxy.cluster.instance import ACTIVE, Instance
 from blockproxy.cluster.requests import Entry
 from blockproxy.cluster.view import ClusterView
@@ -115,8 +116,11 @@ class GenerateHandler:
         self.policy_name = dispatcher.policy.name
         self._counted: dict[tuple[str, int], Any] = {}
         self.slo_ttft = config.slo_ttft_ms / 1000.0
+        self.slo_e2e = config.slo_e2e_ms / 1000.0
         self.admission = (Admission(self.slo_ttft, config.admission_queue, metrics)
                           if self.slo_ttft > 0 and config.admission else None)
+        #: told of every request's predicted fate (auto-provisioning), when it runs
+        self.autoscaler: Autoscaler | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route = request.path
@@ -236,12 +240,27 @@ class GenerateHandler:
         tenant = tenant_of(request.headers.get(TENANT_HEADER), info) or \
             request.headers.get("Authorization") or ""
 
-        def dispatch(budget: float) -> Entry | None:
+        def dispatch(budget: float, held: bool) -> Entry | None:
             now_pool = self._pool(info.model, [])
-            return self.dispatcher.dispatch_in_time(now_pool, job, budget) if now_pool else None
-        return await self.admission.admit(
-            dispatch, lambda: self.dispatcher.idle_service(pool, job), tenant, priority,
-            arrived)
+            if not now_pool:
+                return None
+            return self.dispatcher.dispatch_in_time(now_pool, job, budget, held)
+        missed = True
+        try:
+            entry = await self.admission.admit(
+                dispatch, lambda: self.dispatcher.idle_service(pool, job), tenant, priority,
+                arrived)
+            missed = entry.held_s > 0 or self._misses(entry)
+            return entry
+        finally:  # held, refused or dispatched: predicted to miss unless dispatched at once
+            if self.autoscaler is not None:
+                self.autoscaler.observe(info.model, time.perf_counter(), missed)
+
+    def _misses(self, entry: Entry) -> bool:
+        """Whether the dispatched request is predicted to miss an objective (with
+        ``block``, on the best instance: so on every one)."""
+        return (0 < self.slo_ttft < entry.predicted_ttft) or \
+            (0 < self.slo_e2e < entry.predicted_e2e)
 
     async def _serve(self, request: web.Request, info: RequestInfo,
                      candidates: list[Instance], arrived: float) -> web.StreamResponse:
@@ -262,6 +281,8 @@ class GenerateHandler:
                 entry = await self._admit(request, info, job, pool, arrived)
             else:
                 entry = self.dispatcher.dispatch(pool, job)
+                if attempt == 0 and self.autoscaler is not None:
+                    self.autoscaler.observe(info.model, time.perf_counter(), self._misses(entry))
             # one stream event is one token of one sequence: with several, events do not
             # time engine steps, so such a request is estimated rather than observed
             entry.observed = info.stream and info.sequences == 1

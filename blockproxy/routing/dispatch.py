@@ -41,10 +41,20 @@ class Dispatcher:
         return self._reserve(inst, prediction, job, start)
 
     def dispatch_in_time(self, candidates: Sequence[Instance], job: Job,
-                         ttft_budget: float) -> Entry | None:
+                         ttft_budget: float, fit_first: bool = False) -> Entry | None:
         """:meth:`dispatch` to an instance predicted to give the first token within
-        ``ttft_budget`` seconds; None (nothing reserved) when there is none."""
+        ``ttft_budget`` seconds; None (nothing reserved) when there is none.  The policy
+        chooses first and its choice is checked; with ``fit_first`` (likely none fits:
+        a held request) the instances in time are found first, at one short simulation
+        each, and the policy chooses among them."""
         start = time.perf_counter()
+        if fit_first:
+            fit = [c for c in candidates if self._in_time(c, None, job, ttft_budget)]
+            if not fit:
+                self._decision_time.observe(time.perf_counter() - start)
+                return None
+            inst, prediction = self.policy.choose(fit, job)
+            return self._reserve(inst, prediction, job, start)
         inst, prediction = self.policy.choose(candidates, job)
         if not self._in_time(inst, prediction, job, ttft_budget):
             fit = [c for c in candidates

@@ -37,10 +37,16 @@ request appended to its queue.
   time, as a request reaching the engine between two steps does.  They stand for the load
   the instance will receive while the new request runs (rate and mean sizes of its recent
   arrivals: :mod:`blockproxy.cluster.arrivals`), which slows every step of it.
+* A late new request (optional, ``new_at`` > 0): the new request itself arrives
+  ``new_at`` seconds from now, joining the waiting queue as an arrival does (behind the
+  expected arrivals due by then), and its times are counted from its arrival.  With the
+  expected arrivals it asks what a request would see once that load has run for a while
+  (capacity planning, :mod:`blockproxy.cluster.autoscale`).  While nothing is running or
+  waiting, the clock jumps to the next arrival.
 * Fast-forward: when every running request is decoding, all fit in the budget and no
   waiting request can be admitted, the steps up to the one before the next finish (or
   before the KV cache runs out, or up to the last one that starts before the next
-  arrival) are advanced in closed form.
+  arrival, the late new request's included) are advanced in closed form.
 
 State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``; entries
 ``0..n-1`` are the instance's active requests in dispatch order):
@@ -48,14 +54,15 @@ State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``;
 (non-zero: admitted by the engine, i.e. in the running set).
 
 ``predict(state, n, new_prompt, new_cached, new_output, bound=inf, arrival_interval=inf,
-arrival_prompt=0, arrival_cached=0, arrival_output=0, arrival_limit=0)`` returns ``(ttft,
-e2e, queue_delay, preemptions, peak_blocks, steps)``:
-seconds from now until the new request's first token, until its last token, and until it
-is first scheduled; preemptions during the simulation; the largest number of KV blocks in
-use; engine steps simulated.  A request that can never be served (it does not fit in the
-KV cache), a simulation longer than ``max_iterations`` loop iterations, or one whose clock
-passes ``bound`` seconds (a caller that only wants to know whether this instance beats
-the best one so far) gives ``inf`` for the times not reached.
+arrival_prompt=0, arrival_cached=0, arrival_output=0, arrival_limit=0, new_at=0)`` returns
+``(ttft, e2e, queue_delay, preemptions, peak_blocks, steps)``:
+seconds from the new request's arrival (now, or ``new_at``) until its first token, until
+its last token, and until it is first scheduled; preemptions during the simulation; the
+largest number of KV blocks in use; engine steps simulated.  A request that can never be
+served (it does not fit in the KV cache), a simulation longer than ``max_iterations`` loop
+iterations, or one whose clock passes ``bound`` seconds from now (a caller that only wants
+to know whether this instance beats the best one so far) gives ``inf`` for the times not
+reached.
 """
 
 from __future__ import annotations
@@ -126,9 +133,11 @@ class InstanceModelPy:
     def predict(self, state: Any, n: int, new_prompt: int, new_cached: int,
                 new_output: int, bound: float = INF, arrival_interval: float = INF,
                 arrival_prompt: int = 0, arrival_cached: int = 0, arrival_output: int = 0,
-                arrival_limit: int = 0) -> tuple[float, float, float, int, int, int]:
-        """Simulate the instance holding ``state[:, :n]`` plus one new request (and up to
-        ``arrival_limit`` expected arrivals, one every ``arrival_interval`` seconds)."""
+                arrival_limit: int = 0, new_at: float = 0.0
+                ) -> tuple[float, float, float, int, int, int]:
+        """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
+        ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
+        every ``arrival_interval`` seconds)."""
         if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
             raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
         cols = state[:NUM_COLUMNS, :n].tolist()
@@ -151,14 +160,17 @@ class InstanceModelPy:
         if arrival_limit < 0 or arrival_limit > MAX_ARRIVALS:
             raise ValueError(f"arrival_limit must be in [0, 2**16], got {arrival_limit}")
         limit = int(arrival_limit) if math.isfinite(interval) else 0
+        new_at = float(new_at)
+        if not (new_at >= 0.0 and math.isfinite(new_at)):
+            raise ValueError(f"new_at must be a finite non-negative number, got {new_at}")
         return self._run(m, prompt_col, cached_col, gen_col, pred_col, started_col,
                          float(bound), interval, int(arrival_prompt), int(arrival_cached),
-                         int(arrival_output), limit)
+                         int(arrival_output), limit, new_at)
 
     def _run(self, m: int, prompt_col: list[int], cached_col: list[int], gen: list[int],
              pred_col: list[int], started_col: list[int], bound: float,
              a_interval: float = INF, a_prompt: int = 0, a_cached: int = 0,
-             a_output: int = 0, a_limit: int = 0
+             a_output: int = 0, a_limit: int = 0, new_at: float = 0.0
              ) -> tuple[float, float, float, int, int, int]:
         bs = self.block_size
         budget_cap = self.max_num_batched_tokens
@@ -198,7 +210,7 @@ class InstanceModelPy:
                 blocks[i] = _ceil_div(comp[i], bs)
                 used += blocks[i]
                 running.append(i)
-            else:
+            elif i != new or new_at <= 0.0:
                 waiting.append(i)
         free = self.num_gpu_blocks - used
         peak = used
@@ -211,6 +223,7 @@ class InstanceModelPy:
             a_tg = fit if fit > 1 else 1
         arrived = 0
         next_at = 0.5 * a_interval
+        joined = new_at <= 0.0  # the new request is in the queue
 
         t = 0.0
         ttft = INF
@@ -234,6 +247,9 @@ class InstanceModelPy:
                 blocks.append(0)
                 arrived += 1
                 next_at = (float(arrived) + 0.5) * a_interval
+            if not joined and t >= new_at:
+                waiting.append(new)
+                joined = True
             # ---- fast-forward a decode-only stretch --------------------------------------
             n_run = len(running)
             if self.fast_forward and n_run > 0 and n_run <= budget_cap:
@@ -260,7 +276,10 @@ class InstanceModelPy:
                             else:
                                 hi = mid - 1
                         j = lo
-                    if j > 1 and arrived < a_limit:
+                    stop_at = next_at if arrived < a_limit else INF
+                    if not joined and new_at < stop_at:
+                        stop_at = new_at
+                    if j > 1 and stop_at < INF:
                         # Only the steps that start before the next arrival: the largest
                         # jj < j whose start (jj steps on) is before it, then jj + 1 steps.
                         a = fixed + c_decode * float(n_run) + c_context * float(ctx_sum)
@@ -270,7 +289,7 @@ class InstanceModelPy:
                             mid = (lo + hi + 1) // 2
                             start = t + speed * (float(mid) * a + c_context * (
                                 float(n_run) * float(mid * (mid + 1) // 2)))
-                            if start < next_at:
+                            if start < stop_at:
                                 lo = mid
                             else:
                                 hi = mid - 1
@@ -355,11 +374,17 @@ class InstanceModelPy:
                     sched_new.append(num_new)
                     budget -= num_new
                     if h == new and queue_delay == INF:
-                        queue_delay = t
+                        queue_delay = t - new_at
             if self.num_gpu_blocks - free > peak:
                 peak = self.num_gpu_blocks - free
             if not sched_idx:
                 if preempted:
+                    continue
+                if not running and not waiting and (arrived < a_limit or not joined):
+                    # idle until the next arrival (the new request's, if it is next)
+                    t = next_at if arrived < a_limit else INF
+                    if not joined and new_at < t:
+                        t = new_at
                     continue
                 break  # nothing can ever run: the new request never finishes
             prefill_tokens = 0
@@ -382,13 +407,13 @@ class InstanceModelPy:
                 if comp[r] == prompt[r] + gen[r]:
                     gen[r] += 1
                     if r == new and ttft == INF:
-                        ttft = t
+                        ttft = t - new_at
                     if gen[r] >= target[r]:
                         free += blocks[r]
                         blocks[r] = 0
                         finished_any = True
                         if r == new:
-                            e2e = t
+                            e2e = t - new_at
             if e2e != INF:
                 break
             if finished_any:

@@ -1,0 +1,357 @@
+"""Auto-provisioning: how many instances the predicted load needs, up and down.
+
+Evaluated per model every few seconds (:meth:`Autoscaler.evaluate`), from the view alone,
+so every proxy sharing the view by gossip computes the same figure.
+
+*What-if.*  The recent arrivals (all instances' decayed arrival processes,
+:mod:`blockproxy.cluster.arrivals`: rate and mean sizes) are split evenly over ``k``
+instances, and each is simulated from idle with that stream running for the horizon
+(at most ``--future-arrivals`` requests); then a request of the mean sizes arrives and
+the simulator gives its TTFT and E2E (``new_at``, :mod:`blockproxy.simulator.reference`).
+Once the stream has run that long, the queue it leaves is the queue a load beyond the
+instances' capacity builds: the late request's latency is what arriving requests would
+see with ``k`` instances.  The figure for ``k`` is the worst of its instances; ``k`` runs
+over N-1 (without the least useful active instance: the slowest, then the last in the
+backends file), N and N+1 (with the first standby instance).
+
+*Scale up* (Block's rule, with evidence from two sides): when, over the last window,
+requests were predicted at dispatch to miss the objective on every candidate (the
+admission queue's holds and refusals among them), or the what-if for N misses it, at two
+evaluations in a row; then not again within ``up_cooldown``.  A standby instance of the
+backends file becomes active and takes traffic at once.
+
+*Scale down* (beyond Block): when the what-if for N-1 meets the objective with a margin
+(``down_margin`` x the objective) and nothing was predicted to miss, continuously for
+``down_after`` seconds, and no action came within that time: the least useful active
+instance is set to draining (its streams hand over, :mod:`blockproxy.front.generate`), and
+to standby once it is idle.  Never below ``min_instances``.
+
+*Queue signal* (``signal="queue"``): the reactive baseline instead, what a Kubernetes
+HorizontalPodAutoscaler on ``vllm:num_requests_waiting`` does: desired =
+ceil(waiting / ``queue_target``), within a 10% tolerance, scaling up at once and down only
+after ``down_after`` seconds of lower wishes.
+
+``mode``: ``advise`` computes and exports the desired count (the
+``blockproxy_desired_instances`` gauge, ``/autoscale``), ``act`` also changes instance
+states.  Instances the backends file sets to ``standby`` are the ones it may activate; an
+instance whose entry in the file changes takes the file's state again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from blockproxy import simulator
+from blockproxy.cluster.instance import ACTIVE, Instance
+from blockproxy.cluster.view import ClusterView
+
+DRAINING = "draining"
+STANDBY = "standby"
+MODES = ("off", "advise", "act")
+SIGNALS = ("predicted", "queue")
+#: HPA's default tolerance: no change while the wish is within 10% of the current count
+QUEUE_TOLERANCE = 0.1
+#: actions remembered for /autoscale
+HISTORY = 100
+_EMPTY = np.zeros((simulator.NUM_COLUMNS, 1), dtype=np.int64)
+
+
+@dataclass
+class Objective:
+    """The latency objective, seconds (0: none)."""
+
+    ttft: float = 0.0
+    e2e: float = 0.0
+
+    def met(self, ttft: float, e2e: float, factor: float = 1.0) -> bool:
+        return ((self.ttft <= 0 or ttft <= factor * self.ttft)
+                and (self.e2e <= 0 or e2e <= factor * self.e2e))
+
+    def __bool__(self) -> bool:
+        return self.ttft > 0 or self.e2e > 0
+
+
+@dataclass
+class WhatIf:
+    """The predicted latency of a request arriving once the recent load, split over
+    ``instances``, has run for the horizon: the worst of those instances."""
+
+    instances: int
+    ttft: float
+    e2e: float
+    meets: bool
+    names: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"instances": self.instances, "ttft_s": _finite(self.ttft),
+                "e2e_s": _finite(self.e2e), "meets_objective": self.meets,
+                "simulated": self.names}
+
+
+@dataclass
+class _Model:
+    """What the autoscaler remembers of one model between evaluations."""
+
+    misses: float = 0.0  # decayed count of requests predicted to miss everywhere
+    arrivals: float = 0.0
+    decayed_at: float = 0.0
+    up_streak: int = 0
+    down_since: float = math.nan  # since when scaling down has looked safe
+    last_action_at: float = -math.inf
+    desired: int = 0
+    instance_seconds: float = 0.0
+    counted_at: float = math.nan
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class Autoscaler:
+    """Desired instance counts per model, and (``act``) the state changes to get there."""
+
+    def __init__(self, view: ClusterView, objective: Objective, *, mode: str = "advise",
+                 signal: str = "predicted", window: float = 10.0, horizon: float = 30.0,
+                 down_margin: float = 0.6, down_after: float = 60.0,
+                 up_cooldown: float = 10.0, min_instances: int = 1,
+                 queue_target: float = 4.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"autoscale mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if signal not in SIGNALS:
+            raise ValueError(f"autoscale signal must be one of {', '.join(SIGNALS)}, "
+                             f"got {signal!r}")
+        if signal == "predicted" and not objective and mode != "off":
+            raise ValueError("autoscaling on predictions needs an objective: --slo-ttft-ms "
+                             "or --slo-e2e-ms")
+        self.view = view
+        self.objective = objective
+        self.mode = mode
+        self.signal = signal
+        self.window = window
+        self.horizon = horizon
+        self.down_margin = down_margin
+        self.down_after = down_after
+        self.up_cooldown = up_cooldown
+        self.min_instances = max(min_instances, 1)
+        self.queue_target = queue_target
+        self.models: dict[str, _Model] = {}
+        self.history: list[dict[str, Any]] = []
+
+    # ---- what the request path tells it ---------------------------------------------------
+    def observe(self, model: str, now: float, missed: bool) -> None:
+        """One request of ``model`` was dispatched (or held, or refused); ``missed``: it
+        was predicted to miss the objective on every candidate."""
+        m = self._model(model)
+        self._decay(m, now)
+        m.arrivals += 1.0
+        if missed:
+            m.misses += 1.0
+
+    def _model(self, model: str) -> _Model:
+        m = self.models.get(model)
+        if m is None:
+            m = self.models[model] = _Model()
+        return m
+
+    def _decay(self, m: _Model, now: float) -> None:
+        if now > m.decayed_at:
+            f = math.exp((m.decayed_at - now) / self.window)
+            m.misses *= f
+            m.arrivals *= f
+            m.decayed_at = now
+
+    # ---- the instances ---------------------------------------------------------------------
+    def _pools(self, model: str) -> tuple[list[Instance], list[Instance], list[Instance]]:
+        """(active, standby, draining) instances serving ``model``, from the most useful
+        down: the fastest (calibrated step time per unit of weight, to 10%), then in the
+        backends file's order, so that of equal instances the last listed is drained first
+        and the first listed standby is activated first (a StatefulSet's ordinals)."""
+        serving = [i for i in self.view.instances.values() if not i.removed and i.serves(model)]
+        order = {id(inst): k for k, inst in enumerate(serving)}
+
+        def useful(i: Instance) -> tuple[float, int]:  # step time per weight (10%), file order
+            return round(i.model.speed / i.weight, 1), order[id(i)]
+        active = sorted((i for i in serving if i.state == ACTIVE and i.healthy), key=useful)
+        standby = sorted((i for i in serving if i.state == STANDBY and i.healthy), key=useful)
+        draining = [i for i in serving if i.state == DRAINING]
+        return active, standby, draining
+
+    def load(self, model: str, now: float) -> tuple[float, int, int, int]:
+        """The recent arrivals of ``model`` over all its instances: (rate per second,
+        mean prompt, mean cached, mean output tokens)."""
+        rate = prompt = cached = output = 0.0
+        for inst in self.view.instances.values():
+            if inst.removed or not inst.serves(model):
+                continue
+            recent = inst.requests.recent
+            r = recent.rate(now)
+            if r > 0:
+                _, p, c, o, _ = recent.expected(now)
+                rate += r
+                prompt += r * p
+                cached += r * c
+                output += r * o
+        if rate <= 0:
+            return 0.0, 0, 0, 0
+        return rate, round(prompt / rate), round(cached / rate), round(output / rate)
+
+    def what_if(self, instances: list[Instance], load: tuple[float, int, int, int]
+                ) -> WhatIf:
+        """The latency of a mean request once ``load`` split over ``instances`` has run
+        for the horizon (the worst instance's)."""
+        rate, prompt, cached, output = load
+        k = len(instances)
+        if k == 0:
+            return WhatIf(0, math.inf, math.inf, False)
+        worst_ttft = worst_e2e = 0.0
+        probe = (max(prompt, 1), cached, max(output, 1))
+        for inst in instances:
+            limit = 0
+            interval = math.inf
+            if rate > 0:
+                interval = k / rate
+                limit = min(max(inst.requests.recent.limit, 1),
+                            max(int(self.horizon / interval), 1))
+            new_at = limit * interval if limit else 0.0
+            p = inst.model.predict(_EMPTY, 0, *probe, math.inf, interval, prompt, cached,
+                                   output, limit, new_at)
+            o = inst.overhead.seconds
+            worst_ttft = max(worst_ttft, p[0] + o)
+            worst_e2e = max(worst_e2e, p[1] + o)
+        return WhatIf(k, worst_ttft, worst_e2e, self.objective.met(worst_ttft, worst_e2e),
+                      [i.name for i in instances])
+
+    # ---- the decision ----------------------------------------------------------------------
+    def evaluate(self, now: float) -> list[tuple[str, str, Instance]]:
+        """Decide for every model; returns the state changes made (``act`` only):
+        ``(model, "up" | "down" | "standby", instance)``."""
+        changes: list[tuple[str, str, Instance]] = []
+        models = {m for i in self.view.instances.values() if not i.removed for m in i.models}
+        for model in sorted(models | set(self.models)):
+            changes += self._evaluate(model, now)
+        return changes
+
+    def _evaluate(self, model: str, now: float) -> list[tuple[str, str, Instance]]:
+        m = self._model(model)
+        self._decay(m, now)
+        active, standby, draining = self._pools(model)
+        if m.counted_at == m.counted_at:  # not nan: integrate instance-seconds
+            on = sum(1 for i in self.view.instances.values() if not i.removed
+                     and i.serves(model) and i.state in (ACTIVE, DRAINING))
+            m.instance_seconds += (now - m.counted_at) * on
+        m.counted_at = now
+        changes: list[tuple[str, str, Instance]] = []
+        for inst in draining:  # drained: back to standby
+            if inst.active == 0 and self.mode == "act" and inst.spec.state != DRAINING:
+                inst.state = STANDBY
+                changes.append((model, "standby", inst))
+        load = self.load(model, now)
+        if self.signal == "queue":
+            want, why, report = self._queue_wish(active, now, m)
+        else:
+            want, why, report = self._predicted_wish(active, standby, load, now, m)
+        m.desired = want
+        changes += self._act(model, m, active, standby, want, why, now)
+        rate, prompt, cached, output = load
+        m.report = {"model": model, "signal": self.signal, "mode": self.mode,
+                    "active": [i.name for i in active], "standby": [i.name for i in standby],
+                    "draining": [i.name for i in draining], "desired": want, "reason": why,
+                    "arrival_rate_per_s": rate, "mean_prompt_tokens": prompt,
+                    "mean_cached_tokens": cached, "mean_output_tokens": output,
+                    "predicted_miss_share": m.misses / m.arrivals if m.arrivals else 0.0,
+                    "instance_seconds": m.instance_seconds, **report}
+        return changes
+
+    def _predicted_wish(self, active: list[Instance], standby: list[Instance],
+                        load: tuple[float, int, int, int], now: float, m: _Model
+                        ) -> tuple[int, str, dict[str, Any]]:
+        n = len(active)
+        fewer = self.what_if(active[:-1], load) if n > 1 else None
+        same = self.what_if(active, load)
+        more = self.what_if(active + standby[:1], load) if standby else None
+        report: dict[str, Any] = {"objective": {"ttft_s": self.objective.ttft,
+                                                "e2e_s": self.objective.e2e},
+                                  "what_if": [w.as_dict() for w in (fewer, same, more) if w]}
+        missing = m.misses >= 3.0 and m.misses >= 0.02 * m.arrivals
+        if missing or not same.meets:
+            m.up_streak += 1
+            m.down_since = math.nan
+            why = ("requests were predicted to miss the objective on every instance"
+                   if missing else f"the recent load is predicted to miss it with {n}")
+            if m.up_streak >= 2:
+                return n + 1, why, report
+            return n, why + " (once: waiting for a second evaluation)", report
+        m.up_streak = 0
+        safe = (fewer is not None and n - 1 >= self.min_instances and m.misses < 1.0
+                and self.objective.met(fewer.ttft, fewer.e2e, self.down_margin))
+        if not safe:
+            m.down_since = math.nan
+            return n, "the objective is met and one fewer would not meet it with margin", \
+                report
+        if m.down_since != m.down_since:
+            m.down_since = now
+        held = now - m.down_since
+        if held >= self.down_after:
+            return n - 1, (f"{n - 1} instances would meet the objective with margin, for "
+                           f"{held:.0f} s"), report
+        return n, (f"{n - 1} would meet the objective with margin for {held:.0f} s of the "
+                   f"{self.down_after:g} s needed"), report
+
+    def _queue_wish(self, active: list[Instance], now: float, m: _Model
+                    ) -> tuple[int, str, dict[str, Any]]:
+        n = len(active)
+        waiting = sum(i.requests.waiting() for i in active)
+        wish = max(math.ceil(waiting / self.queue_target), self.min_instances)
+        report = {"waiting": waiting, "queue_target": self.queue_target}
+        if n and abs(waiting / (self.queue_target * n) - 1.0) <= QUEUE_TOLERANCE:
+            wish = n
+        if wish > n:
+            m.down_since = math.nan
+            return wish, f"{waiting} requests waiting (target {self.queue_target:g} each)", \
+                report
+        if wish < n:
+            if m.down_since != m.down_since:
+                m.down_since = now
+            if now - m.down_since >= self.down_after:
+                return max(wish, n - 1), f"{waiting} requests waiting, for " \
+                    f"{now - m.down_since:.0f} s", report
+            return n, f"{waiting} requests waiting (lower for {now - m.down_since:.0f} s)", \
+                report
+        m.down_since = math.nan
+        return n, f"{waiting} requests waiting", report
+
+    def _act(self, model: str, m: _Model, active: list[Instance], standby: list[Instance],
+             want: int, why: str, now: float) -> list[tuple[str, str, Instance]]:
+        n = len(active)
+        if self.mode != "act":
+            return []
+        if want > n and standby and now - m.last_action_at >= self.up_cooldown:
+            inst = standby[0]
+            m.up_streak = 0
+            return self._change(model, m, "up", inst, ACTIVE, why, now)
+        if want < n and now - m.last_action_at >= self.down_after:
+            inst = active[-1]
+            m.down_since = math.nan
+            return self._change(model, m, "down", inst, DRAINING, why, now)
+        return []
+
+    def _change(self, model: str, m: _Model, direction: str, inst: Instance, state: str,
+                why: str, now: float) -> list[tuple[str, str, Instance]]:
+        inst.state = state
+        m.last_action_at = now
+        self.history.append({"at": now, "model": model, "action": direction,
+                             "instance": inst.name, "reason": why})
+        del self.history[:-HISTORY]
+        return [(model, direction, inst)]
+
+    def describe(self) -> dict[str, Any]:
+        """The ``/autoscale`` document."""
+        return {"mode": self.mode, "signal": self.signal,
+                "models": {name: m.report for name, m in sorted(self.models.items())
+                           if m.report},
+                "history": list(self.history)}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,229 @@
+"""Auto-provisioning: the what-if simulation, scaling up and down with hysteresis, the
+queue-length baseline, and the proxy's gauge, ``/autoscale`` and scale command."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from blockproxy.backends import BackendSpec
+from blockproxy.cluster.autoscale import Autoscaler, Objective
+from blockproxy.cluster.instance import Instance
+from blockproxy.cluster.view import ClusterView
+from blockproxy.config import ProxyConfig
+from blockproxy.front.app import Proxy
+from loadgen import promtext
+
+Client = TestClient[web.Request, web.Application]
+PROFILE = "llama-3.1-8b-h100-tp1"
+#: the Azure conversation trace's mean sizes (README): ~20.5 ms of prefill each on an
+#: H100, so one instance serves at most ~45 requests per second
+PROMPT, OUTPUT = 1183, 254
+
+
+def _view(active: int, standby: int = 0, draining: int = 0) -> ClusterView:
+    view = ClusterView(PROFILE)
+    specs = [BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=f"a{i}", models=("m",))
+             for i in range(active)]
+    specs += [BackendSpec(url=f"http://127.0.0.1:{9100 + i}", name=f"s{i}", models=("m",),
+                          state="standby") for i in range(standby)]
+    specs += [BackendSpec(url=f"http://127.0.0.1:{9200 + i}", name=f"d{i}", models=("m",),
+                          state="draining") for i in range(draining)]
+    view.apply(specs)
+    return view
+
+
+def _load(view: ClusterView, rate: float, start: float = 0.0, seconds: float = 20.0) -> float:
+    """Record ``rate`` requests per second of the trace's mean sizes, spread over the
+    active instances, for ``seconds``; returns the time of the last."""
+    active = [i for i in view.instances.values() if i.state == "active"]
+    t = start
+    k = 0
+    while t < start + seconds:
+        active[k % len(active)].requests.recent.record(t, PROMPT, 0, OUTPUT)
+        k += 1
+        t = start + k / rate
+    return t
+
+
+def _scaler(view: ClusterView, **kw: object) -> Autoscaler:
+    options: dict[str, object] = dict(mode="act", down_after=30.0, up_cooldown=10.0)
+    options.update(kw)
+    return Autoscaler(view, Objective(ttft=2.0), **options)  # type: ignore[arg-type]
+
+
+def test_what_if_needs_more_instances_than_one_can_serve() -> None:
+    view = _view(3)
+    now = _load(view, 60.0)
+    scaler = _scaler(view)
+    load = scaler.load("m", now)
+    assert load[0] == pytest.approx(60.0, rel=0.1)
+    assert load[1:] == (PROMPT, 0, OUTPUT)
+    insts = list(view.instances.values())
+    one, two, three = (scaler.what_if(insts[:k], load) for k in (1, 2, 3))
+    # 60/s on one instance is beyond its ~45/s: the queue grows over the horizon
+    assert not one.meets and one.ttft > 2.0
+    assert two.meets and three.meets and three.ttft <= two.ttft < 1.0
+    # with no load at all, a lone request's latency
+    idle = scaler.what_if(insts[:1], (0.0, 0, 0, 0))
+    assert idle.meets and idle.ttft < 0.1
+
+
+def test_scales_up_after_two_evaluations_then_cools_down() -> None:
+    view = _view(2, standby=2)
+    now = _load(view, 240.0)  # ~60 per second per instance even with all four
+    scaler = _scaler(view)
+
+    fed = [now]
+
+    def at(t: float) -> list[tuple[str, str, Instance]]:  # the load goes on meanwhile
+        fed[0] = _load(view, 240.0, fed[0], now + t - fed[0])
+        return scaler.evaluate(now + t)
+    assert scaler.evaluate(now) == []  # once is not yet a trend
+    report = scaler.models["m"].report
+    assert report["desired"] == 2 and "second evaluation" in report["reason"]
+    ((model, action, inst),) = at(2)
+    assert (model, action, inst.name) == ("m", "up", "s0") and inst.state == "active"
+    assert scaler.history[-1]["action"] == "up"
+    # still short, but not again within the cooldown (10 s)
+    assert at(4) == [] and at(6) == []
+    assert scaler.models["m"].desired == 4
+    assert [a for _, a, _ in at(13)] == ["up"]
+    # nothing left to activate: the wish stays, for an HPA to act on
+    at(30)
+    assert at(32) == [] and scaler.models["m"].desired == 5
+
+
+def test_scales_down_only_after_a_sustained_surplus_and_drains_first() -> None:
+    view = _view(3)
+    now = _load(view, 20.0)  # one instance is plenty
+    view.instances["a2"].model.speed = 1.3  # the slowest: the least useful
+    scaler = _scaler(view, min_instances=2)
+    for t in (0, 10, 20):
+        assert scaler.evaluate(now + t) == []
+    assert "of the 30 s needed" in scaler.models["m"].report["reason"]
+    entry = view.instances["a2"].requests.reserve(100, 10, now)
+    ((_, action, inst),) = scaler.evaluate(now + 31)
+    assert (action, inst.name, inst.state) == ("down", "a2", "draining")
+    assert scaler.evaluate(now + 32) == []  # still busy: stays draining
+    view.instances["a2"].requests.release(entry)
+    ((_, action, inst),) = scaler.evaluate(now + 33)
+    assert (action, inst.name, inst.state) == ("standby", "a2", "standby")
+    # and never below --min-instances
+    for t in range(40, 200, 10):
+        assert scaler.evaluate(now + t) == []
+    assert scaler.models["m"].desired == 2
+
+
+def test_predicted_misses_at_dispatch_scale_up_even_when_the_load_looks_fine() -> None:
+    view = _view(2, standby=1)
+    now = _load(view, 5.0)
+    scaler = _scaler(view)
+    for k in range(10):
+        scaler.observe("m", now + k * 0.1, missed=k % 2 == 0)
+    scaler.evaluate(now + 1)
+    ((_, action, _),) = scaler.evaluate(now + 2)
+    assert action == "up"
+    assert "every instance" in scaler.history[-1]["reason"]
+
+
+def test_a_surplus_interrupted_by_a_miss_starts_over() -> None:
+    view = _view(3)
+    now = _load(view, 20.0)
+    scaler = _scaler(view)
+    scaler.evaluate(now)
+    scaler.evaluate(now + 20)
+    for _ in range(5):
+        scaler.observe("m", now + 21, missed=True)
+    scaler.evaluate(now + 22)
+    assert scaler.evaluate(now + 35) == []  # the surplus clock restarted after the miss
+
+
+def test_advise_computes_but_changes_nothing() -> None:
+    view = _view(1, standby=1)
+    now = _load(view, 90.0)
+    scaler = _scaler(view, mode="advise")
+    scaler.evaluate(now)
+    assert scaler.evaluate(now + 2) == []
+    assert scaler.models["m"].desired == 2 and view.instances["s0"].state == "standby"
+    report = scaler.describe()["models"]["m"]
+    assert [w["instances"] for w in report["what_if"]] == [1, 2]
+    assert report["what_if"][0]["meets_objective"] is False
+
+
+def test_the_files_draining_instance_is_left_to_the_file() -> None:
+    view = _view(2, draining=1)
+    scaler = _scaler(view)
+    scaler.evaluate(0.0)
+    assert view.instances["d0"].state == "draining"
+
+
+def test_queue_signal_scales_like_an_hpa_on_waiting_requests() -> None:
+    view = _view(2, standby=2)
+    scaler = Autoscaler(view, Objective(), mode="act", signal="queue", queue_target=4.0,
+                        down_after=30.0, up_cooldown=0.0)
+    entries = [view.instances[f"a{k % 2}"].requests.reserve(100, 10, 0.0) for k in range(20)]
+    ((_, action, inst),) = scaler.evaluate(1.0)  # 20 waiting: 5 instances' worth, at once
+    assert action == "up" and scaler.models["m"].desired == 5
+    assert [a for _, a, _ in scaler.evaluate(2.0)] == ["up"]
+    assert scaler.models["m"].report["waiting"] == 20
+    for entry in entries[:4]:  # 16 over 4 instances: on target, no wish to change
+        entry.instance.requests.release(entry)
+    scaler.evaluate(3.0)
+    assert scaler.models["m"].desired == 4
+    for entry in entries[4:]:  # nothing waits: fewer, but only after 30 s of it
+        entry.instance.requests.release(entry)
+    assert scaler.evaluate(4.0) == [] and scaler.evaluate(33.0) == []
+    ((_, action, inst),) = scaler.evaluate(35.0)
+    assert action == "down" and inst.state == "draining"
+
+
+def test_objectives_and_modes_are_checked() -> None:
+    view = _view(1)
+    with pytest.raises(ValueError, match="objective"):
+        Autoscaler(view, Objective(), mode="act")
+    with pytest.raises(ValueError, match="mode"):
+        Autoscaler(view, Objective(ttft=1.0), mode="sometimes")
+    assert Objective(ttft=1.0, e2e=5.0).met(0.9, 4.0)
+    assert not Objective(ttft=1.0, e2e=5.0).met(0.9, 6.0)
+    assert not Objective(ttft=1.0).met(0.7, math.inf, factor=0.6)
+
+
+# ---- in the proxy ---------------------------------------------------------------------------
+async def test_the_proxy_exports_the_decision_and_runs_the_scale_command(
+        instance_url: str, tmp_path: Path,
+        aiohttp_client: Callable[..., Awaitable[Client]]) -> None:
+    out = tmp_path / "scaled"
+    config = ProxyConfig(backends="(in process)", scrape_interval=0.0, slo_ttft_ms=2000.0,
+                         autoscale="act", autoscale_interval=0.05,
+                         scale_command=f"echo $BLOCKPROXY_MODEL $BLOCKPROXY_DESIRED_INSTANCES "
+                                       f"$BLOCKPROXY_ACTIVE_INSTANCES > {out}")
+    proxy = Proxy(config, [
+        BackendSpec(url=instance_url, name="i0", models=("tiny",)),
+        BackendSpec(url="http://127.0.0.1:9", name="spare", models=("tiny",),
+                    state="standby")])
+    client = await aiohttp_client(proxy.make_app())
+    for _ in range(100):
+        if out.exists() and out.read_text():
+            break
+        await asyncio.sleep(0.05)
+    assert out.read_text().split() == ["tiny", "1", "1"]
+    for _ in range(100):  # the spare does not answer: probed, marked down, not counted on
+        model = (await (await client.get("/autoscale")).json())["models"]["tiny"]
+        if not model["standby"]:
+            break
+        await asyncio.sleep(0.05)
+    assert model["active"] == ["i0"] and model["standby"] == [] and model["desired"] == 1
+    assert [w["instances"] for w in model["what_if"]] == [1]
+    assert model["what_if"][0]["meets_objective"] is True
+    text = await (await client.get("/metrics")).text()
+    assert promtext.find(text, "blockproxy_desired_instances", model="tiny") == 1
+    assert promtext.find(text, "blockproxy_active_instances", model="tiny") == 1
+    assert promtext.find(text, "blockproxy_instance_healthy", instance="spare") == 0
+    assert (promtext.find(text, "blockproxy_instance_seconds_total", model="tiny") or 0) > 0
