@@ -55,6 +55,12 @@ appear under ``defaults:``; an entry's own value wins):
     ``ipc://`` endpoint; any other it connects to): the proxy subscribes and its model of
     the instance's prefix cache follows the engine's (exact mode; needs ``tokenizer`` for
     text prompts).
+``slo_ttft_ms``, ``slo_e2e_ms`` (numbers >= 0, ms; default: ``--slo-ttft-ms``,
+    ``--slo-e2e-ms``)
+    Latency objectives of the models this instance serves, for admission and
+    auto-provisioning, when they differ from the proxy's: per model, the strictest set on
+    any of its instances wins (0 = none).  Usually given under ``defaults:`` of a file
+    serving one model, or on each instance of a model with its own objective.
 
 Errors name the file, the line (YAML; TOML has none for fields) and the field, for
 example ``backends.yaml:7: backends[1].max_num_seqs: expected a positive integer, got -3``.
@@ -129,6 +135,8 @@ class BackendSpec:
     max_model_len: int | None = None
     tokenizer: str | None = None
     kv_events: str | None = None
+    slo_ttft_ms: float | None = None
+    slo_e2e_ms: float | None = None
 
 
 FIELDS = tuple(f.name for f in fields(BackendSpec))
@@ -373,6 +381,11 @@ def _check_field(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"expected a positive integer, got {value!r}")
         return value
+    if key in ("slo_ttft_ms", "slo_e2e_ms"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            raise ValueError(f"expected a number of milliseconds >= 0, got {value!r}")
+        return float(value)
     if key == "weight":
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or value <= 0:

@@ -40,9 +40,12 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from loadgen import __version__, promtext, report
 from loadgen.capacity import add_search_arguments, find_capacity, probe_kwargs, slo_check
@@ -215,6 +218,58 @@ def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+class AutoscaleSampler:
+    """Reads the proxy's ``/autoscale`` every ``interval`` seconds while a run lasts: the
+    active, draining and desired instances over time (nothing when it has no autoscaler)."""
+
+    def __init__(self, url: str, interval: float = 0.5) -> None:
+        self.url = url + "/autoscale"
+        self.interval = interval
+        self.samples: list[list[float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        start = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(self.url) as resp:
+                        body = await resp.json()
+                except (aiohttp.ClientError, ValueError):
+                    body = {}
+                models = body.get("models") or {}
+                if models:
+                    active = sum(len(m["active"]) for m in models.values())
+                    draining = sum(len(m["draining"]) for m in models.values())
+                    desired = sum(m["desired"] for m in models.values())
+                    self.samples.append([time.monotonic() - start, active, draining, desired])
+                await asyncio.sleep(self.interval)
+
+    async def stop(self) -> list[list[float]]:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        return self.samples
+
+
+def summarize_timeline(samples: Sequence[Sequence[float]], time_scale: float
+                       ) -> dict[str, Any]:
+    """Instance-seconds (active + draining, integrated over the run) and the timeline, in
+    real-GPU seconds (wall / time scale)."""
+    seconds = 0.0
+    for (t0, a0, d0, _), (t1, _, _, _) in zip(samples, samples[1:]):
+        seconds += (t1 - t0) * (a0 + d0)
+    timeline = [[round(t / time_scale, 3), int(a), int(d), int(w)] for t, a, d, w in samples]
+    return {"instance_seconds": seconds / time_scale,
+            "mean_instances": seconds / (samples[-1][0] - samples[0][0])
+            if len(samples) > 1 and samples[-1][0] > samples[0][0] else None,
+            "max_active": max((int(s[1]) for s in samples), default=0),
+            "timeline": timeline}
+
+
 class Lab:
     """How to build one fresh cluster + proxy, and run a benchmark through them."""
 
@@ -223,8 +278,12 @@ class Lab:
                  emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
                  proxies: int = 1, gossip: bool = True, peer_args: Sequence[str] = (),
                  kv_events: bool = False, hide_profiles: bool = False,
-                 log: Log = _stderr) -> None:
+                 standby: int = 0, log: Log = _stderr) -> None:
+        if not 0 <= standby < instances:
+            raise ValueError(f"--standby must be in [0, {instances - 1}], got {standby}")
         self.instances, self.time_scale = instances, time_scale
+        #: the last ``standby`` instances start as standby in the proxy's backends file
+        self.standby = standby
         self.profiles = instance_profiles(profile, instances)
         self.hide_profiles = hide_profiles
         self.kv_events = kv_events
@@ -266,7 +325,10 @@ class Lab:
                 # One GPU type: the proxy's --profile too; several: the backends file
                 # names each; hidden: neither (the proxy's default profile, calibrated).
                 single = len(set(self.profiles)) == 1 and not self.hide_profiles
-                procs = [ProxyProcess(cluster.backend_entries(), name, args,
+                entries = cluster.backend_entries()
+                for entry in entries[len(entries) - self.standby:] if self.standby else []:
+                    entry["state"] = "standby"
+                procs = [ProxyProcess(entries, name, args,
                                       profile=self.profiles[0] if single else None)
                          for args in self._all_proxy_args(run_dir)]
             else:
@@ -284,14 +346,22 @@ class Lab:
             kwargs = {**run_kwargs, "hint": hint or run_kwargs.get("hint", False),
                       "time_scale": self.time_scale, "seed": seed, "truth": str(truth)}
             targets = [p.url for p in procs]
-            metrics = await run_benchmark(targets[0] if len(targets) == 1 else targets, specs,
-                                          detail=detail, **kwargs)
+            sampler = AutoscaleSampler(procs[0].url) if peer is None else None
+            if sampler is not None:
+                sampler.start()
+            try:
+                metrics = await run_benchmark(targets[0] if len(targets) == 1 else targets,
+                                              specs, detail=detail, **kwargs)
+            finally:
+                timeline = await sampler.stop() if sampler is not None else None
             texts = await get_texts([p.url + "/metrics" for p in procs]) if peer is None \
                 else []
             emulator = parse_emulator_metrics(
                 await get_texts([url + "/metrics" for url in cluster.urls]))
         scraped = parse_proxy_metrics("\n".join(texts))
         scraped["emulator"] = emulator
+        if timeline:
+            scraped["autoscale"] = summarize_timeline(timeline, self.time_scale)
         self.log(f"  emulator fidelity: {emulator}")
         if self.proxies > 1 and self.gossip:
             scraped["gossip"] = parse_gossip_metrics(texts, metrics["duration"],
@@ -353,7 +423,8 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
                            seed: int = 0, capacity: dict[str, Any] | None = None,
                            proxies: int = 1, gossip: bool = True,
                            peer_args: Sequence[str] = (), kv_events: bool = False,
-                           log: Log = _stderr, **run_kwargs: Any) -> dict[str, Any]:
+                           standby: int = 0, log: Log = _stderr,
+                           **run_kwargs: Any) -> dict[str, Any]:
     """Run every policy on a fresh cluster + proxy with the same specs and seed.
 
     ``run_kwargs`` go to :func:`run_benchmark` (``rate_multiplier``, ``request_rate``,
@@ -366,7 +437,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
     lab = Lab(instances=instances, profile=profile, time_scale=time_scale,
               speed_factors=speed_factors, emulator_args=emulator_args,
               proxy_args=proxy_args, proxies=proxies, gossip=gossip, peer_args=peer_args,
-              kv_events=kv_events, hide_profiles=hide_profiles, log=log)
+              kv_events=kv_events, hide_profiles=hide_profiles, standby=standby, log=log)
     results: dict[str, Any] = {}
     for policy in policies:
         log(f"[seed {seed}] {policy}")
@@ -449,6 +520,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "round-robin across them")
     parser.add_argument("--no-gossip", action="store_true",
                         help="with --proxies N: no gossip, each proxy blind to the others")
+    parser.add_argument("--standby", type=int, default=0, metavar="K",
+                        help="the last K instances are standby in the proxy's backends file "
+                             "(for --proxy-arg=--autoscale=act); every run then reports the "
+                             "active instances over time and the instance-seconds used")
     parser.add_argument("--kv-events", action="store_true",
                         help="the emulators publish KV events and the proxies follow them, "
                              "with the emulator's tokenizer (exact mode); peers are not told")
@@ -463,7 +538,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
     keys = ("trace", "format", "start", "duration", "num_requests", "clip_context",
             "instances", "profile", "hide_profiles", "speed_factors", "proxy_arg",
-            "emulator_arg", "proxies", "no_gossip", "kv_events")
+            "emulator_arg", "proxies", "no_gossip", "kv_events", "standby")
     cfg = {k: getattr(args, k) for k in keys}
     cfg.update({k: v for k, v in kwargs.items() if k != "progress"})
     cfg["request_rate"] = "inf" if math.isinf(args.request_rate) else args.request_rate
@@ -522,7 +597,8 @@ async def _main(args: argparse.Namespace, kwargs: dict[str, Any],
         profile=args.profile, time_scale=args.time_scale, speed_factors=args.speed_factors,
         emulator_args=args.emulator_arg, proxy_args=args.proxy_arg, capacity=capacity,
         proxies=args.proxies, gossip=not args.no_gossip, peer_args=args.peer_arg,
-        kv_events=args.kv_events, hide_profiles=args.hide_profiles, **kwargs)
+        kv_events=args.kv_events, hide_profiles=args.hide_profiles, standby=args.standby,
+        **kwargs)
     result["config"] = _config(args, kwargs)
     return result
 

@@ -45,11 +45,14 @@ from loadgen.workload import (
     RequestSpec,
     arrival_times,
     assign_arrivals,
+    assign_schedule,
     build_request,
     clip_lengths,
     detect_format,
     load_trace,
+    parse_schedule,
     resolve_trace,
+    schedule_times,
     send_times,
     sessions,
     slice_specs,
@@ -314,6 +317,13 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                              "inf sends everything at once")
     parser.add_argument("--burstiness", type=_positive_float, default=1.0,
                         help="gamma shape: 1 = Poisson, < 1 burstier, > 1 more regular")
+    parser.add_argument("--rate-schedule", metavar="T:R,...",
+                        help="synthetic or length-only workloads: arrivals of a Poisson "
+                             "process whose rate (requests/s, real-GPU time) goes linearly "
+                             "between the points (seconds from the start), up to the last "
+                             "one: on/off loads with ramps, e.g. 0:100,20:100,25:400,45:400,"
+                             "50:100,70:100.  The workload is then timestamped "
+                             "(--use-trace-timestamps replays it)")
     parser.add_argument("--max-concurrency", type=int, help="cap on requests in flight")
     parser.add_argument("--use-trace-timestamps", action="store_true",
                         help="send at the trace's own arrival times")
@@ -360,11 +370,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def timestamped(args: argparse.Namespace) -> bool:
-    """Whether the flags name a trace with its own arrival times."""
-    if args.format == "sessions":
+    """Whether the flags name a trace with its own arrival times (or a rate schedule
+    gives them)."""
+    if args.format == "sessions" or getattr(args, "rate_schedule", None):
         return True
     if not args.trace or args.format in ("lengths", "synthetic"):
         return False
+    return timestamped_trace(args)
+
+
+def timestamped_trace(args: argparse.Namespace) -> bool:
+    """Whether the trace the flags name carries arrival times of its own."""
     fmt = args.format if args.format != "auto" else \
         detect_format(resolve_trace(args.trace, args.trace_path))
     return fmt != "lengths"
@@ -383,10 +399,18 @@ def specs_from_args(args: argparse.Namespace) -> list[RequestSpec]:
                            args.num_requests, args.clip_context, args.trace_path)
     else:
         count = args.num_requests if args.num_requests is not None else 100
+        if args.rate_schedule and args.num_requests is None:  # as many as it brings
+            count = len(schedule_times(parse_schedule(args.rate_schedule), args.seed))
         specs = synthetic(count, args.synthetic_prompt_mean, args.synthetic_output_mean,
                           args.synthetic_spread, seed=args.seed)
         if args.clip_context:
             specs = [clip_lengths(s, args.clip_context) for s in specs]
+    if args.rate_schedule:
+        if args.format == "sessions" or (args.trace and args.format not in (
+                "synthetic", "lengths") and timestamped_trace(args)):
+            raise ValueError("--rate-schedule replaces arrival times: it is for synthetic "
+                             "or length-only workloads, not a timestamped trace")
+        specs = assign_schedule(specs, parse_schedule(args.rate_schedule), args.seed)
     if args.use_trace_timestamps and len(specs) > 1 and all(s.arrival_s == 0 for s in specs):
         raise ValueError("this workload has no timestamps: use --request-rate instead of "
                          "--use-trace-timestamps")

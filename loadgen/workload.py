@@ -280,6 +280,62 @@ def assign_arrivals(specs: Sequence[RequestSpec], rate: float, burstiness: float
     return [dataclasses.replace(s, arrival_s=t) for s, t in zip(specs, times)]
 
 
+def parse_schedule(text: str) -> list[tuple[float, float]]:
+    """``"T:R,T:R,..."`` (seconds from the start, requests per second; times increasing,
+    rates non-negative) -> the points of a piecewise-linear arrival rate."""
+    points: list[tuple[float, float]] = []
+    for part in text.split(","):
+        t, sep, r = part.strip().partition(":")
+        try:
+            point = (float(t), float(r))
+        except ValueError:
+            point = (math.nan, math.nan)
+        if not sep or not all(math.isfinite(x) and x >= 0 for x in point):
+            raise ValueError(f"a rate schedule is T:R,T:R,... (seconds:requests per second, "
+                             f"non-negative), got {part!r}")
+        if points and point[0] <= points[-1][0]:
+            raise ValueError(f"rate schedule times must increase, got {text!r}")
+        points.append(point)
+    if points[0][0] != 0.0:
+        points.insert(0, (0.0, points[0][1]))
+    if len(points) < 2 or not any(r > 0 for _, r in points):
+        raise ValueError(f"a rate schedule needs two points and a positive rate: {text!r}")
+    return points
+
+
+def schedule_times(points: Sequence[tuple[float, float]], seed: int | None = 0,
+                   limit: int | None = None) -> list[float]:
+    """Arrival times of a Poisson process whose rate follows ``points`` linearly between
+    them, up to the last point's time (or ``limit`` arrivals): unit-rate exponential gaps
+    mapped through the inverse of the cumulative rate."""
+    rng = np.random.default_rng(seed)
+    times: list[float] = []
+    target = rng.exponential()  # cumulative rate at the next arrival
+    done = 0.0  # cumulative rate up to the start of the segment
+    for (t0, r0), (t1, r1) in zip(points, points[1:]):
+        span = t1 - t0
+        slope = (r1 - r0) / span
+        area = (r0 + r1) / 2 * span
+        while target <= done + area and (limit is None or len(times) < limit):
+            need = target - done  # solve r0 x + slope x^2 / 2 = need for x in [0, span]
+            if abs(slope) < 1e-12:
+                x = need / r0
+            else:
+                x = (-r0 + math.sqrt(max(r0 * r0 + 2 * slope * need, 0.0))) / slope
+            times.append(t0 + min(max(x, 0.0), span))
+            target += rng.exponential()
+        done += area
+    return times
+
+
+def assign_schedule(specs: Sequence[RequestSpec], points: Sequence[tuple[float, float]],
+                    seed: int | None = 0) -> list[RequestSpec]:
+    """``specs`` in order with arrival times drawn from the rate schedule ``points``; as
+    many as the schedule brings (fewer specs: the schedule is cut there)."""
+    times = schedule_times(points, seed, len(specs))
+    return [dataclasses.replace(s, arrival_s=t) for s, t in zip(specs, times)]
+
+
 def synthetic(num_requests: int, prompt_mean: int = 512, output_mean: int = 128,
               spread: float = 0.5, rate: float = math.inf, burstiness: float = 1.0,
               seed: int | None = 0, max_prompt: int | None = None,

@@ -53,9 +53,9 @@ def _instance() -> Instance:
     return view.instances["i0"]
 
 
-def _admission(slo: float = 5.0, capacity: int = 64) -> tuple[Admission, Metrics]:
+def _admission(capacity: int = 64) -> tuple[Admission, Metrics]:
     metrics = Metrics(ClusterView("llama-3.1-8b-h100-tp1"))
-    return Admission(slo, capacity, metrics), metrics
+    return Admission(capacity, metrics), metrics
 
 
 def _outcomes(metrics: Metrics) -> dict[str, float]:
@@ -66,11 +66,11 @@ def _outcomes(metrics: Metrics) -> dict[str, float]:
 
 
 def _admit(adm: Admission, slots: Slots, name: str, tenant: str = "",
-           priority: int = 0, service: float = 0.001, arrived: float | None = None
-           ) -> asyncio.Task[Entry]:
+           priority: int = 0, service: float = 0.001, arrived: float | None = None,
+           slo: float = 5.0) -> asyncio.Task[Entry]:
     return asyncio.ensure_future(adm.admit(
         slots.dispatch(name), lambda: service, tenant, priority,
-        time.monotonic() if arrived is None else arrived))
+        time.monotonic() if arrived is None else arrived, slo))
 
 
 async def _settle() -> None:
@@ -81,7 +81,7 @@ async def _settle() -> None:
 async def test_admitted_at_once_then_held_and_released_in_deadline_order() -> None:
     adm, metrics = _admission()
     slots = Slots(1)
-    first = await adm.admit(slots.dispatch("a"), lambda: 0.001, "", 0, time.monotonic())
+    first = await adm.admit(slots.dispatch("a"), lambda: 0.001, "", 0, time.monotonic(), 5.0)
     assert isinstance(first, Entry) and slots.order == ["a"]
     now = time.monotonic()
     # arrivals out of deadline order: c arrived earlier than b
@@ -146,10 +146,10 @@ async def test_a_full_queue_refuses_and_a_new_tenant_pushes_out_the_largest() ->
 
 
 async def test_a_request_that_cannot_start_in_time_is_refused_with_retry_after() -> None:
-    adm, metrics = _admission(slo=0.15)
+    adm, metrics = _admission()
     slots = Slots(0)
     start = time.monotonic()
-    task = _admit(adm, slots, "late", service=0.05)
+    task = _admit(adm, slots, "late", service=0.05, slo=0.15)
     with pytest.raises(ApiError) as err:
         await asyncio.wait_for(task, 2)
     waited = time.monotonic() - start
@@ -159,7 +159,7 @@ async def test_a_request_that_cannot_start_in_time_is_refused_with_retry_after()
     assert adm.held == 0
     # and at once when even an idle instance is too slow
     with pytest.raises(ApiError):
-        await asyncio.wait_for(_admit(adm, slots, "hopeless", service=0.2), 0.05)
+        await asyncio.wait_for(_admit(adm, slots, "hopeless", service=0.2, slo=0.15), 0.05)
     assert _outcomes(metrics)["rejected_deadline"] == 2
 
 

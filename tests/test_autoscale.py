@@ -27,8 +27,9 @@ PROFILE = "llama-3.1-8b-h100-tp1"
 PROMPT, OUTPUT = 1183, 254
 
 
-def _view(active: int, standby: int = 0, draining: int = 0) -> ClusterView:
-    view = ClusterView(PROFILE)
+def _view(active: int, standby: int = 0, draining: int = 0,
+          slo_ttft_ms: float = 2000.0) -> ClusterView:
+    view = ClusterView(PROFILE, slo_ttft_ms=slo_ttft_ms)
     specs = [BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=f"a{i}", models=("m",))
              for i in range(active)]
     specs += [BackendSpec(url=f"http://127.0.0.1:{9100 + i}", name=f"s{i}", models=("m",),
@@ -55,7 +56,7 @@ def _load(view: ClusterView, rate: float, start: float = 0.0, seconds: float = 2
 def _scaler(view: ClusterView, **kw: object) -> Autoscaler:
     options: dict[str, object] = dict(mode="act", down_after=30.0, up_cooldown=10.0)
     options.update(kw)
-    return Autoscaler(view, Objective(ttft=2.0), **options)  # type: ignore[arg-type]
+    return Autoscaler(view, **options)  # type: ignore[arg-type]
 
 
 def test_what_if_needs_more_instances_than_one_can_serve() -> None:
@@ -66,12 +67,14 @@ def test_what_if_needs_more_instances_than_one_can_serve() -> None:
     assert load[0] == pytest.approx(60.0, rel=0.1)
     assert load[1:] == (PROMPT, 0, OUTPUT)
     insts = list(view.instances.values())
-    one, two, three = (scaler.what_if(insts[:k], load) for k in (1, 2, 3))
+    goal = Objective(*view.objective("m"))
+    assert goal == Objective(ttft=2.0)
+    one, two, three = (scaler.what_if(insts[:k], load, goal) for k in (1, 2, 3))
     # 60/s on one instance is beyond its ~45/s: the queue grows over the horizon
     assert not one.meets and one.ttft > 2.0
     assert two.meets and three.meets and three.ttft <= two.ttft < 1.0
     # with no load at all, a lone request's latency
-    idle = scaler.what_if(insts[:1], (0.0, 0, 0, 0))
+    idle = scaler.what_if(insts[:1], (0.0, 0, 0, 0), goal)
     assert idle.meets and idle.ttft < 0.1
 
 
@@ -165,8 +168,8 @@ def test_the_files_draining_instance_is_left_to_the_file() -> None:
 
 
 def test_queue_signal_scales_like_an_hpa_on_waiting_requests() -> None:
-    view = _view(2, standby=2)
-    scaler = Autoscaler(view, Objective(), mode="act", signal="queue", queue_target=4.0,
+    view = _view(2, standby=2, slo_ttft_ms=0.0)
+    scaler = Autoscaler(view, mode="act", signal="queue", queue_target=4.0,
                         down_after=30.0, up_cooldown=0.0)
     entries = [view.instances[f"a{k % 2}"].requests.reserve(100, 10, 0.0) for k in range(20)]
     ((_, action, inst),) = scaler.evaluate(1.0)  # 20 waiting: 5 instances' worth, at once
@@ -185,11 +188,13 @@ def test_queue_signal_scales_like_an_hpa_on_waiting_requests() -> None:
 
 
 def test_objectives_and_modes_are_checked() -> None:
-    view = _view(1)
-    with pytest.raises(ValueError, match="objective"):
-        Autoscaler(view, Objective(), mode="act")
+    view = _view(2, standby=1, slo_ttft_ms=0.0)
+    scaler = Autoscaler(view, mode="act")
+    _load(view, 200.0)
+    assert scaler.evaluate(20.0) == [] and scaler.evaluate(22.0) == []  # nothing to aim at
+    assert "no objective" in scaler.models["m"].report["reason"]
     with pytest.raises(ValueError, match="mode"):
-        Autoscaler(view, Objective(ttft=1.0), mode="sometimes")
+        Autoscaler(view, mode="sometimes")
     assert Objective(ttft=1.0, e2e=5.0).met(0.9, 4.0)
     assert not Objective(ttft=1.0, e2e=5.0).met(0.9, 6.0)
     assert not Objective(ttft=1.0).met(0.7, math.inf, factor=0.6)

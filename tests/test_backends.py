@@ -58,6 +58,29 @@ def test_yaml_full_entry() -> None:
     assert isinstance(specs[0].weight, float)
 
 
+def test_objectives_per_model_the_strictest_wins() -> None:
+    from blockproxy.cluster.view import ClusterView
+    specs = yaml_backends("""
+        defaults: {slo_ttft_ms: 1500}
+        backends:
+          - {url: "http://a:1", models: [chat]}
+          - {url: "http://b:1", models: [chat], slo_ttft_ms: 800, slo_e2e_ms: 20000}
+          - {url: "http://c:1", models: [batch], slo_ttft_ms: 0}
+          - {url: "http://d:1", models: [other]}
+    """)
+    assert specs[1].slo_ttft_ms == 800.0 and specs[0].slo_e2e_ms is None
+    view = ClusterView("llama-3.1-8b-h100-tp1", slo_ttft_ms=3000, slo_e2e_ms=60000)
+    view.apply(specs)
+    assert view.objective("chat") == (0.8, 20.0)
+    assert view.objective("batch") == (0.0, 60.0)  # 0: explicitly none
+    assert view.objective("other") == (1.5, 60.0)  # the file's default
+    view.apply([BackendSpec(url="http://e:1", name="e", models=("x",))])
+    assert view.objective("x") == (3.0, 60.0)  # the proxy's
+    for bad in ("-1", "fast", "true", ".inf"):
+        err = yaml_error(f"backends: [{{url: 'http://a:1', slo_ttft_ms: {bad}}}]")
+        assert err.field == "backends[0].slo_ttft_ms" and "milliseconds" in err.reason
+
+
 def test_yaml_defaults_and_bare_urls() -> None:
     specs = yaml_backends("""
         defaults:

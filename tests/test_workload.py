@@ -238,3 +238,30 @@ def test_prefix_reuse_counts_tokens_of_blocks_seen_before() -> None:
     # 1024 + 700 + 100 tokens; reused: block 1 of the second (512) and of the third (100)
     assert prefix_reuse(specs) == (512 + 100) / (1024 + 700 + 100)
     assert prefix_reuse([RequestSpec(10, 1, 0.0)]) is None
+
+
+# ---- rate schedules (on/off loads with ramps) ---------------------------------------------
+
+def test_a_rate_schedule_is_parsed_and_checked() -> None:
+    assert workload.parse_schedule("0:10,5:10,6:40") == [(0.0, 10.0), (5.0, 10.0), (6.0, 40.0)]
+    assert workload.parse_schedule("2:10,4:0") == [(0.0, 10.0), (2.0, 10.0), (4.0, 0.0)]
+    for bad in ("", "10", "0:10,0:20", "0:-1,5:3", "0:0,5:0", "0:x,5:3", "0:inf,5:1"):
+        with pytest.raises(ValueError):
+            workload.parse_schedule(bad)
+
+
+def test_schedule_arrivals_follow_the_rate_and_stop_at_the_end() -> None:
+    points = workload.parse_schedule("0:100,20:100,21:400,41:400,42:0")
+    times = workload.schedule_times(points, seed=3)
+    assert times == sorted(times) and times[-1] <= 42.0
+    low = sum(1 for t in times if t < 20)
+    high = sum(1 for t in times if 21 <= t < 41)
+    assert low == pytest.approx(2000, rel=0.08)
+    assert high == pytest.approx(8000, rel=0.05)
+    ramp = [t for t in times if 20 <= t < 21]  # the ramp: 250 expected, denser at its end
+    assert len(ramp) == pytest.approx(250, rel=0.25)
+    assert sum(1 for t in ramp if t >= 20.5) > sum(1 for t in ramp if t < 20.5)
+    assert workload.schedule_times(points, seed=3) == times  # seeded
+    assert len(workload.schedule_times(points, seed=3, limit=10)) == 10
+    specs = workload.assign_schedule(workload.synthetic(5), points)
+    assert [s.arrival_s for s in specs] == workload.schedule_times(points, seed=0)[:5]

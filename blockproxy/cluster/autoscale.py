@@ -111,7 +111,7 @@ class _Model:
 class Autoscaler:
     """Desired instance counts per model, and (``act``) the state changes to get there."""
 
-    def __init__(self, view: ClusterView, objective: Objective, *, mode: str = "advise",
+    def __init__(self, view: ClusterView, *, mode: str = "advise",
                  signal: str = "predicted", window: float = 10.0, horizon: float = 30.0,
                  down_margin: float = 0.6, down_after: float = 60.0,
                  up_cooldown: float = 10.0, min_instances: int = 1,
@@ -121,11 +121,7 @@ class Autoscaler:
         if signal not in SIGNALS:
             raise ValueError(f"autoscale signal must be one of {', '.join(SIGNALS)}, "
                              f"got {signal!r}")
-        if signal == "predicted" and not objective and mode != "off":
-            raise ValueError("autoscaling on predictions needs an objective: --slo-ttft-ms "
-                             "or --slo-e2e-ms")
         self.view = view
-        self.objective = objective
         self.mode = mode
         self.signal = signal
         self.window = window
@@ -196,10 +192,10 @@ class Autoscaler:
             return 0.0, 0, 0, 0
         return rate, round(prompt / rate), round(cached / rate), round(output / rate)
 
-    def what_if(self, instances: list[Instance], load: tuple[float, int, int, int]
-                ) -> WhatIf:
+    def what_if(self, instances: list[Instance], load: tuple[float, int, int, int],
+                objective: Objective) -> WhatIf:
         """The latency of a mean request once ``load`` split over ``instances`` has run
-        for the horizon (the worst instance's)."""
+        for the horizon (the worst instance's), and whether it meets ``objective``."""
         rate, prompt, cached, output = load
         k = len(instances)
         if k == 0:
@@ -219,7 +215,7 @@ class Autoscaler:
             o = inst.overhead.seconds
             worst_ttft = max(worst_ttft, p[0] + o)
             worst_e2e = max(worst_e2e, p[1] + o)
-        return WhatIf(k, worst_ttft, worst_e2e, self.objective.met(worst_ttft, worst_e2e),
+        return WhatIf(k, worst_ttft, worst_e2e, objective.met(worst_ttft, worst_e2e),
                       [i.name for i in instances])
 
     # ---- the decision ----------------------------------------------------------------------
@@ -247,10 +243,15 @@ class Autoscaler:
                 inst.state = STANDBY
                 changes.append((model, "standby", inst))
         load = self.load(model, now)
+        objective = Objective(*self.view.objective(model))
         if self.signal == "queue":
             want, why, report = self._queue_wish(active, now, m)
+        elif not objective:
+            want, why, report = len(active), "no objective: set --slo-ttft-ms or " \
+                "--slo-e2e-ms (or slo_ttft_ms in the backends file)", {}
         else:
-            want, why, report = self._predicted_wish(active, standby, load, now, m)
+            want, why, report = self._predicted_wish(active, standby, load, now, m,
+                                                     objective)
         m.desired = want
         changes += self._act(model, m, active, standby, want, why, now)
         rate, prompt, cached, output = load
@@ -264,14 +265,14 @@ class Autoscaler:
         return changes
 
     def _predicted_wish(self, active: list[Instance], standby: list[Instance],
-                        load: tuple[float, int, int, int], now: float, m: _Model
-                        ) -> tuple[int, str, dict[str, Any]]:
+                        load: tuple[float, int, int, int], now: float, m: _Model,
+                        objective: Objective) -> tuple[int, str, dict[str, Any]]:
         n = len(active)
-        fewer = self.what_if(active[:-1], load) if n > 1 else None
-        same = self.what_if(active, load)
-        more = self.what_if(active + standby[:1], load) if standby else None
-        report: dict[str, Any] = {"objective": {"ttft_s": self.objective.ttft,
-                                                "e2e_s": self.objective.e2e},
+        fewer = self.what_if(active[:-1], load, objective) if n > 1 else None
+        same = self.what_if(active, load, objective)
+        more = self.what_if(active + standby[:1], load, objective) if standby else None
+        report: dict[str, Any] = {"objective": {"ttft_s": objective.ttft,
+                                                "e2e_s": objective.e2e},
                                   "what_if": [w.as_dict() for w in (fewer, same, more) if w]}
         missing = m.misses >= 3.0 and m.misses >= 0.02 * m.arrivals
         if missing or not same.meets:
@@ -284,7 +285,7 @@ class Autoscaler:
             return n, why + " (once: waiting for a second evaluation)", report
         m.up_streak = 0
         safe = (fewer is not None and n - 1 >= self.min_instances and m.misses < 1.0
-                and self.objective.met(fewer.ttft, fewer.e2e, self.down_margin))
+                and objective.met(fewer.ttft, fewer.e2e, self.down_margin))
         if not safe:
             m.down_since = math.nan
             return n, "the objective is met and one fewer would not meet it with margin", \

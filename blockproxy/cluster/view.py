@@ -29,6 +29,9 @@ class ClusterView:
     arrival_window: float = 30.0
     future_arrivals: int = 256
     learn_overhead: bool = True
+    #: the proxy's latency objectives, ms (0: none); the backends file may override them
+    slo_ttft_ms: float = 0.0
+    slo_e2e_ms: float = 0.0
     instances: dict[str, Instance] = field(default_factory=dict)
     #: told of every local reserve/release on any instance (the gossiper), or None
     listener: RequestListener | None = None
@@ -143,9 +146,33 @@ class ClusterView:
                 out |= inst.models
         return out
 
+    def objective(self, model: str) -> tuple[float, float]:
+        """``model``'s (TTFT, E2E) objectives in seconds (0: none): the strictest an
+        instance serving it sets in the backends file, else the proxy's."""
+        ttft: list[float] = []
+        e2e: list[float] = []
+        for inst in self.instances.values():
+            spec = inst.spec
+            if inst.removed or not inst.serves(model):
+                continue
+            if spec.slo_ttft_ms is not None:
+                ttft.append(spec.slo_ttft_ms)
+            if spec.slo_e2e_ms is not None:
+                e2e.append(spec.slo_e2e_ms)
+        return (_strictest(ttft, self.slo_ttft_ms) / 1000.0,
+                _strictest(e2e, self.slo_e2e_ms) / 1000.0)
+
     def knows_model(self, model: str) -> bool:
         """False only when every instance's models are known and none serves ``model``."""
         return any(i.serves(model) for i in self.instances.values() if not i.removed)
+
+
+def _strictest(values: list[float], default: float) -> float:
+    """The smallest positive of ``values`` (0 when all say none), or ``default``."""
+    if not values:
+        return default
+    positive = [v for v in values if v > 0]
+    return min(positive) if positive else 0.0
 
 
 def _needs_rebuild(old: BackendSpec, new: BackendSpec) -> bool:

@@ -70,13 +70,14 @@ def priority_of(header: str | None) -> int:
 class Held:
     """One request waiting for admission."""
 
-    __slots__ = ("arrived", "deadline", "dispatch", "future", "key", "service", "tenant",
-                 "timer")
+    __slots__ = ("arrived", "deadline", "dispatch", "future", "key", "service", "slo",
+                 "tenant", "timer")
 
     def __init__(self, key: tuple[int, float, int], tenant: str, arrived: float,
                  deadline: float, dispatch: TryDispatch, service: float,
-                 future: asyncio.Future[Entry]) -> None:
+                 future: asyncio.Future[Entry], slo: float) -> None:
         self.key = key
+        self.slo = slo
         self.tenant = tenant
         self.arrived = arrived
         self.deadline = deadline
@@ -89,8 +90,7 @@ class Held:
 class Admission:
     """The admission queue of one proxy."""
 
-    def __init__(self, slo_ttft: float, capacity: int, metrics: Metrics) -> None:
-        self.slo_ttft = slo_ttft
+    def __init__(self, capacity: int, metrics: Metrics) -> None:
         self.capacity = max(capacity, 1)
         self.metrics = metrics
         self.held = 0
@@ -106,35 +106,36 @@ class Admission:
 
     # ---- the request's side ---------------------------------------------------------------
     async def admit(self, dispatch: TryDispatch, idle_service: Callable[[], float],
-                    tenant: str, priority: int, arrived: float) -> Entry:
+                    tenant: str, priority: int, arrived: float, slo: float) -> Entry:
         """Dispatch now if an instance is predicted in time and nobody waits, else hold
         until one is; the entry, or :class:`ApiError` 429.  ``idle_service()``: seconds
         to the request's first token on the fastest instance were it idle (a deadline
-        closer than this cannot be met); ``arrived``: ``time.monotonic()`` at arrival."""
+        closer than this cannot be met); ``arrived``: ``time.monotonic()`` at arrival;
+        ``slo``: its model's TTFT objective, seconds."""
         tried = not self.held
         if tried:
-            entry = dispatch(self.slo_ttft - (time.monotonic() - arrived), False)
+            entry = dispatch(slo - (time.monotonic() - arrived), False)
             if entry is not None:
                 self._outcome["admitted"].inc()
                 return entry
         service = idle_service()
-        deadline = arrived + self.slo_ttft
+        deadline = arrived + slo
         now = time.monotonic()
         if deadline - now < service:
             raise self._refuse("rejected_deadline", "no instance can give its first token "
-                               f"within the {self.slo_ttft * 1000:g} ms objective")
+                               f"within the {slo * 1000:g} ms objective", slo)
         wait = self._expected_wait(self._position(tenant, priority), now)
         if now + wait + service > deadline:
             raise self._refuse("rejected_deadline", f"{self.held} requests are waiting; "
-                               f"its turn would come past the {self.slo_ttft * 1000:g} ms "
-                               "objective", wait)
+                               f"its turn would come past the {slo * 1000:g} ms "
+                               "objective", slo, wait)
         if self.held >= self.capacity and not self._push_out(tenant):
             raise self._refuse("rejected_full", f"the admission queue is full "
-                               f"({self.capacity} requests)")
+                               f"({self.capacity} requests)", slo)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Entry] = loop.create_future()
         held = Held((-priority, deadline, next(self._seq)), tenant, arrived, deadline,
-                    dispatch, service, future)
+                    dispatch, service, future, slo)
         self._push(held)
         held.timer = loop.call_at(loop.time() + (deadline - service - now), self._expire,
                                   held)
@@ -206,7 +207,8 @@ class Admission:
         _, victim = max(self._queues[most])
         self._drop(victim)
         victim.future.set_exception(self._refuse(
-            "rejected_full", "the admission queue is full and its tenant holds the most"))
+            "rejected_full", "the admission queue is full and its tenant holds the most",
+            victim.slo))
         return True
 
     def _release(self) -> None:
@@ -225,7 +227,7 @@ class Admission:
                     self._pop_head(tenant)
                     held.future.set_exception(self._refuse(
                         "rejected_deadline", "it could not be started within the "
-                        f"{self.slo_ttft * 1000:g} ms objective"))
+                        f"{held.slo * 1000:g} ms objective", held.slo))
                     continue
                 misses += 1
                 continue
@@ -244,7 +246,7 @@ class Admission:
         self._drop(held)
         held.future.set_exception(self._refuse(
             "rejected_deadline", "it could not be started within the "
-            f"{self.slo_ttft * 1000:g} ms objective"))
+            f"{held.slo * 1000:g} ms objective", held.slo))
 
     async def _run(self) -> None:
         try:
@@ -279,10 +281,10 @@ class Admission:
         rate = (len(r) - 1) / max(r[-1] - r[0], 1e-3)
         return position / rate
 
-    def _refuse(self, outcome: str, why: str, wait: float = 0.0) -> ApiError:
+    def _refuse(self, outcome: str, why: str, slo: float, wait: float = 0.0) -> ApiError:
         self._outcome[outcome].inc()
         if wait <= 0:
-            wait = self._expected_wait(self.held, time.monotonic()) or self.slo_ttft
+            wait = self._expected_wait(self.held, time.monotonic()) or slo
         retry = min(max(math.ceil(wait), 1), 60)
         return ApiError(429, f"overloaded: {why}; retry after {retry} s", "RateLimitError",
                         headers={"Retry-After": str(retry)})

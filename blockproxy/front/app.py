@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from blockproxy.backends import BackendSpec, BackendsWatcher
-from blockproxy.cluster.autoscale import MODES, Autoscaler, Objective
+from blockproxy.cluster.autoscale import Autoscaler
 from blockproxy.cluster.prober import Prober
 from blockproxy.cluster.scraper import Scraper
 from blockproxy.cluster.view import ClusterView
@@ -67,7 +67,8 @@ class Proxy:
         self.view = ClusterView(config.profile, config.past_prediction_tokens, config.calibrate,
                                 config.speed, arrival_window=config.arrival_window,
                                 future_arrivals=config.future_arrivals,
-                                learn_overhead=config.learn_overhead)
+                                learn_overhead=config.learn_overhead,
+                                slo_ttft_ms=config.slo_ttft_ms, slo_e2e_ms=config.slo_e2e_ms)
         self.view.apply(specs)
         self.metrics = Metrics(self.view)
         self.gate = Gate(self.metrics.in_flight, config.max_in_flight)
@@ -113,17 +114,14 @@ class Proxy:
                                    self.generate, self.predictor, self.rng, self.gossip,
                                    self.scraper)
         self.autoscaler: Autoscaler | None = None
-        objective = Objective(config.slo_ttft_ms / 1000.0, config.slo_e2e_ms / 1000.0)
-        if config.autoscale != "off" and (objective or config.autoscale_signal == "queue"):
+        if config.autoscale != "off":
             self.autoscaler = Autoscaler(
-                self.view, objective, mode=config.autoscale, signal=config.autoscale_signal,
+                self.view, mode=config.autoscale, signal=config.autoscale_signal,
                 horizon=config.arrival_window, down_margin=config.scale_down_margin,
                 down_after=config.scale_down_after, up_cooldown=config.scale_up_cooldown,
                 min_instances=config.min_instances, queue_target=config.scale_queue_target)
             self.metrics.add_autoscaler(self.autoscaler)
             self.generate.autoscaler = self.autoscaler
-        elif config.autoscale not in MODES:
-            raise ValueError(f"--autoscale must be one of {', '.join(MODES)}")
         self._desired: dict[str, int] = {}
         self._scale_commands: set[asyncio.Task[None]] = set()
         self.supervisor = Supervisor(self.metrics.task_restarts)
@@ -229,9 +227,7 @@ class Proxy:
     async def autoscale_report(self, request: web.Request) -> web.Response:
         """``/autoscale``: the desired instances per model and the reasoning."""
         if self.autoscaler is None:
-            body: dict[str, object] = {"mode": "off", "why": (
-                "auto-provisioning needs an objective (--slo-ttft-ms or --slo-e2e-ms) or "
-                "--autoscale-signal queue, and --autoscale advise or act")}
+            body: dict[str, object] = {"mode": "off", "models": {}}
         else:
             body = self.autoscaler.describe()
         return web.json_response(body)

@@ -115,10 +115,10 @@ class GenerateHandler:
         self.gate = gate
         self.policy_name = dispatcher.policy.name
         self._counted: dict[tuple[str, int], Any] = {}
-        self.slo_ttft = config.slo_ttft_ms / 1000.0
-        self.slo_e2e = config.slo_e2e_ms / 1000.0
-        self.admission = (Admission(self.slo_ttft, config.admission_queue, metrics)
-                          if self.slo_ttft > 0 and config.admission else None)
+        #: holds what no instance can start within its model's TTFT objective (when the
+        #: proxy or the backends file sets one)
+        self.admission = Admission(config.admission_queue, metrics) if config.admission \
+            else None
         #: told of every request's predicted fate (auto-provisioning), when it runs
         self.autoscaler: Autoscaler | None = None
 
@@ -233,7 +233,8 @@ class GenerateHandler:
             [c for c in everyone if c not in tried]
 
     async def _admit(self, request: web.Request, info: RequestInfo, job: Job,
-                     pool: list[Instance], arrived: float) -> Entry:
+                     pool: list[Instance], arrived: float, slo: tuple[float, float]
+                     ) -> Entry:
         """Dispatch under the TTFT objective: at once, or after holding (or 429)."""
         assert self.admission is not None
         priority = priority_of(request.headers.get(PRIORITY_HEADER))
@@ -249,18 +250,18 @@ class GenerateHandler:
         try:
             entry = await self.admission.admit(
                 dispatch, lambda: self.dispatcher.idle_service(pool, job), tenant, priority,
-                arrived)
-            missed = entry.held_s > 0 or self._misses(entry)
+                arrived, slo[0])
+            missed = entry.held_s > 0 or self._misses(entry, slo)
             return entry
         finally:  # held, refused or dispatched: predicted to miss unless dispatched at once
             if self.autoscaler is not None:
                 self.autoscaler.observe(info.model, time.perf_counter(), missed)
 
-    def _misses(self, entry: Entry) -> bool:
+    @staticmethod
+    def _misses(entry: Entry, slo: tuple[float, float]) -> bool:
         """Whether the dispatched request is predicted to miss an objective (with
         ``block``, on the best instance: so on every one)."""
-        return (0 < self.slo_ttft < entry.predicted_ttft) or \
-            (0 < self.slo_e2e < entry.predicted_e2e)
+        return (0 < slo[0] < entry.predicted_ttft) or (0 < slo[1] < entry.predicted_e2e)
 
     async def _serve(self, request: web.Request, info: RequestInfo,
                      candidates: list[Instance], arrived: float) -> web.StreamResponse:
@@ -277,12 +278,14 @@ class GenerateHandler:
             pool = self._pool(info.model, tried)
             if not pool:
                 break
-            if attempt == 0 and self.admission is not None:
-                entry = await self._admit(request, info, job, pool, arrived)
+            slo = self.view.objective(info.model) if attempt == 0 else (0.0, 0.0)
+            if slo[0] > 0 and self.admission is not None:
+                entry = await self._admit(request, info, job, pool, arrived, slo)
             else:
                 entry = self.dispatcher.dispatch(pool, job)
                 if attempt == 0 and self.autoscaler is not None:
-                    self.autoscaler.observe(info.model, time.perf_counter(), self._misses(entry))
+                    self.autoscaler.observe(info.model, time.perf_counter(),
+                                            self._misses(entry, slo))
             # one stream event is one token of one sequence: with several, events do not
             # time engine steps, so such a request is estimated rather than observed
             entry.observed = info.stream and info.sequences == 1
@@ -535,8 +538,8 @@ class GenerateHandler:
                     if not entry.first_token_at:
                         inst.first_token(entry, now)
                         count -= 1
-                        if part.first and self.slo_ttft > 0:
-                            self._slo(entry)
+                        if part.first:
+                            self._slo(entry, part.model)
                         if part.failed_at:
                             self.metrics.continuation_gap.observe(now - part.failed_at)
                         if stall > 0:
@@ -668,11 +671,13 @@ class GenerateHandler:
         if entry.first_token_at:
             self.metrics.ttft.observe(entry.first_token_at - entry.dispatched_at)
 
-    def _slo(self, entry: Entry) -> None:
-        """Count a stream's first token against the TTFT objective, from its arrival
-        (the time it was held included)."""
-        ttft = entry.first_token_at - entry.dispatched_at + entry.held_s
-        self.metrics.slo.labels("met" if ttft <= self.slo_ttft else "missed").inc()
+    def _slo(self, entry: Entry, model: str) -> None:
+        """Count a stream's first token against its model's TTFT objective (if any), from
+        its arrival (the time it was held included)."""
+        slo = self.view.objective(model)[0]
+        if slo > 0:
+            ttft = entry.first_token_at - entry.dispatched_at + entry.held_s
+            self.metrics.slo.labels("met" if ttft <= slo else "missed").inc()
 
     def _learn(self, info: RequestInfo, job: Job, entry: Entry, usage: Usage, output: int,
                done: float) -> None:
