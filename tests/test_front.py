@@ -96,7 +96,7 @@ async def test_debug_view_and_models(client: Client) -> None:
 
 
 async def test_background_loops_run_with_the_app(client: Client, proxy: Proxy) -> None:
-    assert set(proxy.supervisor.tasks) == {"probe", "progress", "kv_events"}
+    assert set(proxy.supervisor.tasks) == {"probe", "progress", "kv_events", "autoscale"}
     assert all(not t.done() for t in proxy.supervisor.tasks.values())
 
 
