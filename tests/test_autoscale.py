@@ -78,29 +78,33 @@ def test_what_if_needs_more_instances_than_one_can_serve() -> None:
     assert idle.meets and idle.ttft < 0.1
 
 
-def test_scales_up_after_two_evaluations_then_cools_down() -> None:
-    view = _view(2, standby=2)
-    now = _load(view, 240.0)  # ~60 per second per instance even with all four
+def test_scales_up_to_what_is_needed_after_two_evaluations_then_cools_down() -> None:
+    view = _view(2, standby=6)
+    now = _load(view, 120.0)
     scaler = _scaler(view)
-
     fed = [now]
 
-    def at(t: float) -> list[tuple[str, str, Instance]]:  # the load goes on meanwhile
-        fed[0] = _load(view, 240.0, fed[0], now + t - fed[0])
+    def at(t: float, rate: float) -> list[tuple[str, str, Instance]]:  # the load goes on
+        fed[0] = _load(view, rate, fed[0], now + t - fed[0])
         return scaler.evaluate(now + t)
     assert scaler.evaluate(now) == []  # once is not yet a trend
     report = scaler.models["m"].report
-    assert report["desired"] == 2 and "second evaluation" in report["reason"]
-    ((model, action, inst),) = at(2)
-    assert (model, action, inst.name) == ("m", "up", "s0") and inst.state == "active"
+    need = report["needed"]
+    assert 3 <= need <= 5 and report["desired"] == 2
+    assert "second evaluation" in report["reason"]
+    changes = at(2, 120.0)  # every instance needed at once, in the file's order
+    assert [(a, i.name) for _, a, i in changes] == [("up", f"s{k}") for k in range(need - 2)]
+    assert all(i.state == "active" for _, _, i in changes)
     assert scaler.history[-1]["action"] == "up"
-    # still short, but not again within the cooldown (10 s)
-    assert at(4) == [] and at(6) == []
-    assert scaler.models["m"].desired == 4
-    assert [a for _, a, _ in at(13)] == ["up"]
-    # nothing left to activate: the wish stays, for an HPA to act on
-    at(30)
-    assert at(32) == [] and scaler.models["m"].desired == 5
+    # the load triples: more needed, but not within the cooldown (10 s)
+    assert at(4, 360.0) == [] and at(6, 360.0) == []
+    assert scaler.models["m"].desired > need
+    added = at(13, 360.0)
+    assert added and all(a == "up" for _, a, _ in added)
+    # past the last standby instance the wish stays, for an HPA to act on
+    at(30, 600.0)
+    assert at(32, 600.0) == [] and scaler.models["m"].desired > 8
+    assert sum(i.state == "active" for i in view.instances.values()) == 8
 
 
 def test_scales_down_only_after_a_sustained_surplus_and_drains_first() -> None:
@@ -172,10 +176,10 @@ def test_queue_signal_scales_like_an_hpa_on_waiting_requests() -> None:
     scaler = Autoscaler(view, mode="act", signal="queue", queue_target=4.0,
                         down_after=30.0, up_cooldown=0.0)
     entries = [view.instances[f"a{k % 2}"].requests.reserve(100, 10, 0.0) for k in range(20)]
-    ((_, action, inst),) = scaler.evaluate(1.0)  # 20 waiting: 5 instances' worth, at once
-    assert action == "up" and scaler.models["m"].desired == 5
-    assert [a for _, a, _ in scaler.evaluate(2.0)] == ["up"]
-    assert scaler.models["m"].report["waiting"] == 20
+    # 20 waiting: 5 instances' worth, all there are at once (as an HPA scales)
+    assert [(a, i.name) for _, a, i in scaler.evaluate(1.0)] == [("up", "s0"), ("up", "s1")]
+    assert scaler.models["m"].desired == 5 and scaler.models["m"].report["waiting"] == 20
+    assert scaler.evaluate(2.0) == []  # none left
     for entry in entries[:4]:  # 16 over 4 instances: on target, no wish to change
         entry.instance.requests.release(entry)
     scaler.evaluate(3.0)

@@ -4,27 +4,29 @@ Evaluated per model every few seconds (:meth:`Autoscaler.evaluate`), from the vi
 so every proxy sharing the view by gossip computes the same figure.
 
 *What-if.*  The recent arrivals (all instances' decayed arrival processes,
-:mod:`blockproxy.cluster.arrivals`: rate and mean sizes) are split evenly over ``k``
-instances, and each is simulated from idle with that stream running for the horizon
-(at most ``--future-arrivals`` requests); then a request of the mean sizes arrives and
-the simulator gives its TTFT and E2E (``new_at``, :mod:`blockproxy.simulator.reference`).
-Once the stream has run that long, the queue it leaves is the queue a load beyond the
-instances' capacity builds: the late request's latency is what arriving requests would
-see with ``k`` instances.  The figure for ``k`` is the worst of its instances; ``k`` runs
-over N-1 (without the least useful active instance: the slowest, then the last in the
-backends file), N and N+1 (with the first standby instance).
+:mod:`blockproxy.cluster.arrivals`: rate and mean sizes), times ``headroom`` (for the
+bursts and size spread a mean stream does not have), are split evenly over ``k``
+instances, and each kind of instance is simulated from idle with that stream running for
+the horizon (at most ``--future-arrivals`` requests); then a request of the mean sizes
+arrives and the simulator gives its TTFT and E2E (``new_at``,
+:mod:`blockproxy.simulator.reference`).  Once the stream has run that long, the queue it
+leaves is the queue a load beyond the instances' capacity builds: the late request's
+latency is what arriving requests would see with ``k`` instances.  The figure for ``k`` is
+the worst kind's.  The *needed* count is the fewest ``k`` meeting the objective (the most
+useful instances first: the fastest, then in the backends file's order; then more of the
+first kind, what an HPA would start), found by bisection.
 
-*Scale up* (Block's rule, with evidence from two sides): when, over the last window,
-requests were predicted at dispatch to miss the objective on every candidate (the
-admission queue's holds and refusals among them), or the what-if for N misses it, at two
-evaluations in a row; then not again within ``up_cooldown``.  A standby instance of the
-backends file becomes active and takes traffic at once.
+*Scale up* (Block's rule, sized by the simulator): when more instances are needed than
+are active, or, over the last window, requests were predicted at dispatch to miss the
+objective on every candidate (the admission queue's holds and refusals among them; then
+at least one more), at two evaluations in a row: that many standby instances of the
+backends file become active at once; then none within ``up_cooldown``.
 
-*Scale down* (beyond Block): when the what-if for N-1 meets the objective with a margin
+*Scale down* (beyond Block): when fewer would meet the objective with a margin
 (``down_margin`` x the objective) and nothing was predicted to miss, continuously for
-``down_after`` seconds, and no action came within that time: the least useful active
-instance is set to draining (its streams hand over, :mod:`blockproxy.front.generate`), and
-to standby once it is idle.  Never below ``min_instances``.
+``down_after`` seconds, and no action came within that time: the surplus (least useful
+first) is set to draining (its streams hand over, :mod:`blockproxy.front.generate`), and
+each to standby once it is idle.  Never below ``min_instances``.
 
 *Queue signal* (``signal="queue"``): the reactive baseline instead, what a Kubernetes
 HorizontalPodAutoscaler on ``vllm:num_requests_waiting`` does: desired =
@@ -115,7 +117,7 @@ class Autoscaler:
                  signal: str = "predicted", window: float = 10.0, horizon: float = 30.0,
                  down_margin: float = 0.6, down_after: float = 60.0,
                  up_cooldown: float = 10.0, min_instances: int = 1,
-                 queue_target: float = 4.0) -> None:
+                 queue_target: float = 4.0, headroom: float = 1.25) -> None:
         if mode not in MODES:
             raise ValueError(f"autoscale mode must be one of {', '.join(MODES)}, got {mode!r}")
         if signal not in SIGNALS:
@@ -131,6 +133,7 @@ class Autoscaler:
         self.up_cooldown = up_cooldown
         self.min_instances = max(min_instances, 1)
         self.queue_target = queue_target
+        self.headroom = headroom
         self.models: dict[str, _Model] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -193,16 +196,26 @@ class Autoscaler:
         return rate, round(prompt / rate), round(cached / rate), round(output / rate)
 
     def what_if(self, instances: list[Instance], load: tuple[float, int, int, int],
-                objective: Objective) -> WhatIf:
+                objective: Objective, factor: float = 1.0) -> WhatIf:
         """The latency of a mean request once ``load`` split over ``instances`` has run
-        for the horizon (the worst instance's), and whether it meets ``objective``."""
+        for the horizon (the worst instance's), and whether it is within ``factor`` x
+        ``objective``.  Instances of one kind (profile, limits, calibrated speed and
+        overhead) are simulated once: from idle, they give the same answer."""
         rate, prompt, cached, output = load
         k = len(instances)
         if k == 0:
             return WhatIf(0, math.inf, math.inf, False)
         worst_ttft = worst_e2e = 0.0
         probe = (max(prompt, 1), cached, max(output, 1))
+        seen: set[tuple[Any, ...]] = set()
         for inst in instances:
+            o = inst.overhead.seconds
+            # calibrated speeds differ a little per instance: kinds are 5% apart
+            kind = (id(inst.profile), inst.limits, round(inst.model.speed * 20),
+                    round(o, 3))
+            if kind in seen:
+                continue
+            seen.add(kind)
             limit = 0
             interval = math.inf
             if rate > 0:
@@ -212,11 +225,33 @@ class Autoscaler:
             new_at = limit * interval if limit else 0.0
             p = inst.model.predict(_EMPTY, 0, *probe, math.inf, interval, prompt, cached,
                                    output, limit, new_at)
-            o = inst.overhead.seconds
             worst_ttft = max(worst_ttft, p[0] + o)
             worst_e2e = max(worst_e2e, p[1] + o)
-        return WhatIf(k, worst_ttft, worst_e2e, objective.met(worst_ttft, worst_e2e),
+        return WhatIf(k, worst_ttft, worst_e2e, objective.met(worst_ttft, worst_e2e, factor),
                       [i.name for i in instances])
+
+    def needed(self, pool: list[Instance], load: tuple[float, int, int, int],
+               objective: Objective, factor: float = 1.0) -> tuple[int, WhatIf]:
+        """The fewest instances (the most useful of ``pool`` first, then more of its
+        first kind: what an HPA would start) whose what-if, under the recent load times
+        the headroom, is within ``factor`` x ``objective``; and that what-if."""
+        rate, prompt, cached, output = load
+        planned = (rate * self.headroom, prompt, cached, output)
+
+        def fleet(k: int) -> list[Instance]:
+            return pool[:k] if k <= len(pool) else pool + [pool[0]] * (k - len(pool))
+        lo, hi = self.min_instances, max(4 * len(pool), 16)
+        best = self.what_if(fleet(hi), planned, objective, factor)
+        if not best.meets:
+            return hi, best
+        while lo < hi:  # the fewest that meet it: latency falls as instances are added
+            mid = (lo + hi) // 2
+            w = self.what_if(fleet(mid), planned, objective, factor)
+            if w.meets:
+                hi, best = mid, w
+            else:
+                lo = mid + 1
+        return hi, best
 
     # ---- the decision ----------------------------------------------------------------------
     def evaluate(self, now: float) -> list[tuple[str, str, Instance]]:
@@ -268,36 +303,44 @@ class Autoscaler:
                         load: tuple[float, int, int, int], now: float, m: _Model,
                         objective: Objective) -> tuple[int, str, dict[str, Any]]:
         n = len(active)
-        fewer = self.what_if(active[:-1], load, objective) if n > 1 else None
-        same = self.what_if(active, load, objective)
-        more = self.what_if(active + standby[:1], load, objective) if standby else None
-        report: dict[str, Any] = {"objective": {"ttft_s": objective.ttft,
-                                                "e2e_s": objective.e2e},
-                                  "what_if": [w.as_dict() for w in (fewer, same, more) if w]}
+        pool = active + standby
+        if not pool:
+            return 0, "no instance", {}
+        need, at_need = self.needed(pool, load, objective)
+        calm, _ = self.needed(pool, load, objective, self.down_margin)
+        planned = (load[0] * self.headroom, *load[1:])
+        around = [self.what_if(active[:k] if k <= n else pool[:k], planned, objective)
+                  for k in (n - 1, n, n + 1) if 0 < k <= len(pool)]
+        report: dict[str, Any] = {
+            "objective": {"ttft_s": objective.ttft, "e2e_s": objective.e2e},
+            "headroom": self.headroom, "needed": need, "needed_with_margin": calm,
+            "what_if": [w.as_dict() for w in around],
+            "what_if_needed": at_need.as_dict()}
         missing = m.misses >= 3.0 and m.misses >= 0.02 * m.arrivals
-        if missing or not same.meets:
+        if missing or need > n:
             m.up_streak += 1
             m.down_since = math.nan
-            why = ("requests were predicted to miss the objective on every instance"
-                   if missing else f"the recent load is predicted to miss it with {n}")
+            want = max(need, n + 1)
+            why = (f"requests were predicted to miss the objective on every instance; "
+                   f"{need} needed" if missing and need <= n else
+                   f"the recent load (x{self.headroom:g} headroom) needs {need}")
             if m.up_streak >= 2:
-                return n + 1, why, report
+                return want, why, report
             return n, why + " (once: waiting for a second evaluation)", report
         m.up_streak = 0
-        safe = (fewer is not None and n - 1 >= self.min_instances and m.misses < 1.0
-                and objective.met(fewer.ttft, fewer.e2e, self.down_margin))
-        if not safe:
+        target = max(calm, self.min_instances)
+        if target >= n or m.misses >= 1.0:
             m.down_since = math.nan
-            return n, "the objective is met and one fewer would not meet it with margin", \
+            return n, f"{n} needed ({calm} within {self.down_margin:g} of the objective)", \
                 report
         if m.down_since != m.down_since:
             m.down_since = now
         held = now - m.down_since
         if held >= self.down_after:
-            return n - 1, (f"{n - 1} instances would meet the objective with margin, for "
-                           f"{held:.0f} s"), report
-        return n, (f"{n - 1} would meet the objective with margin for {held:.0f} s of the "
-                   f"{self.down_after:g} s needed"), report
+            return target, (f"{target} would meet the objective with margin, for "
+                            f"{held:.0f} s"), report
+        return n, (f"{target} would meet the objective with margin for {held:.0f} s of "
+                   f"the {self.down_after:g} s needed"), report
 
     def _queue_wish(self, active: list[Instance], now: float, m: _Model
                     ) -> tuple[int, str, dict[str, Any]]:
@@ -324,18 +367,20 @@ class Autoscaler:
 
     def _act(self, model: str, m: _Model, active: list[Instance], standby: list[Instance],
              want: int, why: str, now: float) -> list[tuple[str, str, Instance]]:
+        """Activate (or drain) as many instances as the wish says, at once."""
         n = len(active)
         if self.mode != "act":
             return []
+        changes: list[tuple[str, str, Instance]] = []
         if want > n and standby and now - m.last_action_at >= self.up_cooldown:
-            inst = standby[0]
             m.up_streak = 0
-            return self._change(model, m, "up", inst, ACTIVE, why, now)
-        if want < n and now - m.last_action_at >= self.down_after:
-            inst = active[-1]
+            for inst in standby[:want - n]:
+                changes += self._change(model, m, "up", inst, ACTIVE, why, now)
+        elif want < n and now - m.last_action_at >= self.down_after:
             m.down_since = math.nan
-            return self._change(model, m, "down", inst, DRAINING, why, now)
-        return []
+            for inst in active[want:][::-1]:
+                changes += self._change(model, m, "down", inst, DRAINING, why, now)
+        return changes
 
     def _change(self, model: str, m: _Model, direction: str, inst: Instance, state: str,
                 why: str, now: float) -> list[tuple[str, str, Instance]]:

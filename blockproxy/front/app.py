@@ -119,7 +119,8 @@ class Proxy:
                 self.view, mode=config.autoscale, signal=config.autoscale_signal,
                 horizon=config.arrival_window, down_margin=config.scale_down_margin,
                 down_after=config.scale_down_after, up_cooldown=config.scale_up_cooldown,
-                min_instances=config.min_instances, queue_target=config.scale_queue_target)
+                min_instances=config.min_instances, queue_target=config.scale_queue_target,
+                headroom=config.scale_headroom)
             self.metrics.add_autoscaler(self.autoscaler)
             self.generate.autoscaler = self.autoscaler
         self._desired: dict[str, int] = {}
