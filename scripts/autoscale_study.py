@@ -24,7 +24,9 @@ window 5 s, scale-up cooldown 2 s, scale down after 10 s of surplus, so the dyna
 minutes-long bursts fit in a run of minutes.  Admission is off (``--no-admission``): this
 measures provisioning alone.  The objective is P99 TTFT <= 2 s (real-GPU).
 
-Prints per configuration the instance-seconds (real-GPU, from the proxy's active and
+``--configs`` runs a subset and reports it with the other configurations' results of an
+earlier run (``--report-only``: runs nothing).  Prints per configuration the
+instance-seconds (real-GPU, from the proxy's active and
 draining instances sampled every 0.5 s wall), their share of ``all-on``'s, P99 and mean
 TTFT, and the requests over 2 s (SLO misses, failures included); writes the compare
 results to ``OUT_<config>.json``, a summary to ``OUT.json`` and a plot of the instances
@@ -129,13 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="results/autoscale")
     parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help="comma-separated subset of " + ", ".join(CONFIGS))
+                        help="comma-separated subset of " + ", ".join(CONFIGS) + " to run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report every configuration from its OUT_<config>"
+                             ".json of an earlier run")
     args = parser.parse_args(argv)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name in args.configs.split(","):
-        standby, extra = CONFIGS[name]
-        results[name] = summary(run_config(name, standby, extra, args))
+    run = set() if args.report_only else set(args.configs.split(","))
+    for name, (standby, extra) in CONFIGS.items():
+        if name in run:
+            results[name] = summary(run_config(name, standby, extra, args))
+        elif Path(f"{args.out}_{name}.json").exists():
+            results[name] = summary(json.loads(Path(f"{args.out}_{name}.json").read_text()))
     base = results.get("all-on", {}).get("instance_seconds")
     print(f"\n{'config':<10} {'inst-s':>8} {'vs all-on':>9} {'mean inst':>9} "
           f"{'P99 TTFT':>9} {'mean TTFT':>9} {'> 2 s':>6} {'requests':>8}")

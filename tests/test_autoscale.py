@@ -236,3 +236,17 @@ async def test_the_proxy_exports_the_decision_and_runs_the_scale_command(
     assert promtext.find(text, "blockproxy_active_instances", model="tiny") == 1
     assert promtext.find(text, "blockproxy_instance_healthy", instance="spare") == 0
     assert (promtext.find(text, "blockproxy_instance_seconds_total", model="tiny") or 0) > 0
+
+
+def test_a_burst_counts_at_once_through_the_last_seconds_arrivals() -> None:
+    view = _view(2, standby=6)
+    now = _load(view, 20.0)  # the decayed window says 20/s: two are plenty
+    scaler = _scaler(view)
+    scaler.evaluate(now)
+    assert scaler.models["m"].report["needed"] <= 2
+    for k in range(2000):  # but 200/s have arrived over the last 10 s
+        scaler.observe("m", now + k * 0.005, missed=False)
+    scaler.evaluate(now + 10)
+    report = scaler.models["m"].report
+    assert report["arrival_rate_per_s"] == pytest.approx(200.0, rel=0.05)
+    assert report["needed"] >= 4

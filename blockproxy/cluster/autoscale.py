@@ -16,6 +16,10 @@ the worst kind's.  The *needed* count is the fewest ``k`` meeting the objective 
 useful instances first: the fastest, then in the backends file's order; then more of the
 first kind, what an HPA would start), found by bisection.
 
+The rate is the higher of the arrival processes' (decayed over ``--arrival-window``,
+every proxy's requests through gossip) and this proxy's own arrivals over the last
+``window`` (10 s): up fast, down slowly.
+
 *Scale up* (Block's rule, sized by the simulator): when more instances are needed than
 are active, or, over the last window, requests were predicted at dispatch to miss the
 objective on every candidate (the admission queue's holds and refusals among them; then
@@ -99,7 +103,8 @@ class _Model:
     """What the autoscaler remembers of one model between evaluations."""
 
     misses: float = 0.0  # decayed count of requests predicted to miss everywhere
-    arrivals: float = 0.0
+    arrivals: float = 0.0  # decayed count of this proxy's requests (over ``window``)
+    first_at: float = math.nan
     decayed_at: float = 0.0
     up_streak: int = 0
     down_since: float = math.nan  # since when scaling down has looked safe
@@ -143,6 +148,8 @@ class Autoscaler:
         was predicted to miss the objective on every candidate."""
         m = self._model(model)
         self._decay(m, now)
+        if m.first_at != m.first_at:
+            m.first_at = now
         m.arrivals += 1.0
         if missed:
             m.misses += 1.0
@@ -278,6 +285,10 @@ class Autoscaler:
                 inst.state = STANDBY
                 changes.append((model, "standby", inst))
         load = self.load(model, now)
+        if m.arrivals and now > m.first_at:  # a burst shows here first: plan for the higher
+            recent = m.arrivals / (self.window * -math.expm1(-(now - m.first_at) / self.window))
+            if recent > load[0]:
+                load = (recent, *load[1:])
         objective = Objective(*self.view.objective(model))
         if self.signal == "queue":
             want, why, report = self._queue_wish(active, now, m)
