@@ -101,8 +101,9 @@ class ProxyConfig:
     scale_headroom: float = _opt(1.25, "auto-provisioning plans for the recent arrival rate "
                                        "times this (bursts and size spread beyond the "
                                        "simulated mean stream)")
-    scale_queue_target: float = _opt(4.0, "queue signal: waiting requests per instance "
-                                          "aimed at")
+    scale_queue_target: float = _opt(4.0, "waiting requests per instance aimed at: the "
+                                          "queue signal's target, and the floor of the "
+                                          "predicted one")
     min_instances: int = _opt(1, "auto-provisioning never goes below this many active "
                                  "instances per model")
     scale_command: str = _opt("", "command run (sh -c) when a model's desired instance "

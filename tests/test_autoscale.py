@@ -250,3 +250,16 @@ def test_a_burst_counts_at_once_through_the_last_seconds_arrivals() -> None:
     report = scaler.models["m"].report
     assert report["arrival_rate_per_s"] == pytest.approx(200.0, rel=0.05)
     assert report["needed"] >= 4
+
+
+def test_a_backlog_the_simulation_cannot_see_sets_a_floor() -> None:
+    view = _view(2, standby=6)
+    now = _load(view, 10.0)
+    scaler = _scaler(view)
+    scaler.evaluate(now)
+    assert scaler.models["m"].report["needed"] <= 2
+    for k in range(20):  # 20 requests waiting for their first token: 5 instances' worth
+        view.instances[f"a{k % 2}"].requests.reserve(100, 10, now)
+    scaler.evaluate(now + 1)
+    report = scaler.models["m"].report
+    assert report["waiting"] == 20 and report["needed"] == 5

@@ -14,7 +14,9 @@ leaves is the queue a load beyond the instances' capacity builds: the late reque
 latency is what arriving requests would see with ``k`` instances.  The figure for ``k`` is
 the worst kind's.  The *needed* count is the fewest ``k`` meeting the objective (the most
 useful instances first: the fastest, then in the backends file's order; then more of the
-first kind, what an HPA would start), found by bisection.
+first kind, what an HPA would start), found by bisection, and never fewer than the
+requests already waiting call for (ceil(waiting / ``queue_target``): a backlog the
+simulation from idle does not see, and the first sign of a ramp).
 
 The rate is the higher of the arrival processes' (decayed over ``--arrival-window``,
 every proxy's requests through gossip) and this proxy's own arrivals over the last
@@ -319,12 +321,19 @@ class Autoscaler:
             return 0, "no instance", {}
         need, at_need = self.needed(pool, load, objective)
         calm, _ = self.needed(pool, load, objective, self.down_margin)
+        # the backlog already queued, which a simulation from idle does not see: never
+        # fewer than the queue signal asks for (a ramp outruns any rate estimate)
+        waiting = sum(i.requests.waiting() for i in active)
+        backlog = math.ceil(waiting / self.queue_target)
+        need = max(need, backlog)
+        calm = max(calm, backlog)
         planned = (load[0] * self.headroom, *load[1:])
         around = [self.what_if(active[:k] if k <= n else pool[:k], planned, objective)
                   for k in (n - 1, n, n + 1) if 0 < k <= len(pool)]
         report: dict[str, Any] = {
             "objective": {"ttft_s": objective.ttft, "e2e_s": objective.e2e},
             "headroom": self.headroom, "needed": need, "needed_with_margin": calm,
+            "waiting": waiting, "queue_target": self.queue_target,
             "what_if": [w.as_dict() for w in around],
             "what_if_needed": at_need.as_dict()}
         missing = m.misses >= 3.0 and m.misses >= 0.02 * m.arrivals
