@@ -18,11 +18,13 @@ Twelve emulated H100s behind ``block``, each configuration on a fresh cluster an
 Workloads: ``onoff``, synthetic requests (4,000-token prompts, 100-token answers: prefill
 bound, so ~10 per second fill an H100) whose Poisson rate steps from 25/s to 100/s and
 back with 5 s ramps; ``azure``, the Azure conversation trace's first 1,500 s at its own
-timestamps (its bursts).  The proxy's time constants are given in real-GPU seconds and
-multiplied by the time scale (the proxy runs on wall time): decisions every 0.5 s, arrival
-window 5 s, scale-up cooldown 2 s, scale down after 10 s of surplus, so the dynamics of
-minutes-long bursts fit in a run of minutes.  Admission is off (``--no-admission``): this
-measures provisioning alone.  The objective is P99 TTFT <= 2 s (real-GPU).
+timestamps sped up ``--rate-multiplier`` times (50: 30 s of real-GPU time, about six
+H100s' worth on average and more in its bursts).  The proxy's time constants are given in
+real-GPU seconds and multiplied by the time scale (the proxy runs on wall time): decisions
+every 0.5 s, arrival window 5 s, scale-up cooldown 2 s, scale down after 10 s of surplus,
+so the dynamics of minutes-long bursts fit in a run of minutes.  Admission is off
+(``--no-admission``): this measures provisioning alone.  The objective is P99 TTFT
+<= 2 s (real-GPU).
 
 ``--configs`` runs a subset and reports it with the other configurations' results of an
 earlier run (``--report-only``: runs nothing).  Prints per configuration the
@@ -54,13 +56,13 @@ CONFIGS = {
 }
 
 
-def workload_args(name: str) -> list[str]:
+def workload_args(name: str, multiplier: float) -> list[str]:
     if name == "onoff":
         return ["--format", "synthetic", "--synthetic-prompt-mean", "4000",
                 "--synthetic-output-mean", "100", "--rate-schedule", ONOFF,
                 "--use-trace-timestamps"]
     return ["--trace", "azure-conv", "--duration", "1500", "--use-trace-timestamps",
-            "--rate-multiplier", "1"]
+            "--rate-multiplier", repr(multiplier)]
 
 
 def proxy_args(extra: Sequence[str], scale: float) -> list[str]:
@@ -79,7 +81,8 @@ def run_config(name: str, standby: int, extra: Sequence[str], args: argparse.Nam
     cmd = ["loadgen", "compare", "--policies", "block", "--instances", "12",
            "--standby", str(standby), "--time-scale", repr(args.time_scale),
            "--seed", str(args.seed), "--goodput", f"ttft:{SLO_MS:g}", "--no-progress",
-           *workload_args(args.workload), *proxy_args(extra, args.time_scale),
+           *workload_args(args.workload, args.rate_multiplier),
+           *proxy_args(extra, args.time_scale),
            "--json", str(out)]
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True)
@@ -128,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=("onoff", "azure"), default="onoff")
     parser.add_argument("--time-scale", type=float, default=4.0)
+    parser.add_argument("--rate-multiplier", type=float, default=50.0,
+                        help="azure: the trace's speed-up (50: about six H100s' worth on "
+                             "average, more in its bursts)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="results/autoscale")
     parser.add_argument("--configs", default=",".join(CONFIGS),
