@@ -54,11 +54,9 @@ from typing import Any
 import numpy as np
 
 from blockproxy import simulator
-from blockproxy.cluster.instance import ACTIVE, Instance
+from blockproxy.cluster.instance import ACTIVE, DRAINING, STANDBY, Instance
 from blockproxy.cluster.view import ClusterView
 
-DRAINING = "draining"
-STANDBY = "standby"
 MODES = ("off", "advise", "act")
 SIGNALS = ("predicted", "queue")
 #: HPA's default tolerance: no change while the wish is within 10% of the current count

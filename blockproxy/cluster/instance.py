@@ -25,8 +25,9 @@ from blockproxy.routing import tokenizer
 if TYPE_CHECKING:
     from blockproxy.routing.job import Job
 
-#: the state of an instance that takes new requests (the others: draining, standby)
-ACTIVE = "active"
+#: the states of an instance: takes new requests; finishes or hands over its streams and
+#: takes none; held for auto-provisioning (the backends file's ``state``)
+ACTIVE, DRAINING, STANDBY = "active", "draining", "standby"
 
 
 class Instance:

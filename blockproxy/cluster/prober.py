@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from blockproxy.cluster.instance import Instance
+from blockproxy.cluster.instance import STANDBY, Instance
 from blockproxy.cluster.view import ClusterView
 
 log = logging.getLogger("blockproxy.prober")
@@ -23,7 +23,6 @@ log = logging.getLogger("blockproxy.prober")
 DISCOVER_UNTIL_KNOWN_S, DISCOVER_AFTER_S = 2.0, 30.0
 #: seconds between probes of a standby instance that looks up
 STANDBY_PROBE_S = 5.0
-STANDBY = "standby"
 
 
 class Prober:

@@ -70,6 +70,8 @@ class Entry:
     cached_tokens: int = 0
     #: seconds the request was held for admission before its dispatch
     held_s: float = 0.0
+    #: its model's TTFT objective, seconds (0: none): its first token is counted against it
+    slo_ttft: float = 0.0
 
 
 class RequestListener(Protocol):

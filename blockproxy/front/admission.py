@@ -172,30 +172,27 @@ class Admission:
 
     def _drop(self, held: Held) -> None:
         """Take ``held`` out of its queue (it is done, one way or another)."""
-        if held.timer is not None:
-            held.timer.cancel()
-            held.timer = None
         queue = self._queues[held.tenant]
         queue.remove((held.key, held))
         heapq.heapify(queue)
+        self._left(held, queue)
+
+    def _pop_head(self, tenant: str) -> Held:
+        queue = self._queues[tenant]
+        _, held = heapq.heappop(queue)
+        self._left(held, queue)
+        return held
+
+    def _left(self, held: Held, queue: list[tuple[tuple[int, float, int], Held]]) -> None:
+        """``held`` is out of ``queue``: its timer, its tenant's turn, the depth."""
+        if held.timer is not None:
+            held.timer.cancel()
+            held.timer = None
         if not queue:
             del self._queues[held.tenant]
             self._turn.remove(held.tenant)
         self.held -= 1
         self.metrics.admission_depth.set(self.held)
-
-    def _pop_head(self, tenant: str) -> Held:
-        queue = self._queues[tenant]
-        _, held = heapq.heappop(queue)
-        if held.timer is not None:
-            held.timer.cancel()
-            held.timer = None
-        if not queue:
-            del self._queues[tenant]
-            self._turn.remove(tenant)
-        self.held -= 1
-        self.metrics.admission_depth.set(self.held)
-        return held
 
     def _push_out(self, tenant: str) -> bool:
         """Make room for ``tenant`` by refusing the latest request of the tenant holding

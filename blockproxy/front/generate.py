@@ -274,18 +274,19 @@ class GenerateHandler:
         # A stream may wait for its headers (and then each chunk) up to the read timeout;
         # vLLM answers a unary request only when it is done, so that has a deadline.
         timeout = self.config.read_timeout if info.stream else self.config.unary_timeout
+        slo = self.view.objective(info.model)
         for attempt in range(self.config.max_retries + 1):
             pool = self._pool(info.model, tried)
             if not pool:
                 break
-            slo = self.view.objective(info.model) if attempt == 0 else (0.0, 0.0)
-            if slo[0] > 0 and self.admission is not None:
+            if attempt == 0 and slo[0] > 0 and self.admission is not None:
                 entry = await self._admit(request, info, job, pool, arrived, slo)
             else:
                 entry = self.dispatcher.dispatch(pool, job)
                 if attempt == 0 and self.autoscaler is not None:
                     self.autoscaler.observe(info.model, time.perf_counter(),
                                             self._misses(entry, slo))
+            entry.slo_ttft = slo[0]
             # one stream event is one token of one sequence: with several, events do not
             # time engine steps, so such a request is estimated rather than observed
             entry.observed = info.stream and info.sequences == 1
@@ -538,8 +539,8 @@ class GenerateHandler:
                     if not entry.first_token_at:
                         inst.first_token(entry, now)
                         count -= 1
-                        if part.first:
-                            self._slo(entry, part.model)
+                        if part.first and entry.slo_ttft > 0:
+                            self._slo(entry)
                         if part.failed_at:
                             self.metrics.continuation_gap.observe(now - part.failed_at)
                         if stall > 0:
@@ -671,13 +672,11 @@ class GenerateHandler:
         if entry.first_token_at:
             self.metrics.ttft.observe(entry.first_token_at - entry.dispatched_at)
 
-    def _slo(self, entry: Entry, model: str) -> None:
-        """Count a stream's first token against its model's TTFT objective (if any), from
-        its arrival (the time it was held included)."""
-        slo = self.view.objective(model)[0]
-        if slo > 0:
-            ttft = entry.first_token_at - entry.dispatched_at + entry.held_s
-            self.metrics.slo.labels("met" if ttft <= slo else "missed").inc()
+    def _slo(self, entry: Entry) -> None:
+        """Count a stream's first token against its model's TTFT objective, from its
+        arrival (the time it was held included)."""
+        ttft = entry.first_token_at - entry.dispatched_at + entry.held_s
+        self.metrics.slo.labels("met" if ttft <= entry.slo_ttft else "missed").inc()
 
     def _learn(self, info: RequestInfo, job: Job, entry: Entry, usage: Usage, output: int,
                done: float) -> None:
