@@ -220,12 +220,15 @@ def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
 
 class AutoscaleSampler:
     """Reads the proxy's ``/autoscale`` every ``interval`` seconds while a run lasts: the
-    active, draining and desired instances over time (nothing when it has no autoscaler)."""
+    active, draining and desired instances over time (nothing when it has no autoscaler),
+    and what the decision saw (:attr:`signals`: arrival rate, waiting requests, instances
+    needed)."""
 
     def __init__(self, url: str, interval: float = 0.5) -> None:
         self.url = url + "/autoscale"
         self.interval = interval
         self.samples: list[list[float]] = []
+        self.signals: list[list[float]] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -245,7 +248,11 @@ class AutoscaleSampler:
                     active = sum(len(m["active"]) for m in models.values())
                     draining = sum(len(m["draining"]) for m in models.values())
                     desired = sum(m["desired"] for m in models.values())
-                    self.samples.append([time.monotonic() - start, active, draining, desired])
+                    now = time.monotonic() - start
+                    self.samples.append([now, active, draining, desired])
+                    self.signals.append([now, *(sum(float(m.get(key) or 0) for m in
+                                                   models.values()) for key in
+                                               ("arrival_rate_per_s", "waiting", "needed"))])
                 await asyncio.sleep(self.interval)
 
     async def stop(self) -> list[list[float]]:
@@ -255,10 +262,11 @@ class AutoscaleSampler:
         return self.samples
 
 
-def summarize_timeline(samples: Sequence[Sequence[float]], time_scale: float
-                       ) -> dict[str, Any]:
+def summarize_timeline(samples: Sequence[Sequence[float]], time_scale: float,
+                       signals: Sequence[Sequence[float]] = ()) -> dict[str, Any]:
     """Instance-seconds (active + draining, integrated over the run) and the timeline, in
-    real-GPU seconds (wall / time scale)."""
+    real-GPU seconds (wall / time scale); with ``signals``, what the decisions saw
+    (``[t, arrival rate per real-GPU second, waiting, needed]``)."""
     seconds = 0.0
     for (t0, a0, d0, _), (t1, _, _, _) in zip(samples, samples[1:]):
         seconds += (t1 - t0) * (a0 + d0)
@@ -267,7 +275,9 @@ def summarize_timeline(samples: Sequence[Sequence[float]], time_scale: float
             "mean_instances": seconds / (samples[-1][0] - samples[0][0])
             if len(samples) > 1 and samples[-1][0] > samples[0][0] else None,
             "max_active": max((int(s[1]) for s in samples), default=0),
-            "timeline": timeline}
+            "timeline": timeline,
+            "signals": [[round(t / time_scale, 3), round(r * time_scale, 2), int(w), int(n)]
+                        for t, r, w, n in signals]}
 
 
 class Lab:
@@ -354,6 +364,7 @@ class Lab:
                                               specs, detail=detail, **kwargs)
             finally:
                 timeline = await sampler.stop() if sampler is not None else None
+                signals = sampler.signals if sampler is not None else []
             texts = await get_texts([p.url + "/metrics" for p in procs]) if peer is None \
                 else []
             emulator = parse_emulator_metrics(
@@ -361,7 +372,7 @@ class Lab:
         scraped = parse_proxy_metrics("\n".join(texts))
         scraped["emulator"] = emulator
         if timeline:
-            scraped["autoscale"] = summarize_timeline(timeline, self.time_scale)
+            scraped["autoscale"] = summarize_timeline(timeline, self.time_scale, signals)
         self.log(f"  emulator fidelity: {emulator}")
         if self.proxies > 1 and self.gossip:
             scraped["gossip"] = parse_gossip_metrics(texts, metrics["duration"],

@@ -59,12 +59,15 @@ def _compare(*args: str) -> list[str]:
 
 def test_autoscale_timeline_is_integrated_in_real_seconds() -> None:
     samples = [[0.0, 6, 0, 6], [4.0, 6, 0, 7], [8.0, 7, 1, 7], [12.0, 7, 0, 7]]
-    out = compare.summarize_timeline(samples, time_scale=4.0)
+    signals = [[0.0, 2.5, 3, 6], [4.0, 5.0, 0, 5]]
+    out = compare.summarize_timeline(samples, time_scale=4.0, signals=signals)
     # 4 s at 6, 4 s at 6, 4 s at 8 (wall) = 80 instance-seconds wall, 20 real
     assert out["instance_seconds"] == pytest.approx(20.0)
     assert out["mean_instances"] == pytest.approx(80 / 12)
     assert out["max_active"] == 7
     assert out["timeline"][2] == [2.0, 7, 1, 7]
+    # the rate in requests per real-GPU second
+    assert out["signals"] == [[0.0, 10.0, 3, 6], [1.0, 20.0, 0, 5]]
 
 
 def test_proxy_policy_names_the_hinted_variant():
