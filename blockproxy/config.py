@@ -96,14 +96,15 @@ class ProxyConfig:
     scale_up_cooldown: float = _opt(10.0, "seconds after one scale-up before another")
     scale_down_after: float = _opt(60.0, "seconds one fewer instance must look enough (and "
                                          "no action come) before scaling down")
+    scale_down_step: float = _opt(15.0, "seconds between two scale-down steps of one "
+                                        "instance each, while fewer still look enough")
     scale_down_margin: float = _opt(0.6, "scale down only if one fewer instance is "
                                          "predicted within this fraction of the objectives")
     scale_headroom: float = _opt(1.25, "auto-provisioning plans for the recent arrival rate "
                                        "times this (bursts and size spread beyond the "
                                        "simulated mean stream)")
-    scale_queue_target: float = _opt(4.0, "waiting requests per instance aimed at: the "
-                                          "queue signal's target, and the floor of the "
-                                          "predicted one")
+    scale_queue_target: float = _opt(4.0, "waiting requests per instance aimed at by the "
+                                          "queue signal")
     min_instances: int = _opt(1, "auto-provisioning never goes below this many active "
                                  "instances per model")
     scale_command: str = _opt("", "command run (sh -c) when a model's desired instance "

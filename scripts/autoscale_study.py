@@ -71,6 +71,7 @@ def proxy_args(extra: Sequence[str], scale: float) -> list[str]:
     flags = [f"--slo-ttft-ms={SLO_MS * scale!r}", "--no-admission",
              f"--autoscale-interval={wall(0.5)}", f"--arrival-window={wall(5.0)}",
              f"--scale-up-cooldown={wall(2.0)}", f"--scale-down-after={wall(10.0)}",
+             f"--scale-down-step={wall(2.5)}",
              *extra]
     return [f"--proxy-arg={f}" for f in flags]
 

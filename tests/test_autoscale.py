@@ -128,6 +128,41 @@ def test_scales_down_only_after_a_sustained_surplus_and_drains_first() -> None:
     assert scaler.models["m"].desired == 2
 
 
+def test_scales_down_one_instance_per_step_and_takes_a_busy_drained_one_back_first() -> None:
+    view = _view(6)
+    fed = [_load(view, 20.0)]  # one instance is plenty
+    now = fed[0]
+    scaler = _scaler(view, down_step=5.0)
+
+    def at(t: float, rate: float = 20.0) -> list[tuple[str, str, Instance]]:
+        active = [i for i in view.instances.values() if i.state == "active"]
+        k = 0
+        while fed[0] < now + t:  # the load goes on, over the instances still active
+            active[k % len(active)].requests.recent.record(fed[0], PROMPT, 0, OUTPUT)
+            k += 1
+            fed[0] += 1 / rate
+        return scaler.evaluate(now + t)
+    assert at(0) == [] and at(20) == []
+    busy = view.instances["a5"].requests.reserve(100, 10, now + 30)
+    ((_, action, inst),) = at(31)  # one, not the whole surplus
+    assert (action, inst.name, inst.state, inst.finish_in_place) == \
+        ("down", "a5", "draining", True)
+    assert at(33) == []  # the next step waits --scale-down-step (5 s)
+    ((_, action, inst),) = at(36)
+    assert (action, inst.name) == ("down", "a4")
+    assert [a for _, a, _ in at(37)] == ["standby"]  # a4 was idle: back to standby
+    assert view.instances["a4"].finish_in_place is False
+    # a burst: the instance still draining (warm, paid for) is taken back first
+    for _ in range(50):
+        scaler.observe("m", now + 38, missed=True)
+    at(38, 20.0)
+    changes = at(39, 20.0)
+    assert (changes[0][1], changes[0][2].name) == ("up", "a5")
+    assert view.instances["a5"].state == "active"
+    assert not view.instances["a5"].finish_in_place
+    view.instances["a5"].requests.release(busy)
+
+
 def test_predicted_misses_at_dispatch_scale_up_even_when_the_load_looks_fine() -> None:
     view = _view(2, standby=1)
     now = _load(view, 5.0)
@@ -252,14 +287,29 @@ def test_a_burst_counts_at_once_through_the_last_seconds_arrivals() -> None:
     assert report["needed"] >= 4
 
 
-def test_a_backlog_the_simulation_cannot_see_sets_a_floor() -> None:
+def test_the_requests_already_waiting_are_simulated_as_a_backlog() -> None:
     view = _view(2, standby=6)
     now = _load(view, 10.0)
     scaler = _scaler(view)
     scaler.evaluate(now)
     assert scaler.models["m"].report["needed"] <= 2
-    for k in range(20):  # 20 requests waiting for their first token: 5 instances' worth
+    for k in range(20):  # 20 short prompts waiting: a fraction of a second of prefill
         view.instances[f"a{k % 2}"].requests.reserve(100, 10, now)
     scaler.evaluate(now + 1)
     report = scaler.models["m"].report
-    assert report["waiting"] == 20 and report["needed"] == 5
+    assert report["waiting"] == 20 and report["needed"] <= 2
+    assert report["waiting_mean_tokens"] == {"prompt": 100, "cached": 0, "output": 10}
+    for k in range(100):  # 100 long ones more: seconds of prefill, beyond two instances
+        view.instances[f"a{k % 2}"].requests.reserve(8000, 10, now)
+    scaler.evaluate(now + 2)
+    report = scaler.models["m"].report
+    assert report["waiting"] == 120
+    need = report["needed"]
+    assert 6 <= need <= 10, report
+    # the request arriving now, behind its instance's share of the backlog, is in time
+    # with that many and not with one fewer
+    assert report["what_if_needed"]["meets_objective"]
+    backlog = scaler._waiting([i for i in view.instances.values() if i.state == "active"])
+    fewer = scaler.what_if(list(view.instances.values())[:need - 1],
+                           scaler.load("m", now + 2), Objective(ttft=2.0), backlog=backlog)
+    assert not fewer.meets and fewer.ttft > 2.0

@@ -220,6 +220,38 @@ async def test_a_stream_about_to_end_finishes_where_it_is(tmp_path: Path,
         assert promtext.find(proxy.metrics(), "blockproxy_continuations_total") is None
 
 
+async def test_an_instance_auto_provisioning_drains_finishes_its_streams(
+        tmp_path: Path, pair: list[Emulator]):
+    """Scaled down by ``--autoscale act``: the instance's stream is not handed over (that
+    would re-prefill it on the instances left); it ends there, then the instance goes to
+    standby."""
+    path = backends(tmp_path, pair)
+    args = ["--autoscale", "act", "--slo-ttft-ms", "2000", "--autoscale-interval", "0.2",
+            "--scale-down-after", "1"]
+    with Proxy(tmp_path, path, args) as proxy:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3000, "stream": True,
+                "ignore_eos": True}
+        async with aiohttp.ClientSession() as session:
+            # one stream on each instance: whichever is drained has one
+            async with session.post(proxy.url + "/v1/completions", json=body) as one, \
+                    session.post(proxy.url + "/v1/completions", json=body) as two:
+                assert {one.headers["X-Blockproxy-Instance"],
+                        two.headers["X-Blockproxy-Instance"]} == {"a", "b"}
+                heads = [await r.content.readuntil(b"\n\n") for r in (one, two)]
+
+                def state() -> dict[str, Any]:
+                    doc = json.loads(http_get(proxy.url + "/autoscale")[1])
+                    return dict(doc["models"].get(MODEL, {}))
+                assert await wait_for(lambda: state().get("draining") == ["b"], 30), state()
+                assert running(pair[1].urls[0]) == 1  # still there
+                rests = [await asyncio.wait_for(r.content.read(), 90) for r in (one, two)]
+            for head, rest in zip(heads, rests):
+                events = parse(head + rest)
+                assert events[-1] == "[DONE]" and len(events) == 3001
+        assert await wait_for(lambda: state().get("standby") == ["b"], 10), state()
+        assert promtext.find(proxy.metrics(), "blockproxy_continuations_total") is None
+
+
 # ---- SCLS slices --------------------------------------------------------------------------
 
 async def test_a_stream_in_slices_reads_as_one(tmp_path: Path, pair: list[Emulator]):

@@ -109,6 +109,7 @@ class _Model:
     up_streak: int = 0
     down_since: float = math.nan  # since when scaling down has looked safe
     last_action_at: float = -math.inf
+    last_direction: str = ""
     desired: int = 0
     instance_seconds: float = 0.0
     counted_at: float = math.nan
@@ -121,7 +122,8 @@ class Autoscaler:
     def __init__(self, view: ClusterView, *, mode: str = "advise",
                  signal: str = "predicted", window: float = 10.0, horizon: float = 30.0,
                  down_margin: float = 0.6, down_after: float = 60.0,
-                 up_cooldown: float = 10.0, min_instances: int = 1,
+                 up_cooldown: float = 10.0, down_step: float = 10.0,
+                 min_instances: int = 1,
                  queue_target: float = 4.0, headroom: float = 1.25) -> None:
         if mode not in MODES:
             raise ValueError(f"autoscale mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -136,6 +138,7 @@ class Autoscaler:
         self.down_margin = down_margin
         self.down_after = down_after
         self.up_cooldown = up_cooldown
+        self.down_step = down_step
         self.min_instances = max(min_instances, 1)
         self.queue_target = queue_target
         self.headroom = headroom
@@ -203,17 +206,23 @@ class Autoscaler:
         return rate, round(prompt / rate), round(cached / rate), round(output / rate)
 
     def what_if(self, instances: list[Instance], load: tuple[float, int, int, int],
-                objective: Objective, factor: float = 1.0) -> WhatIf:
+                objective: Objective, factor: float = 1.0,
+                backlog: tuple[int, int, int, int] = (0, 0, 0, 0)) -> WhatIf:
         """The latency of a mean request once ``load`` split over ``instances`` has run
         for the horizon (the worst instance's), and whether it is within ``factor`` x
         ``objective``.  Instances of one kind (profile, limits, calibrated speed and
-        overhead) are simulated once: from idle, they give the same answer."""
+        overhead) are simulated once: they give the same answer.
+
+        ``backlog`` (count, mean prompt, cached and output tokens): requests already
+        waiting, split evenly over the instances as their starting queue; a request
+        arriving now, behind its share, must be in time as well as the late one."""
         rate, prompt, cached, output = load
         k = len(instances)
         if k == 0:
             return WhatIf(0, math.inf, math.inf, False)
         worst_ttft = worst_e2e = 0.0
         probe = (max(prompt, 1), cached, max(output, 1))
+        queued, state = self._backlog_state(backlog, k)
         seen: set[tuple[Any, ...]] = set()
         for inst in instances:
             o = inst.overhead.seconds
@@ -230,30 +239,50 @@ class Autoscaler:
                 limit = min(max(inst.requests.recent.limit, 1),
                             max(int(self.horizon / interval), 1))
             new_at = limit * interval if limit else 0.0
-            p = inst.model.predict(_EMPTY, 0, *probe, math.inf, interval, prompt, cached,
+            p = inst.model.predict(state, queued, *probe, math.inf, interval, prompt, cached,
                                    output, limit, new_at)
             worst_ttft = max(worst_ttft, p[0] + o)
             worst_e2e = max(worst_e2e, p[1] + o)
+            if queued and new_at > 0:  # the request arriving now, behind the backlog
+                p = inst.model.predict(state, queued, *probe, math.inf, interval, prompt,
+                                       cached, output, limit, 0.0)
+                worst_ttft = max(worst_ttft, p[0] + o)
+                worst_e2e = max(worst_e2e, p[1] + o)
         return WhatIf(k, worst_ttft, worst_e2e, objective.met(worst_ttft, worst_e2e, factor),
                       [i.name for i in instances])
 
+    @staticmethod
+    def _backlog_state(backlog: tuple[int, int, int, int], k: int) -> tuple[int, np.ndarray]:
+        """One instance's share of ``backlog`` as a simulator state: (rows, state)."""
+        count, prompt, cached, output = backlog
+        queued = -(-count // k) if count > 0 else 0
+        if not queued:
+            return 0, _EMPTY
+        state = np.zeros((simulator.NUM_COLUMNS, queued), dtype=np.int64)
+        state[simulator.COL_PROMPT] = max(prompt, 1)
+        state[simulator.COL_CACHED] = min(cached, max(prompt, 1) - 1)
+        state[simulator.COL_PREDICTED] = max(output, 1)
+        return queued, state
+
     def needed(self, pool: list[Instance], load: tuple[float, int, int, int],
-               objective: Objective, factor: float = 1.0) -> tuple[int, WhatIf]:
+               objective: Objective, factor: float = 1.0,
+               backlog: tuple[int, int, int, int] = (0, 0, 0, 0)) -> tuple[int, WhatIf]:
         """The fewest instances (the most useful of ``pool`` first, then more of its
         first kind: what an HPA would start) whose what-if, under the recent load times
-        the headroom, is within ``factor`` x ``objective``; and that what-if."""
+        the headroom and with ``backlog`` waiting, is within ``factor`` x ``objective``;
+        and that what-if."""
         rate, prompt, cached, output = load
         planned = (rate * self.headroom, prompt, cached, output)
 
         def fleet(k: int) -> list[Instance]:
             return pool[:k] if k <= len(pool) else pool + [pool[0]] * (k - len(pool))
         lo, hi = self.min_instances, max(4 * len(pool), 16)
-        best = self.what_if(fleet(hi), planned, objective, factor)
+        best = self.what_if(fleet(hi), planned, objective, factor, backlog)
         if not best.meets:
             return hi, best
         while lo < hi:  # the fewest that meet it: latency falls as instances are added
             mid = (lo + hi) // 2
-            w = self.what_if(fleet(mid), planned, objective, factor)
+            w = self.what_if(fleet(mid), planned, objective, factor, backlog)
             if w.meets:
                 hi, best = mid, w
             else:
@@ -283,6 +312,7 @@ class Autoscaler:
         for inst in draining:  # drained: back to standby
             if inst.active == 0 and self.mode == "act" and inst.spec.state != DRAINING:
                 inst.state = STANDBY
+                inst.finish_in_place = False
                 changes.append((model, "standby", inst))
         load = self.load(model, now)
         if m.arrivals and now > m.first_at:  # a burst shows here first: plan for the higher
@@ -299,7 +329,7 @@ class Autoscaler:
             want, why, report = self._predicted_wish(active, standby, load, now, m,
                                                      objective)
         m.desired = want
-        changes += self._act(model, m, active, standby, want, why, now)
+        changes += self._act(model, m, active, standby, draining, want, why, now)
         rate, prompt, cached, output = load
         m.report = {"model": model, "signal": self.signal, "mode": self.mode,
                     "active": [i.name for i in active], "standby": [i.name for i in standby],
@@ -317,21 +347,22 @@ class Autoscaler:
         pool = active + standby
         if not pool:
             return 0, "no instance", {}
-        need, at_need = self.needed(pool, load, objective)
-        calm, _ = self.needed(pool, load, objective, self.down_margin)
-        # the backlog already queued, which a simulation from idle does not see: never
-        # fewer than the queue signal asks for (a ramp outruns any rate estimate)
-        waiting = sum(i.requests.waiting() for i in active)
-        backlog = math.ceil(waiting / self.queue_target)
-        need = max(need, backlog)
-        calm = max(calm, backlog)
+        # the requests already waiting, which a simulation from idle does not see: the
+        # first sign of a ramp (it outruns any rate estimate) and of a burst
+        backlog = self._waiting(active)
+        need, at_need = self.needed(pool, load, objective, backlog=backlog)
+        calm, _ = self.needed(pool, load, objective, self.down_margin, backlog)
+        waiting = backlog[0]
         planned = (load[0] * self.headroom, *load[1:])
-        around = [self.what_if(active[:k] if k <= n else pool[:k], planned, objective)
+        around = [self.what_if(active[:k] if k <= n else pool[:k], planned, objective,
+                               backlog=backlog)
                   for k in (n - 1, n, n + 1) if 0 < k <= len(pool)]
         report: dict[str, Any] = {
             "objective": {"ttft_s": objective.ttft, "e2e_s": objective.e2e},
             "headroom": self.headroom, "needed": need, "needed_with_margin": calm,
-            "waiting": waiting, "queue_target": self.queue_target,
+            "waiting": waiting, "waiting_mean_tokens": {"prompt": backlog[1],
+                                                        "cached": backlog[2],
+                                                        "output": backlog[3]},
             "what_if": [w.as_dict() for w in around],
             "what_if_needed": at_need.as_dict()}
         missing = m.misses >= 3.0 and m.misses >= 0.02 * m.arrivals
@@ -354,11 +385,30 @@ class Autoscaler:
         if m.down_since != m.down_since:
             m.down_since = now
         held = now - m.down_since
-        if held >= self.down_after:
-            return target, (f"{target} would meet the objective with margin, for "
-                            f"{held:.0f} s"), report
+        if held >= self.down_after:  # one at a time: each step re-checked with the rest
+            return n - 1, (f"{target} would meet the objective with margin, for "
+                           f"{held:.0f} s: one fewer"), report
         return n, (f"{target} would meet the objective with margin for {held:.0f} s of "
                    f"the {self.down_after:g} s needed"), report
+
+    @staticmethod
+    def _waiting(active: list[Instance]) -> tuple[int, int, int, int]:
+        """The requests waiting on ``active`` (no first token yet): (count, mean prompt,
+        cached and predicted output tokens)."""
+        count = prompt = cached = output = 0
+        for inst in active:
+            r = inst.requests
+            t = r.table[:, :r.n]
+            waiting = t[simulator.COL_STARTED] == 0
+            w = int(waiting.sum())
+            if w:
+                count += w
+                prompt += int(t[simulator.COL_PROMPT][waiting].sum())
+                cached += int(t[simulator.COL_CACHED][waiting].sum())
+                output += int(t[simulator.COL_PREDICTED][waiting].sum())
+        if not count:
+            return 0, 0, 0, 0
+        return count, round(prompt / count), round(cached / count), round(output / count)
 
     def _queue_wish(self, active: list[Instance], now: float, m: _Model
                     ) -> tuple[int, str, dict[str, Any]]:
@@ -384,26 +434,35 @@ class Autoscaler:
         return n, f"{waiting} requests waiting", report
 
     def _act(self, model: str, m: _Model, active: list[Instance], standby: list[Instance],
-             want: int, why: str, now: float) -> list[tuple[str, str, Instance]]:
-        """Activate (or drain) as many instances as the wish says, at once."""
+             draining: list[Instance], want: int, why: str, now: float
+             ) -> list[tuple[str, str, Instance]]:
+        """Activate as many instances as the wish says, at once (those this drained and
+        still busy first, then standby ones), or drain one."""
         n = len(active)
         if self.mode != "act":
             return []
         changes: list[tuple[str, str, Instance]] = []
-        if want > n and standby and now - m.last_action_at >= self.up_cooldown:
+        # those this drained and still busy first (warm, and paid for until idle)
+        spare = [i for i in draining
+                 if i.state == DRAINING and i.finish_in_place and i.healthy] + standby
+        if want > n and spare and (m.last_direction != "up"
+                                   or now - m.last_action_at >= self.up_cooldown):
             m.up_streak = 0
-            for inst in standby[:want - n]:
+            for inst in spare[:want - n]:  # too few: the wish stays, for an HPA
                 changes += self._change(model, m, "up", inst, ACTIVE, why, now)
-        elif want < n and now - m.last_action_at >= self.down_after:
-            m.down_since = math.nan
-            for inst in active[want:][::-1]:
-                changes += self._change(model, m, "down", inst, DRAINING, why, now)
+        elif want < n and now - m.last_action_at >= (
+                self.down_step if m.last_direction == "down" else self.down_after):
+            if self.signal == "queue":
+                m.down_since = math.nan
+            changes += self._change(model, m, "down", active[-1], DRAINING, why, now)
         return changes
 
     def _change(self, model: str, m: _Model, direction: str, inst: Instance, state: str,
                 why: str, now: float) -> list[tuple[str, str, Instance]]:
         inst.state = state
+        inst.finish_in_place = state == DRAINING
         m.last_action_at = now
+        m.last_direction = direction
         self.history.append({"at": now, "model": model, "action": direction,
                              "instance": inst.name, "reason": why})
         del self.history[:-HISTORY]

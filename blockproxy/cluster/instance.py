@@ -74,6 +74,9 @@ class Instance:
         self.probe_backoff = 0.0
         self.next_probe_at = 0.0
         self.removed = False
+        #: set to draining by auto-provisioning: its streams finish here rather than hand
+        #: over (a hand-off re-prefills each stream elsewhere, on the fewer that remain)
+        self.finish_in_place = False
 
     # ---- routing inputs -----------------------------------------------------------------------
     @property

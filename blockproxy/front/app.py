@@ -119,6 +119,7 @@ class Proxy:
                 self.view, mode=config.autoscale, signal=config.autoscale_signal,
                 horizon=config.arrival_window, down_margin=config.scale_down_margin,
                 down_after=config.scale_down_after, up_cooldown=config.scale_up_cooldown,
+                down_step=config.scale_down_step,
                 min_instances=config.min_instances, queue_target=config.scale_queue_target,
                 headroom=config.scale_headroom)
             self.metrics.add_autoscaler(self.autoscaler)

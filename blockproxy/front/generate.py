@@ -566,16 +566,17 @@ class GenerateHandler:
         """Whether a stream on a draining instance moves: when another instance takes new
         requests, unless it is predicted to end (or must end, by its budget) within
         ``--handoff-tokens``.  A stream already past its predicted length is expected to
-        run on, so it moves."""
+        run on, so it moves.  Streams on an instance that auto-provisioning drains finish
+        where they are."""
         within = self.config.handoff_tokens
-        if within <= 0:
+        here = part.entry.instance
+        if within <= 0 or (here.finish_in_place and not here.removed):
             return False
         if part.max_tokens is not None and part.max_tokens - events <= within:
             return False
         left = part.entry.predicted_tokens - events
         if 0 < left <= within:
             return False
-        here = part.entry.instance
         return any(c is not here and c.accepts_new() for c in self.view.candidates(part.model))
 
     async def _continuation(self, request: web.Request, info: RequestInfo,
