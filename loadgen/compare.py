@@ -219,16 +219,18 @@ def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class AutoscaleSampler:
-    """Reads the proxy's ``/autoscale`` every ``interval`` seconds while a run lasts: the
-    active, draining and desired instances over time (nothing when it has no autoscaler),
-    and what the decision saw (:attr:`signals`: arrival rate, waiting requests, instances
-    needed)."""
+    """Reads the proxies' ``/autoscale`` every ``interval`` seconds while a run lasts: the
+    first one's active, draining and desired instances over time (nothing when it has no
+    autoscaler) and what its decision saw (:attr:`signals`: arrival rate, waiting
+    requests, instances needed); with several proxies, each one's desired count
+    (:attr:`desired`: ``[t, first, second, ...]``), to see whether they agree."""
 
-    def __init__(self, url: str, interval: float = 0.5) -> None:
-        self.url = url + "/autoscale"
+    def __init__(self, urls: Sequence[str], interval: float = 0.5) -> None:
+        self.urls = [u + "/autoscale" for u in urls]
         self.interval = interval
         self.samples: list[list[float]] = []
         self.signals: list[list[float]] = []
+        self.desired: list[list[float]] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -238,21 +240,27 @@ class AutoscaleSampler:
         start = time.monotonic()
         async with aiohttp.ClientSession() as session:
             while True:
-                try:
-                    async with session.get(self.url) as resp:
-                        body = await resp.json()
-                except (aiohttp.ClientError, ValueError):
-                    body = {}
-                models = body.get("models") or {}
+                everyone = []
+                for url in self.urls:
+                    try:
+                        async with session.get(url) as resp:
+                            body = await resp.json()
+                    except (aiohttp.ClientError, ValueError):
+                        body = {}
+                    everyone.append(body.get("models") or {})
+                now = time.monotonic() - start
+                models = everyone[0]
                 if models:
                     active = sum(len(m["active"]) for m in models.values())
                     draining = sum(len(m["draining"]) for m in models.values())
                     desired = sum(m["desired"] for m in models.values())
-                    now = time.monotonic() - start
                     self.samples.append([now, active, draining, desired])
                     self.signals.append([now, *(sum(float(m.get(key) or 0) for m in
                                                    models.values()) for key in
                                                ("arrival_rate_per_s", "waiting", "needed"))])
+                if len(everyone) > 1 and all(everyone):
+                    self.desired.append([now, *(sum(m["desired"] for m in ms.values())
+                                                for ms in everyone)])
                 await asyncio.sleep(self.interval)
 
     async def stop(self) -> list[list[float]]:
@@ -263,21 +271,32 @@ class AutoscaleSampler:
 
 
 def summarize_timeline(samples: Sequence[Sequence[float]], time_scale: float,
-                       signals: Sequence[Sequence[float]] = ()) -> dict[str, Any]:
+                       signals: Sequence[Sequence[float]] = (),
+                       desired: Sequence[Sequence[float]] = ()) -> dict[str, Any]:
     """Instance-seconds (active + draining, integrated over the run) and the timeline, in
     real-GPU seconds (wall / time scale); with ``signals``, what the decisions saw
-    (``[t, arrival rate per real-GPU second, waiting, needed]``)."""
+    (``[t, arrival rate per real-GPU second, waiting, needed]``); with ``desired`` (several
+    proxies' desired counts over time), how far apart they were."""
     seconds = 0.0
     for (t0, a0, d0, _), (t1, _, _, _) in zip(samples, samples[1:]):
         seconds += (t1 - t0) * (a0 + d0)
     timeline = [[round(t / time_scale, 3), int(a), int(d), int(w)] for t, a, d, w in samples]
-    return {"instance_seconds": seconds / time_scale,
-            "mean_instances": seconds / (samples[-1][0] - samples[0][0])
-            if len(samples) > 1 and samples[-1][0] > samples[0][0] else None,
-            "max_active": max((int(s[1]) for s in samples), default=0),
-            "timeline": timeline,
-            "signals": [[round(t / time_scale, 3), round(r * time_scale, 2), int(w), int(n)]
-                        for t, r, w, n in signals]}
+    out: dict[str, Any] = {
+        "instance_seconds": seconds / time_scale,
+        "mean_instances": seconds / (samples[-1][0] - samples[0][0])
+        if len(samples) > 1 and samples[-1][0] > samples[0][0] else None,
+        "max_active": max((int(s[1]) for s in samples), default=0),
+        "timeline": timeline,
+        "signals": [[round(t / time_scale, 3), round(r * time_scale, 2), int(w), int(n)]
+                    for t, r, w, n in signals]}
+    if desired:
+        spread = [max(d[1:]) - min(d[1:]) for d in desired]
+        out["proxies_desired"] = {
+            "samples": len(desired), "agree_share": spread.count(0) / len(spread),
+            "within_one_share": sum(1 for x in spread if x <= 1) / len(spread),
+            "max_spread": max(spread),
+            "timeline": [[round(d[0] / time_scale, 3), *map(int, d[1:])] for d in desired]}
+    return out
 
 
 class Lab:
@@ -356,7 +375,7 @@ class Lab:
             kwargs = {**run_kwargs, "hint": hint or run_kwargs.get("hint", False),
                       "time_scale": self.time_scale, "seed": seed, "truth": str(truth)}
             targets = [p.url for p in procs]
-            sampler = AutoscaleSampler(procs[0].url) if peer is None else None
+            sampler = AutoscaleSampler([p.url for p in procs]) if peer is None else None
             if sampler is not None:
                 sampler.start()
             try:
@@ -365,6 +384,7 @@ class Lab:
             finally:
                 timeline = await sampler.stop() if sampler is not None else None
                 signals = sampler.signals if sampler is not None else []
+                desired = sampler.desired if sampler is not None else []
             texts = await get_texts([p.url + "/metrics" for p in procs]) if peer is None \
                 else []
             emulator = parse_emulator_metrics(
@@ -372,7 +392,8 @@ class Lab:
         scraped = parse_proxy_metrics("\n".join(texts))
         scraped["emulator"] = emulator
         if timeline:
-            scraped["autoscale"] = summarize_timeline(timeline, self.time_scale, signals)
+            scraped["autoscale"] = summarize_timeline(timeline, self.time_scale, signals,
+                                                      desired)
         self.log(f"  emulator fidelity: {emulator}")
         if self.proxies > 1 and self.gossip:
             scraped["gossip"] = parse_gossip_metrics(texts, metrics["duration"],

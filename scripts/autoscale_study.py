@@ -26,6 +26,9 @@ so the dynamics of minutes-long bursts fit in a run of minutes.  Admission is of
 (``--no-admission``): this measures provisioning alone.  The objective is P99 TTFT
 <= 2 s (real-GPU).
 
+``--proxies N`` puts N gossiping proxies in front (each deciding from its own view; the
+figures are the first one's) and reports how often their desired counts agreed.
+
 ``--configs`` runs a subset and reports it with the other configurations' results of an
 earlier run (``--report-only``: runs nothing).  Prints per configuration the
 instance-seconds (real-GPU, from the proxy's active and
@@ -80,6 +83,7 @@ def run_config(name: str, standby: int, extra: Sequence[str], args: argparse.Nam
                ) -> dict[str, Any]:
     out = Path(f"{args.out}_{name}.json")
     cmd = ["loadgen", "compare", "--policies", "block", "--instances", "12",
+           "--proxies", str(args.proxies),
            "--standby", str(standby), "--time-scale", repr(args.time_scale),
            "--seed", str(args.seed), "--goodput", f"ttft:{SLO_MS:g}", "--no-progress",
            *workload_args(args.workload, args.rate_multiplier),
@@ -101,7 +105,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
             "p99_ttft_ms": m["p99_ttft_ms"] / scale, "mean_ttft_ms": m["mean_ttft_ms"] / scale,
             "slo_misses": total - good, "instance_seconds": auto.get("instance_seconds"),
             "mean_instances": auto.get("mean_instances"), "max_active": auto.get("max_active"),
-            "emulator": entry["proxy"].get("emulator"), "timeline": auto.get("timeline", [])}
+            "emulator": entry["proxy"].get("emulator"), "timeline": auto.get("timeline", []),
+            "proxies_desired": auto.get("proxies_desired")}
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path, workload: str) -> None:
@@ -136,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="azure: the trace's speed-up (50: about six H100s' worth on "
                              "average, more in its bursts)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--proxies", type=int, default=1,
+                        help="proxies gossiping in front of the instances, each deciding "
+                             "from its view (the figures are the first one's; the summary "
+                             "says how often their desired counts agreed)")
     parser.add_argument("--out", default="results/autoscale")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated subset of " + ", ".join(CONFIGS) + " to run")
@@ -160,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{'' if share is None else f'{share:.2f}':>9} {s['mean_instances'] or 0:>9.2f} "
               f"{s['p99_ttft_ms']:>9.0f} {s['mean_ttft_ms']:>9.0f} {s['slo_misses']:>6} "
               f"{s['requests']:>8}")
+    for name, s in results.items():
+        agree = s.get("proxies_desired")
+        if agree:
+            print(f"{name}: the proxies' desired counts agreed in "
+                  f"{agree['agree_share']:.0%} of {agree['samples']} samples, within one "
+                  f"in {agree['within_one_share']:.0%}, at most {agree['max_spread']} apart")
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=1))
     plot(results, Path(f"{args.out}.png"), args.workload)
     return 0

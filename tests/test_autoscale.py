@@ -287,6 +287,32 @@ def test_a_burst_counts_at_once_through_the_last_seconds_arrivals() -> None:
     assert report["needed"] >= 4
 
 
+def test_a_ramp_is_planned_for_where_it_is_heading_not_where_it_was() -> None:
+    view = _view(2)
+    scaler = _scaler(view)
+    m = scaler._model("m")
+    t = 0.0
+    while t < 60.0:  # 20/s for a minute, then +5/s every second
+        scaler.observe("m", t, missed=False)
+        t += 1 / 20.0
+    while t < 80.0:
+        rate = 20.0 + 5.0 * (t - 60.0)
+        scaler.observe("m", t, missed=False)
+        t += 1 / rate
+    scaler._decay(m, t)
+    now_rate = 20.0 + 5.0 * (t - 60.0)  # 120/s
+    lagging = m.arrivals / scaler.window
+    assert lagging < 0.7 * now_rate  # the last 10 s's rate trails it by over 40/s
+    # two windows into the ramp the extrapolation has caught up most of that (exact on a
+    # ramp lasting several windows), and does not overshoot
+    assert 0.75 * now_rate < scaler._recent_rate(m, t) < 1.05 * now_rate
+    while t < 100.0:  # and back down to 20/s: not extrapolated below the recent rate
+        scaler.observe("m", t, missed=False)
+        t += 1 / 20.0
+    scaler._decay(m, t)
+    assert scaler._recent_rate(m, t) == pytest.approx(m.arrivals / scaler.window, rel=0.01)
+
+
 def test_the_requests_already_waiting_are_simulated_as_a_backlog() -> None:
     view = _view(2, standby=6)
     now = _load(view, 10.0)

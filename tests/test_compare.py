@@ -68,6 +68,14 @@ def test_autoscale_timeline_is_integrated_in_real_seconds() -> None:
     assert out["timeline"][2] == [2.0, 7, 1, 7]
     # the rate in requests per real-GPU second
     assert out["signals"] == [[0.0, 10.0, 3, 6], [1.0, 20.0, 0, 5]]
+    assert "proxies_desired" not in out
+    # two proxies' desired counts: equal, one apart, two apart
+    both = [[0.0, 6, 6], [4.0, 7, 6], [8.0, 9, 7]]
+    agree = compare.summarize_timeline(samples, 4.0, desired=both)["proxies_desired"]
+    assert agree["samples"] == 3 and agree["max_spread"] == 2
+    assert agree["agree_share"] == pytest.approx(1 / 3)
+    assert agree["within_one_share"] == pytest.approx(2 / 3)
+    assert agree["timeline"][1] == [1.0, 7, 6]
 
 
 def test_proxy_policy_names_the_hinted_variant():

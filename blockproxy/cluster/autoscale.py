@@ -6,33 +6,39 @@ so every proxy sharing the view by gossip computes the same figure.
 *What-if.*  The recent arrivals (all instances' decayed arrival processes,
 :mod:`blockproxy.cluster.arrivals`: rate and mean sizes), times ``headroom`` (for the
 bursts and size spread a mean stream does not have), are split evenly over ``k``
-instances, and each kind of instance is simulated from idle with that stream running for
-the horizon (at most ``--future-arrivals`` requests); then a request of the mean sizes
-arrives and the simulator gives its TTFT and E2E (``new_at``,
-:mod:`blockproxy.simulator.reference`).  Once the stream has run that long, the queue it
-leaves is the queue a load beyond the instances' capacity builds: the late request's
-latency is what arriving requests would see with ``k`` instances.  The figure for ``k`` is
-the worst kind's.  The *needed* count is the fewest ``k`` meeting the objective (the most
-useful instances first: the fastest, then in the backends file's order; then more of the
-first kind, what an HPA would start), found by bisection, and never fewer than the
-requests already waiting call for (ceil(waiting / ``queue_target``): a backlog the
-simulation from idle does not see, and the first sign of a ramp).
+instances, and so are the requests already waiting (their count and mean sizes: a backlog
+the rate does not show, and the first sign of a ramp).  Each kind of instance is simulated
+with its share of that backlog queued and that stream running for the horizon (at most
+``--future-arrivals`` requests): a request of the mean sizes arriving now, behind the
+backlog, and one arriving once the stream has run (``new_at``,
+:mod:`blockproxy.simulator.reference`) get their TTFT and E2E.  Once the stream has run
+that long, the queue it leaves is the queue a load beyond the instances' capacity builds:
+the late request's latency is what arriving requests would see with ``k`` instances.  The
+figure for ``k`` is the worst kind's, of both requests.  The *needed* count is the fewest
+``k`` meeting the objective (the most useful instances first: the fastest, then in the
+backends file's order; then more of the first kind, what an HPA would start), found by
+bisection.
 
 The rate is the higher of the arrival processes' (decayed over ``--arrival-window``,
 every proxy's requests through gossip) and this proxy's own arrivals over the last
-``window`` (10 s): up fast, down slowly.
+``window`` (10 s), extrapolated where they rise (:meth:`Autoscaler._recent_rate`): up
+fast, down slowly.
 
 *Scale up* (Block's rule, sized by the simulator): when more instances are needed than
 are active, or, over the last window, requests were predicted at dispatch to miss the
 objective on every candidate (the admission queue's holds and refusals among them; then
-at least one more), at two evaluations in a row: that many standby instances of the
-backends file become active at once; then none within ``up_cooldown``.
+at least one more), at two evaluations in a row: that many instances become active at
+once, those it is still draining first (warm, and paid for until idle), then standby
+ones of the backends file; then no scale-up within ``up_cooldown``.
 
 *Scale down* (beyond Block): when fewer would meet the objective with a margin
 (``down_margin`` x the objective) and nothing was predicted to miss, continuously for
-``down_after`` seconds, and no action came within that time: the surplus (least useful
-first) is set to draining (its streams hand over, :mod:`blockproxy.front.generate`), and
-each to standby once it is idle.  Never below ``min_instances``.
+``down_after`` seconds, and no action came within that time: the least useful instance is
+set to draining, and, while fewer still look enough, one more every ``down_step``
+seconds, each step decided again with the instances left.  A drained instance finishes
+its streams in place (:attr:`Instance.finish_in_place`: a hand-off would re-prefill them
+on the fewer instances left, a burst of their own making) and goes to standby once idle.
+Never below ``min_instances``.
 
 *Queue signal* (``signal="queue"``): the reactive baseline instead, what a Kubernetes
 HorizontalPodAutoscaler on ``vllm:num_requests_waiting`` does: desired =
@@ -104,6 +110,7 @@ class _Model:
 
     misses: float = 0.0  # decayed count of requests predicted to miss everywhere
     arrivals: float = 0.0  # decayed count of this proxy's requests (over ``window``)
+    arrivals_slow: float = 0.0  # the same over twice the window
     first_at: float = math.nan
     decayed_at: float = 0.0
     up_streak: int = 0
@@ -154,6 +161,7 @@ class Autoscaler:
         if m.first_at != m.first_at:
             m.first_at = now
         m.arrivals += 1.0
+        m.arrivals_slow += 1.0
         if missed:
             m.misses += 1.0
 
@@ -168,6 +176,7 @@ class Autoscaler:
             f = math.exp((m.decayed_at - now) / self.window)
             m.misses *= f
             m.arrivals *= f
+            m.arrivals_slow *= math.exp((m.decayed_at - now) / (2 * self.window))
             m.decayed_at = now
 
     # ---- the instances ---------------------------------------------------------------------
@@ -315,10 +324,9 @@ class Autoscaler:
                 inst.finish_in_place = False
                 changes.append((model, "standby", inst))
         load = self.load(model, now)
-        if m.arrivals and now > m.first_at:  # a burst shows here first: plan for the higher
-            recent = m.arrivals / (self.window * -math.expm1(-(now - m.first_at) / self.window))
-            if recent > load[0]:
-                load = (recent, *load[1:])
+        recent = self._recent_rate(m, now)
+        if recent > load[0]:  # a burst or a ramp shows here first: plan for the higher
+            load = (recent, *load[1:])
         objective = Objective(*self.view.objective(model))
         if self.signal == "queue":
             want, why, report = self._queue_wish(active, now, m)
@@ -390,6 +398,18 @@ class Autoscaler:
                            f"{held:.0f} s: one fewer"), report
         return n, (f"{target} would meet the objective with margin for {held:.0f} s of "
                    f"the {self.down_after:g} s needed"), report
+
+    def _recent_rate(self, m: _Model, now: float) -> float:
+        """This proxy's arrival rate over the last ``window``, and where a rising one is
+        heading: the rates decayed over the window and over twice it lag a ramp by one
+        and two windows, so twice the first less the second has no lag (double
+        exponential smoothing); a falling rate is not extrapolated."""
+        if not m.arrivals or now <= m.first_at:
+            return 0.0
+        age = now - m.first_at
+        fast = m.arrivals / (self.window * -math.expm1(-age / self.window))
+        slow = m.arrivals_slow / (2 * self.window * -math.expm1(-age / (2 * self.window)))
+        return max(fast, 2 * fast - slow)
 
     @staticmethod
     def _waiting(active: list[Instance]) -> tuple[int, int, int, int]:
