@@ -109,7 +109,24 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
             "proxies_desired": auto.get("proxies_desired")}
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path, workload: str) -> None:
+def arrival_rate(workload: str, multiplier: float) -> tuple[list[float], list[float]]:
+    """The workload's arrivals per real-GPU second: (times, rates)."""
+    if workload == "onoff":
+        points = [tuple(map(float, p.split(":"))) for p in ONOFF.split(",")]
+        return [p[0] for p in points], [p[1] for p in points]
+    from loadgen.workload import load_trace
+    specs = load_trace("azure-conv", duration=1500)
+    first = specs[0].arrival_s
+    bins: dict[int, int] = {}
+    for spec in specs:
+        k = int((spec.arrival_s - first) / multiplier)
+        bins[k] = bins.get(k, 0) + 1
+    times = list(range(max(bins) + 1))
+    return [t + 0.5 for t in times], [float(bins.get(t, 0)) for t in times]
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path, workload: str,
+         multiplier: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -122,11 +139,10 @@ def plot(results: dict[str, dict[str, Any]], path: Path, workload: str) -> None:
                           f"P99 {s['p99_ttft_ms']:.0f} ms)")
     ax.set_xlabel("time (real-GPU s)")
     ax.set_ylabel("active + draining instances")
-    if workload == "onoff":
-        rate = ax.twinx()
-        points = [tuple(map(float, p.split(":"))) for p in ONOFF.split(",")]
-        rate.plot([p[0] for p in points], [p[1] for p in points], "k:", label="arrival rate")
-        rate.set_ylabel("arrival rate (requests/s)")
+    rate = ax.twinx()
+    times, rates = arrival_rate(workload, multiplier)
+    rate.plot(times, rates, "k:", label="arrival rate")
+    rate.set_ylabel("arrival rate (requests per real-GPU s)")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"auto-provisioning, 12 emulated H100s, {workload}")
     fig.tight_layout()
@@ -176,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{agree['agree_share']:.0%} of {agree['samples']} samples, within one "
                   f"in {agree['within_one_share']:.0%}, at most {agree['max_spread']} apart")
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=1))
-    plot(results, Path(f"{args.out}.png"), args.workload)
+    plot(results, Path(f"{args.out}.png"), args.workload, args.rate_multiplier)
     return 0
 
 
