@@ -391,13 +391,16 @@ async def test_vllm_killed_mid_stream_is_continued_on_the_other_server(
             assert (head + rest).endswith(b"data: [DONE]\n\n")
             assert not any("error" in e for e in events), events[-2:]
             tokens = [e for e in events if e["choices"]]
-            assert len(tokens) == 2000
-            assert {e["id"] for e in events} == {events[0]["id"]}
-            reasons = [e["choices"][0]["finish_reason"] for e in tokens]
-            assert reasons[-1] == "length" and not any(reasons[:-1])
             usage = events[-1]["usage"]
             assert (usage["prompt_tokens"], usage["completion_tokens"],
                     usage["total_tokens"]) == (prompt_tokens, 2000, prompt_tokens + 2000)
+            # An event is at least one token; vLLM merges a stream's deltas into one event
+            # when its API server falls behind the engine (RequestOutputCollector), which a
+            # loaded 2-core machine sometimes does: so not always exactly 2,000 events.
+            assert 1900 <= len(tokens) <= 2000
+            assert {e["id"] for e in events} == {events[0]["id"]}
+            reasons = [e["choices"][0]["finish_reason"] for e in tokens]
+            assert reasons[-1] == "length" and not any(reasons[:-1])
             text = proxy.metrics()
             assert metric_value(text, "blockproxy_continuations_total", instance="cpu0") == 1
             assert metric_value(text, "blockproxy_stream_failures_total") == 1
