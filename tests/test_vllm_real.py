@@ -364,6 +364,7 @@ async def test_vllm_killed_mid_stream_is_continued_on_the_other_server(
     token asked for, whose usage is the original prompt as vLLM counts it (the proxy has
     the model's tokenizer) and every token both servers generated for it."""
     require_vllm()
+    answer = 6000  # tokens asked for
     doomed = start_servers(vllm_logs, 1)[0]
     survivor = vllm_pair[0]
     try:
@@ -371,8 +372,9 @@ async def test_vllm_killed_mid_stream_is_continued_on_the_other_server(
         with Proxy(tmp_path, backends, ["--policy", "round_robin"]) as proxy:
             prompt = "the river ran past the stone house and the cloud " * 8
             # long enough that the server is still generating when it is killed (a short
-            # answer can be whole in the socket buffers before the client reads 5 events)
-            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2000, "stream": True,
+            # answer can be whole in the socket buffers before the client reads 5 events;
+            # 2,000 tokens once were, on a loaded machine)
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": answer, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
             async with aiohttp.ClientSession() as session:
                 async with session.post(survivor.url + "/tokenize",
@@ -393,11 +395,11 @@ async def test_vllm_killed_mid_stream_is_continued_on_the_other_server(
             tokens = [e for e in events if e["choices"]]
             usage = events[-1]["usage"]
             assert (usage["prompt_tokens"], usage["completion_tokens"],
-                    usage["total_tokens"]) == (prompt_tokens, 2000, prompt_tokens + 2000)
+                    usage["total_tokens"]) == (prompt_tokens, answer, prompt_tokens + answer)
             # An event is at least one token; vLLM merges a stream's deltas into one event
             # when its API server falls behind the engine (RequestOutputCollector), which a
-            # loaded 2-core machine sometimes does: so not always exactly 2,000 events.
-            assert 1900 <= len(tokens) <= 2000
+            # loaded 2-core machine sometimes does: so not always one event per token.
+            assert 0.95 * answer <= len(tokens) <= answer
             assert {e["id"] for e in events} == {events[0]["id"]}
             reasons = [e["choices"][0]["finish_reason"] for e in tokens]
             assert reasons[-1] == "length" and not any(reasons[:-1])
