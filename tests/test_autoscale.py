@@ -4,6 +4,7 @@ queue-length baseline, and the proxy's gauge, ``/autoscale`` and scale command."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -161,6 +162,21 @@ def test_scales_down_one_instance_per_step_and_takes_a_busy_drained_one_back_fir
     assert view.instances["a5"].state == "active"
     assert not view.instances["a5"].finish_in_place
     view.instances["a5"].requests.release(busy)
+
+
+def test_the_file_taking_an_instance_back_hands_its_streams_over_again() -> None:
+    view = _view(2)
+    now = _load(view, 10.0)
+    scaler = _scaler(view, down_after=1.0)
+    scaler.evaluate(now)
+    ((_, action, inst),) = scaler.evaluate(now + 2)
+    assert (action, inst.name, inst.finish_in_place) == ("down", "a1", True)
+    # the operator drains it through the backends file: an operator's drain hands over
+    specs = [i.spec for i in view.instances.values()]
+    specs[1] = dataclasses.replace(specs[1], state="draining", weight=2.0)
+    view.apply(specs)
+    assert view.instances["a1"].state == "draining"
+    assert not view.instances["a1"].finish_in_place
 
 
 def test_predicted_misses_at_dispatch_scale_up_even_when_the_load_looks_fine() -> None:

@@ -129,7 +129,7 @@ class Autoscaler:
     def __init__(self, view: ClusterView, *, mode: str = "advise",
                  signal: str = "predicted", window: float = 10.0, horizon: float = 30.0,
                  down_margin: float = 0.6, down_after: float = 60.0,
-                 up_cooldown: float = 10.0, down_step: float = 10.0,
+                 up_cooldown: float = 10.0, down_step: float = 15.0,
                  min_instances: int = 1,
                  queue_target: float = 4.0, headroom: float = 1.25) -> None:
         if mode not in MODES:
@@ -320,8 +320,7 @@ class Autoscaler:
         changes: list[tuple[str, str, Instance]] = []
         for inst in draining:  # drained: back to standby
             if inst.active == 0 and self.mode == "act" and inst.spec.state != DRAINING:
-                inst.state = STANDBY
-                inst.finish_in_place = False
+                inst.set_state(STANDBY)
                 changes.append((model, "standby", inst))
         load = self.load(model, now)
         recent = self._recent_rate(m, now)
@@ -415,20 +414,12 @@ class Autoscaler:
     def _waiting(active: list[Instance]) -> tuple[int, int, int, int]:
         """The requests waiting on ``active`` (no first token yet): (count, mean prompt,
         cached and predicted output tokens)."""
-        count = prompt = cached = output = 0
-        for inst in active:
-            r = inst.requests
-            t = r.table[:, :r.n]
-            waiting = t[simulator.COL_STARTED] == 0
-            w = int(waiting.sum())
-            if w:
-                count += w
-                prompt += int(t[simulator.COL_PROMPT][waiting].sum())
-                cached += int(t[simulator.COL_CACHED][waiting].sum())
-                output += int(t[simulator.COL_PREDICTED][waiting].sum())
+        sums = [inst.requests.waiting_sizes() for inst in active]
+        count = sum(s[0] for s in sums)
         if not count:
             return 0, 0, 0, 0
-        return count, round(prompt / count), round(cached / count), round(output / count)
+        prompt, cached, output = (round(sum(s[k] for s in sums) / count) for k in (1, 2, 3))
+        return count, prompt, cached, output
 
     def _queue_wish(self, active: list[Instance], now: float, m: _Model
                     ) -> tuple[int, str, dict[str, Any]]:
@@ -463,8 +454,7 @@ class Autoscaler:
             return []
         changes: list[tuple[str, str, Instance]] = []
         # those this drained and still busy first (warm, and paid for until idle)
-        spare = [i for i in draining
-                 if i.state == DRAINING and i.finish_in_place and i.healthy] + standby
+        spare = [i for i in draining if i.finish_in_place and i.healthy] + standby
         if want > n and spare and (m.last_direction != "up"
                                    or now - m.last_action_at >= self.up_cooldown):
             m.up_streak = 0
@@ -479,8 +469,7 @@ class Autoscaler:
 
     def _change(self, model: str, m: _Model, direction: str, inst: Instance, state: str,
                 why: str, now: float) -> list[tuple[str, str, Instance]]:
-        inst.state = state
-        inst.finish_in_place = state == DRAINING
+        inst.set_state(state, finish_in_place=True)
         m.last_action_at = now
         m.last_direction = direction
         self.history.append({"at": now, "model": model, "action": direction,

@@ -74,9 +74,14 @@ class Instance:
         self.probe_backoff = 0.0
         self.next_probe_at = 0.0
         self.removed = False
-        #: set to draining by auto-provisioning: its streams finish here rather than hand
-        #: over (a hand-off re-prefills each stream elsewhere, on the fewer that remain)
+        #: draining by auto-provisioning: its streams finish here rather than hand over (a
+        #: hand-off re-prefills each stream elsewhere, on the fewer that remain)
         self.finish_in_place = False
+
+    def set_state(self, state: str, finish_in_place: bool = False) -> None:
+        """Change the state; ``finish_in_place`` (draining only): its streams end here."""
+        self.state = state
+        self.finish_in_place = finish_in_place and state == DRAINING
 
     # ---- routing inputs -----------------------------------------------------------------------
     @property

@@ -239,6 +239,18 @@ class RequestTable:
         """Requests not yet running (no first token seen)."""
         return int((self.table[simulator.COL_STARTED, :self.n] == 0).sum())
 
+    def waiting_sizes(self) -> tuple[int, int, int, int]:
+        """The requests not yet running: (count, and their prompt, cached and predicted
+        output tokens summed)."""
+        t = self.table[:, :self.n]
+        waiting = t[simulator.COL_STARTED] == 0
+        count = int(waiting.sum())
+        if not count:
+            return 0, 0, 0, 0
+        return (count, int(t[simulator.COL_PROMPT][waiting].sum()),
+                int(t[simulator.COL_CACHED][waiting].sum()),
+                int(t[simulator.COL_PREDICTED][waiting].sum()))
+
     def sizes(self, exclude_origin: int | None = None) -> tuple[int, int, int]:
         """(prompt tokens, predicted output tokens, count) summed over the entries."""
         cols = [e.slot for e in self.entries if e.origin != exclude_origin]

@@ -107,7 +107,7 @@ class ClusterView:
                     self.instances[spec.name] = built[spec.name]
                 else:
                     current.spec = spec
-                    current.state = spec.state
+                    current.set_state(spec.state)
                     current.weight = spec.weight
                     if spec.models is not None:
                         current.models = set(spec.models)
