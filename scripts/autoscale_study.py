@@ -164,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="results/autoscale")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated subset of " + ", ".join(CONFIGS) + " to run")
+    parser.add_argument("--predicted-arg", action="append", default=[], metavar="FLAG",
+                        help="another proxy flag for the predicted configuration, e.g. "
+                             "--predicted-arg=--scale-headroom=1.1 (repeatable)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: report every configuration from its OUT_<config>"
                              ".json of an earlier run")
@@ -173,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = set() if args.report_only else set(args.configs.split(","))
     for name, (standby, extra) in CONFIGS.items():
         if name in run:
+            if name == "predicted":
+                extra = [*extra, *args.predicted_arg]
             results[name] = summary(run_config(name, standby, extra, args))
         elif Path(f"{args.out}_{name}.json").exists():
             results[name] = summary(json.loads(Path(f"{args.out}_{name}.json").read_text()))

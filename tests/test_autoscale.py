@@ -353,5 +353,70 @@ def test_the_requests_already_waiting_are_simulated_as_a_backlog() -> None:
     assert report["what_if_needed"]["meets_objective"]
     backlog = scaler._waiting([i for i in view.instances.values() if i.state == "active"])
     fewer = scaler.what_if(list(view.instances.values())[:need - 1],
-                           scaler.load("m", now + 2), Objective(ttft=2.0), backlog=backlog)
+                           scaler.load("m", now + 2), Objective(ttft=2.0), backlog=backlog,
+                           probe=scaler.tail("m"))
     assert not fewer.meets and fewer.ttft > 2.0
+
+
+def _mixed_load(view: ClusterView, rate: float, long_prompt: int, every: int = 20,
+                seconds: float = 20.0) -> float:
+    """``rate`` requests per second over the active instances for ``seconds``: one in
+    ``every`` has ``long_prompt`` tokens and 4x the output, the rest the trace's mean
+    sizes; returns the time of the last."""
+    active = [i for i in view.instances.values() if i.state == "active"]
+    k = 0
+    t = 0.0
+    while t < seconds:
+        long = k % every == every - 1
+        active[k % len(active)].requests.recent.record(
+            t, long_prompt if long else PROMPT, 0, 4 * OUTPUT if long else OUTPUT)
+        k += 1
+        t = k / rate
+    return t
+
+
+def test_the_tail_request_is_the_99th_percentile_of_recent_sizes() -> None:
+    view = _view(2)
+    scaler = _scaler(view)
+    assert scaler.tail("m") is None
+    insts = list(view.instances.values())
+    for k in range(100):  # uncached prompts 100..199 (cached 10), outputs 1..100
+        insts[k % 2].requests.recent.record(k * 0.01, 110 + 99 - k, 10, k + 1)
+    prompt, cached, output = scaler.tail("m")  # type: ignore[misc]
+    assert (prompt - cached, cached, output) == (198, 10, 99)
+    for k in range(300):  # only the last SIZE_SAMPLES per instance are kept
+        insts[k % 2].requests.recent.record(1 + k * 0.01, 50, 0, 5)
+    assert scaler.tail("m") == (50, 0, 5)
+
+
+def test_a_long_tail_of_prompts_needs_more_instances_than_the_mean_request() -> None:
+    view = _view(4, standby=8, slo_ttft_ms=1000.0)
+    now = _mixed_load(view, 80.0, long_prompt=32000)
+    scaler = _scaler(view)
+    load = scaler.load("m", now)
+    tail = scaler.tail("m")
+    assert tail is not None and tail[0] == 32000
+    pool = list(view.instances.values())
+    goal = Objective(ttft=1.0)
+    mean_need, _ = scaler.needed(pool, load, goal)
+    tail_need, at = scaler.needed(pool, load, goal, probe=tail)
+    assert tail_need > mean_need and at.meets, (mean_need, tail_need)
+    scaler.evaluate(now)
+    report = scaler.models["m"].report
+    assert report["quantile"] == 0.99 and report["needed"] == tail_need
+    assert report["probe_tokens"] == {"prompt": 32000, "cached": 0, "output": 4 * OUTPUT}
+    assert report["tail_alone"]["meets_objective"]
+
+
+def test_a_tail_too_long_for_any_instance_falls_back_to_the_mean_request() -> None:
+    # a 100,000-token prompt takes seconds to prefill on an idle H100: more instances
+    # cannot make it meet 1 s, so it must not ask for every instance there is
+    view = _view(4, standby=8, slo_ttft_ms=1000.0)
+    now = _mixed_load(view, 10.0, long_prompt=100_000)
+    scaler = _scaler(view)
+    scaler.evaluate(now)
+    report = scaler.models["m"].report
+    assert report["tail_alone"]["meets_objective"] is False
+    assert report["tail_alone"]["ttft_s"] > 1.0
+    assert report["quantile"] is None and report["probe_tokens"]["prompt"] < 100_000
+    assert report["needed"] < 4, report

@@ -19,13 +19,17 @@ from the first seconds on, not only after a whole window.
 from __future__ import annotations
 
 import math
+from typing import Any
+
+#: the most recent requests whose sizes are kept, for size quantiles (:meth:`sizes`)
+SIZE_SAMPLES = 128
 
 
 class ArrivalProcess:
     """Decayed rate and mean sizes of the requests arriving at one instance."""
 
-    __slots__ = ("_cached", "_count", "_first", "_last", "_output", "_prompt", "limit",
-                 "window")
+    __slots__ = ("_cached", "_count", "_first", "_last", "_next", "_output", "_prompt",
+                 "_sizes", "limit", "window")
 
     def __init__(self, window: float = 30.0, limit: int = 256) -> None:
         #: time constant of the decay, seconds
@@ -42,15 +46,18 @@ class ArrivalProcess:
         self._prompt = 0.0
         self._cached = 0.0
         self._output = 0.0
+        self._sizes: list[tuple[int, int, int]] = []
+        self._next = 0
 
-    def snapshot(self) -> tuple[float, ...]:
+    def snapshot(self) -> tuple[Any, ...]:
         """The whole state, for :meth:`restore` (a benchmark undoing its own arrivals)."""
         return (self._first, self._last, self._count, self._prompt, self._cached,
-                self._output)
+                self._output, list(self._sizes), self._next)
 
-    def restore(self, state: tuple[float, ...]) -> None:
+    def restore(self, state: tuple[Any, ...]) -> None:
         (self._first, self._last, self._count, self._prompt, self._cached,
-         self._output) = state
+         self._output, sizes, self._next) = state
+        self._sizes = list(sizes)
 
     def record(self, now: float, prompt_tokens: int, cached_tokens: int,
                output_tokens: int) -> None:
@@ -69,6 +76,16 @@ class ArrivalProcess:
         self._prompt += prompt_tokens
         self._cached += cached_tokens
         self._output += output_tokens
+        if len(self._sizes) < SIZE_SAMPLES:
+            self._sizes.append((prompt_tokens, cached_tokens, output_tokens))
+        else:
+            self._sizes[self._next] = (prompt_tokens, cached_tokens, output_tokens)
+            self._next = (self._next + 1) % SIZE_SAMPLES
+
+    def sizes(self) -> list[tuple[int, int, int]]:
+        """``(prompt, cached, output)`` tokens of the last :data:`SIZE_SAMPLES` requests
+        (in no particular order)."""
+        return self._sizes
 
     def rate(self, now: float) -> float:
         """Arrivals per second over the recent window (0 before any)."""

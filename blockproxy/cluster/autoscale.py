@@ -5,16 +5,23 @@ so every proxy sharing the view by gossip computes the same figure.
 
 *What-if.*  The recent arrivals (all instances' decayed arrival processes,
 :mod:`blockproxy.cluster.arrivals`: rate and mean sizes), times ``headroom`` (for the
-bursts and size spread a mean stream does not have), are split evenly over ``k``
-instances, and so are the requests already waiting (their count and mean sizes: a backlog
-the rate does not show, and the first sign of a ramp).  Each kind of instance is simulated
-with its share of that backlog queued and that stream running for the horizon (at most
-``--future-arrivals`` requests): a request of the mean sizes arriving now, behind the
-backlog, and one arriving once the stream has run (``new_at``,
-:mod:`blockproxy.simulator.reference`) get their TTFT and E2E.  Once the stream has run
-that long, the queue it leaves is the queue a load beyond the instances' capacity builds:
-the late request's latency is what arriving requests would see with ``k`` instances.  The
-figure for ``k`` is the worst kind's, of both requests.  The *needed* count is the fewest
+Poisson bursts a steady stream does not have), are split evenly over ``k`` instances, and
+so are the requests already waiting (their count and mean sizes: a backlog the rate does
+not show, and the first sign of a ramp).  Each kind of instance is simulated with its
+share of that backlog queued and that stream running for the horizon (at most
+``--future-arrivals`` requests): a probe request arriving now, behind the backlog, and
+one arriving once the stream has run (``new_at``, :mod:`blockproxy.simulator.reference`)
+get their TTFT and E2E.  Once the stream has run that long, the queue it leaves is the
+queue a load beyond the instances' capacity builds: the late request's latency is what
+arriving requests would see with ``k`` instances.  The figure for ``k`` is the worst
+kind's, of both requests.  The probe is the *tail* request (:meth:`Autoscaler.tail`):
+the 99th percentile of the recent requests' uncached prompts (a request's TTFT grows
+with its uncached prompt, behind the same queue) and of their outputs (E2E grows with
+both: at the two percentiles together, an upper bound of the 99th percentile of E2E),
+so the figure is a predicted P99 over the sizes arriving, which an objective on the P99
+compares with.  A tail request that misses the objective (within the down margin) even
+alone on an idle instance is late by its own size, which no instance count changes: then
+the probe is the mean request.  The *needed* count is the fewest
 ``k`` meeting the objective (the most useful instances first: the fastest, then in the
 backends file's order; then more of the first kind, what an HPA would start), found by
 bisection.
@@ -69,6 +76,8 @@ SIGNALS = ("predicted", "queue")
 QUEUE_TOLERANCE = 0.1
 #: actions remembered for /autoscale
 HISTORY = 100
+#: the quantile of the recent request sizes the what-if probes with: objectives are P99s
+QUANTILE = 0.99
 _EMPTY = np.zeros((simulator.NUM_COLUMNS, 1), dtype=np.int64)
 
 
@@ -89,8 +98,9 @@ class Objective:
 
 @dataclass
 class WhatIf:
-    """The predicted latency of a request arriving once the recent load, split over
-    ``instances``, has run for the horizon: the worst of those instances."""
+    """The predicted latency of a probe request arriving once the recent load, split
+    over ``instances``, has run for the horizon (and of one arriving now, behind the
+    backlog): the worst of those instances."""
 
     instances: int
     ttft: float
@@ -214,23 +224,43 @@ class Autoscaler:
             return 0.0, 0, 0, 0
         return rate, round(prompt / rate), round(cached / rate), round(output / rate)
 
+    def tail(self, model: str, quantile: float = QUANTILE) -> tuple[int, int, int] | None:
+        """The tail request of ``model``'s recent arrivals (the last ones kept by each
+        instance's arrival process): ``(prompt, cached, output)``, the prompt and cached
+        tokens of the request at ``quantile`` of the uncached prompts, and ``quantile``
+        of the outputs (None before any arrival)."""
+        sizes = [s for inst in self.view.instances.values()
+                 if not inst.removed and inst.serves(model)
+                 for s in inst.requests.recent.sizes()]
+        if not sizes:
+            return None
+        a = np.array(sizes, dtype=np.int64)
+        rank = min(max(math.ceil(quantile * len(a)) - 1, 0), len(a) - 1)
+        row = int(np.argsort(a[:, 0] - a[:, 1], kind="stable")[rank])
+        return (int(a[row, 0]), int(a[row, 1]), int(np.sort(a[:, 2])[rank]))
+
     def what_if(self, instances: list[Instance], load: tuple[float, int, int, int],
                 objective: Objective, factor: float = 1.0,
-                backlog: tuple[int, int, int, int] = (0, 0, 0, 0)) -> WhatIf:
-        """The latency of a mean request once ``load`` split over ``instances`` has run
-        for the horizon (the worst instance's), and whether it is within ``factor`` x
-        ``objective``.  Instances of one kind (profile, limits, calibrated speed and
-        overhead) are simulated once: they give the same answer.
+                backlog: tuple[int, int, int, int] = (0, 0, 0, 0),
+                probe: tuple[int, int, int] | None = None) -> WhatIf:
+        """The latency of ``probe`` (prompt, cached, output tokens; the mean request
+        when None) once ``load`` split over ``instances`` has run for the horizon (the
+        worst instance's), and whether it is within ``factor`` x ``objective``.
+        Instances of one kind (profile, limits, calibrated speed and overhead) are
+        simulated once: they give the same answer.
 
         ``backlog`` (count, mean prompt, cached and output tokens): requests already
-        waiting, split evenly over the instances as their starting queue; a request
+        waiting, split evenly over the instances as their starting queue; the probe
         arriving now, behind its share, must be in time as well as the late one."""
         rate, prompt, cached, output = load
         k = len(instances)
         if k == 0:
             return WhatIf(0, math.inf, math.inf, False)
         worst_ttft = worst_e2e = 0.0
-        probe = (max(prompt, 1), cached, max(output, 1))
+        if probe is None:
+            probe = (prompt, cached, output)
+        p_prompt = max(probe[0], 1)
+        probe = (p_prompt, min(probe[1], p_prompt - 1), max(probe[2], 1))
         queued, state = self._backlog_state(backlog, k)
         seen: set[tuple[Any, ...]] = set()
         for inst in instances:
@@ -275,23 +305,24 @@ class Autoscaler:
 
     def needed(self, pool: list[Instance], load: tuple[float, int, int, int],
                objective: Objective, factor: float = 1.0,
-               backlog: tuple[int, int, int, int] = (0, 0, 0, 0)) -> tuple[int, WhatIf]:
+               backlog: tuple[int, int, int, int] = (0, 0, 0, 0),
+               probe: tuple[int, int, int] | None = None) -> tuple[int, WhatIf]:
         """The fewest instances (the most useful of ``pool`` first, then more of its
-        first kind: what an HPA would start) whose what-if, under the recent load times
-        the headroom and with ``backlog`` waiting, is within ``factor`` x ``objective``;
-        and that what-if."""
+        first kind: what an HPA would start) whose what-if for ``probe``, under the
+        recent load times the headroom and with ``backlog`` waiting, is within
+        ``factor`` x ``objective``; and that what-if."""
         rate, prompt, cached, output = load
         planned = (rate * self.headroom, prompt, cached, output)
 
         def fleet(k: int) -> list[Instance]:
             return pool[:k] if k <= len(pool) else pool + [pool[0]] * (k - len(pool))
         lo, hi = self.min_instances, max(4 * len(pool), 16)
-        best = self.what_if(fleet(hi), planned, objective, factor, backlog)
+        best = self.what_if(fleet(hi), planned, objective, factor, backlog, probe)
         if not best.meets:
             return hi, best
         while lo < hi:  # the fewest that meet it: latency falls as instances are added
             mid = (lo + hi) // 2
-            w = self.what_if(fleet(mid), planned, objective, factor, backlog)
+            w = self.what_if(fleet(mid), planned, objective, factor, backlog, probe)
             if w.meets:
                 hi, best = mid, w
             else:
@@ -334,7 +365,7 @@ class Autoscaler:
                 "--slo-e2e-ms (or slo_ttft_ms in the backends file)", {}
         else:
             want, why, report = self._predicted_wish(active, standby, load, now, m,
-                                                     objective)
+                                                     objective, self.tail(model))
         m.desired = want
         changes += self._act(model, m, active, standby, draining, want, why, now)
         rate, prompt, cached, output = load
@@ -349,7 +380,8 @@ class Autoscaler:
 
     def _predicted_wish(self, active: list[Instance], standby: list[Instance],
                         load: tuple[float, int, int, int], now: float, m: _Model,
-                        objective: Objective) -> tuple[int, str, dict[str, Any]]:
+                        objective: Objective, probe: tuple[int, int, int] | None
+                        ) -> tuple[int, str, dict[str, Any]]:
         n = len(active)
         pool = active + standby
         if not pool:
@@ -357,15 +389,27 @@ class Autoscaler:
         # the requests already waiting, which a simulation from idle does not see: the
         # first sign of a ramp (it outruns any rate estimate) and of a burst
         backlog = self._waiting(active)
-        need, at_need = self.needed(pool, load, objective, backlog=backlog)
-        calm, _ = self.needed(pool, load, objective, self.down_margin, backlog)
+        alone = None
+        if probe is not None:  # a tail request late even on an idle instance (within the
+            # margin) is late by its own size, which no count of instances changes: then
+            # the mean request is the probe, or the surplus would never show
+            alone = self.what_if(pool[:1], (0.0, 0, 0, 0), objective, self.down_margin,
+                                 probe=probe)
+            if not alone.meets:
+                probe = None
+        need, at_need = self.needed(pool, load, objective, backlog=backlog, probe=probe)
+        calm, _ = self.needed(pool, load, objective, self.down_margin, backlog, probe)
         waiting = backlog[0]
         planned = (load[0] * self.headroom, *load[1:])
         around = [self.what_if(active[:k] if k <= n else pool[:k], planned, objective,
-                               backlog=backlog)
+                               backlog=backlog, probe=probe)
                   for k in (n - 1, n, n + 1) if 0 < k <= len(pool)]
+        p_prompt, p_cached, p_output = probe or load[1:]
         report: dict[str, Any] = {
             "objective": {"ttft_s": objective.ttft, "e2e_s": objective.e2e},
+            "quantile": QUANTILE if probe else None,
+            "tail_alone": alone.as_dict() if alone else None,
+            "probe_tokens": {"prompt": p_prompt, "cached": p_cached, "output": p_output},
             "headroom": self.headroom, "needed": need, "needed_with_margin": calm,
             "waiting": waiting, "waiting_mean_tokens": {"prompt": backlog[1],
                                                         "cached": backlog[2],
@@ -384,7 +428,7 @@ class Autoscaler:
                 return want, why, report
             return n, why + " (once: waiting for a second evaluation)", report
         m.up_streak = 0
-        target = max(calm, self.min_instances)
+        target = max(calm, need, self.min_instances)
         if target >= n or m.misses >= 1.0:
             m.down_since = math.nan
             return n, f"{n} needed ({calm} within {self.down_margin:g} of the objective)", \
