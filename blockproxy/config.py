@@ -28,7 +28,7 @@ class ProxyConfig:
     port: int = _opt(8000, "port to listen on")
     policy: str = _opt("block", "routing policy (block, block_ttft, round_robin, random, "
                                 "least_requests, power_of_two, least_tokens, llumnix, "
-                                "lmetric, prefix_affinity)")
+                                "lmetric, prefix_affinity, intelligent_router)")
     sample_k: int = _opt(0, "block: simulate only k randomly sampled instances (0 = all)")
     tie_tolerance: float = _opt(0.02, "block: predictions within this fraction of the best "
                                       "are ties, broken at random (herding control)")
@@ -37,6 +37,9 @@ class ProxyConfig:
     balance_rel: float = _opt(1.5, "prefix_affinity: ... and by more than this factor")
     cache_threshold: float = _opt(0.5, "prefix_affinity: the longest cached prefix wins if it "
                                        "covers at least this share of the prompt")
+    mixing_weight: float = _opt(1.0, "intelligent_router: weight of the latency a request "
+                                     "adds to those already on an instance (the mixing "
+                                     "penalty) against its own")
     profile: str = _opt("llama-3.1-8b-h100-tp1", "default step-time profile (name or file)")
     speed: float = _opt(1.0, "step-time multiplier applied to every profile, e.g. the "
                              "--time-scale of emulated instances; calibration refines it per "

@@ -13,9 +13,11 @@ matching through prefix blocks) and is then learned, exactly as a running proxy 
 a completion.  With ``--holdout F`` the last fraction F of the log is predicted before it is
 learned and scored: mean absolute percentage error and log2-bucket accuracy of what the
 proxy would have predicted (``served``: the length model or the rings, whichever has been
-better on that model's recent requests), of the length model alone and of the
-prompt-length rings alone.  The report (JSON) goes to stdout; serve
-the model with ``blockproxy serve --length-model FILE``.
+better on that model's recent requests), of the length model alone, of the
+prompt-length rings alone and of the bucket classifier (``bucket_head``: its most likely
+bucket's representative length; its bucket accuracy is its classification accuracy).
+The report (JSON) goes to stdout; serve the model with ``blockproxy serve --length-model
+FILE``.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def train(records: list[dict[str, Any]], model: LengthModel, holdout: float = 0.
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     split = len(records) - math.floor(len(records) * holdout)
-    scores = {"served": Score(), "length_model": Score(), "prompt_length_rings": Score()}
+    scores = {"served": Score(), "length_model": Score(), "prompt_length_rings": Score(),
+              "bucket_head": Score()}
     skipped = 0
     for epoch in range(epochs):
         # a fresh predictor each pass: its rings and conversation memory start empty, the
@@ -125,6 +128,9 @@ def train(records: list[dict[str, Any]], model: LengthModel, holdout: float = 0.
                     if info.max_tokens is not None:
                         own = min(own, info.max_tokens)
                     scores["length_model"].add(max(own, 1), actual)
+                    head = model.buckets
+                    scores["bucket_head"].add(
+                        max(head.tokens(head.predict(job.features)), 1), actual)
                 ring = predictor.learned(info.model, job.prompt_tokens)
                 ring_tokens = predictor.default_tokens if ring is None else ring
                 if info.max_tokens is not None:

@@ -1,10 +1,10 @@
 """One benchmark run against any OpenAI-compatible endpoint, measured like vLLM's bench.
 
 The workload is a trace (``--trace`` path or name: azure-conv, mooncake, sharegpt,
-arxiv), or synthetic lengths.  Requests are sent at the trace's own timestamps
-(``--use-trace-timestamps``, sped up by ``--rate-multiplier``) or at a Poisson/gamma
-``--request-rate``; ``--max-concurrency`` caps requests in flight (closed loop when the
-rate is inf).
+arxiv, or length-only ones taken in turn: ``sharegpt+arxiv``), or synthetic lengths.
+Requests are sent at the trace's own timestamps (``--use-trace-timestamps``, sped up by
+``--rate-multiplier``) or at a Poisson/gamma ``--request-rate``; ``--max-concurrency``
+caps requests in flight (closed loop when the rate is inf).
 
 Time scale: ``--time-scale S`` matches an emulator started with the same ``S``; every
 arrival gap is multiplied by ``S / rate-multiplier``, so the load (arrival rate x service
@@ -31,6 +31,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
@@ -276,7 +277,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True,
                         help="base URL of the endpoint, e.g. http://127.0.0.1:8000")
     parser.add_argument("--trace", help="trace file, or a name: azure-conv, mooncake, "
-                                        "sharegpt, arxiv (omit for synthetic lengths)")
+                                        "sharegpt, arxiv; A+B takes length-only traces "
+                                        "in turn (sharegpt+arxiv); omit for synthetic "
+                                        "lengths")
     parser.add_argument("--trace-path", default=None, metavar="DIR[:DIR...]",
                         help="directories searched for a trace given by name, before the "
                              "bundled Azure slice [env LOADGEN_TRACE_PATH]")
@@ -380,7 +383,10 @@ def timestamped(args: argparse.Namespace) -> bool:
 
 
 def timestamped_trace(args: argparse.Namespace) -> bool:
-    """Whether the trace the flags name carries arrival times of its own."""
+    """Whether the trace the flags name carries arrival times of its own (a mix of
+    traces, ``A+B``, is of length-only ones)."""
+    if "+" in args.trace and not Path(args.trace).exists():
+        return False
     fmt = args.format if args.format != "auto" else \
         detect_format(resolve_trace(args.trace, args.trace_path))
     return fmt != "lengths"

@@ -225,6 +225,9 @@ def load_trace(path: str | Path, fmt: str = "auto", start: float = 0.0,
     and ``duration`` is left to :func:`slice_specs` after :func:`assign_arrivals`.
     Zero lengths in a trace become 1 (a request has at least one token each way).
     """
+    parts = str(path).split("+")
+    if len(parts) > 1 and not Path(path).exists():
+        return mix_traces(parts, fmt, start, num_requests, clip_context, search_path)
     file = resolve_trace(path, search_path)
     if fmt == "auto":
         fmt = detect_format(file)
@@ -242,6 +245,23 @@ def load_trace(path: str | Path, fmt: str = "auto", start: float = 0.0,
     if clip_context is not None:
         specs = [clip_lengths(s, clip_context) for s in specs]
     return specs
+
+
+def mix_traces(names: Sequence[str], fmt: str = "auto", start: float = 0.0,
+               num_requests: int | None = None, clip_context: int | None = None,
+               search_path: Sequence[Path] | str | None = None) -> list[RequestSpec]:
+    """Length-only traces taken in turn, one request of each (``--trace
+    sharegpt+arxiv``: short prompts with long answers beside long prompts with short
+    ones, the mix the Intelligent Router targets); ``start`` is a row offset into each,
+    and the mix ends with its shortest trace (or at ``num_requests``)."""
+    each = [load_trace(name, fmt, start, None, None, clip_context, search_path)
+            for name in names]
+    for name, specs in zip(names, each, strict=True):
+        if any(s.arrival_s for s in specs):
+            raise ValueError(f"trace {name!r} has timestamps: only length-only traces "
+                             "mix (arrivals come from --request-rate)")
+    mixed = [spec for row in zip(*each, strict=False) for spec in row]
+    return mixed[:num_requests] if num_requests is not None else mixed
 
 
 # --------------------------------------------------------------------------- arrivals

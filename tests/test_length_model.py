@@ -109,6 +109,9 @@ def test_model_learns_what_prompt_length_cannot_show() -> None:
     # the noise (sigma 0.3) alone leaves a MAPE near 0.24; the task word is the signal
     assert model_score["mape"] < 0.35 < rings["mape"]
     assert model_score["bucket_accuracy"] > rings["bucket_accuracy"]
+    # the classifier head on the same features: the task word tells the bucket
+    head = report["holdout"]["bucket_head"]
+    assert head["bucket_accuracy"] > rings["bucket_accuracy"] + 0.1, report["holdout"]
     # what the proxy serves: the better of the two on recent requests, here the model
     assert report["holdout"]["served"] == model_score
 
@@ -168,6 +171,8 @@ def test_saved_model_loads_with_identical_predictions(tmp_path: Path) -> None:
         x = model.hasher.features(completion(rec["body"]["prompt"]), 50)
         for q in (0.1, 0.5, 0.9):
             assert loaded.quantile("m", x, q) == model.quantile("m", x, q)
+        assert loaded.buckets.predict(x) == model.buckets.predict(x)
+        assert (loaded.buckets.probabilities(x) == model.buckets.probabilities(x)).all()
     np.save(tmp_path / "other.npy", np.zeros(3))
     for bad in (tmp_path / "other.npy", tmp_path / "missing.npz"):
         with pytest.raises(ValueError, match="cannot load length model"):
@@ -189,6 +194,25 @@ def test_predictor_uses_the_model_after_warmup_only() -> None:
     assert p.predict("m", 3, None, features=xs) < 40 < 400 < p.predict("m", 3, None,
                                                                         features=xl)
     assert p.predict("m", 3, 50, features=xl) == 50  # caps still apply
+
+
+def test_the_describer_gives_the_length_bucket_to_policies_that_route_on_it() -> None:
+    p = LengthPredictor(model=LengthModel(warmup=20))
+    plain, buckets = Describer(p), Describer(p, buckets=True)
+    short, long = completion("summarise it"), completion("story time")
+    # before the model is ready, the bucket is the prediction itself
+    assert buckets.describe(short, None, 8192).bucket_tokens == \
+        buckets.describe(short, None, 8192).output_tokens
+    for _ in range(200):
+        for info, tokens in ((short, 10), (long, 1000)):
+            job = plain.describe(info, None, 8192)
+            plain.learn(info, job.prompt_tokens, job.output_tokens, None, tokens, "stop", job)
+    assert plain.describe(long, None, 8192).bucket_tokens == 0  # not asked for
+    assert buckets.describe(short, None, 8192).bucket_tokens == 10
+    assert buckets.describe(long, None, 8192).bucket_tokens == 1000
+    capped = completion("story time", max_tokens=64)
+    assert buckets.describe(capped, None, 8192).bucket_tokens <= 64
+    assert buckets.describe(long, "7", 8192).bucket_tokens == 7  # a hint wins
 
 
 # ---- conversations -------------------------------------------------------------------------

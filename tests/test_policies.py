@@ -12,6 +12,7 @@ from blockproxy.backends import BackendSpec
 from blockproxy.cluster import ClusterView
 from blockproxy.routing.job import Job
 from blockproxy.routing.policies import make_policy, policy_names
+from blockproxy.routing.policies.intelligent_router import IntelligentRouterPolicy
 
 JOB = Job(prompt_tokens=500, output_tokens=100)
 
@@ -38,7 +39,7 @@ def test_registry_has_every_policy():
 
 
 @pytest.mark.parametrize("name", ["block", "block_ttft", "least_requests", "least_tokens",
-                                  "llumnix"])
+                                  "llumnix", "intelligent_router"])
 def test_load_aware_policies_avoid_the_busy_instance(name: str):
     insts = cluster(2)
     load(insts[0], 100)
@@ -122,3 +123,59 @@ def test_every_policy_option_is_a_proxy_flag() -> None:
         config = ProxyConfig(backends="x", policy=name)
         assert set(policy_options(config)) == set(policy_class(name).OPTIONS), name
         make_policy(name, random.Random(0), **policy_options(config))
+
+
+# ---- intelligent_router: the mixing penalty ---------------------------------------------------
+
+def _ir(mixing_weight: float = 1.0) -> IntelligentRouterPolicy:
+    return IntelligentRouterPolicy("intelligent_router", random.Random(0), mixing_weight)
+
+
+def test_intelligent_router_keeps_a_long_prompt_away_from_many_decodes():
+    """Same number of requests on both: 8 decoding on i0, 8 still waiting for short
+    prefills on i1.  A long prompt stalls the eight decodes on i0 for its prefill; on i1
+    it waits only for 8 x 50 tokens of prefill, so it goes there."""
+    insts = cluster(2)
+    load(insts[0], 8, prompt=50, output=2000)
+    load(insts[1], 8, prompt=50, output=20, started=False)
+    policy = _ir()
+    long_prompt = Job(prompt_tokens=16000, output_tokens=10, bucket_tokens=10)
+    own0, pen0 = policy.estimate(insts[0], long_prompt)
+    own1, pen1 = policy.estimate(insts[1], long_prompt)
+    assert pen0 > pen1 and own0 + pen0 > own1 + pen1
+    assert policy.choose(insts, long_prompt)[0] is insts[1]
+    # without the penalty, its own latency alone prefers the instance with no queued
+    # prefill (i0): the penalty is what decides
+    assert own0 < own1
+    alone = _ir(mixing_weight=0.0)
+    assert alone.choose(insts, long_prompt)[0] is insts[0]
+
+
+def test_intelligent_router_routes_on_the_length_bucket():
+    """i0 runs 40 short answers nearly done, i1 four long ones.  A short answer is done
+    before it would slow i1's four much, and the smaller batch is quicker; a long answer
+    decodes beside i0's forty for only their few remaining steps."""
+    insts = cluster(2)
+    load(insts[0], 40, prompt=100, output=5)
+    load(insts[1], 4, prompt=100, output=3000)
+    policy = _ir()
+    short = Job(prompt_tokens=100, output_tokens=500, bucket_tokens=8)
+    long = Job(prompt_tokens=100, output_tokens=500, bucket_tokens=4000)
+    assert policy.choose(insts, short)[0] is insts[1]
+    assert policy.choose(insts, long)[0] is insts[0]
+    # the regression's median (500) is used when no bucket was predicted
+    assert policy.estimate(insts[0], Job(100, 500)) == policy.estimate(
+        insts[0], Job(100, 500, bucket_tokens=500))
+
+
+def test_intelligent_router_counts_the_cached_prefix_and_the_speed():
+    insts = cluster(2)
+    load(insts[0], 4)
+    load(insts[1], 4)
+    policy = _ir()
+    base = policy.estimate(insts[0], JOB)
+    insts[1].model.speed = 2.0  # calibrated twice as slow
+    assert policy.estimate(insts[1], JOB) == pytest.approx((2 * base[0], 2 * base[1]))
+    assert policy.choose(insts, JOB)[0] is insts[0]
+    with pytest.raises(ValueError, match="mixing_weight"):
+        make_policy("intelligent_router", mixing_weight=-1.0)

@@ -105,6 +105,20 @@ def test_lengths_reader_and_row_offset(lengths_csv: Path) -> None:
     assert [s.prompt_tokens for s in load_trace(lengths_csv, start=1, num_requests=1)] == [290]
 
 
+def test_length_only_traces_mix_in_turn(lengths_csv: Path, tmp_path: Path,
+                                        azure_csv: Path) -> None:
+    long = tmp_path / "long.csv"
+    long.write_text("num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n"
+                    "3772,54,3826,69.8\n2015,156,2171,12.9\n")
+    specs = load_trace(f"{lengths_csv}+{long}")
+    assert [(s.prompt_tokens, s.output_tokens) for s in specs] == [
+        (74, 918), (3772, 54), (290, 905), (2015, 156)]  # ends with the shorter trace
+    assert [s.prompt_tokens for s in load_trace(f"{lengths_csv}+{long}", start=1,
+                                                num_requests=1)] == [290]
+    with pytest.raises(ValueError, match="only length-only traces mix"):
+        load_trace(f"{lengths_csv}+{azure_csv}")
+
+
 def test_trace_names_fall_back_to_bundled_slice(tmp_path: Path) -> None:
     assert workload.resolve_trace("azure-conv", search_path=[tmp_path]).name == \
         "azure_conv_slice.csv"

@@ -88,7 +88,8 @@ class Proxy:
                                          model=model)
         policy = make_policy(config.policy, self.rng, **policy_options(config))
         self.generate = GenerateHandler(config, self.view, Describer(
-            self.predictor, tail_quantile=config.length_tail_quantile),
+            self.predictor, tail_quantile=config.length_tail_quantile,
+            buckets=policy.USES_BUCKETS),
                                         Dispatcher(policy, self.metrics), self.upstream,
                                         self.metrics, self.gate)
         self.gossip: Gossiper | None = None

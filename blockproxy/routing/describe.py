@@ -33,12 +33,14 @@ TURN_SCAN = 256
 class Describer:
     def __init__(self, predictor: LengthPredictor,
                  tokens: PromptTokenEstimator | None = None,
-                 tail_quantile: float = 0.9) -> None:
+                 tail_quantile: float = 0.9, buckets: bool = False) -> None:
         if not 0.0 < tail_quantile < 1.0:
             raise ValueError(f"tail_quantile must be in (0, 1), got {tail_quantile}")
         self.predictor = predictor
         self.tokens = tokens or PromptTokenEstimator()
         self.tail_quantile = tail_quantile
+        #: also give each job its length bucket (the classifier head)
+        self.buckets = buckets
         self._turns: OrderedDict[int, int] = OrderedDict()
 
     def previous_turn(self, hashes: list[int] | None) -> int | None:
@@ -88,9 +90,16 @@ class Describer:
         if parsed_hint is None and predictor.model.ready(info.model):
             high = predictor.predict(info.model, prompt_tokens, info.max_tokens, context_left,
                                      None, features, self.tail_quantile)
+        bucket = 0
+        if self.buckets and parsed_hint is None and predictor.model.ready(info.model):
+            head = predictor.model.buckets
+            bucket = max(min(head.tokens(head.predict(features)), context_left,
+                             info.max_tokens or context_left), 1)
+        elif self.buckets:
+            bucket = output
         if hashes is None:
-            return Job(prompt_tokens, output, None, 0.0, features, high, exact)
-        return Job(prompt_tokens, output, hashes, per_block, features, high, exact)
+            return Job(prompt_tokens, output, None, 0.0, features, high, exact, bucket)
+        return Job(prompt_tokens, output, hashes, per_block, features, high, exact, bucket)
 
     def learn(self, info: RequestInfo, estimated_prompt: int, predicted_output: int,
               prompt_tokens: int | None, output_tokens: int, finish: str | None,

@@ -28,3 +28,7 @@ class Job(NamedTuple):
     output_high: int = 0
     #: ``prompt_tokens`` is the engine's exact count (the model's tokenizer gave the ids)
     exact_prompt: bool = False
+    #: the output length of its most likely length bucket (the bucket classifier's, for
+    #: policies that route on buckets: ``intelligent_router``), capped as
+    #: ``output_tokens`` is; 0 when not asked for or not yet learned
+    bucket_tokens: int = 0

@@ -10,6 +10,9 @@ fed by finished requests:
   any quantile is ``exp(mu + residual quantile) - 1``.  It can be trained offline
   (``blockproxy train-lengths``) and loaded at start, and goes on learning online.  It
   predicts once it has seen ``warmup`` requests of a model (at once when loaded).
+* :class:`BucketHead`, the Intelligent Router's bucketed classifier (Jain et al.): which
+  log2 bucket of output length a request falls in, from the same features (one feature
+  pipeline, two heads), learned beside the regression from the same finished requests.
 * The rings below, which need no features and answer from the first few requests:
 
 * Observations are kept per ``(model, prompt-length bucket)``, per model, and globally, each
@@ -153,6 +156,67 @@ class _Residuals:
         return np.concatenate([self.values[self.pos:], self.values[:self.pos]])
 
 
+#: the classifier head's classes: log2 buckets of output tokens, the last open-ended
+NUM_BUCKETS = 14
+#: slots of the classifier head's weight table (the features' slots, folded)
+BUCKET_BITS = 14
+
+
+class BucketHead:
+    """Output-length bucket classifier: multinomial logistic regression (softmax over
+    :data:`NUM_BUCKETS` log2 buckets: 0, 1, 2-3, 4-7, ..., 4096 and more) over a request's
+    hashed features, learned online by AdaGrad on the cross-entropy.  The features'
+    ``2**bits`` slots are folded into ``2**BUCKET_BITS`` rows (a table per class at the
+    regression's size would be tens of MB).  Each bucket's representative length is the
+    geometric mean of the lengths seen in it (its geometric midpoint before any)."""
+
+    def __init__(self, bits: int = BUCKET_BITS, buckets: int = NUM_BUCKETS,
+                 rate: float = 0.5) -> None:
+        self.mask = (1 << bits) - 1
+        self.rate = rate
+        self.weights = np.zeros((1 << bits, buckets), dtype=np.float64)
+        self.squares = np.ones((1 << bits, buckets), dtype=np.float64)
+        #: per bucket: sum of log(1 + tokens) and count of the lengths seen in it
+        self.log_sums = np.zeros(buckets, dtype=np.float64)
+        self.counts = np.zeros(buckets, dtype=np.float64)
+
+    @property
+    def buckets(self) -> int:
+        return int(self.weights.shape[1])
+
+    def bucket_of(self, tokens: int) -> int:
+        return min(log2_bucket(tokens) + (tokens >= 1), self.buckets - 1)
+
+    def probabilities(self, x: Features) -> np.ndarray:
+        logits = x.values @ self.weights[x.slots & self.mask]
+        logits -= logits.max()
+        e = np.exp(logits)
+        return e / e.sum()  # type: ignore[no-any-return]
+
+    def predict(self, x: Features) -> int:
+        """The most likely bucket."""
+        return int(np.argmax(x.values @ self.weights[x.slots & self.mask]))
+
+    def tokens(self, bucket: int) -> int:
+        """The representative length of ``bucket``."""
+        if self.counts[bucket] > 0:
+            return round(math.expm1(self.log_sums[bucket] / self.counts[bucket]))
+        return 0 if bucket == 0 else round(2 ** (bucket - 0.5))
+
+    def learn(self, x: Features, tokens: int) -> None:
+        b = self.bucket_of(tokens)
+        self.log_sums[b] += math.log1p(tokens)
+        self.counts[b] += 1
+        rows = x.slots & self.mask
+        p = self.probabilities(x)
+        p[b] -= 1.0
+        grad = np.outer(x.values, p)
+        squares = self.squares[rows] + grad * grad
+        self.squares[rows] = squares
+        # np.add.at: folded slots of one request may coincide
+        np.add.at(self.weights, rows, -self.rate * grad / np.sqrt(squares))
+
+
 class LengthModel:
     """Online log-linear regression of output length over hashed features, with the
     residuals' empirical distribution for quantiles.
@@ -177,6 +241,8 @@ class LengthModel:
         self.base: dict[str, float] = {}
         self.seen: dict[str, int] = {}
         self.residuals: dict[str, _Residuals] = {}
+        #: the second head on the same features: the length bucket, as a class
+        self.buckets = BucketHead()
 
     def ready(self, model: str) -> bool:
         return self.seen.get(model, 0) >= self.warmup
@@ -199,6 +265,7 @@ class LengthModel:
         if censored and mu >= z:
             return
         if not censored:
+            self.buckets.learn(x, tokens)
             res = self.residuals.get(model)
             if res is None:
                 res = self.residuals[model] = _Residuals(self.window)
@@ -227,7 +294,10 @@ class LengthModel:
                 arrays[f"sorted_{i}"] = res.sorted
                 arrays[f"pending_{i}"] = np.array(res.pending)
         arrays.update(meta=np.array(json.dumps(meta)), weights=self.weights,
-                      squares=self.squares)
+                      squares=self.squares, bucket_weights=self.buckets.weights,
+                      bucket_squares=self.buckets.squares,
+                      bucket_log_sums=self.buckets.log_sums,
+                      bucket_counts=self.buckets.counts)
         with open(path, "wb") as f:  # np.savez would append ".npz" to another suffix
             np.savez_compressed(f, **arrays)
 
@@ -245,6 +315,15 @@ class LengthModel:
                     raise ValueError("weights do not match the feature size")
                 model.weights[:] = weights
                 model.squares[:] = squares
+                head = model.buckets
+                if "bucket_weights" in data:  # files written before the head have none
+                    for name, array in (("bucket_weights", head.weights),
+                                        ("bucket_squares", head.squares),
+                                        ("bucket_log_sums", head.log_sums),
+                                        ("bucket_counts", head.counts)):
+                        if data[name].shape != array.shape:
+                            raise ValueError(f"{name} does not match the bucket head")
+                        array[:] = data[name]
                 for i, (name, base, seen) in enumerate(
                         zip(meta["models"], meta["base"], meta["seen"], strict=True)):
                     model.base[name] = float(base)

@@ -25,6 +25,8 @@ class Policy(ABC):
 
     #: keyword options the constructor takes beyond ``name`` and ``rng``
     OPTIONS: ClassVar[tuple[str, ...]] = ()
+    #: it routes on the job's output-length bucket (``Job.bucket_tokens``)
+    USES_BUCKETS: ClassVar[bool] = False
 
     def __init__(self, name: str, rng: random.Random) -> None:
         self.name = name
@@ -81,6 +83,7 @@ def _load_all() -> None:
     # Importing the modules registers them.
     from blockproxy.routing.policies import (  # noqa: F401
         block,
+        intelligent_router,
         least_requests,
         least_tokens,
         llumnix,
