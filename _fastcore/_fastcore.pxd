@@ -38,3 +38,5 @@ cdef struct Outcome:
     int64_t preemptions
     int64_t peak
     int64_t steps
+    double clock          # stepping: when the last simulated step ended (or the duration)
+    int64_t n_running     # stepping: the running set's size at the end

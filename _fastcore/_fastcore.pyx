@@ -284,14 +284,63 @@ cdef class InstanceModelC:
             raise ValueError(f"new_at must be a finite non-negative number, got {new_at}")
         self._reserve(nn + 1 + a_limit)
         out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound,
-                        arrival_interval, a_prompt, a_cached, a_output, a_limit, new_at)
+                        arrival_interval, a_prompt, a_cached, a_output, a_limit, new_at,
+                        False, INFINITY, NULL, NULL)
         return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps)
+
+    def advance(self, state, n, duration, first, done):
+        """Simulate ``state[:, :n]`` (no new request) for the steps that start within
+        ``duration`` seconds, write the state back, and each row's first-token and finish
+        times into ``first`` and ``done``; returns ``(clock, steps)`` (semantics: the
+        twin's docstring).  ``state`` must be a writable C-contiguous ``int64`` array,
+        ``first`` and ``done`` writable ``float64`` arrays of at least ``n`` entries."""
+        cdef int64_t[:, ::1] view = state
+        cdef double[::1] first_v = first
+        cdef double[::1] done_v = done
+        cdef Py_ssize_t nn, col, bad, cap, i, k
+        cdef int64_t r
+        cdef double d
+        cdef Outcome out
+        cdef Req* req
+        try:
+            nn = n
+        except OverflowError:
+            nn = -1
+        if nn < 0 or nn > view.shape[1] or view.shape[0] < NUM_COLUMNS:
+            raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
+        if first_v.shape[0] < nn or done_v.shape[0] < nn:
+            raise ValueError(f"first and done need room for {n} rows")
+        d = float(duration)
+        if not (d >= 0.0 and d < INFINITY):
+            raise ValueError(f"duration must be a finite non-negative number, got {d}")
+        cap = view.shape[1]
+        for col in range(NUM_COLUMNS):
+            bad = first_bad_value(&view[0, 0] + col * cap, nn) if nn > 0 else -1
+            if bad >= 0:
+                raise ValueError(f"state values must be in [0, 2**40], got {view[col, bad]}")
+        self._reserve(nn + 1)
+        out = self._run(&view[0, 0] if cap > 0 else NULL, cap, nn, 0, 0, 0, INFINITY,
+                        INFINITY, 0, 0, 0, 0, 0.0, True, d,
+                        &first_v[0] if nn > 0 else NULL, &done_v[0] if nn > 0 else NULL)
+        req = self._s.req
+        for i in range(nn):
+            view[2, i] = req[i].gen
+            view[4, i] = 0
+        for k in range(out.n_running):
+            r = self._s.running[k]
+            view[4, r] = 1
+            if req[r].gen == 0:
+                view[1, r] = req[r].comp
+        return out.clock, out.steps
 
     cdef Outcome _run(self, const int64_t* state, Py_ssize_t stride, Py_ssize_t n,
                       int64_t new_prompt, int64_t new_cached,
                       int64_t new_output, double bound, double a_interval,
                       int64_t a_prompt, int64_t a_cached, int64_t a_output,
-                      int64_t a_limit, double new_at) noexcept nogil:
+                      int64_t a_limit, double new_at, bint stepping, double until,
+                      double* first, double* done) noexcept nogil:
+        # Stepping: no new request, steps start only before ``until``, and the rows'
+        # first-token and finish times go into ``first`` and ``done`` (n entries each).
         cdef Req* req = self._s.req
         cdef int64_t* running = self._s.running
         cdef int64_t* waiting = self._s.waiting
@@ -310,8 +359,8 @@ cdef class InstanceModelC:
         cdef double c_decode = self.per_decode_seq_s
         cdef double c_context = self.per_context_token_s
         cdef double speed = self.speed
-        cdef Py_ssize_t m = n + 1
-        cdef int64_t new = m - 1
+        cdef Py_ssize_t m = n if stepping else n + 1
+        cdef int64_t new = -1 if stepping else m - 1
         cdef Py_ssize_t n_running = 0, head, tail, n_waiting = 0, n_sched, i, k, w, n_run
         cdef Py_ssize_t n_req = m
         cdef int64_t a_p, a_c, a_tg, arrived = 0
@@ -331,6 +380,10 @@ cdef class InstanceModelC:
         out.ttft = INFINITY
         out.e2e = INFINITY
         out.queue_delay = INFINITY
+        if stepping:
+            for i in range(n):
+                first[i] = INFINITY
+                done[i] = INFINITY
 
         # ---- initial state: existing requests, then the new one ---------------------------
         # Waiting requests are collected in sched_idx, then moved to the tail of `waiting`.
@@ -405,6 +458,8 @@ cdef class InstanceModelC:
                 waiting[tail] = new
                 tail += 1
                 joined = True
+            if t >= until:
+                break
             # ---- fast-forward a decode-only stretch ----------------------------------------
             n_run = n_running
             if fast_forward and n_run > 0 and n_run <= budget_cap:
@@ -442,6 +497,8 @@ cdef class InstanceModelC:
                     stop_at = next_at if arrived < a_limit else INFINITY
                     if not joined and new_at < stop_at:
                         stop_at = new_at
+                    if until < stop_at:
+                        stop_at = until
                     if j > 1 and stop_at < INFINITY:
                         # Only the steps that start before the next arrival: the largest
                         # jj < j whose start (jj steps on) is before it, then jj + 1 steps.
@@ -551,6 +608,8 @@ cdef class InstanceModelC:
             if n_sched == 0:
                 if preempted:
                     continue
+                if stepping:
+                    break  # out of work (or none can ever run): the clock stops here
                 if n_running == 0 and head == tail and (arrived < a_limit or not joined):
                     # idle until the next arrival (the new request's, if it is next)
                     t = next_at if arrived < a_limit else INFINITY
@@ -579,12 +638,16 @@ cdef class InstanceModelC:
                     req[r].gen += 1
                     if r == new and out.ttft == INFINITY:
                         out.ttft = t - new_at
+                    if stepping and req[r].gen == 1:
+                        first[r] = t
                     if req[r].gen >= req[r].target:
                         free_blocks += req[r].blocks
                         req[r].blocks = 0
                         finished_any = True
                         if r == new:
                             out.e2e = t - new_at
+                        if stepping:
+                            done[r] = t
             if out.e2e != INFINITY:
                 break
             if finished_any:
@@ -598,6 +661,8 @@ cdef class InstanceModelC:
         out.preemptions = preemptions
         out.peak = peak
         out.steps = steps
+        out.clock = t if t > until else until
+        out.n_running = n_running
         return out
 
 

@@ -48,6 +48,19 @@ request appended to its queue.
   before the KV cache runs out, or up to the last one that starts before the next
   arrival, the late new request's included) are advanced in closed form.
 
+Stepping (``advance``): with no new request, the instance's own requests are simulated for
+the steps that start within ``duration`` seconds, and the state is written back, so a
+model of a whole cluster (:mod:`blockproxy.router_training`) can step every instance
+from one arrival to the next.  Written back per row: ``COL_GENERATED``; ``COL_STARTED``
+(1: in the running set at the end, 0: waiting, preempted ones included); for a running
+request with no output yet, ``COL_CACHED`` becomes its computed prompt tokens, so the next
+call resumes its prefill where it stopped (as its KV blocks would).  ``first`` and
+``done`` get each row's first-token and finish times from now (``inf``: not within this
+call); a finished row must be taken out before the next call (put back, it would run on
+past its length, as a request past its prediction does).  Returns ``(clock, steps)``:
+the time the last simulated step ended (past ``duration`` when one straddles it), or
+``duration`` when the instance ran out of work first.
+
 State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``; entries
 ``0..n-1`` are the instance's active requests in dispatch order):
 ``COL_PROMPT``, ``COL_CACHED``, ``COL_GENERATED``, ``COL_PREDICTED``, ``COL_STARTED``
@@ -167,11 +180,47 @@ class InstanceModelPy:
                          float(bound), interval, int(arrival_prompt), int(arrival_cached),
                          int(arrival_output), limit, new_at)
 
+    def advance(self, state: Any, n: int, duration: float, first: Any, done: Any
+                ) -> tuple[float, int]:
+        """Simulate the instance's ``state[:, :n]`` for the steps that start within
+        ``duration`` seconds, write the state back, and each row's first-token and finish
+        times into ``first`` and ``done`` (see the module docstring)."""
+        if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
+            raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
+        if len(first) < n or len(done) < n:
+            raise ValueError(f"first and done need room for {n} rows")
+        duration = float(duration)
+        if not (duration >= 0.0 and math.isfinite(duration)):
+            raise ValueError(f"duration must be a finite non-negative number, got {duration}")
+        cols = state[:NUM_COLUMNS, :n].tolist()
+        for col in cols:
+            for value in col:
+                if value < 0 or value > MAX_TOKENS:
+                    raise ValueError(f"state values must be in [0, 2**40], got {value}")
+        record: dict[str, Any] = {}
+        gen = cols[COL_GENERATED]
+        self._run(n, cols[COL_PROMPT], cols[COL_CACHED], gen, cols[COL_PREDICTED],
+                  cols[COL_STARTED], INF, until=duration, record=record)
+        running = set(record["running"])
+        comp = record["comp"]
+        for i in range(n):
+            state[COL_GENERATED, i] = gen[i]
+            state[COL_STARTED, i] = 1 if i in running else 0
+            if i in running and gen[i] == 0:
+                state[COL_CACHED, i] = comp[i]
+            first[i] = record["first"][i]
+            done[i] = record["done"][i]
+        return record["clock"], record["steps"]
+
     def _run(self, m: int, prompt_col: list[int], cached_col: list[int], gen: list[int],
              pred_col: list[int], started_col: list[int], bound: float,
              a_interval: float = INF, a_prompt: int = 0, a_cached: int = 0,
-             a_output: int = 0, a_limit: int = 0, new_at: float = 0.0
+             a_output: int = 0, a_limit: int = 0, new_at: float = 0.0,
+             until: float = INF, record: dict[str, Any] | None = None
              ) -> tuple[float, float, float, int, int, int]:
+        """The simulation.  With ``record`` (stepping, :meth:`advance`) there is no new
+        request: the ``m`` rows are the instance's own, steps start only before
+        ``until``, and the end state and per-row times go into ``record``."""
         bs = self.block_size
         budget_cap = self.max_num_batched_tokens
         past = self.past_prediction_tokens
@@ -180,7 +229,10 @@ class InstanceModelPy:
         c_decode = self.per_decode_seq_s
         c_context = self.per_context_token_s
         speed = self.speed
-        new = m - 1
+        new = m - 1 if record is None else -1
+        stepping = record is not None
+        first_at = [INF] * m
+        done_at = [INF] * m
         kv_tokens = kv_capacity_tokens(self.num_gpu_blocks, bs)
 
         prompt = [0] * m
@@ -250,6 +302,8 @@ class InstanceModelPy:
             if not joined and t >= new_at:
                 waiting.append(new)
                 joined = True
+            if t >= until:
+                break
             # ---- fast-forward a decode-only stretch --------------------------------------
             n_run = len(running)
             if self.fast_forward and n_run > 0 and n_run <= budget_cap:
@@ -279,6 +333,8 @@ class InstanceModelPy:
                     stop_at = next_at if arrived < a_limit else INF
                     if not joined and new_at < stop_at:
                         stop_at = new_at
+                    if until < stop_at:
+                        stop_at = until
                     if j > 1 and stop_at < INF:
                         # Only the steps that start before the next arrival: the largest
                         # jj < j whose start (jj steps on) is before it, then jj + 1 steps.
@@ -380,6 +436,8 @@ class InstanceModelPy:
             if not sched_idx:
                 if preempted:
                     continue
+                if stepping:
+                    break  # out of work (or none can ever run): the clock stops here
                 if not running and not waiting and (arrived < a_limit or not joined):
                     # idle until the next arrival (the new request's, if it is next)
                     t = next_at if arrived < a_limit else INF
@@ -408,16 +466,23 @@ class InstanceModelPy:
                     gen[r] += 1
                     if r == new and ttft == INF:
                         ttft = t - new_at
+                    if stepping and gen[r] == 1:
+                        first_at[r] = t
                     if gen[r] >= target[r]:
                         free += blocks[r]
                         blocks[r] = 0
                         finished_any = True
                         if r == new:
                             e2e = t - new_at
+                        if stepping:
+                            done_at[r] = t
             if e2e != INF:
                 break
             if finished_any:
                 running = [r for r in running if gen[r] < target[r]]
+        if record is not None:
+            record.update(running=running, comp=comp, first=first_at, done=done_at,
+                          clock=t if t > until else until, steps=steps)
         return ttft, e2e, queue_delay, preemptions, peak, steps
 
     def _decode_blocks_needed(self, running: list[int], comp: list[int], blocks: list[int],
