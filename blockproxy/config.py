@@ -103,9 +103,9 @@ class ProxyConfig:
                                         "instance each, while fewer still look enough")
     scale_down_margin: float = _opt(0.6, "scale down only if one fewer instance is "
                                          "predicted within this fraction of the objectives")
-    scale_headroom: float = _opt(1.25, "auto-provisioning plans for the recent arrival rate "
-                                       "times this (bursts and size spread beyond the "
-                                       "simulated mean stream)")
+    scale_headroom: float = _opt(1.1, "auto-provisioning plans for the recent arrival rate "
+                                      "times this (Poisson bursts beyond the simulated "
+                                      "steady stream)")
     scale_queue_target: float = _opt(4.0, "waiting requests per instance aimed at by the "
                                           "queue signal")
     min_instances: int = _opt(1, "auto-provisioning never goes below this many active "

@@ -141,7 +141,7 @@ class Autoscaler:
                  down_margin: float = 0.6, down_after: float = 60.0,
                  up_cooldown: float = 10.0, down_step: float = 15.0,
                  min_instances: int = 1,
-                 queue_target: float = 4.0, headroom: float = 1.25) -> None:
+                 queue_target: float = 4.0, headroom: float = 1.1) -> None:
         if mode not in MODES:
             raise ValueError(f"autoscale mode must be one of {', '.join(MODES)}, got {mode!r}")
         if signal not in SIGNALS:
