@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("blockproxy.profiler", "fit a step-time profile against a live vLLM instance"),
     "train-lengths": ("blockproxy.train_lengths",
                       "train the output-length model offline from a request log"),
+    "train-router": ("blockproxy.train_router",
+                     "train the learned Intelligent Router offline on a model of the cluster"),
 }
 
 

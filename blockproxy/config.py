@@ -40,6 +40,8 @@ class ProxyConfig:
     mixing_weight: float = _opt(1.0, "intelligent_router: weight of the latency a request "
                                      "adds to those already on an instance (the mixing "
                                      "penalty) against its own")
+    router_weights: str = _opt("", "intelligent_router: the learned policy's weights "
+                                   "(blockproxy train-router); empty: the heuristic")
     profile: str = _opt("llama-3.1-8b-h100-tp1", "default step-time profile (name or file)")
     speed: float = _opt(1.0, "step-time multiplier applied to every profile, e.g. the "
                              "--time-scale of emulated instances; calibration refines it per "

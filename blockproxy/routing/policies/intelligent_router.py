@@ -36,49 +36,67 @@ import numpy as np
 
 from blockproxy import simulator
 from blockproxy.cluster.instance import Instance
+from blockproxy.profile import StepTime
 from blockproxy.routing.job import Job
 from blockproxy.routing.policies import Policy, register
+from blockproxy.routing.qnet import QNet, action_inputs, load_features
 from blockproxy.simulator import Prediction
+
+
+def mixing_estimate(step: StepTime, speed: float, table: np.ndarray, n: int,
+                    prefill: int, decode: int) -> tuple[float, float]:
+    """(own latency, the latency it adds to the others), seconds, of a request of
+    ``prefill`` uncached prompt tokens and ``decode`` output tokens on an instance
+    holding ``table[:, :n]`` (the simulator's columns), from its step-time model at
+    ``speed`` (see the module docstring)."""
+    own = step.per_prefill_token_s * prefill + decode * (step.fixed_s + step.per_decode_seq_s)
+    if n == 0:
+        return speed * own, 0.0
+    started = table[simulator.COL_STARTED, :n] != 0
+    queued = int(((table[simulator.COL_PROMPT, :n] - table[simulator.COL_CACHED, :n])
+                  * ~started).sum())
+    remaining = np.maximum(table[simulator.COL_PREDICTED, :n]
+                           - table[simulator.COL_GENERATED, :n], 1)
+    # decode steps shared with each other request: as many as the shorter of the two
+    shared = step.per_decode_seq_s * int(np.minimum(remaining, decode).sum())
+    own += step.per_prefill_token_s * queued + shared
+    penalty = step.per_prefill_token_s * prefill * int(started.sum()) + shared
+    return speed * own, speed * penalty
 
 
 @register("intelligent_router")
 class IntelligentRouterPolicy(Policy):
-    OPTIONS = ("mixing_weight",)
+    OPTIONS = ("mixing_weight", "router_weights")
     USES_BUCKETS = True
 
-    def __init__(self, name: str, rng: random.Random, mixing_weight: float = 1.0) -> None:
+    def __init__(self, name: str, rng: random.Random, mixing_weight: float = 1.0,
+                 router_weights: str = "") -> None:
         super().__init__(name, rng)
         if not mixing_weight >= 0.0:
             raise ValueError(f"mixing_weight must be >= 0, got {mixing_weight}")
         self.mixing_weight = mixing_weight
+        #: the learned policy's Q-network (None: the heuristic)
+        self.net: QNet | None = QNet.load(router_weights)[0] if router_weights else None
 
     def choose(self, candidates: Sequence[Instance], job: Job
                ) -> tuple[Instance, Prediction | None]:
-        scores = [(sum(self.estimate(inst, job)), inst) for inst in candidates]
-        best = min(score for score, _ in scores)
-        return self.rng.choice([inst for score, inst in scores if score == best]), None
+        estimates = [self.estimate(inst, job) for inst in candidates]
+        if self.net is not None:
+            loads = [load_features(inst.requests.table, inst.requests.n, own, penalty)
+                     for inst, (own, penalty) in zip(candidates, estimates, strict=True)]
+            q = self.net.q(action_inputs(loads, job.prompt_tokens,
+                                         job.bucket_tokens or job.output_tokens, 0))
+            scores = list(-q[:len(candidates)])  # the hold row is the admission queue's
+        else:
+            scores = [own + self.mixing_weight * penalty for own, penalty in estimates]
+        best = min(scores)
+        return self.rng.choice([inst for score, inst in zip(scores, candidates, strict=True)
+                                if score == best]), None
 
     def estimate(self, inst: Instance, job: Job) -> tuple[float, float]:
-        """(the new request's own latency, ``mixing_weight`` x the latency it adds to the
-        others) on ``inst``, seconds."""
-        st = inst.profile.step_time
-        speed = inst.model.speed
+        """(the new request's own latency, the latency it adds to the others) on
+        ``inst``, seconds."""
         r = inst.requests
-        n = r.n
-        t = r.table
-        decode = job.bucket_tokens or job.output_tokens
-        prefill = job.prompt_tokens - inst.cached_tokens(job)
-        own = (st.per_prefill_token_s * prefill
-               + decode * (st.fixed_s + st.per_decode_seq_s))
-        if n == 0:
-            return speed * own, 0.0
-        started = t[simulator.COL_STARTED, :n] != 0
-        queued = int(((t[simulator.COL_PROMPT, :n] - t[simulator.COL_CACHED, :n])
-                      * ~started).sum())
-        remaining = np.maximum(t[simulator.COL_PREDICTED, :n] - t[simulator.COL_GENERATED, :n],
-                               1)
-        # decode steps shared with each other request: as many as the shorter of the two
-        shared = st.per_decode_seq_s * int(np.minimum(remaining, decode).sum())
-        own += st.per_prefill_token_s * queued + shared
-        penalty = st.per_prefill_token_s * prefill * int(started.sum()) + shared
-        return speed * own, speed * self.mixing_weight * penalty
+        return mixing_estimate(inst.profile.step_time, inst.model.speed, r.table, r.n,
+                               job.prompt_tokens - inst.cached_tokens(job),
+                               job.bucket_tokens or job.output_tokens)

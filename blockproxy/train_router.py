@@ -1,0 +1,459 @@
+"""``blockproxy train-router``: train the learned Intelligent Router offline.
+
+Jain et al. (arXiv 2408.13510) route with a DQN-style agent over the cluster's state,
+guided by their heuristic, with holding a request at the router among its actions.  This
+trains one against a model of the cluster, not a live one:
+
+* **The cluster** (:class:`ClusterModel`): ``--instances`` copies of the compiled
+  simulator (``profile``), stepped from one decision to the next by ``advance``
+  (:mod:`blockproxy.simulator.reference`): thousands of simulated seconds per wall
+  second.  Requests are a trace's (``--trace``, read by the load generator's readers:
+  its own timestamps sped up by ``--rate-multiplier``, or Poisson arrivals at
+  ``--request-rate`` for a length-only trace), with their true output lengths.
+* **State and actions** (:mod:`blockproxy.routing.qnet`): per candidate, its load and
+  the heuristic's two estimates (own latency, mixing penalty); the request's prompt and
+  output-length bucket; how many requests are held.  Actions: each instance, or hold
+  (the request waits at the router and is decided again at the next decision or after
+  ``--hold-tick`` seconds, at most ``--max-holds`` times).
+* **Reward**: minus the request-seconds spent in the system (held, queued or running)
+  until the next decision, so the return is minus the total latency (Little's law);
+  heuristic guidance adds minus ``--guidance`` times the mixing penalty of the chosen
+  instance (the latency it is estimated to add to the requests there), and exploration
+  takes the heuristic's choice for half of its random actions.
+* **Learning**: DQN with experience replay and a target network, Adam on the Huber loss,
+  epsilon-greedy from 1 to 0.05 over the first 60% of the decisions.
+
+Every ``--eval-every`` episodes the greedy policy is scored on a validation window; the
+learning curve (mean end-to-end latency per episode, beside round robin's and the
+heuristic's on the same window) goes to ``OUT.png`` (with matplotlib), and a final
+comparison on the held-out end of the trace (round robin, the heuristic, the learned
+policy, and ``block``: least predicted latency by the same simulator) is printed as JSON
+with the training cost.  Where this departs from the paper, and why, is in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blockproxy import simulator
+from blockproxy.profile import Profile, load_profile
+from blockproxy.routing.lengths import BucketHead
+from blockproxy.routing.policies.intelligent_router import mixing_estimate
+from blockproxy.routing.qnet import Adam, QNet, action_inputs, load_features
+
+#: a request: (arrival s, prompt tokens, output tokens)
+Request = tuple[float, int, int]
+#: decides for one request: (cluster, prompt, output, requests held, must route) ->
+#: instance, or -1: hold
+Chooser = Callable[["ClusterModel", int, int, int, bool], int]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True,
+                        help="trace file or name (azure-conv, sharegpt+arxiv, ...; the "
+                             "load generator's readers, searched on LOADGEN_TRACE_PATH)")
+    parser.add_argument("--rate-multiplier", type=float, default=1.0,
+                        help="speed-up of a timestamped trace")
+    parser.add_argument("--request-rate", type=float, default=0.0,
+                        help="Poisson arrivals per second for a length-only trace")
+    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--profile", default="llama-3.1-8b-h100-tp1")
+    parser.add_argument("--num-requests", type=int, default=8000,
+                        help="requests read from the trace: the first 75%% train, the "
+                             "next 5%% validate, the last 20%% are the final comparison")
+    parser.add_argument("--episodes", type=int, default=40)
+    parser.add_argument("--episode-requests", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--guidance", type=float, default=0.5,
+                        help="weight of the chosen instance's mixing penalty in the reward")
+    parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--hold-tick", type=float, default=0.05)
+    parser.add_argument("--max-holds", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", required=True, help="weights file to write (.npz)")
+
+
+class ClusterModel:
+    """``n`` instances of the simulator, stepped together; what finished, when."""
+
+    def __init__(self, profile: Profile, n: int) -> None:
+        self.step = profile.step_time
+        self.models = [simulator.model_from_profile(profile) for _ in range(n)]
+        self.tables = [np.zeros((simulator.NUM_COLUMNS, 256), dtype=np.int64)
+                       for _ in range(n)]
+        self.ids = [np.zeros(256, dtype=np.int64) for _ in range(n)]
+        self.n = [0] * n
+        self.clock = [0.0] * n
+        self.now = 0.0
+        self._first = np.empty(256)
+        self._done = np.empty(256)
+        self.arrival: dict[int, float] = {}
+        self.ttft: dict[int, float] = {}
+        #: finished requests: (id, ttft, e2e) seconds
+        self.finished: list[tuple[int, float, float]] = []
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def in_flight(self) -> int:
+        return sum(self.n)
+
+    def advance(self, t: float) -> None:
+        """Every instance to time ``t`` (one whose last step ends later stays there)."""
+        self.now = t
+        for i, model in enumerate(self.models):
+            c = self.clock[i]
+            if c >= t:
+                continue
+            k = self.n[i]
+            if k == 0:
+                self.clock[i] = t
+                continue
+            table, ids = self.tables[i], self.ids[i]
+            end, _ = model.advance(table, k, t - c, self._first, self._done)
+            first, done = self._first[:k], self._done[:k]
+            for j in np.flatnonzero(np.isfinite(first)):
+                rid = int(ids[j])
+                self.ttft[rid] = c + float(first[j]) - self.arrival[rid]
+            ended = np.isfinite(done)
+            if ended.any():
+                for j in np.flatnonzero(ended):
+                    rid = int(ids[j])
+                    self.finished.append((rid, self.ttft.pop(rid),
+                                          c + float(done[j]) - self.arrival.pop(rid)))
+                keep = ~ended
+                m = int(keep.sum())
+                table[:, :m] = table[:, :k][:, keep]
+                ids[:m] = ids[:k][keep]
+                self.n[i] = m
+            self.clock[i] = c + end
+
+    def dispatch(self, i: int, rid: int, prompt: int, output: int, arrival: float) -> None:
+        k = self.n[i]
+        if k == self.tables[i].shape[1]:
+            self.tables[i] = np.concatenate([self.tables[i], np.zeros_like(self.tables[i])],
+                                            axis=1)
+            self.ids[i] = np.concatenate([self.ids[i], np.zeros_like(self.ids[i])])
+            self._first = np.empty(2 * k)
+            self._done = np.empty(2 * k)
+        self.tables[i][:, k] = (prompt, 0, 0, output, 0)
+        self.ids[i][k] = rid
+        self.n[i] = k + 1
+        self.arrival[rid] = arrival
+
+    def estimates(self, prompt: int, decode: int) -> list[tuple[float, float]]:
+        """The heuristic's (own, penalty) per instance."""
+        return [mixing_estimate(self.step, 1.0, self.tables[i], self.n[i], prompt, decode)
+                for i in range(len(self))]
+
+    def inputs(self, prompt: int, decode: int, held: int
+               ) -> tuple[np.ndarray, list[tuple[float, float]]]:
+        est = self.estimates(prompt, decode)
+        loads = [load_features(self.tables[i], self.n[i], own, pen)
+                 for i, (own, pen) in enumerate(est)]
+        return action_inputs(loads, prompt, decode, held), est
+
+
+_BUCKETS = BucketHead()
+
+
+def bucket_tokens(output: int) -> int:
+    """The representative length of ``output``'s log2 bucket (a perfect classifier)."""
+    return max(_BUCKETS.tokens(_BUCKETS.bucket_of(output)), 1)
+
+
+def run_episode(profile: Profile, n: int, requests: Sequence[Request], choose: Chooser,
+                hold_tick: float, max_holds: int,
+                observe: Callable[[float], None] | None = None
+                ) -> list[tuple[int, float, float]]:
+    """Serve ``requests`` with ``choose``; returns (id, ttft, e2e) of every request.
+
+    Decisions come at each arrival and, while requests are held, every ``hold_tick``;
+    ``observe(reward)`` hears, before each time's first decision, the reward since the
+    last one: minus the request-seconds spent in the system (held, queued or running)."""
+    cluster = ClusterModel(profile, n)
+    held: list[tuple[int, int, int, float, int]] = []  # id, prompt, output, arrival, holds
+    k = 0
+    t_prev = 0.0
+    in_system = 0
+    while k < len(requests) or held:
+        next_arrival = requests[k][0] if k < len(requests) else math.inf
+        t = min(next_arrival, t_prev + hold_tick) if held else next_arrival
+        cluster.advance(t)
+        if observe is not None:
+            observe(-in_system * (t - t_prev))
+        t_prev = t
+        todo, held = held, []
+        if t == next_arrival:
+            _, p, o = requests[k]
+            todo.append((k, p, o, t, 0))
+            k += 1
+        for rid, p, o, arrival, holds in todo:
+            action = choose(cluster, p, o, len(held), holds >= max_holds)
+            if action < 0:
+                held.append((rid, p, o, arrival, holds + 1))
+            else:
+                cluster.dispatch(action, rid, p, o, arrival)
+        in_system = cluster.in_flight() + len(held)
+    for _ in range(100):  # nothing more arrives: the cluster finishes what it has
+        if not cluster.in_flight():
+            break
+        cluster.advance(max(cluster.clock) + 1e6)
+    return list(cluster.finished)
+
+
+def summarize(results: list[tuple[int, float, float]]) -> dict[str, float]:
+    ttft = np.array([r[1] for r in results])
+    e2e = np.array([r[2] for r in results])
+    return {"requests": len(results), "mean_e2e_s": float(e2e.mean()),
+            "p99_e2e_s": float(np.percentile(e2e, 99)), "mean_ttft_s": float(ttft.mean()),
+            "p99_ttft_s": float(np.percentile(ttft, 99))}
+
+
+def round_robin() -> Chooser:
+    turn = [0]
+
+    def choose(cluster: ClusterModel, prompt: int, output: int, held: int,
+               must: bool) -> int:
+        turn[0] = (turn[0] + 1) % len(cluster)
+        return turn[0]
+    return choose
+
+
+def heuristic(cluster: ClusterModel, prompt: int, output: int, held: int,
+              must: bool) -> int:
+    est = cluster.estimates(prompt, bucket_tokens(output))
+    return int(np.argmin([own + pen for own, pen in est]))
+
+
+def block(cluster: ClusterModel, prompt: int, output: int, held: int, must: bool) -> int:
+    """Least predicted end-to-end latency, from each instance's state (``block``; an
+    instance whose last step ends after now starts later by as much)."""
+    e2e = [model.predict(cluster.tables[i], cluster.n[i], prompt, 0, output)[1]
+           + max(cluster.clock[i] - cluster.now, 0.0)
+           for i, model in enumerate(cluster.models)]
+    return int(np.argmin(e2e))
+
+
+def greedy(net: QNet) -> Chooser:
+    def choose(cluster: ClusterModel, prompt: int, output: int, held: int,
+               must: bool) -> int:
+        x, _ = cluster.inputs(prompt, bucket_tokens(output), held)
+        q = net.q(x)
+        a = int(np.argmax(q[:-1] if must else q))
+        return -1 if a == len(cluster) else a
+    return choose
+
+
+def read_requests(args: argparse.Namespace) -> list[Request]:
+    from loadgen.workload import assign_arrivals, load_trace
+
+    specs = load_trace(args.trace, num_requests=args.num_requests)
+    if all(s.arrival_s == 0 for s in specs):
+        if args.request_rate <= 0:
+            raise ValueError("a length-only trace needs --request-rate")
+        specs = assign_arrivals(specs, args.request_rate, seed=args.seed)
+        return [(s.arrival_s, s.prompt_tokens, s.output_tokens) for s in specs]
+    return [(s.arrival_s / args.rate_multiplier, s.prompt_tokens, s.output_tokens)
+            for s in specs]
+
+
+def rebase(requests: Sequence[Request]) -> list[Request]:
+    t0 = requests[0][0]
+    return [(t - t0, p, o) for t, p, o in requests]
+
+
+class Trainer:
+    """The DQN: replay, target network, epsilon-greedy with heuristic guidance."""
+
+    def __init__(self, args: argparse.Namespace, n: int, total_decisions: int) -> None:
+        self.args = args
+        self.n = n
+        self.rng = np.random.default_rng(args.seed)
+        self.net = QNet(args.hidden, args.seed)
+        self.target = self.net.copy()
+        self.opt = Adam(self.net, 1e-3)
+        cap = 30_000
+        width = len(action_inputs([], 0, 0, 0)[0])
+        self.x = np.zeros((cap, width))
+        self.r = np.zeros(cap)
+        self.next = np.zeros((cap, n + 1, width))
+        self.size = 0
+        self.pos = 0
+        self.total = total_decisions
+        self.decisions = 0
+        self.updates = 0
+        self.losses: list[float] = []
+        self._pending: tuple[np.ndarray, float] | None = None
+
+    def epsilon(self) -> float:
+        return max(0.05, 1.0 - 0.95 * self.decisions / (0.6 * self.total))
+
+    def choose(self, cluster: ClusterModel, prompt: int, output: int, held: int,
+               must: bool) -> int:
+        decode = bucket_tokens(output)
+        x, est = cluster.inputs(prompt, decode, held)
+        options = self.n if must else self.n + 1
+        if self._pending is not None:  # the previous decision's transition ends here
+            self._remember(x)
+        if self.rng.random() < self.epsilon():
+            if self.rng.random() < 0.5:
+                a = int(np.argmin([own + pen for own, pen in est]))
+            else:
+                a = int(self.rng.integers(options))
+        else:
+            a = int(np.argmax(self.net.q(x)[:options]))
+        shaping = -self.args.guidance * est[a][1] if a < self.n else 0.0
+        self._pending = (x[a].copy(), shaping)
+        self.decisions += 1
+        self._learn()
+        return -1 if a == self.n else a
+
+    def reward(self, reward: float) -> None:
+        """Request-seconds earned since the last decision: the pending transition's."""
+        if self._pending is not None:
+            x, total = self._pending
+            self._pending = (x, total + reward)
+
+    def _remember(self, x_next: np.ndarray) -> None:
+        assert self._pending is not None
+        x, reward = self._pending
+        i = self.pos
+        self.x[i] = x
+        self.r[i] = reward / self.n
+        self.next[i] = x_next
+        self.pos = (self.pos + 1) % len(self.r)
+        self.size = min(self.size + 1, len(self.r))
+
+    def _learn(self, batch: int = 32) -> None:
+        if self.size < 1000:
+            return
+        idx = self.rng.integers(0, self.size, batch)
+        nxt = self.next[idx]
+        q_next = self.target.q(nxt.reshape(-1, nxt.shape[2])).reshape(batch, -1).max(axis=1)
+        target = self.r[idx] + self.args.gamma * q_next
+        loss, grads = self.net.gradients(self.x[idx], target)
+        self.opt.step(grads)
+        self.losses.append(loss)
+        self.updates += 1
+        if self.updates % 1000 == 0:
+            self.target = self.net.copy()
+
+    def end_episode(self) -> None:
+        self._pending = None  # no transition across episodes
+
+
+def train(args: argparse.Namespace, requests: list[Request], profile: Profile,
+          progress: Callable[[str], None]) -> dict[str, Any]:
+    n = args.instances
+    cut_train = int(0.75 * len(requests))
+    cut_val = int(0.8 * len(requests))
+    train_part, val_part = requests[:cut_train], rebase(requests[cut_train:cut_val])
+    test_part = rebase(requests[cut_val:])
+    per = min(args.episode_requests, len(train_part))
+    trainer = Trainer(args, n, args.episodes * per)
+    rng = np.random.default_rng(args.seed)
+    tick, holds = args.hold_tick, args.max_holds
+
+    def score(choose: Chooser, part: Sequence[Request]) -> dict[str, float]:
+        return summarize(run_episode(profile, n, part, choose, tick, holds))
+    baseline = {"round_robin": score(round_robin(), val_part),
+                "heuristic": score(heuristic, val_part)}
+    curve: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    simulated = 0.0
+    for episode in range(1, args.episodes + 1):
+        start = int(rng.integers(0, max(len(train_part) - per, 0) + 1))
+        part = rebase(train_part[start:start + per])
+        results = run_episode(profile, n, part, trainer.choose, tick, holds, trainer.reward)
+        trainer.end_episode()
+        simulated += part[-1][0]
+        point: dict[str, Any] = {"episode": episode, "epsilon": trainer.epsilon(),
+                                 "train_mean_e2e_s": summarize(results)["mean_e2e_s"],
+                                 "loss": float(np.mean(trainer.losses[-500:]))
+                                 if trainer.losses else None}
+        if episode % args.eval_every == 0 or episode == args.episodes:
+            point["validation"] = score(greedy(trainer.net), val_part)
+        curve.append(point)
+        val = point.get("validation", {}).get("mean_e2e_s")
+        progress(f"episode {episode}/{args.episodes}: epsilon {point['epsilon']:.2f}, "
+                 f"mean E2E {point['train_mean_e2e_s']:.3f} s"
+                 + (f", validation {val:.3f} s (round robin "
+                    f"{baseline['round_robin']['mean_e2e_s']:.3f}, heuristic "
+                    f"{baseline['heuristic']['mean_e2e_s']:.3f})" if val else ""))
+    seconds = time.perf_counter() - started
+    comparison = {name: score(choose, test_part) for name, choose in (
+        ("round_robin", round_robin()), ("heuristic", heuristic),
+        ("learned", greedy(trainer.net)), ("block", block))}
+    return {"net": trainer.net, "curve": curve, "validation_baselines": baseline,
+            "comparison": comparison,
+            "training": {"seconds": seconds, "decisions": trainer.decisions,
+                         "updates": trainer.updates,
+                         "simulated_seconds": simulated,
+                         "simulated_seconds_per_wall_second": simulated / seconds}}
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    curve = report["curve"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([p["episode"] for p in curve], [p["train_mean_e2e_s"] for p in curve],
+            color="0.7", label="training episode (epsilon-greedy)")
+    val = [p for p in curve if "validation" in p]
+    ax.plot([p["episode"] for p in val], [p["validation"]["mean_e2e_s"] for p in val],
+            "o-", label="learned, greedy (validation window)")
+    for name, style in (("round_robin", ":"), ("heuristic", "--")):
+        ax.axhline(report["validation_baselines"][name]["mean_e2e_s"], linestyle=style,
+                   color="k", label=f"{name} (validation window)")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("mean end-to-end latency (s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.instances < 1 or args.episodes < 1 or args.episode_requests < 10:
+            raise ValueError("--instances and --episodes must be >= 1, "
+                             "--episode-requests >= 10")
+        profile = load_profile(args.profile)
+        requests = read_requests(args)
+        if len(requests) < 100:
+            raise ValueError(f"{args.trace}: {len(requests)} requests, at least 100 needed")
+    except ImportError as exc:
+        print(f"blockproxy train-router reads traces with the load generator ({exc}); "
+              "install it with: pip install 'blockproxy[loadgen]'", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"blockproxy train-router: {exc}", file=sys.stderr)
+        return 1
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+    report = train(args, requests, profile, progress)
+    net = report.pop("net")
+    net.save(args.out, {"trace": str(args.trace), "instances": args.instances,
+                        "profile": args.profile, "episodes": args.episodes,
+                        "guidance": args.guidance})
+    png = Path(args.out).with_suffix(".png")
+    report["out"] = str(args.out)
+    report["learning_curve"] = str(png) if plot(report, png) else None
+    print(json.dumps(report, indent=1))
+    return 0

@@ -1,0 +1,108 @@
+"""The learned Intelligent Router: its network, the cluster model it trains on,
+``blockproxy train-router`` and a policy serving the weights it writes."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blockproxy.backends import BackendSpec
+from blockproxy.cluster import ClusterView
+from blockproxy.profile import load_profile
+from blockproxy.routing.job import Job
+from blockproxy.routing.policies import make_policy
+from blockproxy.routing.qnet import FEATURES, QNet, action_inputs
+from blockproxy.simulator import model_from_profile
+from blockproxy.train_router import ClusterModel, round_robin, run_episode
+
+PROFILE = "llama-3.1-8b-h100-tp1"
+
+
+def test_the_network_gradients_are_the_loss_s() -> None:
+    net = QNet(hidden=8, seed=3)
+    rng = np.random.default_rng(0)
+    for name in ("b1", "b2"):  # off zero: a sample whose units are all off sits on a kink
+        net.params[name] = rng.normal(size=8) * 0.1
+    x = rng.normal(size=(5, len(FEATURES)))
+    target = rng.normal(size=5) * 3  # some errors beyond the Huber threshold
+    _, grads = net.gradients(x, target)
+    for name in ("w1", "b2", "w3"):
+        param = net.params[name]
+        idx = tuple(0 for _ in param.shape)
+        old = param[idx]
+        param[idx] = old + 1e-6
+        up, _ = net.gradients(x, target)
+        param[idx] = old - 1e-6
+        down, _ = net.gradients(x, target)
+        param[idx] = old
+        assert grads[name][idx] == pytest.approx((up - down) / 2e-6, rel=1e-4, abs=1e-8)
+
+
+def test_weights_round_trip_and_a_bad_file_is_refused(tmp_path: Path) -> None:
+    net = QNet(hidden=16, seed=1)
+    net.save(tmp_path / "w.npz", {"instances": 4})
+    loaded, meta = QNet.load(tmp_path / "w.npz")
+    x = action_inputs([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]] * 3, 1000, 200, 1)
+    assert (loaded.q(x) == net.q(x)).all() and meta["instances"] == 4
+    np.savez(tmp_path / "other.npz", w1=np.zeros(3))
+    for bad in (tmp_path / "other.npz", tmp_path / "missing.npz"):
+        with pytest.raises(ValueError, match="cannot load router weights"):
+            QNet.load(bad)
+
+
+def test_the_cluster_model_gives_the_simulator_s_latencies() -> None:
+    profile = load_profile(PROFILE)
+    cluster = ClusterModel(profile, 2)
+    cluster.dispatch(0, 7, 3000, 200, 0.0)
+    cluster.advance(1e6)
+    ((rid, ttft, e2e),) = cluster.finished
+    state = np.zeros((5, 1), dtype=np.int64)
+    expected = model_from_profile(profile).predict(state, 0, 3000, 0, 200)
+    assert rid == 7 and (ttft, e2e) == (expected[0], expected[1])
+    # a stream of requests: every one finishes, in order of its own times
+    requests = [(0.01 * k, 500 + 37 * k, 20 + k) for k in range(200)]
+    results = run_episode(profile, 4, requests, round_robin(), 0.05, 3)
+    assert sorted(r[0] for r in results) == list(range(200))
+    assert all(0 < ttft <= e2e for _, ttft, e2e in results)
+
+
+def test_train_router_writes_weights_a_curve_and_a_comparison(tmp_path: Path) -> None:
+    out = tmp_path / "router.npz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "blockproxy", "train-router", "--trace", "azure-conv",
+         "--rate-multiplier", "40", "--instances", "4", "--num-requests", "1200",
+         "--episodes", "3", "--episode-requests", "200", "--eval-every", "2",
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["comparison"]) == {"round_robin", "heuristic", "learned", "block"}
+    assert all(r["requests"] == 240 for r in report["comparison"].values())
+    assert [p["episode"] for p in report["curve"]] == [1, 2, 3]
+    assert "validation" in report["curve"][1] and "validation" in report["curve"][2]
+    assert report["training"]["decisions"] >= 600 and report["training"]["seconds"] > 0
+    assert "episode 3/3" in proc.stderr
+    assert Path(report["learning_curve"]).stat().st_size > 1000
+    _, meta = QNet.load(out)
+    assert meta["instances"] == 4 and meta["trace"] == "azure-conv"
+    # the proxy's policy serves it
+    view = ClusterView(PROFILE)
+    view.apply([BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=f"i{i}")
+                for i in range(3)])
+    insts = list(view.instances.values())
+    policy = make_policy("intelligent_router", random.Random(0), router_weights=str(out))
+    for k in range(20):
+        chosen, _ = policy.choose(insts, Job(200 + 100 * k, 50, bucket_tokens=64))
+        chosen.reserve(200 + 100 * k, 50, 0.0)
+    assert sum(inst.active for inst in insts) == 20
+    with pytest.raises(ValueError, match="cannot load router weights"):
+        make_policy("intelligent_router", router_weights=str(tmp_path / "none.npz"))
+    bad = subprocess.run([sys.executable, "-m", "blockproxy", "train-router", "--trace",
+                          "nowhere.csv", "--out", str(out)], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 1 and "nowhere.csv" in bad.stderr
