@@ -6,20 +6,22 @@ trains one against a model of the cluster, not a live one:
 
 * **The cluster** (:class:`ClusterModel`): ``--instances`` copies of the compiled
   simulator (``profile``), stepped from one decision to the next by ``advance``
-  (:mod:`blockproxy.simulator.reference`): thousands of simulated seconds per wall
-  second.  Requests are a trace's (``--trace``, read by the load generator's readers:
-  its own timestamps sped up by ``--rate-multiplier``, or Poisson arrivals at
-  ``--request-rate`` for a length-only trace), with their true output lengths.
+  (:mod:`blockproxy.simulator.reference`); the report gives its speed (simulated
+  seconds and decisions per wall second, with and without the learning).  Requests are
+  a trace's (``--trace``, read by the load generator's readers: its own timestamps sped
+  up by ``--rate-multiplier``, or Poisson arrivals at ``--request-rate`` for a
+  length-only trace), with their true output lengths.
 * **State and actions** (:mod:`blockproxy.routing.qnet`): per candidate, its load and
   the heuristic's two estimates (own latency, mixing penalty); the request's prompt and
   output-length bucket; how many requests are held.  Actions: each instance, or hold
   (the request waits at the router and is decided again at the next decision or after
   ``--hold-tick`` seconds, at most ``--max-holds`` times).
-* **Reward**: minus the request-seconds spent in the system (held, queued or running)
-  until the next decision, so the return is minus the total latency (Little's law);
-  heuristic guidance adds minus ``--guidance`` times the mixing penalty of the chosen
-  instance (the latency it is estimated to add to the requests there), and exploration
-  takes the heuristic's choice for half of its random actions.
+* **Reward**: routing a request earns minus its latency from that decision to its last
+  token (training is offline: the reward waits until the request finishes), and, as
+  heuristic guidance, minus ``--guidance`` times the mixing penalty of the chosen
+  instance (the latency it is estimated to add to the requests there); holding earns
+  minus the time until the next decision.  Exploration takes the heuristic's choice for
+  half of its random actions.
 * **Learning**: DQN with experience replay and a target network, Adam on the Huber loss,
   epsilon-greedy from 1 to 0.05 over the first 60% of the decisions.
 
@@ -40,7 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,9 +54,21 @@ from blockproxy.routing.qnet import Adam, QNet, action_inputs, load_features
 
 #: a request: (arrival s, prompt tokens, output tokens)
 Request = tuple[float, int, int]
-#: decides for one request: (cluster, prompt, output, requests held, must route) ->
-#: instance, or -1: hold
-Chooser = Callable[["ClusterModel", int, int, int, bool], int]
+
+
+class Decision(NamedTuple):
+    """One request to place now."""
+
+    rid: int
+    prompt: int
+    output: int
+    arrival: float
+    held: int  # requests held at the router besides it
+    must: bool  # held too often already: a route is required
+
+
+#: decides where a request goes: an instance, or -1 to hold it
+Chooser = Callable[["ClusterModel", Decision], int]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--guidance", type=float, default=0.5,
                         help="weight of the chosen instance's mixing penalty in the reward")
-    parser.add_argument("--gamma", type=float, default=0.95)
+    parser.add_argument("--gamma", type=float, default=0.5,
+                        help="discount per decision (each routing reward already holds "
+                             "the request's whole latency)")
     parser.add_argument("--hold-tick", type=float, default=0.05)
     parser.add_argument("--max-holds", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=64)
@@ -173,25 +189,18 @@ def bucket_tokens(output: int) -> int:
 
 
 def run_episode(profile: Profile, n: int, requests: Sequence[Request], choose: Chooser,
-                hold_tick: float, max_holds: int,
-                observe: Callable[[float], None] | None = None
-                ) -> list[tuple[int, float, float]]:
+                hold_tick: float, max_holds: int) -> list[tuple[int, float, float]]:
     """Serve ``requests`` with ``choose``; returns (id, ttft, e2e) of every request.
-
-    Decisions come at each arrival and, while requests are held, every ``hold_tick``;
-    ``observe(reward)`` hears, before each time's first decision, the reward since the
-    last one: minus the request-seconds spent in the system (held, queued or running)."""
+    Decisions come at each arrival and, while requests are held, every ``hold_tick``
+    (held requests first, in the order they came)."""
     cluster = ClusterModel(profile, n)
     held: list[tuple[int, int, int, float, int]] = []  # id, prompt, output, arrival, holds
     k = 0
     t_prev = 0.0
-    in_system = 0
     while k < len(requests) or held:
         next_arrival = requests[k][0] if k < len(requests) else math.inf
         t = min(next_arrival, t_prev + hold_tick) if held else next_arrival
         cluster.advance(t)
-        if observe is not None:
-            observe(-in_system * (t - t_prev))
         t_prev = t
         todo, held = held, []
         if t == next_arrival:
@@ -199,12 +208,12 @@ def run_episode(profile: Profile, n: int, requests: Sequence[Request], choose: C
             todo.append((k, p, o, t, 0))
             k += 1
         for rid, p, o, arrival, holds in todo:
-            action = choose(cluster, p, o, len(held), holds >= max_holds)
+            action = choose(cluster, Decision(rid, p, o, arrival, len(held),
+                                              holds >= max_holds))
             if action < 0:
                 held.append((rid, p, o, arrival, holds + 1))
             else:
                 cluster.dispatch(action, rid, p, o, arrival)
-        in_system = cluster.in_flight() + len(held)
     for _ in range(100):  # nothing more arrives: the cluster finishes what it has
         if not cluster.in_flight():
             break
@@ -223,34 +232,31 @@ def summarize(results: list[tuple[int, float, float]]) -> dict[str, float]:
 def round_robin() -> Chooser:
     turn = [0]
 
-    def choose(cluster: ClusterModel, prompt: int, output: int, held: int,
-               must: bool) -> int:
+    def choose(cluster: ClusterModel, d: Decision) -> int:
         turn[0] = (turn[0] + 1) % len(cluster)
         return turn[0]
     return choose
 
 
-def heuristic(cluster: ClusterModel, prompt: int, output: int, held: int,
-              must: bool) -> int:
-    est = cluster.estimates(prompt, bucket_tokens(output))
+def heuristic(cluster: ClusterModel, d: Decision) -> int:
+    est = cluster.estimates(d.prompt, bucket_tokens(d.output))
     return int(np.argmin([own + pen for own, pen in est]))
 
 
-def block(cluster: ClusterModel, prompt: int, output: int, held: int, must: bool) -> int:
+def block(cluster: ClusterModel, d: Decision) -> int:
     """Least predicted end-to-end latency, from each instance's state (``block``; an
     instance whose last step ends after now starts later by as much)."""
-    e2e = [model.predict(cluster.tables[i], cluster.n[i], prompt, 0, output)[1]
+    e2e = [model.predict(cluster.tables[i], cluster.n[i], d.prompt, 0, d.output)[1]
            + max(cluster.clock[i] - cluster.now, 0.0)
            for i, model in enumerate(cluster.models)]
     return int(np.argmin(e2e))
 
 
 def greedy(net: QNet) -> Chooser:
-    def choose(cluster: ClusterModel, prompt: int, output: int, held: int,
-               must: bool) -> int:
-        x, _ = cluster.inputs(prompt, bucket_tokens(output), held)
+    def choose(cluster: ClusterModel, d: Decision) -> int:
+        x, _ = cluster.inputs(d.prompt, bucket_tokens(d.output), d.held)
         q = net.q(x)
-        a = int(np.argmax(q[:-1] if must else q))
+        a = int(np.argmax(q[:-1] if d.must else q))
         return -1 if a == len(cluster) else a
     return choose
 
@@ -273,8 +279,31 @@ def rebase(requests: Sequence[Request]) -> list[Request]:
     return [(t - t0, p, o) for t, p, o in requests]
 
 
+class _Transition:
+    """The chosen action's inputs, its reward, the next decision's inputs."""
+
+    __slots__ = ("arrival", "at", "pushed", "reward", "routed", "shaping", "x", "x_next")
+
+    def __init__(self, x: np.ndarray, at: float) -> None:
+        self.x = x
+        self.at = at  # when it was decided
+        self.x_next: np.ndarray | None = None
+        self.reward: float | None = None
+        self.shaping = 0.0
+        self.arrival = 0.0
+        self.routed = False
+        self.pushed = False
+
+
 class Trainer:
-    """The DQN: replay, target network, epsilon-greedy with heuristic guidance."""
+    """The DQN: replay, target network, epsilon-greedy with heuristic guidance.
+
+    A transition is (the chosen action's inputs, its reward, the next decision's
+    inputs).  Routing a request earns minus its latency from that decision to its last
+    token (known once it finishes: training is offline, so the reward waits for it)
+    minus ``guidance`` x the mixing penalty of the chosen instance (the latency it is
+    estimated to add to the requests there); holding earns minus the time until the next
+    decision.  Seconds, as the rewards are."""
 
     def __init__(self, args: argparse.Namespace, n: int, total_decisions: int) -> None:
         self.args = args
@@ -294,18 +323,25 @@ class Trainer:
         self.decisions = 0
         self.updates = 0
         self.losses: list[float] = []
-        self._pending: tuple[np.ndarray, float] | None = None
+        self._last: _Transition | None = None  # the previous decision's
+        self._open: dict[int, _Transition] = {}  # routed, unfinished: rid -> transition
+        self._seen = 0  # finished requests looked at
+        self._cluster: ClusterModel | None = None
 
     def epsilon(self) -> float:
         return max(0.05, 1.0 - 0.95 * self.decisions / (0.6 * self.total))
 
-    def choose(self, cluster: ClusterModel, prompt: int, output: int, held: int,
-               must: bool) -> int:
-        decode = bucket_tokens(output)
-        x, est = cluster.inputs(prompt, decode, held)
-        options = self.n if must else self.n + 1
-        if self._pending is not None:  # the previous decision's transition ends here
-            self._remember(x)
+    def choose(self, cluster: ClusterModel, d: Decision) -> int:
+        if cluster is not self._cluster:  # a new episode: no transition across
+            self._cluster, self._last, self._open, self._seen = cluster, None, {}, 0
+        self._collect(cluster)
+        x, est = cluster.inputs(d.prompt, bucket_tokens(d.output), d.held)
+        options = self.n if d.must else self.n + 1
+        if self._last is not None:  # the previous decision's transition ends here
+            self._last.x_next = x
+            if not self._last.routed:  # a hold: it cost the time until now
+                self._last.reward = -(cluster.now - self._last.at)
+            self._push(self._last)
         if self.rng.random() < self.epsilon():
             if self.rng.random() < 0.5:
                 a = int(np.argmin([own + pen for own, pen in est]))
@@ -313,25 +349,35 @@ class Trainer:
                 a = int(self.rng.integers(options))
         else:
             a = int(np.argmax(self.net.q(x)[:options]))
-        shaping = -self.args.guidance * est[a][1] if a < self.n else 0.0
-        self._pending = (x[a].copy(), shaping)
+        self._last = _Transition(x[a].copy(), cluster.now)
+        if a < self.n:
+            self._last.routed = True
+            self._last.shaping = -self.args.guidance * est[a][1]
+            self._last.arrival = d.arrival
+            self._open[d.rid] = self._last
         self.decisions += 1
         self._learn()
         return -1 if a == self.n else a
 
-    def reward(self, reward: float) -> None:
-        """Request-seconds earned since the last decision: the pending transition's."""
-        if self._pending is not None:
-            x, total = self._pending
-            self._pending = (x, total + reward)
+    def _collect(self, cluster: ClusterModel) -> None:
+        """Rewards of the routed requests that finished since the last look: minus
+        their latency from the decision, plus the guidance."""
+        for rid, _, e2e in cluster.finished[self._seen:]:
+            t = self._open.pop(rid, None)
+            if t is not None:
+                t.reward = -(t.arrival + e2e - t.at) + t.shaping
+                self._push(t)
+        self._seen = len(cluster.finished)
 
-    def _remember(self, x_next: np.ndarray) -> None:
-        assert self._pending is not None
-        x, reward = self._pending
+    def _push(self, t: _Transition) -> None:
+        """Into the replay once both its reward and its next inputs are known."""
+        if t.reward is None or t.x_next is None or t.pushed:
+            return
+        t.pushed = True
         i = self.pos
-        self.x[i] = x
-        self.r[i] = reward / self.n
-        self.next[i] = x_next
+        self.x[i] = t.x
+        self.r[i] = t.reward
+        self.next[i] = t.x_next
         self.pos = (self.pos + 1) % len(self.r)
         self.size = min(self.size + 1, len(self.r))
 
@@ -348,9 +394,6 @@ class Trainer:
         self.updates += 1
         if self.updates % 1000 == 0:
             self.target = self.net.copy()
-
-    def end_episode(self) -> None:
-        self._pending = None  # no transition across episodes
 
 
 def train(args: argparse.Namespace, requests: list[Request], profile: Profile,
@@ -375,8 +418,7 @@ def train(args: argparse.Namespace, requests: list[Request], profile: Profile,
     for episode in range(1, args.episodes + 1):
         start = int(rng.integers(0, max(len(train_part) - per, 0) + 1))
         part = rebase(train_part[start:start + per])
-        results = run_episode(profile, n, part, trainer.choose, tick, holds, trainer.reward)
-        trainer.end_episode()
+        results = run_episode(profile, n, part, trainer.choose, tick, holds)
         simulated += part[-1][0]
         point: dict[str, Any] = {"episode": episode, "epsilon": trainer.epsilon(),
                                  "train_mean_e2e_s": summarize(results)["mean_e2e_s"],
@@ -392,9 +434,14 @@ def train(args: argparse.Namespace, requests: list[Request], profile: Profile,
                     f"{baseline['round_robin']['mean_e2e_s']:.3f}, heuristic "
                     f"{baseline['heuristic']['mean_e2e_s']:.3f})" if val else ""))
     seconds = time.perf_counter() - started
-    comparison = {name: score(choose, test_part) for name, choose in (
-        ("round_robin", round_robin()), ("heuristic", heuristic),
-        ("learned", greedy(trainer.net)), ("block", block))}
+    comparison = {}
+    for name, choose in (("round_robin", round_robin()), ("heuristic", heuristic),
+                         ("learned", greedy(trainer.net)), ("block", block)):
+        began = time.perf_counter()
+        comparison[name] = score(choose, test_part)
+        wall = time.perf_counter() - began
+        comparison[name]["simulated_seconds_per_wall_second"] = test_part[-1][0] / wall
+        comparison[name]["decisions_per_wall_second"] = len(test_part) / wall
     return {"net": trainer.net, "curve": curve, "validation_baselines": baseline,
             "comparison": comparison,
             "training": {"seconds": seconds, "decisions": trainer.decisions,
