@@ -23,8 +23,14 @@ Where it departs from the paper: the paper fits the impact of mixing from profil
 of its GPUs; here the same kind of fit, the instance's profile (``blockproxy profile``),
 gives it, so calibration carries it to other hardware.  Requests already on an instance
 count with the length the proxy predicted for them (the regression's median), not a
-bucket.  Holding a request at the router belongs to the learned policy (the paper's DQN
-action space), not to this heuristic.  Ties at random.
+bucket.  Ties at random.
+
+With ``router_weights`` (a file from ``blockproxy train-router``) the learned policy
+decides instead: its Q-network (:mod:`blockproxy.routing.qnet`) scores each candidate
+from the same load features and estimates, and the best one takes the request.  Its
+hold action is not taken at serve time: holding is the admission queue's
+(``--slo-ttft-ms``), which releases a request the moment an instance is predicted in
+time.
 """
 
 from __future__ import annotations
