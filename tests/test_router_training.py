@@ -19,7 +19,7 @@ from blockproxy.routing.job import Job
 from blockproxy.routing.policies import make_policy
 from blockproxy.routing.qnet import FEATURES, QNet, action_inputs
 from blockproxy.simulator import model_from_profile
-from blockproxy.train_router import ClusterModel, round_robin, run_episode
+from blockproxy.train_router import ClusterModel, Decision, round_robin, run_episode
 
 PROFILE = "llama-3.1-8b-h100-tp1"
 
@@ -70,6 +70,22 @@ def test_the_cluster_model_gives_the_simulator_s_latencies() -> None:
     results = run_episode(profile, 4, requests, round_robin(), 0.05, 3)
     assert sorted(r[0] for r in results) == list(range(200))
     assert all(0 < ttft <= e2e for _, ttft, e2e in results)
+
+
+def test_a_held_request_is_decided_again_until_it_must_be_routed() -> None:
+    profile = load_profile(PROFILE)
+    seen: list[tuple[int, bool]] = []
+
+    def holder(cluster: ClusterModel, d: Decision) -> int:
+        seen.append((d.rid, d.must))
+        return 0 if d.must else -1
+    requests = [(0.5 * k, 200, 10) for k in range(6)]
+    results = run_episode(profile, 2, requests, holder, 0.05, 2)
+    assert sorted(r[0] for r in results) == list(range(6))
+    # each decided three times: held twice, then routed; 0.1 s of holding in its TTFT
+    assert [rid for rid, _ in seen] == [k for k in range(6) for _ in range(3)]
+    assert [must for _, must in seen] == [False, False, True] * 6
+    assert all(ttft >= 0.1 for _, ttft, _ in results)
 
 
 def test_train_router_writes_weights_a_curve_and_a_comparison(tmp_path: Path) -> None:
