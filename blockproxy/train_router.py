@@ -20,12 +20,14 @@ trains one against a model of the cluster, not a live one:
   token (training is offline: the reward waits until the request finishes), and, as
   heuristic guidance, minus ``--guidance`` times the mixing penalty of the chosen
   instance (the latency it is estimated to add to the requests there); holding earns
-  minus the time until the next decision.  Exploration takes the heuristic's choice for
-  half of its random actions.
+  minus the time until the request is decided again, plus that decision's value.  An
+  action's value is so minus the request's latency from then on, less the guidance.
+  Exploration takes the heuristic's choice for half of its random actions.
 * **Learning**: DQN with experience replay and a target network, Adam on the Huber loss,
   epsilon-greedy from 1 to 0.05 over the first 60% of the decisions.
 
-Every ``--eval-every`` episodes the greedy policy is scored on a validation window; the
+Every ``--eval-every`` episodes the greedy policy is scored on a validation window, and
+the network written is the one that scored best there (``chosen_episode``); the
 learning curve (mean end-to-end latency per episode, beside round robin's and the
 heuristic's on the same window) goes to ``OUT.png`` (with matplotlib), and a final
 comparison on the held-out end of the trace (round robin, the heuristic, the learned
@@ -89,9 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--guidance", type=float, default=0.5,
                         help="weight of the chosen instance's mixing penalty in the reward")
-    parser.add_argument("--gamma", type=float, default=0.5,
-                        help="discount per decision (each routing reward already holds "
-                             "the request's whole latency)")
     parser.add_argument("--hold-tick", type=float, default=0.05)
     parser.add_argument("--max-holds", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=64)
@@ -280,9 +279,9 @@ def rebase(requests: Sequence[Request]) -> list[Request]:
 
 
 class _Transition:
-    """The chosen action's inputs, its reward, the next decision's inputs."""
+    """The chosen action's inputs, its reward, the request's next decision's inputs."""
 
-    __slots__ = ("arrival", "at", "pushed", "reward", "routed", "shaping", "x", "x_next")
+    __slots__ = ("arrival", "at", "reward", "routed", "shaping", "x", "x_next")
 
     def __init__(self, x: np.ndarray, at: float) -> None:
         self.x = x
@@ -292,18 +291,19 @@ class _Transition:
         self.shaping = 0.0
         self.arrival = 0.0
         self.routed = False
-        self.pushed = False
 
 
 class Trainer:
     """The DQN: replay, target network, epsilon-greedy with heuristic guidance.
 
-    A transition is (the chosen action's inputs, its reward, the next decision's
-    inputs).  Routing a request earns minus its latency from that decision to its last
-    token (known once it finishes: training is offline, so the reward waits for it)
-    minus ``guidance`` x the mixing penalty of the chosen instance (the latency it is
-    estimated to add to the requests there); holding earns minus the time until the next
-    decision.  Seconds, as the rewards are."""
+    A transition is (the chosen action's inputs, its reward, the inputs of the request's
+    next decision, or none).  Routing a request ends its transitions: it earns minus its
+    latency from that decision to its last token (known once it finishes: training is
+    offline, so the reward waits for it) minus ``guidance`` x the mixing penalty of the
+    chosen instance (the latency it is estimated to add to the requests there).  Holding
+    earns minus the time until the request is decided again, plus the value of that
+    decision.  So an action's value is minus the request's latency from now on, less the
+    guidance: a hold is worth what waiting then routing is."""
 
     def __init__(self, args: argparse.Namespace, n: int, total_decisions: int) -> None:
         self.args = args
@@ -317,13 +317,14 @@ class Trainer:
         self.x = np.zeros((cap, width))
         self.r = np.zeros(cap)
         self.next = np.zeros((cap, n + 1, width))
+        self.last = np.zeros(cap, dtype=bool)  # no next decision: the reward is all
         self.size = 0
         self.pos = 0
         self.total = total_decisions
         self.decisions = 0
         self.updates = 0
         self.losses: list[float] = []
-        self._last: _Transition | None = None  # the previous decision's
+        self._held: dict[int, _Transition] = {}  # held requests' last transitions
         self._open: dict[int, _Transition] = {}  # routed, unfinished: rid -> transition
         self._seen = 0  # finished requests looked at
         self._cluster: ClusterModel | None = None
@@ -332,16 +333,16 @@ class Trainer:
         return max(0.05, 1.0 - 0.95 * self.decisions / (0.6 * self.total))
 
     def choose(self, cluster: ClusterModel, d: Decision) -> int:
-        if cluster is not self._cluster:  # a new episode: no transition across
-            self._cluster, self._last, self._open, self._seen = cluster, None, {}, 0
+        if cluster is not self._cluster:  # a new episode
+            self._cluster, self._held, self._open, self._seen = cluster, {}, {}, 0
         self._collect(cluster)
         x, est = cluster.inputs(d.prompt, bucket_tokens(d.output), d.held)
         options = self.n if d.must else self.n + 1
-        if self._last is not None:  # the previous decision's transition ends here
-            self._last.x_next = x
-            if not self._last.routed:  # a hold: it cost the time until now
-                self._last.reward = -(cluster.now - self._last.at)
-            self._push(self._last)
+        held = self._held.pop(d.rid, None)
+        if held is not None:  # its hold ends here: it cost the time until now
+            held.x_next = x
+            held.reward = -(cluster.now - held.at)
+            self._push(held)
         if self.rng.random() < self.epsilon():
             if self.rng.random() < 0.5:
                 a = int(np.argmin([own + pen for own, pen in est]))
@@ -349,12 +350,14 @@ class Trainer:
                 a = int(self.rng.integers(options))
         else:
             a = int(np.argmax(self.net.q(x)[:options]))
-        self._last = _Transition(x[a].copy(), cluster.now)
+        t = _Transition(x[a].copy(), cluster.now)
         if a < self.n:
-            self._last.routed = True
-            self._last.shaping = -self.args.guidance * est[a][1]
-            self._last.arrival = d.arrival
-            self._open[d.rid] = self._last
+            t.routed = True
+            t.shaping = -self.args.guidance * est[a][1]
+            t.arrival = d.arrival
+            self._open[d.rid] = t
+        else:
+            self._held[d.rid] = t
         self.decisions += 1
         self._learn()
         return -1 if a == self.n else a
@@ -370,14 +373,15 @@ class Trainer:
         self._seen = len(cluster.finished)
 
     def _push(self, t: _Transition) -> None:
-        """Into the replay once both its reward and its next inputs are known."""
-        if t.reward is None or t.x_next is None or t.pushed:
+        """Into the replay once its reward (and, for a hold, its next inputs) is known."""
+        if t.reward is None or (not t.routed and t.x_next is None):
             return
-        t.pushed = True
         i = self.pos
         self.x[i] = t.x
         self.r[i] = t.reward
-        self.next[i] = t.x_next
+        self.last[i] = t.routed
+        if t.x_next is not None:
+            self.next[i] = t.x_next
         self.pos = (self.pos + 1) % len(self.r)
         self.size = min(self.size + 1, len(self.r))
 
@@ -387,7 +391,7 @@ class Trainer:
         idx = self.rng.integers(0, self.size, batch)
         nxt = self.next[idx]
         q_next = self.target.q(nxt.reshape(-1, nxt.shape[2])).reshape(batch, -1).max(axis=1)
-        target = self.r[idx] + self.args.gamma * q_next
+        target = self.r[idx] + np.where(self.last[idx], 0.0, q_next)
         loss, grads = self.net.gradients(self.x[idx], target)
         self.opt.step(grads)
         self.losses.append(loss)
@@ -413,6 +417,7 @@ def train(args: argparse.Namespace, requests: list[Request], profile: Profile,
     baseline = {"round_robin": score(round_robin(), val_part),
                 "heuristic": score(heuristic, val_part)}
     curve: list[dict[str, Any]] = []
+    best: tuple[float, int, QNet] = (math.inf, 0, trainer.net)
     started = time.perf_counter()
     simulated = 0.0
     for episode in range(1, args.episodes + 1):
@@ -426,6 +431,8 @@ def train(args: argparse.Namespace, requests: list[Request], profile: Profile,
                                  if trainer.losses else None}
         if episode % args.eval_every == 0 or episode == args.episodes:
             point["validation"] = score(greedy(trainer.net), val_part)
+            if point["validation"]["mean_e2e_s"] < best[0]:  # keep the best network
+                best = (point["validation"]["mean_e2e_s"], episode, trainer.net.copy())
         curve.append(point)
         val = point.get("validation", {}).get("mean_e2e_s")
         progress(f"episode {episode}/{args.episodes}: epsilon {point['epsilon']:.2f}, "
@@ -435,15 +442,16 @@ def train(args: argparse.Namespace, requests: list[Request], profile: Profile,
                     f"{baseline['heuristic']['mean_e2e_s']:.3f})" if val else ""))
     seconds = time.perf_counter() - started
     comparison = {}
+    net = best[2]
     for name, choose in (("round_robin", round_robin()), ("heuristic", heuristic),
-                         ("learned", greedy(trainer.net)), ("block", block)):
+                         ("learned", greedy(net)), ("block", block)):
         began = time.perf_counter()
         comparison[name] = score(choose, test_part)
         wall = time.perf_counter() - began
         comparison[name]["simulated_seconds_per_wall_second"] = test_part[-1][0] / wall
         comparison[name]["decisions_per_wall_second"] = len(test_part) / wall
-    return {"net": trainer.net, "curve": curve, "validation_baselines": baseline,
-            "comparison": comparison,
+    return {"net": net, "chosen_episode": best[1], "curve": curve,
+            "validation_baselines": baseline, "comparison": comparison,
             "training": {"seconds": seconds, "decisions": trainer.decisions,
                          "updates": trainer.updates,
                          "simulated_seconds": simulated,

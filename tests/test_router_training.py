@@ -102,6 +102,8 @@ def test_train_router_writes_weights_a_curve_and_a_comparison(tmp_path: Path) ->
                for r in report["comparison"].values())
     assert [p["episode"] for p in report["curve"]] == [1, 2, 3]
     assert "validation" in report["curve"][1] and "validation" in report["curve"][2]
+    best = min((p["validation"]["mean_e2e_s"], p["episode"]) for p in report["curve"][1:])
+    assert report["chosen_episode"] == best[1]  # the network written is the best one
     assert report["training"]["decisions"] >= 600 and report["training"]["seconds"] > 0
     assert "episode 3/3" in proc.stderr
     assert Path(report["learning_curve"]).stat().st_size > 1000
