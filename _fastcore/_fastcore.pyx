@@ -112,6 +112,19 @@ cdef int64_t token_arg(object value) except? -2:
     return x
 
 
+cdef Py_ssize_t rows_of(object n, Py_ssize_t columns, Py_ssize_t capacity,
+                        object state) except -1:
+    """``n`` as the count of a state's rows in use, or the twin's ValueError."""
+    cdef Py_ssize_t nn
+    try:
+        nn = n
+    except OverflowError:
+        nn = -1
+    if nn < 0 or nn > capacity or columns < NUM_COLUMNS:
+        raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
+    return nn
+
+
 cdef Py_ssize_t first_bad_value(const int64_t* row, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
@@ -243,12 +256,7 @@ cdef class InstanceModelC:
                 raise
             import numpy
             view = numpy.ascontiguousarray(state, dtype=numpy.int64)
-        try:
-            nn = n
-        except OverflowError:
-            nn = -1
-        if nn < 0 or nn > view.shape[1] or view.shape[0] < NUM_COLUMNS:
-            raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
+        nn = rows_of(n, view.shape[0], view.shape[1], state)
         extra[0] = token_arg(new_prompt)
         extra[1] = token_arg(new_cached)
         extra[2] = 0
@@ -302,12 +310,7 @@ cdef class InstanceModelC:
         cdef double d
         cdef Outcome out
         cdef Req* req
-        try:
-            nn = n
-        except OverflowError:
-            nn = -1
-        if nn < 0 or nn > view.shape[1] or view.shape[0] < NUM_COLUMNS:
-            raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
+        nn = rows_of(n, view.shape[0], view.shape[1], state)
         if first_v.shape[0] < nn or done_v.shape[0] < nn:
             raise ValueError(f"first and done need room for {n} rows")
         d = float(duration)

@@ -159,8 +159,9 @@ class ClusterModel:
             self.tables[i] = np.concatenate([self.tables[i], np.zeros_like(self.tables[i])],
                                             axis=1)
             self.ids[i] = np.concatenate([self.ids[i], np.zeros_like(self.ids[i])])
-            self._first = np.empty(2 * k)
-            self._done = np.empty(2 * k)
+            if 2 * k > len(self._first):  # room for the largest instance's rows
+                self._first = np.empty(2 * k)
+                self._done = np.empty(2 * k)
         self.tables[i][:, k] = (prompt, 0, 0, output, 0)
         self.ids[i][k] = rid
         self.n[i] = k + 1
