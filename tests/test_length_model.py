@@ -292,6 +292,16 @@ async def test_a_loaded_model_predicts_from_the_first_request(
             if line.startswith("blockproxy_prediction_tail_total{")]
     assert sum(float(line.split()[-1]) for line in tail) == 1
     assert proxy.predictor.stats()["length_model"]["seen"]["tiny"] == 801
+    # block does not route on buckets: the head learns nothing online (its ~20 us per
+    # finished request spared); intelligent_router's proxy trains it
+    assert proxy.predictor.model.learn_buckets is False
+    assert model.buckets.counts.sum() == 800
+    assert proxy.predictor.model.buckets.counts.sum() == 800
+    ir = Proxy(ProxyConfig(backends="(in process)", scrape_interval=0.0,
+                           policy="intelligent_router", length_model=str(path)),
+               [BackendSpec(url=instance_url, name="i0", models=("tiny",))])
+    assert ir.predictor.model.learn_buckets is True
+    assert ir.generate.describer.buckets and not proxy.generate.describer.buckets
 
 
 def test_a_bad_model_file_stops_the_proxy(tmp_path: Path) -> None:

@@ -87,6 +87,7 @@ class Proxy:
                                          default_tokens=config.default_output_tokens,
                                          model=model)
         policy = make_policy(config.policy, self.rng, **policy_options(config))
+        model.learn_buckets = policy.USES_BUCKETS
         self.generate = GenerateHandler(config, self.view, Describer(
             self.predictor, tail_quantile=config.length_tail_quantile,
             buckets=policy.USES_BUCKETS),
