@@ -7,10 +7,10 @@ trains one against a model of the cluster, not a live one:
 * **The cluster** (:class:`ClusterModel`): ``--instances`` copies of the compiled
   simulator (``profile``), stepped from one decision to the next by ``advance``
   (:mod:`blockproxy.simulator.reference`); the report gives its speed (simulated
-  seconds and decisions per wall second, with and without the learning).  Requests are
-  a trace's (``--trace``, read by the load generator's readers: its own timestamps sped
-  up by ``--rate-multiplier``, or Poisson arrivals at ``--request-rate`` for a
-  length-only trace), with their true output lengths.
+  seconds and decisions per wall second, with and without the learning).  The requests
+  come from a file ``loadgen workload`` writes (``--requests``: a trace's arrivals in
+  real-GPU seconds, sped up or drawn as the load generator does, with their true output
+  lengths), so this package reads no trace format itself.
 * **State and actions** (:mod:`blockproxy.routing.qnet`): per candidate, its load and
   the heuristic's two estimates (own latency, mixing penalty); the request's prompt and
   output-length bucket; how many requests are held.  Actions: each instance, or hold
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from blockproxy import simulator
 from blockproxy.profile import Profile, load_profile
@@ -74,17 +75,13 @@ Chooser = Callable[["ClusterModel", Decision], int]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", required=True,
-                        help="trace file or name (azure-conv, sharegpt+arxiv, ...; the "
-                             "load generator's readers, searched on LOADGEN_TRACE_PATH)")
-    parser.add_argument("--rate-multiplier", type=float, default=1.0,
-                        help="speed-up of a timestamped trace")
-    parser.add_argument("--request-rate", type=float, default=0.0,
-                        help="Poisson arrivals per second for a length-only trace")
+    parser.add_argument("--requests", required=True,
+                        help="the workload: a loadgen workload file (JSON Lines of "
+                             "arrival_s, prompt_tokens, output_tokens)")
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--profile", default="llama-3.1-8b-h100-tp1")
     parser.add_argument("--num-requests", type=int, default=8000,
-                        help="requests read from the trace: the first 75%% train, the "
+                        help="requests read from the file: the first 75%% train, the "
                              "next 5%% validate, the last 20%% are the final comparison")
     parser.add_argument("--episodes", type=int, default=40)
     parser.add_argument("--episode-requests", type=int, default=1000)
@@ -261,17 +258,26 @@ def greedy(net: QNet) -> Chooser:
     return choose
 
 
-def read_requests(args: argparse.Namespace) -> list[Request]:
-    from loadgen.workload import assign_arrivals, load_trace
-
-    specs = load_trace(args.trace, num_requests=args.num_requests)
-    if all(s.arrival_s == 0 for s in specs):
-        if args.request_rate <= 0:
-            raise ValueError("a length-only trace needs --request-rate")
-        specs = assign_arrivals(specs, args.request_rate, seed=args.seed)
-        return [(s.arrival_s, s.prompt_tokens, s.output_tokens) for s in specs]
-    return [(s.arrival_s / args.rate_multiplier, s.prompt_tokens, s.output_tokens)
-            for s in specs]
+def read_requests(path: str, limit: int) -> list[Request]:
+    """The first ``limit`` requests of a ``loadgen workload`` file (JSON Lines)."""
+    requests: list[Request] = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if len(requests) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+                request = (float(rec["arrival_s"]), int(rec["prompt_tokens"]),
+                           int(rec["output_tokens"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{number}: expected arrival_s, prompt_tokens and "
+                                 f"output_tokens ({exc})") from None
+            if request[1] < 1 or request[2] < 1:
+                raise ValueError(f"{path}:{number}: token counts must be >= 1")
+            requests.append(request)
+    return requests
 
 
 def rebase(requests: Sequence[Request]) -> list[Request]:
@@ -490,13 +496,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--instances and --episodes must be >= 1, "
                              "--episode-requests >= 10")
         profile = load_profile(args.profile)
-        requests = read_requests(args)
+        requests = read_requests(args.requests, args.num_requests)
         if len(requests) < 100:
-            raise ValueError(f"{args.trace}: {len(requests)} requests, at least 100 needed")
-    except ImportError as exc:
-        print(f"blockproxy train-router reads traces with the load generator ({exc}); "
-              "install it with: pip install 'blockproxy[loadgen]'", file=sys.stderr)
-        return 1
+            raise ValueError(f"{args.requests}: {len(requests)} requests, at least 100 "
+                             "needed")
     except (OSError, ValueError) as exc:
         print(f"blockproxy train-router: {exc}", file=sys.stderr)
         return 1
@@ -505,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
     report = train(args, requests, profile, progress)
     net = report.pop("net")
-    net.save(args.out, {"trace": str(args.trace), "instances": args.instances,
+    net.save(args.out, {"requests": str(args.requests), "instances": args.instances,
                         "profile": args.profile, "episodes": args.episodes,
                         "guidance": args.guidance})
     png = Path(args.out).with_suffix(".png")

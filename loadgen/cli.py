@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "capacity": ("loadgen.capacity", "highest request rate that meets an SLO"),
     "compare": ("loadgen.compare", "routing policies side by side on fresh emulated clusters"),
     "report": ("loadgen.report", "tables and PNG plots from saved results"),
+    "workload": ("loadgen.dump", "write a workload's requests (arrivals, sizes) to a file"),
 }
 
 

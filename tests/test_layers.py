@@ -26,8 +26,7 @@ from tests.procs import Emulator, complete, write_backends
 BLOCKPROXY = Path(blockproxy.__file__).parent
 LOADGEN = Path(loadgen.__file__).parent
 #: the only blockproxy modules allowed to use the load generator (lazily)
-USES_LOADGEN = {"demo.py", "bench/__init__.py", "bench/overhead.py", "bench/routers.py",
-                "train_router.py"}
+USES_LOADGEN = {"demo.py", "bench/__init__.py", "bench/overhead.py", "bench/routers.py"}
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:

@@ -20,6 +20,7 @@ from blockproxy.routing.policies import make_policy
 from blockproxy.routing.qnet import FEATURES, QNet, action_inputs
 from blockproxy.simulator import model_from_profile
 from blockproxy.train_router import ClusterModel, Decision, round_robin, run_episode
+from loadgen.procs import command
 
 PROFILE = "llama-3.1-8b-h100-tp1"
 
@@ -90,9 +91,17 @@ def test_a_held_request_is_decided_again_until_it_must_be_routed() -> None:
 
 def test_train_router_writes_weights_a_curve_and_a_comparison(tmp_path: Path) -> None:
     out = tmp_path / "router.npz"
+    workload = tmp_path / "azure.jsonl"
+    made = subprocess.run(
+        [*command("loadgen"), "workload", "--trace", "azure-conv",
+         "--rate-multiplier", "40", "--num-requests", "1200", "--out", str(workload)],
+        capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    first = json.loads(workload.read_text().splitlines()[1])
+    assert set(first) == {"arrival_s", "prompt_tokens", "output_tokens"}
     proc = subprocess.run(
-        [sys.executable, "-m", "blockproxy", "train-router", "--trace", "azure-conv",
-         "--rate-multiplier", "40", "--instances", "4", "--num-requests", "1200",
+        [sys.executable, "-m", "blockproxy", "train-router", "--requests", str(workload),
+         "--instances", "4", "--num-requests", "1200",
          "--episodes", "3", "--episode-requests", "200", "--eval-every", "2",
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -108,7 +117,7 @@ def test_train_router_writes_weights_a_curve_and_a_comparison(tmp_path: Path) ->
     assert "episode 3/3" in proc.stderr
     assert Path(report["learning_curve"]).stat().st_size > 1000
     _, meta = QNet.load(out)
-    assert meta["instances"] == 4 and meta["trace"] == "azure-conv"
+    assert meta["instances"] == 4 and meta["requests"] == str(workload)
     # the proxy's policy serves it
     view = ClusterView(PROFILE)
     view.apply([BackendSpec(url=f"http://127.0.0.1:{9000 + i}", name=f"i{i}")
@@ -121,7 +130,13 @@ def test_train_router_writes_weights_a_curve_and_a_comparison(tmp_path: Path) ->
     assert sum(inst.active for inst in insts) == 20
     with pytest.raises(ValueError, match="cannot load router weights"):
         make_policy("intelligent_router", router_weights=str(tmp_path / "none.npz"))
-    bad = subprocess.run([sys.executable, "-m", "blockproxy", "train-router", "--trace",
-                          "nowhere.csv", "--out", str(out)], capture_output=True, text=True,
+    bad = subprocess.run([sys.executable, "-m", "blockproxy", "train-router", "--requests",
+                          "nowhere.jsonl", "--out", str(out)], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and "nowhere.jsonl" in bad.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"arrival_s": 0.0, "prompt_tokens": 10}\n')
+    bad = subprocess.run([sys.executable, "-m", "blockproxy", "train-router", "--requests",
+                          str(broken), "--out", str(out)], capture_output=True, text=True,
                          timeout=60)
-    assert bad.returncode == 1 and "nowhere.csv" in bad.stderr
+    assert bad.returncode == 1 and "broken.jsonl:1: expected arrival_s" in bad.stderr
