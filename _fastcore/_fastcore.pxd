@@ -38,5 +38,6 @@ cdef struct Outcome:
     int64_t preemptions
     int64_t peak
     int64_t steps
+    double delay          # what the new request adds to the others' latencies (seconds)
     double clock          # stepping: when the last simulated step ended (or the duration)
     int64_t n_running     # stepping: the running set's size at the end

@@ -240,7 +240,7 @@ cdef class InstanceModelC:
 
         ``state`` is a C-contiguous ``int64`` array of shape ``(5, capacity)`` (read-only
         is fine; other integer arrays are converted).  Returns ``(ttft, e2e,
-        queue_delay, preemptions, peak_blocks, steps)``.
+        queue_delay, preemptions, peak_blocks, steps, delay)``.
         """
         cdef const int64_t[:, ::1] view
         cdef Py_ssize_t nn, col, bad, cap
@@ -294,7 +294,8 @@ cdef class InstanceModelC:
         out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound,
                         arrival_interval, a_prompt, a_cached, a_output, a_limit, new_at,
                         False, INFINITY, NULL, NULL)
-        return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps)
+        return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps,
+                out.delay)
 
     def advance(self, state, n, duration, first, done):
         """Simulate ``state[:, :n]`` (no new request) for the steps that start within
@@ -372,7 +373,8 @@ cdef class InstanceModelC:
         cdef int64_t p, c, g, pr, r, h, victim, used = 0, free_blocks, peak
         cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
-        cdef int64_t prefill_tokens, decode_seqs, ctx
+        cdef int64_t prefill_tokens, decode_seqs, ctx, new_comp
+        cdef double delay = 0.0, d_new
         cdef int64_t preemptions = 0, steps = 0, iterations = 0, tg, fit
         cdef int64_t kv_tokens = KV_TOKENS_CAP
         if num_gpu_blocks <= KV_TOKENS_CAP // bs:
@@ -469,8 +471,11 @@ cdef class InstanceModelC:
                 all_decode = True
                 k_finish = MAX_TOKENS
                 ctx_sum = 0
+                new_comp = -1
                 for k in range(n_run):
                     r = running[k]
+                    if r == new:
+                        new_comp = req[r].comp
                     g = req[r].gen
                     if g == 0 or req[r].comp != req[r].prompt + g - 1:
                         all_decode = False
@@ -535,6 +540,12 @@ cdef class InstanceModelC:
                         a = fixed + c_decode * <double>n_run + c_context * <double>ctx_sum
                         b = c_context * (<double>n_run * bp_tri_as_double(j))
                         t += speed * (<double>j * a + b)
+                        if new_comp >= 0:
+                            # the new request's share of the j steps delays every other
+                            # request in flight by as much
+                            delay += speed * (<double>j * (c_decode + c_context * <double>new_comp)
+                                              + c_context * bp_tri_as_double(j)) * <double>(
+                                n_run - 1 + tail - head)
                         for k in range(n_run):
                             r = running[k]
                             req[r].comp += j
@@ -623,15 +634,23 @@ cdef class InstanceModelC:
             prefill_tokens = 0
             decode_seqs = 0
             ctx = 0
+            d_new = -1.0
             for k in range(n_sched):
                 r = sched_idx[k]
                 if req[r].gen > 0 and req[r].comp == req[r].prompt + req[r].gen - 1:
                     decode_seqs += 1
+                    if r == new:
+                        d_new = c_decode + c_context * <double>(req[r].comp + sched_new[k])
                 else:
                     prefill_tokens += sched_new[k]
+                    if r == new:
+                        d_new = (c_prefill * <double>sched_new[k]
+                                 + c_context * <double>(req[r].comp + sched_new[k]))
                 ctx += req[r].comp + sched_new[k]
             t += speed * (fixed + c_prefill * <double>prefill_tokens
                           + c_decode * <double>decode_seqs + c_context * <double>ctx)
+            if d_new >= 0.0:
+                delay += speed * d_new * <double>(n_running - 1 + tail - head)
             steps += 1
             finished_any = False
             for k in range(n_sched):
@@ -664,6 +683,7 @@ cdef class InstanceModelC:
         out.preemptions = preemptions
         out.peak = peak
         out.steps = steps
+        out.delay = delay
         out.clock = t if t > until else until
         out.n_running = n_running
         return out

@@ -32,6 +32,9 @@ class ProxyConfig:
     sample_k: int = _opt(0, "block: simulate only k randomly sampled instances (0 = all)")
     tie_tolerance: float = _opt(0.02, "block: predictions within this fraction of the best "
                                       "are ties, broken at random (herding control)")
+    delay_weight: float = _opt(0.0, "block: weight of the latency a request is predicted to "
+                                    "add to the others on an instance, added to its own "
+                                    "(0 = its own only, as in the Block paper)")
     balance_abs: int = _opt(32, "prefix_affinity: route to the least loaded when the most and "
                                 "least loaded differ by more than this many requests ...")
     balance_rel: float = _opt(1.5, "prefix_affinity: ... and by more than this factor")

@@ -96,21 +96,41 @@ def test_random_uses_every_instance():
     assert {policy.choose(insts, JOB)[0].name for _ in range(60)} == {"i0", "i1", "i2"}
 
 
-def test_block_branch_and_bound_chooses_as_full_simulation_would():
+def test_block_delay_weight_counts_the_latency_added_to_the_others():
+    """i0 has one long prompt queued, i1 thirty long decodes.  The new long prompt's own
+    latency is lower on i1 (no prefill ahead of it), but its prefill there stalls thirty
+    decodes: with the delay it adds counted, it goes to i0."""
+    insts = cluster(2)
+    load(insts[0], 1, prompt=6000, output=300, started=False)
+    load(insts[1], 30, prompt=50, output=2000)
+    job = Job(prompt_tokens=16000, output_tokens=10)
+    p0, p1 = insts[0].predict_job(job), insts[1].predict_job(job)
+    assert p1.e2e < p0.e2e and p1.delay > 10 * p0.delay
+    assert make_policy("block", random.Random(0)).choose(insts, job)[0] is insts[1]
+    weighted = make_policy("block", random.Random(0), delay_weight=1.0)
+    chosen, prediction = weighted.choose(insts, job)
+    assert chosen is insts[0] and prediction == p0
+    with pytest.raises(ValueError, match="delay_weight"):
+        make_policy("block", delay_weight=-0.5)
+
+
+@pytest.mark.parametrize("delay_weight", [0.0, 1.0])
+def test_block_branch_and_bound_chooses_as_full_simulation_would(delay_weight: float):
     rng = random.Random(5)
     insts = cluster(8)
     for inst in insts:
         load(inst, rng.randint(0, 120), prompt=rng.randint(100, 3000),
              output=rng.randint(50, 600))
-    policy = make_policy("block", random.Random(0), tie_tolerance=0.0)
+    policy = make_policy("block", random.Random(0), tie_tolerance=0.0,
+                         delay_weight=delay_weight)
     for _ in range(30):
         job = Job(rng.randint(10, 4000), rng.randint(1, 800))
         full = {inst.name: inst.predict_job(job) for inst in insts}
-        best = min(p[1] for p in full.values())
+        best = min(p.e2e + delay_weight * p.delay for p in full.values())
         chosen, prediction = policy.choose(insts, job)
         assert prediction is not None
         assert prediction == full[chosen.name]
-        assert prediction[1] == best
+        assert prediction.e2e + delay_weight * prediction.delay == best
 
 
 def test_every_policy_option_is_a_proxy_flag() -> None:

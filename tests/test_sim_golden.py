@@ -78,6 +78,27 @@ def test_budget_split_between_decodes_and_chunked_prefill(sim_impl, fast_forward
     assert p.steps == 2
 
 
+def test_delay_is_the_new_requests_share_of_steps_times_others_in_flight(sim_impl,
+                                                                          fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    assert predict(model, state(), 0, 100, 0, 12).delay == 0.0  # nobody else to slow down
+    decoding = (10, 0, 5, 100, 1)
+    two = predict(model, state(decoding, decoding), 2, 100, 0, 3)
+    # Two decodes far from done; the new request runs 3 steps beside them: its 100-token
+    # prefill (100 * 0.01 = 1 s) and two decode sequences (0.1 s each) make both of them
+    # 1.2 s later: 2.4 s.
+    assert two.delay == pytest.approx(2.4, rel=1e-12)
+    long = predict(model, state(decoding, decoding), 2, 100, 0, 40)
+    # 39 decode steps (fast-forwarded, in one stretch, or not): 2 * (1 + 39 * 0.1).
+    assert long.delay == pytest.approx(2 * (1.0 + 39 * 0.1), rel=1e-12)
+    # A request that waits for a slot is delayed too: with 3 slots, an expected arrival at
+    # t = 0.1 waits through steps 2 and 3 (step 1 ends at 2.2 s): 2 * 1 + 2 * 3 * 0.1.
+    full = make_model(sim_impl, fast_forward, max_num_seqs=3)
+    queued = Prediction(*full.predict(state(decoding, decoding), 2, 100, 0, 3, math.inf,
+                                      0.2, 10, 0, 10, 1))
+    assert queued.delay == pytest.approx(2.6, rel=1e-12)
+
+
 def test_sequence_cap_makes_new_request_wait(sim_impl, fast_forward):
     model = make_model(sim_impl, fast_forward, max_num_seqs=2)
     almost_done = (10, 0, 5, 10, 1)  # 5 more tokens to go

@@ -115,7 +115,7 @@ class Instance:
             p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
                                    bound - o)
         if o:
-            return simulator.Prediction(p[0] + o, p[1] + o, p[2] + o, p[3], p[4], p[5])
+            return simulator.Prediction(p[0] + o, p[1] + o, p[2] + o, p[3], p[4], p[5], p[6])
         return simulator.Prediction._make(p)
 
     def cached_tokens(self, job: Job) -> int:

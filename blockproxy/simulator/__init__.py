@@ -51,8 +51,9 @@ class Prediction(NamedTuple):
 
     ``ttft``/``e2e``: until its first/last token; ``queue_delay``: until it is first
     scheduled; ``preemptions`` during the simulation; ``peak_blocks``: the most KV blocks in
-    use; ``steps``: engine steps simulated.  Times not reached (past ``bound``, or never
-    servable) are ``inf``.
+    use; ``steps``: engine steps simulated; ``delay``: the latency it adds to the requests
+    already there (and expected), summed over them (first-order: see the twin's
+    docstring).  Times not reached (past ``bound``, or never servable) are ``inf``.
     """
 
     ttft: float
@@ -61,6 +62,7 @@ class Prediction(NamedTuple):
     preemptions: int
     peak_blocks: int
     steps: int
+    delay: float
 
 
 def model_from_profile(profile: Profile, limits: EngineLimits | None = None,

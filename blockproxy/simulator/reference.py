@@ -68,10 +68,16 @@ State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``;
 
 ``predict(state, n, new_prompt, new_cached, new_output, bound=inf, arrival_interval=inf,
 arrival_prompt=0, arrival_cached=0, arrival_output=0, arrival_limit=0, new_at=0)`` returns
-``(ttft, e2e, queue_delay, preemptions, peak_blocks, steps)``:
+``(ttft, e2e, queue_delay, preemptions, peak_blocks, steps, delay)``:
 seconds from the new request's arrival (now, or ``new_at``) until its first token, until
 its last token, and until it is first scheduled; preemptions during the simulation; the
-largest number of KV blocks in use; engine steps simulated.  A request that can never be
+largest number of KV blocks in use; engine steps simulated; and the latency the new
+request adds to the others, in seconds summed over them.  ``delay`` is first-order: each
+step the new request takes part in is longer by its share of the step-time model (its
+prefill tokens or its decode sequence, and its context), and that makes every other
+request in flight then (running or waiting, expected arrivals included) finish that much
+later.  A slot, a token budget or KV blocks the new request takes from a waiting one
+are not counted.  A request that can never be
 served (it does not fit in the KV cache), a simulation longer than ``max_iterations`` loop
 iterations, or one whose clock passes ``bound`` seconds from now (a caller that only wants
 to know whether this instance beats the best one so far) gives ``inf`` for the times not
@@ -147,7 +153,7 @@ class InstanceModelPy:
                 new_output: int, bound: float = INF, arrival_interval: float = INF,
                 arrival_prompt: int = 0, arrival_cached: int = 0, arrival_output: int = 0,
                 arrival_limit: int = 0, new_at: float = 0.0
-                ) -> tuple[float, float, float, int, int, int]:
+                ) -> tuple[float, float, float, int, int, int, float]:
         """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
         every ``arrival_interval`` seconds)."""
@@ -217,7 +223,7 @@ class InstanceModelPy:
              a_interval: float = INF, a_prompt: int = 0, a_cached: int = 0,
              a_output: int = 0, a_limit: int = 0, new_at: float = 0.0,
              until: float = INF, record: dict[str, Any] | None = None
-             ) -> tuple[float, float, float, int, int, int]:
+             ) -> tuple[float, float, float, int, int, int, float]:
         """The simulation.  With ``record`` (stepping, :meth:`advance`) there is no new
         request: the ``m`` rows are the instance's own, steps start only before
         ``until``, and the end state and per-row times go into ``record``."""
@@ -283,6 +289,7 @@ class InstanceModelPy:
         queue_delay = INF
         preemptions = 0
         steps = 0
+        delay = 0.0
         iterations = 0
         sched_idx: list[int] = []
         sched_new: list[int] = []
@@ -310,7 +317,10 @@ class InstanceModelPy:
                 all_decode = True
                 k_finish = MAX_TOKENS
                 ctx_sum = 0
+                new_comp = -1
                 for r in running:
+                    if r == new:
+                        new_comp = comp[r]
                     if gen[r] == 0 or comp[r] != prompt[r] + gen[r] - 1:
                         all_decode = False
                         break
@@ -365,6 +375,12 @@ class InstanceModelPy:
                         a = fixed + c_decode * float(n_run) + c_context * float(ctx_sum)
                         b = c_context * (float(n_run) * float(j * (j + 1) // 2))
                         t += speed * (float(j) * a + b)
+                        if new_comp >= 0:
+                            # the new request's share of the j steps delays every other
+                            # request in flight by as much
+                            delay += speed * (float(j) * (c_decode + c_context * float(new_comp))
+                                              + c_context * float(j * (j + 1) // 2)) * float(
+                                n_run - 1 + len(waiting))
                         for r in running:
                             comp[r] += j
                             gen[r] += j
@@ -448,15 +464,23 @@ class InstanceModelPy:
             prefill_tokens = 0
             decode_seqs = 0
             ctx = 0
+            d_new = -1.0
             for k in range(len(sched_idx)):
                 r = sched_idx[k]
                 if gen[r] > 0 and comp[r] == prompt[r] + gen[r] - 1:
                     decode_seqs += 1
+                    if r == new:
+                        d_new = c_decode + c_context * float(comp[r] + sched_new[k])
                 else:
                     prefill_tokens += sched_new[k]
+                    if r == new:
+                        d_new = (c_prefill * float(sched_new[k])
+                                 + c_context * float(comp[r] + sched_new[k]))
                 ctx += comp[r] + sched_new[k]
             t += speed * (fixed + c_prefill * float(prefill_tokens)
                           + c_decode * float(decode_seqs) + c_context * float(ctx))
+            if d_new >= 0.0:
+                delay += speed * d_new * float(len(running) - 1 + len(waiting))
             steps += 1
             finished_any = False
             for k in range(len(sched_idx)):
@@ -483,7 +507,7 @@ class InstanceModelPy:
         if record is not None:
             record.update(running=running, comp=comp, first=first_at, done=done_at,
                           clock=t if t > until else until, steps=steps)
-        return ttft, e2e, queue_delay, preemptions, peak, steps
+        return ttft, e2e, queue_delay, preemptions, peak, steps, delay
 
     def _decode_blocks_needed(self, running: list[int], comp: list[int], blocks: list[int],
                               j: int) -> int:

@@ -10,10 +10,19 @@ not.  Ties go to the earliest predicted first token (for ``block_ttft``: the ear
 end), again within the tolerance, then to the fewest active requests, then at random, so
 proxies deciding at the same moment on the same view do not all pile onto one instance.
 
+With ``delay_weight`` w > 0 the score is the request's own predicted latency plus w times
+the latency it is predicted to add to the requests already on the instance
+(``Prediction.delay``: each step it takes part in is that much longer for every other
+request in flight).  Minimising its own latency alone is greedy: a long prompt sent
+where it starts soonest can stall many decodes there, and the mean latency over all
+requests pays for it.  At w = 1 the score is the change in the sum of all latencies (to
+first order), the quantity the mean end-to-end latency measures.
+
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
-soon as its clock passes the best prediction so far (plus the tie tolerance): an instance
-already slower than that cannot win, and its exact latency is not needed.  The choice is
+soon as its clock passes the best score so far (plus the tie tolerance): an instance
+already slower than that cannot win (the delay it adds is never negative), and its exact
+latency is not needed.  The choice is
 the same as with full simulations, at a fraction of the cost.
 """
 
@@ -31,13 +40,16 @@ from blockproxy.simulator import Prediction
 
 @register("block", "block_ttft")
 class BlockPolicy(Policy):
-    OPTIONS = ("sample_k", "tie_tolerance")
+    OPTIONS = ("sample_k", "tie_tolerance", "delay_weight")
 
     def __init__(self, name: str, rng: random.Random, sample_k: int = 0,
-                 tie_tolerance: float = 0.02) -> None:
+                 tie_tolerance: float = 0.02, delay_weight: float = 0.0) -> None:
         super().__init__(name, rng)
+        if not delay_weight >= 0.0:
+            raise ValueError(f"delay_weight must be >= 0, got {delay_weight}")
         self.sample_k = sample_k
         self.tie_tolerance = tie_tolerance
+        self.delay_weight = delay_weight
         self.index = 0 if name == "block_ttft" else 1  # ttft or e2e in the prediction
 
     def choose(self, candidates: Sequence[Instance], job: Job
@@ -46,6 +58,7 @@ class BlockPolicy(Policy):
         if 0 < self.sample_k < len(candidates):
             pool = self.rng.sample(list(candidates), self.sample_k)
         idx = self.index
+        w = self.delay_weight
         slack = 1.0 + self.tie_tolerance
         scored = []
         best = math.inf
@@ -57,11 +70,12 @@ class BlockPolicy(Policy):
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
             bound = best * slack if idx == 1 else math.inf
             prediction = inst.predict(prompt, -neg_cached, output, bound)
-            scored.append((prediction, inst))
-            if prediction[idx] < best:
-                best = prediction[idx]
+            score = prediction[idx] + w * prediction.delay if w else prediction[idx]
+            scored.append((score, prediction, inst))
+            if score < best:
+                best = score
         limit = best * slack
-        ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
+        ties = [(p, inst) for score, p, inst in scored if score <= limit]
         if len(ties) > 1:
             other = 1 - idx
             limit = min(p[other] for p, _ in ties) * slack
