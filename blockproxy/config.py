@@ -35,6 +35,9 @@ class ProxyConfig:
     delay_weight: float = _opt(0.0, "block: weight of the latency a request is predicted to "
                                     "add to the others on an instance, added to its own "
                                     "(0 = its own only, as in the Block paper)")
+    delay_slack: float = _opt(0.2, "block: with --delay-weight, how much longer (a fraction) a "
+                                   "request's own predicted latency may be than its best, to "
+                                   "spare the others")
     balance_abs: int = _opt(32, "prefix_affinity: route to the least loaded when the most and "
                                 "least loaded differ by more than this many requests ...")
     balance_rel: float = _opt(1.5, "prefix_affinity: ... and by more than this factor")

@@ -99,7 +99,8 @@ def test_random_uses_every_instance():
 def test_block_delay_weight_counts_the_latency_added_to_the_others():
     """i0 has one long prompt queued, i1 thirty long decodes.  The new long prompt's own
     latency is lower on i1 (no prefill ahead of it), but its prefill there stalls thirty
-    decodes: with the delay it adds counted, it goes to i0."""
+    decodes: with the delay it adds counted, it goes to i0, if it may give up the 31% of
+    its own latency that costs it."""
     insts = cluster(2)
     load(insts[0], 1, prompt=6000, output=300, started=False)
     load(insts[1], 30, prompt=50, output=2000)
@@ -107,26 +108,33 @@ def test_block_delay_weight_counts_the_latency_added_to_the_others():
     p0, p1 = insts[0].predict_job(job), insts[1].predict_job(job)
     assert p1.e2e < p0.e2e and p1.delay > 10 * p0.delay
     assert make_policy("block", random.Random(0)).choose(insts, job)[0] is insts[1]
-    weighted = make_policy("block", random.Random(0), delay_weight=1.0)
+    assert 1.3 < p0.e2e / p1.e2e < 1.35
+    weighted = make_policy("block", random.Random(0), delay_weight=1.0, delay_slack=0.35)
     chosen, prediction = weighted.choose(insts, job)
     assert chosen is insts[0] and prediction == p0
-    with pytest.raises(ValueError, match="delay_weight"):
-        make_policy("block", delay_weight=-0.5)
+    stingy = make_policy("block", random.Random(0), delay_weight=1.0, delay_slack=0.25)
+    assert stingy.choose(insts, job)[0] is insts[1]
+    for option in ("delay_weight", "delay_slack"):
+        with pytest.raises(ValueError, match=option):
+            make_policy("block", **{option: -0.5})
 
 
-@pytest.mark.parametrize("delay_weight", [0.0, 1.0])
-def test_block_branch_and_bound_chooses_as_full_simulation_would(delay_weight: float):
+@pytest.mark.parametrize("delay_weight, delay_slack", [(0.0, 0.0), (1.0, 0.2), (1.0, 5.0)])
+def test_block_branch_and_bound_chooses_as_full_simulation_would(delay_weight: float,
+                                                                 delay_slack: float):
     rng = random.Random(5)
     insts = cluster(8)
     for inst in insts:
         load(inst, rng.randint(0, 120), prompt=rng.randint(100, 3000),
              output=rng.randint(50, 600))
     policy = make_policy("block", random.Random(0), tie_tolerance=0.0,
-                         delay_weight=delay_weight)
+                         delay_weight=delay_weight, delay_slack=delay_slack)
     for _ in range(30):
         job = Job(rng.randint(10, 4000), rng.randint(1, 800))
         full = {inst.name: inst.predict_job(job) for inst in insts}
-        best = min(p.e2e + delay_weight * p.delay for p in full.values())
+        own = min(p.e2e for p in full.values())
+        best = min(p.e2e + delay_weight * p.delay for p in full.values()
+                   if p.e2e <= own * (1 + delay_slack))
         chosen, prediction = policy.choose(insts, job)
         assert prediction is not None
         assert prediction == full[chosen.name]

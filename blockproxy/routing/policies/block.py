@@ -16,13 +16,16 @@ the latency it is predicted to add to the requests already on the instance
 request in flight).  Minimising its own latency alone is greedy: a long prompt sent
 where it starts soonest can stall many decodes there, and the mean latency over all
 requests pays for it.  At w = 1 the score is the change in the sum of all latencies (to
-first order), the quantity the mean end-to-end latency measures.
+first order), the quantity the mean end-to-end latency measures.  Unbounded, that
+trade starves some requests for the mean (a long prompt waits seconds for an instance
+where few others would notice it), so only instances where the request's own predicted
+latency is within ``delay_slack`` (a fraction) of its best are candidates for it.
 
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
-soon as its clock passes the best score so far (plus the tie tolerance): an instance
-already slower than that cannot win (the delay it adds is never negative), and its exact
-latency is not needed.  The choice is
+soon as its clock passes the best prediction so far (plus the tie tolerance, or the delay
+slack): an instance already slower than that cannot win, and its exact latency is not
+needed.  The choice is
 the same as with full simulations, at a fraction of the cost.
 """
 
@@ -40,16 +43,19 @@ from blockproxy.simulator import Prediction
 
 @register("block", "block_ttft")
 class BlockPolicy(Policy):
-    OPTIONS = ("sample_k", "tie_tolerance", "delay_weight")
+    OPTIONS = ("sample_k", "tie_tolerance", "delay_weight", "delay_slack")
 
     def __init__(self, name: str, rng: random.Random, sample_k: int = 0,
-                 tie_tolerance: float = 0.02, delay_weight: float = 0.0) -> None:
+                 tie_tolerance: float = 0.02, delay_weight: float = 0.0,
+                 delay_slack: float = 0.2) -> None:
         super().__init__(name, rng)
-        if not delay_weight >= 0.0:
-            raise ValueError(f"delay_weight must be >= 0, got {delay_weight}")
+        for option, value in (("delay_weight", delay_weight), ("delay_slack", delay_slack)):
+            if not value >= 0.0:
+                raise ValueError(f"{option} must be >= 0, got {value}")
         self.sample_k = sample_k
         self.tie_tolerance = tie_tolerance
         self.delay_weight = delay_weight
+        self.delay_slack = delay_slack
         self.index = 0 if name == "block_ttft" else 1  # ttft or e2e in the prediction
 
     def choose(self, candidates: Sequence[Instance], job: Job
@@ -60,6 +66,8 @@ class BlockPolicy(Policy):
         idx = self.index
         w = self.delay_weight
         slack = 1.0 + self.tie_tolerance
+        # how much of its own latency the request may give up for the others
+        give = 1.0 + self.delay_slack if w else slack
         scored = []
         best = math.inf
         order = [(-inst.cached_tokens(job), inst.active, i, inst) for i, inst in enumerate(pool)]
@@ -68,14 +76,17 @@ class BlockPolicy(Policy):
         prompt, output = job.prompt_tokens, job.output_tokens
         for neg_cached, _, _, inst in order:
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
-            bound = best * slack if idx == 1 else math.inf
+            bound = best * give if idx == 1 else math.inf
             prediction = inst.predict(prompt, -neg_cached, output, bound)
-            score = prediction[idx] + w * prediction.delay if w else prediction[idx]
-            scored.append((score, prediction, inst))
-            if score < best:
-                best = score
-        limit = best * slack
-        ties = [(p, inst) for score, p, inst in scored if score <= limit]
+            scored.append((prediction, inst))
+            if prediction[idx] < best:
+                best = prediction[idx]
+        limit = best * give
+        ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
+        if w and len(ties) > 1:
+            scores = [p[idx] + w * p.delay for p, _ in ties]
+            limit = min(scores) * slack
+            ties = [tie for tie, score in zip(ties, scores) if score <= limit]
         if len(ties) > 1:
             other = 1 - idx
             limit = min(p[other] for p, _ in ties) * slack
