@@ -37,7 +37,7 @@ class ProxyConfig:
                                     "(0 = its own only, as in the Block paper)")
     delay_slack: float = _opt(0.2, "block: with --delay-weight, how much longer (a fraction) a "
                                    "request's own predicted latency may be than its best, to "
-                                   "spare the others")
+                                   "spare the others (inf = no limit)")
     balance_abs: int = _opt(32, "prefix_affinity: route to the least loaded when the most and "
                                 "least loaded differ by more than this many requests ...")
     balance_rel: float = _opt(1.5, "prefix_affinity: ... and by more than this factor")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from typing import Any
@@ -119,7 +120,8 @@ def test_block_delay_weight_counts_the_latency_added_to_the_others():
             make_policy("block", **{option: -0.5})
 
 
-@pytest.mark.parametrize("delay_weight, delay_slack", [(0.0, 0.0), (1.0, 0.2), (1.0, 5.0)])
+@pytest.mark.parametrize("delay_weight, delay_slack",
+                         [(0.0, 0.0), (1.0, 0.2), (1.0, 5.0), (1.0, math.inf)])
 def test_block_branch_and_bound_chooses_as_full_simulation_would(delay_weight: float,
                                                                  delay_slack: float):
     rng = random.Random(5)

@@ -19,7 +19,8 @@ requests pays for it.  At w = 1 the score is the change in the sum of all latenc
 first order), the quantity the mean end-to-end latency measures.  Unbounded, that
 trade starves some requests for the mean (a long prompt waits seconds for an instance
 where few others would notice it), so only instances where the request's own predicted
-latency is within ``delay_slack`` (a fraction) of its best are candidates for it.
+latency is within ``delay_slack`` (a fraction) of its best are candidates for it
+(``inf``: all of them).
 
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
@@ -76,12 +77,12 @@ class BlockPolicy(Policy):
         prompt, output = job.prompt_tokens, job.output_tokens
         for neg_cached, _, _, inst in order:
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
-            bound = best * give if idx == 1 else math.inf
+            bound = _times(best, give) if idx == 1 else math.inf
             prediction = inst.predict(prompt, -neg_cached, output, bound)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]
-        limit = best * give
+        limit = _times(best, give)
         ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
         if w and len(ties) > 1:
             scores = [p[idx] + w * p.delay for p, _ in ties]
@@ -96,3 +97,8 @@ class BlockPolicy(Policy):
             ties = [(p, inst) for p, inst in ties if inst.active == fewest]
         prediction, chosen = ties[0] if len(ties) == 1 else self.rng.choice(ties)
         return chosen, prediction
+
+
+def _times(best: float, factor: float) -> float:
+    """``best * factor``, where an unlimited factor (``inf``) admits everything."""
+    return math.inf if factor == math.inf else best * factor
