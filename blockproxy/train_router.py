@@ -240,13 +240,24 @@ def heuristic(cluster: ClusterModel, d: Decision) -> int:
     return int(np.argmin([own + pen for own, pen in est]))
 
 
-def block(cluster: ClusterModel, d: Decision) -> int:
+def block(delay_weight: float = 0.0, delay_slack: float = math.inf) -> Chooser:
     """Least predicted end-to-end latency, from each instance's state (``block``; an
-    instance whose last step ends after now starts later by as much)."""
-    e2e = [model.predict(cluster.tables[i], cluster.n[i], d.prompt, 0, d.output)[1]
-           + max(cluster.clock[i] - cluster.now, 0.0)
-           for i, model in enumerate(cluster.models)]
-    return int(np.argmin(e2e))
+    instance whose last step ends after now starts later by as much).  With
+    ``delay_weight`` w: least own latency plus w times the latency it adds to the others
+    (``Prediction.delay``), among the instances where its own is within ``delay_slack``
+    of its best (``block --delay-weight --delay-slack``, without its tie-breaking)."""
+    def choose(cluster: ClusterModel, d: Decision) -> int:
+        e2e, delay = [], []
+        for i, model in enumerate(cluster.models):
+            p = model.predict(cluster.tables[i], cluster.n[i], d.prompt, 0, d.output)
+            e2e.append(p[1] + max(cluster.clock[i] - cluster.now, 0.0))
+            delay.append(p[6])
+        if not delay_weight:
+            return int(np.argmin(e2e))
+        limit = min(e2e) * (1.0 + delay_slack)
+        return min((i for i in range(len(e2e)) if e2e[i] <= limit),
+                   key=lambda i: e2e[i] + delay_weight * delay[i])
+    return choose
 
 
 def greedy(net: QNet) -> Chooser:
@@ -451,7 +462,7 @@ def train(args: argparse.Namespace, requests: list[Request], profile: Profile,
     comparison = {}
     net = best[2]
     for name, choose in (("round_robin", round_robin()), ("heuristic", heuristic),
-                         ("learned", greedy(net)), ("block", block)):
+                         ("learned", greedy(net)), ("block", block())):
         began = time.perf_counter()
         comparison[name] = score(choose, test_part)
         wall = time.perf_counter() - began

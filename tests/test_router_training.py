@@ -19,7 +19,7 @@ from blockproxy.routing.job import Job
 from blockproxy.routing.policies import make_policy
 from blockproxy.routing.qnet import FEATURES, QNet, action_inputs
 from blockproxy.simulator import model_from_profile
-from blockproxy.train_router import ClusterModel, Decision, round_robin, run_episode
+from blockproxy.train_router import ClusterModel, Decision, block, round_robin, run_episode
 from loadgen.procs import command
 
 PROFILE = "llama-3.1-8b-h100-tp1"
@@ -71,6 +71,21 @@ def test_the_cluster_model_gives_the_simulator_s_latencies() -> None:
     results = run_episode(profile, 4, requests, round_robin(), 0.05, 3)
     assert sorted(r[0] for r in results) == list(range(200))
     assert all(0 < ttft <= e2e for _, ttft, e2e in results)
+
+
+def test_the_cluster_model_s_block_counts_the_delay_when_weighted() -> None:
+    """As ``block --delay-weight`` (tests/test_policies.py): one long prompt queued on
+    instance 0, thirty long decodes on instance 1; a long prompt's own latency is lower on
+    1, the delay it adds there thirty times higher."""
+    cluster = ClusterModel(load_profile(PROFILE), 2)
+    for rid in range(30):
+        cluster.dispatch(1, rid, 50, 2000, 0.0)
+    cluster.advance(0.5)  # all thirty decoding
+    cluster.dispatch(0, 30, 6000, 300, 0.5)
+    d = Decision(31, 16000, 10, 0.5, 0, True)
+    assert block()(cluster, d) == 1
+    assert block(1.0, 0.25)(cluster, d) == 1  # costs it more than 25% of its own
+    assert block(1.0, 0.5)(cluster, d) == 0
 
 
 def test_a_held_request_is_decided_again_until_it_must_be_routed() -> None:
