@@ -26,8 +26,7 @@ Branch and bound: candidates are simulated from the most likely winner down (the
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
 soon as its clock passes the best prediction so far (plus the tie tolerance, or the delay
 slack): an instance already slower than that cannot win, and its exact latency is not
-needed.  The choice is
-the same as with full simulations, at a fraction of the cost.
+needed.  The choice is the same as with full simulations, at a fraction of the cost.
 """
 
 from __future__ import annotations
