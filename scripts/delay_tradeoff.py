@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 from blockproxy.profile import load_profile
 from blockproxy.train_router import (
@@ -49,11 +50,12 @@ def main() -> None:
     for w in (float(x) for x in args.weights.split(",")):
         for slack in (float(x) for x in args.slacks.split(",")):
             routers.append((f"block w={w:g} slack={slack:g}", block(w, slack)))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, choose in routers:
         began = time.perf_counter()
         summary = summarize(run_episode(profile, args.instances, requests, choose, 0.05, 0))
-        row = {"router": name, "wall_s": round(time.perf_counter() - began, 1)}
+        row: dict[str, Any] = {"router": name,
+                               "wall_s": round(time.perf_counter() - began, 1)}
         row.update({k.replace("_s", "_ms"): round(v * 1000.0) for k, v in summary.items()
                     if k.endswith("_s")})
         rows.append(row)

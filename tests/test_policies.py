@@ -117,7 +117,7 @@ def test_block_delay_weight_counts_the_latency_added_to_the_others():
     assert stingy.choose(insts, job)[0] is insts[1]
     for option in ("delay_weight", "delay_slack"):
         with pytest.raises(ValueError, match=option):
-            make_policy("block", **{option: -0.5})
+            make_policy("block", random.Random(0), **{option: -0.5})
 
 
 @pytest.mark.parametrize("delay_weight, delay_slack",
