@@ -50,6 +50,7 @@ import numpy as np
 import orjson
 
 from blockproxy import simulator
+from blockproxy.cluster.arrivals import ArrivalProcess
 from blockproxy.profile import Profile, load_profile
 from blockproxy.routing.lengths import BucketHead
 from blockproxy.routing.policies.intelligent_router import mixing_estimate
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class ClusterModel:
     """``n`` instances of the simulator, stepped together; what finished, when."""
 
-    def __init__(self, profile: Profile, n: int) -> None:
+    def __init__(self, profile: Profile, n: int, arrival_window: float = 30.0) -> None:
         self.step = profile.step_time
         self.models = [simulator.model_from_profile(profile) for _ in range(n)]
         self.tables = [np.zeros((simulator.NUM_COLUMNS, 256), dtype=np.int64)
@@ -110,6 +111,9 @@ class ClusterModel:
         self._first = np.empty(256)
         self._done = np.empty(256)
         self.arrival: dict[int, float] = {}
+        #: each instance's recent arrivals, as the proxy keeps them (the simulator's
+        #: expected future load)
+        self.recent = [ArrivalProcess(arrival_window) for _ in range(n)]
         self.ttft: dict[int, float] = {}
         #: finished requests: (id, ttft, e2e) seconds
         self.finished: list[tuple[int, float, float]] = []
@@ -163,6 +167,7 @@ class ClusterModel:
         self.ids[i][k] = rid
         self.n[i] = k + 1
         self.arrival[rid] = arrival
+        self.recent[i].record(self.now, prompt, 0, output)
 
     def estimates(self, prompt: int, decode: int) -> list[tuple[float, float]]:
         """The heuristic's (own, penalty) per instance."""
@@ -186,11 +191,13 @@ def bucket_tokens(output: int) -> int:
 
 
 def run_episode(profile: Profile, n: int, requests: Sequence[Request], choose: Chooser,
-                hold_tick: float, max_holds: int) -> list[tuple[int, float, float]]:
+                hold_tick: float, max_holds: int, arrival_window: float = 30.0
+                ) -> list[tuple[int, float, float]]:
     """Serve ``requests`` with ``choose``; returns (id, ttft, e2e) of every request.
     Decisions come at each arrival and, while requests are held, every ``hold_tick``
-    (held requests first, in the order they came)."""
-    cluster = ClusterModel(profile, n)
+    (held requests first, in the order they came).  ``arrival_window``: the decay time
+    of each instance's recent arrivals (``--arrival-window``, in the cluster's seconds)."""
+    cluster = ClusterModel(profile, n, arrival_window)
     held: list[tuple[int, int, int, float, int]] = []  # id, prompt, output, arrival, holds
     k = 0
     t_prev = 0.0
@@ -244,12 +251,15 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf) -> Chooser:
     """Least predicted end-to-end latency, from each instance's state (``block``; an
     instance whose last step ends after now starts later by as much).  With
     ``delay_weight`` w: least own latency plus w times the latency it adds to the others
-    (``Prediction.delay``), among the instances where its own is within ``delay_slack``
-    of its best (``block --delay-weight --delay-slack``, without its tie-breaking)."""
+    (``Prediction.delay``), the requests expected to arrive meanwhile included, among
+    the instances where its own is within ``delay_slack`` of its best (``block
+    --delay-weight --delay-slack``, without its tie-breaking)."""
     def choose(cluster: ClusterModel, d: Decision) -> int:
         e2e, delay = [], []
         for i, model in enumerate(cluster.models):
-            p = model.predict(cluster.tables[i], cluster.n[i], d.prompt, 0, d.output)
+            future = cluster.recent[i].expected(cluster.now) if delay_weight else ()
+            p = model.predict(cluster.tables[i], cluster.n[i], d.prompt, 0, d.output,
+                              math.inf, *future)
             e2e.append(p[1] + max(cluster.clock[i] - cluster.now, 0.0))
             delay.append(p[6])
         if not delay_weight:

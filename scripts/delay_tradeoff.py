@@ -5,9 +5,11 @@ lengths) on the cluster model that ``blockproxy train-router`` trains against (N
 compiled simulators stepped through the arrivals, :class:`~blockproxy.train_router.
 ClusterModel`), once per router: round robin, the Intelligent Router's heuristic (with
 each request's true length bucket), ``block``, and ``block`` with each delay weight and
-slack asked for.  Prints one JSON object per router (real-GPU ms), then a table.  A run
-of 4,000 requests takes a few seconds per router; on the Azure study the model's round
-robin and ``block`` are within 1% of the emulated cluster's mean E2E.
+slack asked for (their simulations include each instance's expected arrivals, decayed
+over ``--arrival-window`` seconds as the proxy's ``--arrival-window`` does).  Prints one
+JSON object per router (real-GPU ms), then a table.  A run of 4,000 requests takes a few
+seconds per router; on the Azure study the model's round robin and ``block`` are within
+1% of the emulated cluster's mean E2E.
 
     LOADGEN_TRACE_PATH=../shared/traces loadgen workload --trace azure-conv \\
         --rate-multiplier 53 --num-requests 8000 --out results/azure53.jsonl
@@ -43,6 +45,8 @@ def main() -> None:
     parser.add_argument("--weights", default="1,2", help="delay weights, comma-separated")
     parser.add_argument("--slacks", default="0.2,0.5,1,inf",
                         help="delay slacks, comma-separated (inf: no limit)")
+    parser.add_argument("--arrival-window", type=float, default=30.0,
+                        help="decay time (s) of each instance's recent arrivals")
     args = parser.parse_args()
     requests = rebase(read_requests(args.requests, args.num_requests))
     profile = load_profile(args.profile)
@@ -53,7 +57,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name, choose in routers:
         began = time.perf_counter()
-        summary = summarize(run_episode(profile, args.instances, requests, choose, 0.05, 0))
+        summary = summarize(run_episode(profile, args.instances, requests, choose, 0.05, 0,
+                                            args.arrival_window))
         row: dict[str, Any] = {"router": name,
                                "wall_s": round(time.perf_counter() - began, 1)}
         row.update({k.replace("_s", "_ms"): round(v * 1000.0) for k, v in summary.items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -97,11 +98,13 @@ def test_random_uses_every_instance():
     assert {policy.choose(insts, JOB)[0].name for _ in range(60)} == {"i0", "i1", "i2"}
 
 
-def test_block_delay_weight_counts_the_latency_added_to_the_others():
+def test_block_delay_weight_counts_the_latency_added_to_the_others(
+        monkeypatch: pytest.MonkeyPatch):
     """i0 has one long prompt queued, i1 thirty long decodes.  The new long prompt's own
     latency is lower on i1 (no prefill ahead of it), but its prefill there stalls thirty
     decodes: with the delay it adds counted, it goes to i0, if it may give up the share of
     its own latency that costs it (``delay_slack``)."""
+    frozen(monkeypatch)  # long after the requests there arrived: none expected
     insts = cluster(2)
     load(insts[0], 1, prompt=6000, output=300, started=False)
     load(insts[1], 30, prompt=50, output=2000)
@@ -124,18 +127,21 @@ def test_block_delay_weight_counts_the_latency_added_to_the_others():
 
 @pytest.mark.parametrize("delay_weight, delay_slack",
                          [(0.0, 0.0), (1.0, 0.2), (1.0, 5.0), (1.0, math.inf)])
-def test_block_branch_and_bound_chooses_as_full_simulation_would(delay_weight: float,
-                                                                 delay_slack: float):
+def test_block_branch_and_bound_chooses_as_full_simulation_would(
+        delay_weight: float, delay_slack: float, monkeypatch: pytest.MonkeyPatch):
+    frozen(monkeypatch)
     rng = random.Random(5)
     insts = cluster(8)
     for inst in insts:
         load(inst, rng.randint(0, 120), prompt=rng.randint(100, 3000),
              output=rng.randint(50, 600))
+        arrive(inst, rng.uniform(0.0, 40.0), rng.randint(100, 3000), rng.randint(50, 600))
     policy = make_policy("block", random.Random(0), tie_tolerance=0.0,
                          delay_weight=delay_weight, delay_slack=delay_slack)
+    future = delay_weight > 0.0  # the delay counts the requests still to arrive
     for _ in range(30):
         job = Job(rng.randint(10, 4000), rng.randint(1, 800))
-        full = {inst.name: inst.predict_job(job) for inst in insts}
+        full = {inst.name: inst.predict_job(job, future=future) for inst in insts}
         own = min(p.e2e for p in full.values())
         best = min(p.e2e + delay_weight * p.delay for p in full.values()
                    if p.e2e <= own * (1 + delay_slack))
@@ -143,6 +149,44 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(delay_weight: f
         assert prediction is not None
         assert prediction == full[chosen.name]
         assert prediction.e2e + delay_weight * prediction.delay == best
+
+
+NOW = 1000.0  # the proxy's clock, frozen by :func:`frozen`
+
+
+def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Predictions read each instance's recent arrivals at :data:`NOW`."""
+    from blockproxy.cluster import instance
+    monkeypatch.setattr(instance, "time", SimpleNamespace(perf_counter=lambda: NOW))
+
+
+def arrive(inst, rate: float, prompt: int, output: int, seconds: float = 20.0) -> None:
+    """A steady stream of ``rate`` requests per second reached ``inst`` until :data:`NOW`."""
+    k = int(rate * seconds)
+    for j in range(k):
+        inst.requests.recent.record(NOW - seconds + (j + 1) / rate, prompt, 0, output)
+
+
+def test_block_delay_weight_counts_the_requests_still_to_arrive(monkeypatch: pytest.MonkeyPatch):
+    """Long prompts keep arriving at i0, none at i1; i0 has fewer decodes now.  A long
+    answer finishes sooner on i0 by what is there now, but the prefills arriving there
+    while it decodes stretch its steps, and it delays them: with the delay weight the
+    simulations include the expected arrivals, and it goes to i1."""
+    frozen(monkeypatch)
+    insts = cluster(2)
+    load(insts[0], 4, prompt=200, output=2000)
+    load(insts[1], 12, prompt=200, output=2000)
+    arrive(insts[0], 20.0, prompt=3000, output=20)
+    job = Job(prompt_tokens=100, output_tokens=1500)
+    now = [inst.predict_job(job) for inst in insts]
+    assert now[0].e2e < now[1].e2e
+    assert make_policy("block", random.Random(0)).choose(insts, job)[0] is insts[0]
+    later = [inst.predict_job(job, future=True) for inst in insts]
+    assert later[1] == now[1]  # nothing arrives at i1
+    assert later[0].delay > now[0].delay
+    chosen, prediction = make_policy("block", random.Random(0), delay_weight=1.0,
+                                     delay_slack=math.inf).choose(insts, job)
+    assert chosen is insts[1] and prediction == later[1]
 
 
 def test_every_policy_option_is_a_proxy_flag() -> None:

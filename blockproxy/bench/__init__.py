@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "chosen instance's prediction expects more of; 0 = none)")
     decision.add_argument("--policies", default="block,least_tokens,round_robin",
                           help="policies to time")
+    decision.add_argument("--delay-weight", type=float, default=1.0,
+                          help="also time block with this --delay-weight (unbounded slack: "
+                               "every candidate simulated with its expected arrivals; "
+                               "0 = not timed)")
     from blockproxy.bench.overhead import add_arguments as add_overhead_arguments
 
     add_overhead_arguments(parser.add_argument_group("bench overhead"))

@@ -18,6 +18,7 @@ candidate; ``cache_model_mib`` is the memory of one instance's cache model when 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from typing import Any
@@ -67,10 +68,11 @@ def build_cluster(size: int, active: int, profile: str, pairs: np.ndarray,
 
 
 def time_decisions(view: ClusterView, instances: list[Instance], policy_name: str,
-                   jobs: list[Job], seed: int) -> list[float]:
+                   jobs: list[Job], seed: int, **options: Any) -> list[float]:
     """Seconds per decision (the server's Dispatcher: choose + predict + reserve, with its
-    metrics), one sample per job."""
-    dispatcher = Dispatcher(make_policy(policy_name, random.Random(seed)), Metrics(view))
+    metrics), one sample per job; ``options`` go to the policy."""
+    dispatcher = Dispatcher(make_policy(policy_name, random.Random(seed), **options),
+                            Metrics(view))
     samples = []
     for job in jobs:
         # the benchmark's decisions come faster than any real traffic: each one's arrival
@@ -93,17 +95,23 @@ def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
                               "active_per_instance": args.active, "decisions": args.decisions,
                               "arrival_rate_per_instance": args.arrival_rate,
                               "unit": "microseconds"}
-    for policy_name in args.policies.split(","):
+    timed: list[tuple[str, str, dict[str, Any]]] = [
+        (name, name, {}) for name in args.policies.split(",")]
+    if args.delay_weight:  # every candidate simulated with its expected arrivals
+        timed.append((f"block --delay-weight {args.delay_weight:g}", "block",
+                      {"delay_weight": args.delay_weight, "delay_slack": math.inf}))
+    for label, policy_name, options in timed:
         per_size = {}
         for size in CLUSTER_SIZES:
             view, instances = build_cluster(size, args.active, args.profile, pairs, rng,
                                             args.arrival_rate)
-            time_decisions(view, instances, policy_name, jobs[:20], args.seed)  # warm-up
+            time_decisions(view, instances, policy_name, jobs[:20], args.seed,
+                           **options)  # warm-up
             samples = np.array(time_decisions(view, instances, policy_name, jobs,
-                                              args.seed)) * 1e6
+                                              args.seed, **options)) * 1e6
             per_size[str(size)] = {"p50": round(float(np.percentile(samples, 50)), 1),
                                    "p99": round(float(np.percentile(samples, 99)), 1)}
-        result[policy_name] = per_size
+        result[label] = per_size
     result["prefix"] = bench_prefix(args, pairs, rng)
     return result
 

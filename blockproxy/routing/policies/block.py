@@ -11,16 +11,20 @@ end), again within the tolerance, then to the fewest active requests, then at ra
 proxies deciding at the same moment on the same view do not all pile onto one instance.
 
 With ``delay_weight`` w > 0 the score is the request's own predicted latency plus w times
-the latency it is predicted to add to the requests already on the instance
-(``Prediction.delay``: each step it takes part in is that much longer for every other
-request in flight).  Minimising its own latency alone is greedy: a long prompt sent
-where it starts soonest can stall many decodes there, and the mean latency over all
-requests pays for it.  At w = 1 the score is the change in the sum of all latencies (to
-first order), the quantity the mean end-to-end latency measures.  Unbounded, that
-trade starves some requests for the mean (a long prompt waits seconds for an instance
-where few others would notice it), so only instances where the request's own predicted
-latency is within ``delay_slack`` (a fraction) of its best are candidates for it
-(``inf``: all of them).
+the latency it is predicted to add to the others on the instance (``Prediction.delay``:
+each step it takes part in is that much longer for every other request in flight), and
+the simulations include the requests expected to arrive there meanwhile (the instance's
+recent arrival process, as for the predictions users read).  Minimising its own latency
+alone is greedy: a long prompt sent where it starts soonest can stall many decodes there,
+and a long answer sent where the batch is smallest slows every prefill that arrives there
+while it decodes; the mean latency over all requests pays for both.  At w = 1 the score
+is the change in the sum of all latencies (to first order), the quantity the mean
+end-to-end latency measures.  The requests still to come are most of those a long answer
+delays: counting only the ones already there sends long prompts, unboundedly, to wait
+for an instance where few others would notice them, while with the arrivals the
+instances that receive fewer prefills keep the long answers.  Only instances where the
+request's own predicted latency is within ``delay_slack`` (a fraction) of its best are
+candidates for it (``inf``: all of them).
 
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
@@ -74,10 +78,11 @@ class BlockPolicy(Policy):
         if idx == 1:
             order.sort()
         prompt, output = job.prompt_tokens, job.output_tokens
+        future = w > 0.0  # the others it delays include those still to arrive
         for neg_cached, _, _, inst in order:
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
             bound = _times(best, give) if idx == 1 else math.inf
-            prediction = inst.predict(prompt, -neg_cached, output, bound)
+            prediction = inst.predict(prompt, -neg_cached, output, bound, future)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]
