@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -76,16 +77,38 @@ def test_the_cluster_model_gives_the_simulator_s_latencies() -> None:
 def test_the_cluster_model_s_block_counts_the_delay_when_weighted() -> None:
     """As ``block --delay-weight`` (tests/test_policies.py): one long prompt queued on
     instance 0, thirty long decodes on instance 1; a long prompt's own latency is lower on
-    1, the delay it adds there thirty times higher."""
+    1, the delay it adds there many times higher: it goes to 0 if it may give up the
+    share of its own latency that costs it."""
     cluster = ClusterModel(load_profile(PROFILE), 2)
     for rid in range(30):
         cluster.dispatch(1, rid, 50, 2000, 0.0)
     cluster.advance(0.5)  # all thirty decoding
     cluster.dispatch(0, 30, 6000, 300, 0.5)
     d = Decision(31, 16000, 10, 0.5, 0, True)
+    p = [cluster.models[i].predict(cluster.tables[i], cluster.n[i], 16000, 0, 10, math.inf,
+                                   *cluster.recent[i].expected(0.5)) for i in range(2)]
+    assert p[1][1] < p[0][1] and p[1][6] > 10 * p[0][6]
+    cost = p[0][1] / p[1][1] - 1.0  # what instance 0 costs it, a fraction of its best
     assert block()(cluster, d) == 1
-    assert block(1.0, 0.25)(cluster, d) == 1  # costs it more than 25% of its own
-    assert block(1.0, 0.5)(cluster, d) == 0
+    assert block(1.0, cost * 0.95)(cluster, d) == 1
+    assert block(1.0, cost * 1.05)(cluster, d) == 0
+
+
+def test_the_cluster_model_s_weighted_block_expects_each_instance_s_arrivals() -> None:
+    """As the proxy's (tests/test_policies.py): long prompts with short answers keep
+    arriving at instance 0, forty long decodes run on instance 1.  A long answer is
+    predicted sooner done on 0 by what is there now, and with 0's arrivals on 1."""
+    cluster = ClusterModel(load_profile(PROFILE), 2, arrival_window=5.0)
+    for rid in range(40):
+        cluster.dispatch(1, rid, 200, 2000, 0.0)
+    for k in range(50):  # 10 per second for 5 s
+        cluster.advance(0.1 * k)
+        cluster.dispatch(0, 100 + k, 3000, 20, 0.1 * k)
+    cluster.advance(5.0)
+    assert cluster.recent[0].rate(5.0) == pytest.approx(10.0, rel=0.05)
+    d = Decision(500, 100, 1500, 5.0, 0, True)
+    assert block()(cluster, d) == 0
+    assert block(1.0)(cluster, d) == 1
 
 
 def test_a_held_request_is_decided_again_until_it_must_be_routed() -> None:
@@ -121,7 +144,8 @@ def test_train_router_writes_weights_a_curve_and_a_comparison(tmp_path: Path) ->
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report["comparison"]) == {"round_robin", "heuristic", "learned", "block"}
+    assert set(report["comparison"]) == {"round_robin", "heuristic", "learned", "block",
+                                         "block --delay-weight 1"}
     assert all(r["requests"] == 240 and r["decisions_per_wall_second"] > 0
                for r in report["comparison"].values())
     assert [p["episode"] for p in report["curve"]] == [1, 2, 3]
