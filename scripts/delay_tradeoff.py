@@ -4,10 +4,11 @@ Serves one workload file (``loadgen workload``: arrivals in real-GPU seconds, tr
 lengths) on the cluster model that ``blockproxy train-router`` trains against (N
 compiled simulators stepped through the arrivals, :class:`~blockproxy.train_router.
 ClusterModel`), once per router: round robin, the Intelligent Router's heuristic (with
-each request's true length bucket), ``block``, and ``block`` with each delay weight and
-slack asked for (their simulations include each instance's expected arrivals, decayed
-over ``--arrival-window`` seconds as the proxy's ``--arrival-window`` does).  Prints one
-JSON object per router (real-GPU ms), then a table.  A run of 4,000 requests takes a few
+each request's true length bucket, and with every answer taken as the median's length),
+``block``, and ``block`` with each delay weight and slack asked for (their simulations
+include each instance's expected arrivals, decayed over ``--arrival-window`` seconds as
+the proxy's ``--arrival-window`` does).  Prints one JSON object per router (real-GPU
+ms), then a table.  A run of 4,000 requests takes a few
 seconds per router; on the Azure study the model's round robin and ``block`` are within
 1% of the emulated cluster's mean E2E.
 
@@ -21,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from typing import Any
 
 from blockproxy.profile import load_profile
 from blockproxy.train_router import (
+    Chooser,
+    ClusterModel,
+    Decision,
     block,
     heuristic,
     read_requests,
@@ -34,6 +39,15 @@ from blockproxy.train_router import (
     run_episode,
     summarize,
 )
+
+
+def one_bucket(tokens: int) -> Chooser:
+    """The heuristic with every request's answer taken as ``tokens`` long (the trace's
+    median): what is left of it when its length classifier knows nothing."""
+    def choose(cluster: ClusterModel, d: Decision) -> int:
+        est = cluster.estimates(d.prompt, tokens)
+        return min(range(len(est)), key=lambda i: est[i][0] + est[i][1])
+    return choose
 
 
 def main() -> None:
@@ -50,7 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     requests = rebase(read_requests(args.requests, args.num_requests))
     profile = load_profile(args.profile)
-    routers = [("round_robin", round_robin()), ("heuristic", heuristic), ("block", block())]
+    median = int(statistics.median(r[2] for r in requests))
+    routers: list[tuple[str, Chooser]] = [
+        ("round_robin", round_robin()), ("heuristic", heuristic),
+        ("heuristic, median length", one_bucket(median)), ("block", block())]
     for w in (float(x) for x in args.weights.split(",")):
         for slack in (float(x) for x in args.slacks.split(",")):
             routers.append((f"block w={w:g} slack={slack:g}", block(w, slack)))
