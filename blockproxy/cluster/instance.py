@@ -102,10 +102,12 @@ class Instance:
         its per-request overhead included; with ``future``, also the requests expected to
         arrive here meanwhile (its recent arrival process).
 
-        Routing compares candidates without ``future``: an instance's recent arrivals are
-        mostly the router's own past choices, so counting them against it would push each
-        conversation away from the instance that caches it.  The values a user reads (the
-        prediction recorded for the chosen instance, its error metrics) use ``future``."""
+        Routing compares candidates without ``future`` (except ``block --delay-weight``,
+        whose delay falls mostly on the requests still to arrive): an instance's recent
+        arrivals are mostly the router's own past choices, so counting them against it
+        would push each conversation away from the instance that caches it.  The values a
+        user reads (the prediction recorded for the chosen instance, its error metrics)
+        use ``future``."""
         r = self.requests
         o = self.overhead.seconds
         if future:

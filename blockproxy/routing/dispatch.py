@@ -2,9 +2,9 @@
 
 The policy picks; the prediction for the chosen instance is made whatever the policy (so
 prediction error is measured alike for all), with the requests expected to arrive there
-meanwhile (which no policy's comparison uses: see ``Instance.predict``); the reservation
-is recorded at once, so the next decision, a microsecond later, already sees this
-request.
+meanwhile (which only ``block --delay-weight`` compares by: see ``Instance.predict``);
+the reservation is recorded at once, so the next decision, a microsecond later, already
+sees this request.
 
 With a TTFT budget (admission under an objective), a choice predicted to start later than
 the budget is replaced by the policy's choice among the candidates predicted in time, and
