@@ -33,8 +33,9 @@ class ProxyConfig:
     tie_tolerance: float = _opt(0.02, "block: predictions within this fraction of the best "
                                       "are ties, broken at random (herding control)")
     delay_weight: float = _opt(0.0, "block: weight of the latency a request is predicted to "
-                                    "add to the others on an instance, added to its own "
-                                    "(0 = its own only, as in the Block paper)")
+                                    "add to the others on an instance (those expected to "
+                                    "arrive included), added to its own (0 = its own only, "
+                                    "as in the Block paper)")
     delay_slack: float = _opt(0.2, "block: with --delay-weight, how much longer (a fraction) a "
                                    "request's own predicted latency may be than its best, to "
                                    "spare the others (inf = no limit)")
