@@ -1,7 +1,7 @@
 """Shared fixtures.
 
-``instance_url`` is one emulated vLLM instance (the real emulator app and engine) served in
-the test's own event loop.
+``emulated`` starts emulated vLLM instances (the real emulator app and engine) served in
+the test's own event loop; ``instance_url`` is one, 20x faster than an H100.
 ``sim_impl`` runs a test against both simulator implementations (ids ``c`` and ``py``),
 as propcache does; ``--no-c-extensions`` or ``BLOCKPROXY_NO_EXTENSIONS=1`` keeps only the
 pure-Python twin.
@@ -44,15 +44,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-async def instance_url(aiohttp_server: Callable[..., Awaitable[TestServer]]
-                       ) -> AsyncIterator[str]:
-    """One emulated vLLM instance (the real emulator app and engine) on loopback."""
-    parser = argparse.ArgumentParser()
-    emulate.add_arguments(parser)
-    args = parser.parse_args(["--time-scale", "0.05", "--stall-prob", "0", "--seed", "1"])
-    inst = emulate.build_instances(args)[0]
-    engine = asyncio.create_task(inst.engine.run())
-    server = await aiohttp_server(create_app(inst))
-    yield str(server.make_url("")).rstrip("/")
-    engine.cancel()
-    await asyncio.gather(engine, return_exceptions=True)
+async def emulated(aiohttp_server: Callable[..., Awaitable[TestServer]]
+                   ) -> AsyncIterator[Callable[[float], Awaitable[str]]]:
+    """Starts emulated vLLM instances (the real emulator app and engine) on loopback, each
+    at the given time scale (0.05: 20x faster than the profile's GPU); returns its URL."""
+    engines: list[asyncio.Task[None]] = []
+
+    async def start(time_scale: float) -> str:
+        parser = argparse.ArgumentParser()
+        emulate.add_arguments(parser)
+        args = parser.parse_args(["--time-scale", str(time_scale), "--stall-prob", "0",
+                                  "--seed", "1"])
+        inst = emulate.build_instances(args)[0]
+        engines.append(asyncio.create_task(inst.engine.run()))
+        server = await aiohttp_server(create_app(inst))
+        return str(server.make_url("")).rstrip("/")
+
+    yield start
+    for engine in engines:
+        engine.cancel()
+    await asyncio.gather(*engines, return_exceptions=True)
+
+
+@pytest.fixture
+async def instance_url(emulated: Callable[[float], Awaitable[str]]) -> str:
+    """One emulated vLLM instance, 20x faster than an H100."""
+    return await emulated(0.05)

@@ -188,37 +188,29 @@ def test_priority_header_is_checked() -> None:
 
 
 # ---- the proxy, overloaded -------------------------------------------------------------------
+#: the emulated instance's time scale: 0.6x an H100's step times, so a burst outruns it
+#: however fast this test's event loop (shared with the instance) accepts the requests
+TIME_SCALE = 0.6
+
+
 @pytest.fixture
-async def overloaded(instance_url: str, aiohttp_client: Callable[..., Awaitable[Client]]
+async def overloaded(emulated: Callable[[float], Awaitable[str]],
+                     aiohttp_client: Callable[..., Awaitable[Client]]
                      ) -> tuple[Client, Proxy]:
-    # the emulated instance runs 20x faster than an H100 (time-scale 0.05): say so
-    config = ProxyConfig(backends="(in process)", scrape_interval=0.0, speed=0.05,
+    url = await emulated(TIME_SCALE)
+    # the proxy is told the instance's speed (no calibration)
+    config = ProxyConfig(backends="(in process)", scrape_interval=0.0, speed=TIME_SCALE,
                          slo_ttft_ms=200.0, admission_queue=16, calibrate=False)
-    proxy = Proxy(config, [BackendSpec(url=instance_url, name="i0", models=("tiny",))])
+    proxy = Proxy(config, [BackendSpec(url=url, name="i0", models=("tiny",))])
     return await aiohttp_client(proxy.make_app()), proxy
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-#: a burst of 160 requests, one per ms, each ~3,000 prompt tokens
+#: a burst of 160 requests, all at once, each ~3,000 prompt tokens: a few meet the TTFT
+#: objective, some are held, the rest are refused. (Measured on this machine: 4 of 160
+#: served all at once; 94 with a 20 ms gap between them, as a loop ten times slower
+#: would send them.)
 N = 160
-GAP = 0.001
+GAP = 0.0
 
 
 async def _stream(client: Client, i: int, gap: float
