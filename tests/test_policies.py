@@ -15,6 +15,7 @@ from blockproxy.cluster import ClusterView
 from blockproxy.routing.job import Job
 from blockproxy.routing.policies import make_policy, policy_names
 from blockproxy.routing.policies.intelligent_router import IntelligentRouterPolicy
+from blockproxy.simulator import Prediction
 
 JOB = Job(prompt_tokens=500, output_tokens=100)
 
@@ -138,17 +139,31 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(
         arrive(inst, rng.uniform(0.0, 40.0), rng.randint(100, 3000), rng.randint(50, 600))
     policy = make_policy("block", random.Random(0), tie_tolerance=0.0,
                          delay_weight=delay_weight, delay_slack=delay_slack)
+    runs: list[int] = []
+    cuts: list[int] = []
     future = delay_weight > 0.0  # the delay counts the requests still to arrive
+    cut = []  # the simulations stopped at their bound
+    for inst in insts:
+        def predict(*args: Any, _predict: Any = inst.predict) -> Prediction:
+            prediction = _predict(*args)
+            cut.append(prediction.e2e == math.inf)
+            return prediction
+        monkeypatch.setattr(inst, "predict", predict)
     for _ in range(30):
         job = Job(rng.randint(10, 4000), rng.randint(1, 800))
         full = {inst.name: inst.predict_job(job, future=future) for inst in insts}
         own = min(p.e2e for p in full.values())
         best = min(p.e2e + delay_weight * p.delay for p in full.values()
                    if p.e2e <= own * (1 + delay_slack))
+        cut.clear()
         chosen, prediction = policy.choose(insts, job)
         assert prediction is not None
         assert prediction == full[chosen.name]
         assert prediction.e2e + delay_weight * prediction.delay == best
+        runs.append(len(cut))
+        cuts.append(sum(cut))
+    # the bound stops some runs (with the delay weight, at the best score so far)
+    assert sum(runs) == 30 * len(insts) and sum(cuts) > 0.2 * sum(runs), cuts
 
 
 NOW = 1000.0  # the proxy's clock, frozen by :func:`frozen`
@@ -187,6 +202,36 @@ def test_block_delay_weight_counts_the_requests_still_to_arrive(monkeypatch: pyt
     chosen, prediction = make_policy("block", random.Random(0), delay_weight=1.0,
                                      delay_slack=math.inf).choose(insts, job)
     assert chosen is insts[1] and prediction == later[1]
+
+
+@pytest.mark.parametrize("delay_weight", [0.0, 1.0])
+def test_the_dispatcher_records_the_prediction_with_arrivals_once(
+        delay_weight: float, monkeypatch: pytest.MonkeyPatch):
+    """The chosen instance's recorded prediction includes its expected arrivals; where the
+    policy's own simulations already did (the delay weight), it is not simulated again."""
+    from blockproxy.metrics import Metrics
+    from blockproxy.routing.dispatch import Dispatcher
+
+    frozen(monkeypatch)
+    insts = cluster(3)
+    for i, inst in enumerate(insts):
+        load(inst, 4 * i, prompt=800, output=300)
+        arrive(inst, 5.0, prompt=2000, output=100)
+    job = Job(prompt_tokens=1200, output_tokens=200)
+    expected = {inst.name: inst.predict_job(job, future=True) for inst in insts}
+    calls: list[bool] = []
+    for inst in insts:
+        def predict(*args: Any, _predict: Any = inst.predict) -> Prediction:
+            calls.append(args[4] if len(args) > 4 else False)
+            return _predict(*args)
+        monkeypatch.setattr(inst, "predict", predict)
+    policy = make_policy("block", random.Random(0), delay_weight=delay_weight)
+    view = ClusterView("llama-3.1-8b-h100-tp1")
+    entry = Dispatcher(policy, Metrics(view)).dispatch(insts, job)
+    chosen = expected[entry.instance.name]
+    assert (entry.predicted_ttft, entry.predicted_e2e) == (chosen.ttft, chosen.e2e)
+    assert len(calls) == len(insts) + (delay_weight == 0.0)
+    assert calls.count(True) == (len(insts) if delay_weight else 1)
 
 
 def test_every_policy_option_is_a_proxy_flag() -> None:

@@ -79,7 +79,8 @@ class Dispatcher:
 
     def _reserve(self, inst: Instance, prediction: Prediction | None, job: Job,
                  start: float) -> Entry:
-        if prediction is None or inst.requests.recent.limit:
+        if prediction is None or (inst.requests.recent.limit
+                                  and not self.policy.predicts_future):
             prediction = inst.predict_job(job, future=True)
         high = math.nan
         if job.output_high > job.output_tokens:  # the risk of a long answer, priced

@@ -31,6 +31,9 @@ class Policy(ABC):
     def __init__(self, name: str, rng: random.Random) -> None:
         self.name = name
         self.rng = rng
+        #: the predictions ``choose`` returns include the expected future arrivals (the
+        #: dispatcher records them as they are instead of simulating the choice again)
+        self.predicts_future = False
 
     @abstractmethod
     def choose(self, candidates: Sequence[Instance], job: Job

@@ -29,8 +29,9 @@ candidates for it (``inf``: all of them).
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
 soon as its clock passes the best prediction so far (plus the tie tolerance, or the delay
-slack): an instance already slower than that cannot win, and its exact latency is not
-needed.  The choice is the same as with full simulations, at a fraction of the cost.
+slack), and with the delay weight also the best score so far (a score is at least the
+request's own latency): an instance already slower than that cannot win, and its exact
+latency is not needed.  The choice is the same as with full simulations, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class BlockPolicy(Policy):
         self.tie_tolerance = tie_tolerance
         self.delay_weight = delay_weight
         self.delay_slack = delay_slack
+        self.predicts_future = delay_weight > 0.0
         self.index = 0 if name == "block_ttft" else 1  # ttft or e2e in the prediction
 
     def choose(self, candidates: Sequence[Instance], job: Job
@@ -74,18 +76,23 @@ class BlockPolicy(Policy):
         give = 1.0 + self.delay_slack if w else slack
         scored = []
         best = math.inf
+        best_score = math.inf  # of own latency plus w times delay, over finished runs
         order = [(-inst.cached_tokens(job), inst.active, i, inst) for i, inst in enumerate(pool)]
         if idx == 1:
             order.sort()
         prompt, output = job.prompt_tokens, job.output_tokens
-        future = w > 0.0  # the others it delays include those still to arrive
+        future = self.predicts_future  # the others it delays include those still to arrive
         for neg_cached, _, _, inst in order:
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
-            bound = _times(best, give) if idx == 1 else math.inf
+            # With the delay, a run past the best score so far cannot win either: its score
+            # is at least its own latency.
+            bound = min(_times(best, give), best_score * slack) if idx == 1 else math.inf
             prediction = inst.predict(prompt, -neg_cached, output, bound, future)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]
+            if w and prediction[idx] <= bound:
+                best_score = min(best_score, prediction[idx] + w * prediction.delay)
         limit = _times(best, give)
         ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
         if w and len(ties) > 1:
