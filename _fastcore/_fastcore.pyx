@@ -230,13 +230,15 @@ cdef class InstanceModelC:
 
     def predict(self, state, n, new_prompt, new_cached, new_output, double bound=INFINITY,
                 double arrival_interval=INFINITY, arrival_prompt=0, arrival_cached=0,
-                arrival_output=0, arrival_limit=0, double new_at=0.0):
+                arrival_output=0, arrival_limit=0, double new_at=0.0,
+                double delay_weight=0.0, double score_bound=INFINITY):
         """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
         every ``arrival_interval`` seconds).
 
-        The simulation stops once its clock passes ``bound`` seconds from now (times not
-        reached are ``inf``); times are counted from the new request's arrival.
+        The simulation stops once its clock passes ``bound`` seconds from now, or its
+        clock plus ``delay_weight`` times the delay so far passes ``score_bound`` (times
+        not reached are ``inf``); times are counted from the new request's arrival.
 
         ``state`` is a C-contiguous ``int64`` array of shape ``(5, capacity)`` (read-only
         is fine; other integer arrays are converted).  Returns ``(ttft, e2e,
@@ -290,10 +292,13 @@ cdef class InstanceModelC:
             a_limit = 0
         if not (new_at >= 0.0 and new_at < INFINITY):
             raise ValueError(f"new_at must be a finite non-negative number, got {new_at}")
+        if not (delay_weight >= 0.0 and delay_weight < INFINITY):
+            raise ValueError(f"delay_weight must be a finite non-negative number, "
+                             f"got {delay_weight}")
         self._reserve(nn + 1 + a_limit)
         out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound,
                         arrival_interval, a_prompt, a_cached, a_output, a_limit, new_at,
-                        False, INFINITY, NULL, NULL)
+                        False, INFINITY, NULL, NULL, delay_weight, score_bound)
         return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps,
                 out.delay)
 
@@ -325,7 +330,8 @@ cdef class InstanceModelC:
         self._reserve(nn + 1)
         out = self._run(&view[0, 0] if cap > 0 else NULL, cap, nn, 0, 0, 0, INFINITY,
                         INFINITY, 0, 0, 0, 0, 0.0, True, d,
-                        &first_v[0] if nn > 0 else NULL, &done_v[0] if nn > 0 else NULL)
+                        &first_v[0] if nn > 0 else NULL, &done_v[0] if nn > 0 else NULL,
+                        0.0, INFINITY)
         req = self._s.req
         for i in range(nn):
             view[2, i] = req[i].gen
@@ -342,7 +348,8 @@ cdef class InstanceModelC:
                       int64_t new_output, double bound, double a_interval,
                       int64_t a_prompt, int64_t a_cached, int64_t a_output,
                       int64_t a_limit, double new_at, bint stepping, double until,
-                      double* first, double* done) noexcept nogil:
+                      double* first, double* done, double weight,
+                      double score_bound) noexcept nogil:
         # Stepping: no new request, steps start only before ``until``, and the rows'
         # first-token and finish times go into ``first`` and ``done`` (n entries each).
         cdef Req* req = self._s.req
@@ -444,7 +451,8 @@ cdef class InstanceModelC:
             a_tg = fit if fit > 1 else 1
         next_at = 0.5 * a_interval
 
-        while iterations < max_iterations and t <= bound:
+        while (iterations < max_iterations and t <= bound
+               and t + weight * delay <= score_bound):
             iterations += 1
             # ---- expected arrivals due by now join the waiting queue ----------------------
             while arrived < a_limit and t >= next_at:

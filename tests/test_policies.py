@@ -162,8 +162,11 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(
         assert prediction.e2e + delay_weight * prediction.delay == best
         runs.append(len(cut))
         cuts.append(sum(cut))
-    # the bound stops some runs (with the delay weight, at the best score so far)
-    assert sum(runs) == 30 * len(insts) and sum(cuts) > 0.2 * sum(runs), cuts
+    # the bound stops some runs (with the delay weight and no slack limit, at the best
+    # score so far; with a limit, only runs past it, which are rare here)
+    assert sum(runs) == 30 * len(insts)
+    if delay_weight == 0.0 or delay_slack == math.inf:
+        assert sum(cuts) > 0.2 * sum(runs), cuts
 
 
 NOW = 1000.0  # the proxy's clock, frozen by :func:`frozen`

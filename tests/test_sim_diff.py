@@ -185,15 +185,22 @@ NO_ARRIVALS = (math.inf, 0, 0, 0, 0)
 NEW_AT = st.sampled_from([0.0, 0.0, 0.0, 1e-6, 0.01, 0.7, 3.0, 50.0])
 
 
+#: (delay_weight, score_bound): none, or a bound on the clock plus the weighted delay
+SCORE_BOUNDS = st.sampled_from([(0.0, math.inf), (0.0, 1.0), (1.0, math.inf), (1.0, 0.5),
+                                (1.0, 5.0), (1.0, 40.0), (0.3, 2.0), (4.0, 10.0)])
+
+
 def run_both(c_cls: type, cfg: dict, arr: np.ndarray, n: int, new: tuple[int, int, int],
              bound: float = math.inf,
-             arrive: tuple[float, int, int, int, int] = NO_ARRIVALS, new_at: float = 0.0):
+             arrive: tuple[float, int, int, int, int] = NO_ARRIVALS, new_at: float = 0.0,
+             score: tuple[float, float] = (0.0, math.inf)):
     prompt, cached, output = new
     interval, a_prompt, a_cached, a_output, limit = arrive
     c = c_cls(**cfg).predict(arr, n, prompt, cached, output, bound,
-                             interval, a_prompt, a_cached, a_output, limit, new_at)
+                             interval, a_prompt, a_cached, a_output, limit, new_at, *score)
     py = InstanceModelPy(**cfg).predict(arr, n, prompt, cached, output, bound,
-                                        interval, a_prompt, a_cached, a_output, limit, new_at)
+                                        interval, a_prompt, a_cached, a_output, limit, new_at,
+                                        *score)
     return c, py
 
 
@@ -206,7 +213,7 @@ def test_random_states_identical(data: st.DataObject) -> None:
     cfg = data.draw(configs())
     arr, n, new = data.draw(states(cfg["block_size"]))
     bound = data.draw(st.sampled_from([math.inf, 0.0, 1e-3, 0.05, 1.0, 30.0]))
-    c, py = run_both(c_cls, cfg, arr, n, new, bound)
+    c, py = run_both(c_cls, cfg, arr, n, new, bound, score=data.draw(SCORE_BOUNDS))
     assert c == py
     assert [type(x) for x in c] == [float, float, float, int, int, int, float]
 
@@ -219,8 +226,27 @@ def test_random_states_with_future_arrivals_identical(data: st.DataObject) -> No
     arr, n, new = data.draw(states(cfg["block_size"]))
     arrive = data.draw(arrivals(cfg["block_size"]))
     bound = data.draw(st.sampled_from([math.inf, 0.0, 0.05, 1.0, 30.0]))
-    c, py = run_both(c_cls, cfg, arr, n, new, bound, arrive, data.draw(NEW_AT))
+    c, py = run_both(c_cls, cfg, arr, n, new, bound, arrive, data.draw(NEW_AT),
+                     data.draw(SCORE_BOUNDS))
     assert c == py
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_score_bound_cuts_only_runs_that_would_end_past_it(data: st.DataObject) -> None:
+    """The clock plus the weighted delay so far never exceeds the final score: a run is cut
+    only where it would have ended past the bound, and one not cut is the full run."""
+    cfg = data.draw(configs())
+    arr, n, new = data.draw(states(cfg["block_size"]))
+    arrive = data.draw(arrivals(cfg["block_size"]))
+    weight, score_bound = data.draw(SCORE_BOUNDS)
+    model = InstanceModelPy(**cfg)
+    full = model.predict(arr, n, *new, math.inf, *arrive)
+    cut = model.predict(arr, n, *new, math.inf, *arrive, 0.0, weight, score_bound)
+    if cut[1] < math.inf:
+        assert cut == full
+    elif full[1] < math.inf:
+        assert full[1] + weight * full[6] > score_bound
 
 
 @settings(max_examples=300, deadline=None)

@@ -212,6 +212,30 @@ def test_bound_stops_a_simulation_that_is_already_too_slow(sim_impl, fast_forwar
     assert Prediction(*model.predict(state(), 0, 100, 0, 5, 10.0)) == full
 
 
+def test_score_bound_stops_where_clock_plus_weighted_delay_passes_it(sim_impl, fast_forward):
+    model = make_model(sim_impl, fast_forward)
+    decoding = (10, 0, 5, 100, 1)
+    st = state(decoding, decoding)
+    # Steps end at 2.2, 3.5, 4.8 (the 100-token prefill beside two decodes, then two decode
+    # steps of three); the delay after each is 2.0, 2.2, 2.4 (test above).
+    full = predict(model, st, 2, 100, 0, 3)
+
+    def bounded(weight: float, score_bound: float) -> Prediction:
+        return Prediction(*model.predict(st, 2, 100, 0, 3, math.inf, math.inf, 0, 0, 0, 0,
+                                         0.0, weight, score_bound))
+
+    # clock + delay where each step starts: 0, 4.2, 5.7; the last step is not checked
+    assert bounded(1.0, 6.0) == full
+    assert bounded(0.0, 4.0) == full  # without the weight, the clock alone: 0, 2.2, 3.5
+    for weight, score_bound in ((1.0, 5.0), (1.0, 4.0), (10.0, 20.0)):
+        cut = bounded(weight, score_bound)
+        assert cut.ttft == full.ttft and math.isinf(cut.e2e), (weight, score_bound)
+    assert math.isinf(bounded(0.0, 3.0).e2e)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="delay_weight"):
+            bounded(bad, math.inf)
+
+
 # ---- expected future arrivals ---------------------------------------------------------------
 
 def predict_with(model, st, n, prompt, cached, output, interval, a_prompt, a_cached, a_output,

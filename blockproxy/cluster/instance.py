@@ -97,10 +97,12 @@ class Instance:
         return not self.models or model in self.models
 
     def predict(self, prompt_tokens: int, cached_tokens: int, output_tokens: int,
-                bound: float = math.inf, future: bool = False) -> simulator.Prediction:
-        """Simulate this instance with one more request (stopping past ``bound`` seconds),
-        its per-request overhead included; with ``future``, also the requests expected to
-        arrive here meanwhile (its recent arrival process).
+                bound: float = math.inf, future: bool = False, delay_weight: float = 0.0,
+                score_bound: float = math.inf) -> simulator.Prediction:
+        """Simulate this instance with one more request (stopping past ``bound`` seconds,
+        or where its latency plus ``delay_weight`` times the delay it adds passes
+        ``score_bound``), its per-request overhead included; with ``future``, also the
+        requests expected to arrive here meanwhile (its recent arrival process).
 
         Routing compares candidates without ``future`` (except ``block --delay-weight``,
         whose delay falls mostly on the requests still to arrive): an instance's recent
@@ -112,7 +114,12 @@ class Instance:
         o = self.overhead.seconds
         if future:
             p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
-                                   bound - o, *r.recent.expected(time.perf_counter()))
+                                   bound - o, *r.recent.expected(time.perf_counter()),
+                                   0.0, delay_weight, score_bound - o)
+        elif delay_weight:
+            p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
+                                   bound - o, math.inf, 0, 0, 0, 0, 0.0, delay_weight,
+                                   score_bound - o)
         else:
             p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
                                    bound - o)

@@ -67,7 +67,8 @@ State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``;
 (non-zero: admitted by the engine, i.e. in the running set).
 
 ``predict(state, n, new_prompt, new_cached, new_output, bound=inf, arrival_interval=inf,
-arrival_prompt=0, arrival_cached=0, arrival_output=0, arrival_limit=0, new_at=0)`` returns
+arrival_prompt=0, arrival_cached=0, arrival_output=0, arrival_limit=0, new_at=0,
+delay_weight=0, score_bound=inf)`` returns
 ``(ttft, e2e, queue_delay, preemptions, peak_blocks, steps, delay)``:
 seconds from the new request's arrival (now, or ``new_at``) until its first token, until
 its last token, and until it is first scheduled; preemptions during the simulation; the
@@ -81,7 +82,9 @@ are not counted.  A request that can never be
 served (it does not fit in the KV cache), a simulation longer than ``max_iterations`` loop
 iterations, or one whose clock passes ``bound`` seconds from now (a caller that only wants
 to know whether this instance beats the best one so far) gives ``inf`` for the times not
-reached.
+reached.  So does one whose clock plus ``delay_weight`` times the delay so far passes
+``score_bound``: the delay only grows, so that sum is a lower bound of the score
+``e2e + delay_weight * delay`` the run would end with (``block --delay-weight``).
 """
 
 from __future__ import annotations
@@ -152,11 +155,13 @@ class InstanceModelPy:
     def predict(self, state: Any, n: int, new_prompt: int, new_cached: int,
                 new_output: int, bound: float = INF, arrival_interval: float = INF,
                 arrival_prompt: int = 0, arrival_cached: int = 0, arrival_output: int = 0,
-                arrival_limit: int = 0, new_at: float = 0.0
+                arrival_limit: int = 0, new_at: float = 0.0, delay_weight: float = 0.0,
+                score_bound: float = INF
                 ) -> tuple[float, float, float, int, int, int, float]:
         """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
-        every ``arrival_interval`` seconds)."""
+        every ``arrival_interval`` seconds), until its clock passes ``bound`` or its
+        clock plus ``delay_weight`` times the delay so far passes ``score_bound``."""
         if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
             raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
         cols = state[:NUM_COLUMNS, :n].tolist()
@@ -182,9 +187,14 @@ class InstanceModelPy:
         new_at = float(new_at)
         if not (new_at >= 0.0 and math.isfinite(new_at)):
             raise ValueError(f"new_at must be a finite non-negative number, got {new_at}")
+        weight = float(delay_weight)
+        if not (weight >= 0.0 and math.isfinite(weight)):
+            raise ValueError(f"delay_weight must be a finite non-negative number, "
+                             f"got {delay_weight}")
         return self._run(m, prompt_col, cached_col, gen_col, pred_col, started_col,
                          float(bound), interval, int(arrival_prompt), int(arrival_cached),
-                         int(arrival_output), limit, new_at)
+                         int(arrival_output), limit, new_at, weight=weight,
+                         score_bound=float(score_bound))
 
     def advance(self, state: Any, n: int, duration: float, first: Any, done: Any
                 ) -> tuple[float, int]:
@@ -222,7 +232,8 @@ class InstanceModelPy:
              pred_col: list[int], started_col: list[int], bound: float,
              a_interval: float = INF, a_prompt: int = 0, a_cached: int = 0,
              a_output: int = 0, a_limit: int = 0, new_at: float = 0.0,
-             until: float = INF, record: dict[str, Any] | None = None
+             until: float = INF, record: dict[str, Any] | None = None,
+             weight: float = 0.0, score_bound: float = INF
              ) -> tuple[float, float, float, int, int, int, float]:
         """The simulation.  With ``record`` (stepping, :meth:`advance`) there is no new
         request: the ``m`` rows are the instance's own, steps start only before
@@ -293,7 +304,8 @@ class InstanceModelPy:
         iterations = 0
         sched_idx: list[int] = []
         sched_new: list[int] = []
-        while iterations < self.max_iterations and t <= bound:
+        while (iterations < self.max_iterations and t <= bound
+               and t + weight * delay <= score_bound):
             iterations += 1
             # ---- expected arrivals due by now join the waiting queue ----------------------
             while arrived < a_limit and t >= next_at:

@@ -29,9 +29,9 @@ candidates for it (``inf``: all of them).
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
 soon as its clock passes the best prediction so far (plus the tie tolerance, or the delay
-slack), and with the delay weight also the best score so far (a score is at least the
-request's own latency): an instance already slower than that cannot win, and its exact
-latency is not needed.  The choice is the same as with full simulations, at a fraction of the cost.
+slack), and with the delay weight and no slack limit as soon as its clock plus its
+weighted delay so far passes the best score so far (the delay only grows): an instance
+already past that cannot win, and its exact latency is not needed.  The choice is the same as with full simulations, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -84,14 +84,20 @@ class BlockPolicy(Policy):
         future = self.predicts_future  # the others it delays include those still to arrive
         for neg_cached, _, _, inst in order:
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
-            # With the delay, a run past the best score so far cannot win either: its score
-            # is at least its own latency.
-            bound = min(_times(best, give), best_score * slack) if idx == 1 else math.inf
-            prediction = inst.predict(prompt, -neg_cached, output, bound, future)
+            # With the delay and no slack limit, a run whose latency plus weighted delay so
+            # far passes the best score cannot win either (the delay only grows).  (With a
+            # limit it must run on: its own latency may be the best, which rules others out.)
+            if idx == 1:
+                bound = _times(best, give)
+                score_bound = best_score * slack if bound == math.inf else math.inf
+            else:
+                bound = score_bound = math.inf
+            prediction = inst.predict(prompt, -neg_cached, output, bound, future, w,
+                                      score_bound)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]
-            if w and prediction[idx] <= bound:
+            if w and prediction[idx] < math.inf:
                 best_score = min(best_score, prediction[idx] + w * prediction.delay)
         limit = _times(best, give)
         ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
