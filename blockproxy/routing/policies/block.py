@@ -31,7 +31,8 @@ cached prefix of the prompt first, then the least loaded), and each simulation s
 soon as its clock passes the best prediction so far (plus the tie tolerance, or the delay
 slack), and with the delay weight and no slack limit as soon as its clock plus its
 weighted delay so far passes the best score so far (the delay only grows): an instance
-already past that cannot win, and its exact latency is not needed.  The choice is the same as with full simulations, at a fraction of the cost.
+already past that cannot win, and its exact latency is not needed.  The choice is the
+same as with full simulations, at a fraction of the cost.
 """
 
 from __future__ import annotations
