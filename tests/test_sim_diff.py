@@ -241,8 +241,12 @@ def test_a_score_bound_cuts_only_runs_that_would_end_past_it(data: st.DataObject
     arrive = data.draw(arrivals(cfg["block_size"]))
     weight, score_bound = data.draw(SCORE_BOUNDS)
     model = InstanceModelPy(**cfg)
-    full = model.predict(arr, n, *new, math.inf, *arrive)
-    cut = model.predict(arr, n, *new, math.inf, *arrive, 0.0, weight, score_bound)
+    prompt, cached, output = new
+    interval, a_prompt, a_cached, a_output, limit = arrive
+    full = model.predict(arr, n, prompt, cached, output, math.inf, interval, a_prompt,
+                         a_cached, a_output, limit)
+    cut = model.predict(arr, n, prompt, cached, output, math.inf, interval, a_prompt,
+                        a_cached, a_output, limit, 0.0, weight, score_bound)
     if cut[1] < math.inf:
         assert cut == full
     elif full[1] < math.inf:
