@@ -137,8 +137,8 @@ cdef class InstanceModelC:
     """Simulator of one instance: its engine limits and step-time model (compiled).
 
     Same constructor, attributes and :meth:`predict` as
-    :class:`blockproxy.simulator.reference.InstanceModelPy`; ``speed`` and ``fast_forward`` can be
-    changed on a live model, the other attributes are read-only.
+    :class:`blockproxy.simulator.reference.InstanceModelPy`; ``speed``, ``fast_forward`` and
+    ``shared_blocks`` can be changed on a live model, the other attributes are read-only.
     """
 
     cdef readonly int64_t max_num_seqs
@@ -153,6 +153,7 @@ cdef class InstanceModelC:
     cdef readonly int64_t past_prediction_tokens
     cdef readonly int64_t max_iterations
     cdef public bint fast_forward
+    cdef public int64_t shared_blocks
 
     cdef void* _buf           # scratch memory, grown as needed, freed in __dealloc__
     cdef Py_ssize_t _buf_cap  # requests the scratch memory has room for
@@ -191,6 +192,7 @@ cdef class InstanceModelC:
         self.past_prediction_tokens = int(past_prediction_tokens)
         self.max_iterations = int(max_iterations)
         self.fast_forward = bool(fast_forward)
+        self.shared_blocks = 0
 
     def __dealloc__(self):
         free(self._buf)
@@ -441,6 +443,8 @@ cdef class InstanceModelC:
         for k in range(n_waiting):
             waiting[head + k] = sched_idx[k]
         free_blocks = num_gpu_blocks - used
+        if self.shared_blocks > 0:  # prefix blocks the rows hold once each, held once
+            free_blocks += self.shared_blocks if self.shared_blocks < MAX_TOKENS else MAX_TOKENS
         peak = used
         # Every expected arrival is the same request; clamped as the others are.
         a_p = a_prompt if a_prompt > 1 else 1

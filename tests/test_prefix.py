@@ -226,6 +226,34 @@ def test_dispatch_holds_the_blocks_and_release_frees_them() -> None:
                                       "capacity": inst.prefix.capacity, "evictions": 0}
 
 
+def test_requests_sharing_a_prefix_tell_the_simulator_its_blocks_are_held_once() -> None:
+    inst = _instances(1)[0]
+    system = list(range(1, 129))  # 4,096 tokens, 32 per block: 256 engine blocks
+    first = inst.reserve_job(_job(system + [1001, 1002]), 0.0)
+    assert inst.model.shared_blocks == 0  # nothing shared yet
+    second = inst.reserve_job(_job(system + [2001]), 0.0)
+    third = inst.reserve_job(_job(system + [3001, 3002, 3003]), 0.0)
+    assert inst.model.shared_blocks == 2 * 128 * 32 // 16  # the system prompt twice more
+    inst.release(second)
+    inst.release(second)  # twice: counted once
+    assert inst.model.shared_blocks == 128 * 32 // 16
+    inst.release(first)
+    inst.release(third)
+    assert inst.model.shared_blocks == 0
+    # Running requests holding the same 4,096-token prefix: the engine holds it once, so a
+    # new request is not predicted to wait for KV blocks the simulation would count twice.
+    small = Instance(BackendSpec(url="http://127.0.0.1:9100", name="s", num_gpu_blocks=800),
+                     PROFILE)
+    entries = [small.reserve_job(_job(system + [9000 + i], prompt_tokens=4200), 0.0)
+               for i in range(3)]
+    for e in entries:
+        small.first_token(e, 0.0)
+    waits = small.predict_job(_job(system + [9999], prompt_tokens=4200))
+    small.model.shared_blocks = 0
+    counted_twice = small.predict_job(_job(system + [9999], prompt_tokens=4200))
+    assert waits.queue_delay < 0.1 < counted_twice.queue_delay
+
+
 def test_a_comeback_after_ejection_forgets_the_cache() -> None:
     inst = _instances(1)[0]
     inst.prefix.acquire([1, 2, 3])

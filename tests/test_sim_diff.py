@@ -193,15 +193,20 @@ SCORE_BOUNDS = st.sampled_from([(0.0, math.inf), (0.0, 1.0), (1.0, math.inf), (1
 def run_both(c_cls: type, cfg: dict, arr: np.ndarray, n: int, new: tuple[int, int, int],
              bound: float = math.inf,
              arrive: tuple[float, int, int, int, int] = NO_ARRIVALS, new_at: float = 0.0,
-             score: tuple[float, float] = (0.0, math.inf)):
+             score: tuple[float, float] = (0.0, math.inf), shared: int = 0):
     prompt, cached, output = new
     interval, a_prompt, a_cached, a_output, limit = arrive
-    c = c_cls(**cfg).predict(arr, n, prompt, cached, output, bound,
-                             interval, a_prompt, a_cached, a_output, limit, new_at, *score)
-    py = InstanceModelPy(**cfg).predict(arr, n, prompt, cached, output, bound,
-                                        interval, a_prompt, a_cached, a_output, limit, new_at,
-                                        *score)
+    c_model, py_model = c_cls(**cfg), InstanceModelPy(**cfg)
+    c_model.shared_blocks = py_model.shared_blocks = shared
+    c = c_model.predict(arr, n, prompt, cached, output, bound,
+                        interval, a_prompt, a_cached, a_output, limit, new_at, *score)
+    py = py_model.predict(arr, n, prompt, cached, output, bound,
+                          interval, a_prompt, a_cached, a_output, limit, new_at, *score)
     return c, py
+
+
+#: KV blocks the rows share (the engine holds once): none, a few, many, absurdly many
+SHARED = st.sampled_from([0, 0, 1, 3, 40, 5000, 1 << 41])
 
 
 # ---- compiled == twin ---------------------------------------------------------------------
@@ -213,7 +218,8 @@ def test_random_states_identical(data: st.DataObject) -> None:
     cfg = data.draw(configs())
     arr, n, new = data.draw(states(cfg["block_size"]))
     bound = data.draw(st.sampled_from([math.inf, 0.0, 1e-3, 0.05, 1.0, 30.0]))
-    c, py = run_both(c_cls, cfg, arr, n, new, bound, score=data.draw(SCORE_BOUNDS))
+    c, py = run_both(c_cls, cfg, arr, n, new, bound, score=data.draw(SCORE_BOUNDS),
+                     shared=data.draw(SHARED))
     assert c == py
     assert [type(x) for x in c] == [float, float, float, int, int, int, float]
 
@@ -227,7 +233,7 @@ def test_random_states_with_future_arrivals_identical(data: st.DataObject) -> No
     arrive = data.draw(arrivals(cfg["block_size"]))
     bound = data.draw(st.sampled_from([math.inf, 0.0, 0.05, 1.0, 30.0]))
     c, py = run_both(c_cls, cfg, arr, n, new, bound, arrive, data.draw(NEW_AT),
-                     data.draw(SCORE_BOUNDS))
+                     data.draw(SCORE_BOUNDS), data.draw(SHARED))
     assert c == py
 
 

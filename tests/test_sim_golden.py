@@ -236,6 +236,23 @@ def test_score_bound_stops_where_clock_plus_weighted_delay_passes_it(sim_impl, f
             bounded(bad, math.inf)
 
 
+def test_shared_blocks_start_free_beside_the_unused_ones(sim_impl, fast_forward):
+    # 20 blocks of 16 tokens; a running decode holds 17 (260 tokens computed), so a new
+    # 100-token prompt (64 cached) that needs 7 blocks waits until it finishes, unless the
+    # 4 blocks of its cached prefix are held once for both (shared_blocks).
+    model = make_model(sim_impl, fast_forward, num_gpu_blocks=20)
+    running = state((256, 0, 5, 100, 1))
+    alone = predict(model, running, 1, 100, 64, 2)
+    assert alone.queue_delay > 9.0  # 95 decode steps of 1.1 s first
+    model.shared_blocks = 4
+    shared = predict(model, running, 1, 100, 64, 2)
+    # admitted at once: the decode and its 36 uncached tokens, 1 + 0.1 + 0.36
+    assert shared.queue_delay == 0.0
+    assert shared.ttft == pytest.approx(1.46, rel=1e-12)
+    model.shared_blocks = -3  # nothing shared
+    assert predict(model, running, 1, 100, 64, 2) == alone
+
+
 # ---- expected future arrivals ---------------------------------------------------------------
 
 def predict_with(model, st, n, prompt, cached, output, interval, a_prompt, a_cached, a_output,

@@ -64,6 +64,8 @@ class Instance:
                                         initial=profile.step_time.per_request_s * speed)
         self.kv_tokens = self.limits.num_gpu_blocks * self.limits.block_size
         self.prefix = cache_for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
+        #: prefix blocks this proxy's requests in flight here hold, counted per request
+        self._held_blocks = 0
         #: the model's tokenizer (exact prompt tokens and engine blocks), when configured
         self.tokenizer = tokenizer.load(spec.tokenizer) if spec.tokenizer else None
         #: the engine's KV events drive the cache model, when it publishes them
@@ -172,8 +174,22 @@ class Instance:
             # model in blocks of this size, so it holds what the KV cache holds.
             self.prefix.capacity = max(int(self.kv_tokens / job.block_tokens), 1)
             new = self.prefix.acquire(job.blocks)
+            self._held_blocks += len(job.blocks)
+            self._share()
         return self.requests.reserve(job.prompt_tokens, job.output_tokens, now, cached,
                                      job.blocks, new)
+
+    def _share(self) -> None:
+        """Tell the simulator how many KV blocks the requests in flight here share: each
+        row holds its cached prefix, the engine holds a prefix several requests use once.
+        The duplicates are the prefix blocks this proxy's requests hold beyond the distinct
+        ones the cache model has in use (in engine blocks)."""
+        duplicates = self._held_blocks - self.prefix.describe()["in_use"]
+        if duplicates <= 0:
+            self.model.shared_blocks = 0
+            return
+        tokens = duplicates * self.kv_tokens / self.prefix.capacity
+        self.model.shared_blocks = int(tokens) // self.limits.block_size
 
     def first_token(self, entry: Entry, now: float) -> None:
         """The request produced its first token: it is running.  A streamed one that the
@@ -195,6 +211,8 @@ class Instance:
         """The request ended (finished, failed or cancelled)."""
         if not entry.released and entry.blocks:
             self.prefix.release(entry.blocks)
+            self._held_blocks -= len(entry.blocks)
+            self._share()
         self.requests.release(entry)
 
     # ---- health -------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ request appended to its queue.
   may be itself): it frees its blocks, forgets its computed tokens and goes back to the
   front of the waiting queue (recompute).
 * Prefix caching: on admission, ``cached`` prompt tokens count as already computed (at
-  most ``prompt - 1``: vLLM always computes the last prompt token).
+  most ``prompt - 1``: vLLM always computes the last prompt token).  The engine holds a
+  prefix block that several requests use once; the rows hold it once each, so the
+  model's ``shared_blocks`` (0 unless set: the duplicates among the requests in flight,
+  as the proxy's prefix-cache model counts them) start free beside the unused blocks.
 * A request whose computed tokens reach ``prompt + generated`` samples one output token at
   the end of that step; it finishes when it reaches its target length (the predicted
   output length, or ``generated + past_prediction_tokens`` once it is at or past the
@@ -151,6 +154,9 @@ class InstanceModelPy:
         self.past_prediction_tokens = int(past_prediction_tokens)
         self.max_iterations = int(max_iterations)
         self.fast_forward = bool(fast_forward)
+        #: KV blocks the rows count once each that the engine holds once (prefix blocks
+        #: several requests share): free at the start beside the unused ones
+        self.shared_blocks = 0
 
     def predict(self, state: Any, n: int, new_prompt: int, new_cached: int,
                 new_output: int, bound: float = INF, arrival_interval: float = INF,
@@ -282,6 +288,9 @@ class InstanceModelPy:
             elif i != new or new_at <= 0.0:
                 waiting.append(i)
         free = self.num_gpu_blocks - used
+        shared = self.shared_blocks
+        if shared > 0:  # prefix blocks the rows hold (or will hold) once each, held once
+            free += shared if shared < MAX_TOKENS else MAX_TOKENS
         peak = used
         # Every expected arrival is the same request; clamped as the others are.
         a_p = a_prompt if a_prompt > 1 else 1
