@@ -23,6 +23,8 @@ from typing import Any
 
 #: the most recent requests whose sizes are kept, for size quantiles (:meth:`sizes`)
 SIZE_SAMPLES = 128
+#: :meth:`ArrivalProcess.expected` when no arrival is expected
+NO_ARRIVALS = (math.inf, 0, 0, 0, 0)
 
 
 class ArrivalProcess:
@@ -104,7 +106,7 @@ class ArrivalProcess:
         every ``interval`` seconds of the mean recent sizes (no arrivals: interval inf)."""
         rate = self.rate(now) if self.limit else 0.0
         if not rate > 0.0:
-            return math.inf, 0, 0, 0, 0
+            return NO_ARRIVALS
         count = self._count
         return (1.0 / rate, round(self._prompt / count), round(self._cached / count),
                 round(self._output / count), self.limit)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockproxy import simulator
 from blockproxy.backends import BackendSpec
+from blockproxy.cluster.arrivals import NO_ARRIVALS
 from blockproxy.cluster.calibration import DecodeSpans, RequestOverhead, SpeedCalibration
 from blockproxy.cluster.prefix import EngineBlocks, cache_for_kv
 from blockproxy.cluster.requests import Entry, RequestTable
@@ -114,14 +115,10 @@ class Instance:
         use ``future``."""
         r = self.requests
         o = self.overhead.seconds
-        if future:
+        if future or delay_weight:
+            arrivals = r.recent.expected(time.perf_counter()) if future else NO_ARRIVALS
             p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
-                                   bound - o, *r.recent.expected(time.perf_counter()),
-                                   0.0, delay_weight, score_bound - o)
-        elif delay_weight:
-            p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
-                                   bound - o, math.inf, 0, 0, 0, 0, 0.0, delay_weight,
-                                   score_bound - o)
+                                   bound - o, *arrivals, 0.0, delay_weight, score_bound - o)
         else:
             p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
                                    bound - o)
