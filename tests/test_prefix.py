@@ -14,6 +14,7 @@ from blockproxy.backends import BackendSpec
 from blockproxy.cluster import prefix as cache_model
 from blockproxy.cluster.instance import Instance
 from blockproxy.cluster.prefix import PrefixCachePy
+from blockproxy.cluster.requests import PHANTOM
 from blockproxy.request import CHAT, COMPLETIONS, RequestInfo, parse_request
 from blockproxy.routing import prefix
 from blockproxy.routing.job import Job
@@ -252,6 +253,49 @@ def test_requests_sharing_a_prefix_tell_the_simulator_its_blocks_are_held_once()
     small.model.shared_blocks = 0
     counted_twice = small.predict_job(_job(system + [9999], prompt_tokens=4200))
     assert waits.queue_delay < 0.1 < counted_twice.queue_delay
+
+
+def test_other_proxies_requests_share_their_cached_prefix_as_this_proxys_do() -> None:
+    # Four requests of this proxy sharing a 4,096-token system prompt: 3 of the 4 cached
+    # prompts are held twice.  Another proxy's requests, whose blocks this proxy does not
+    # know, are credited the same share of their cached tokens.
+    inst = _instances(1)[0]
+    system = list(range(1, 129))
+    own = [inst.reserve_job(_job(system + [5000 + i], prompt_tokens=4200), 0.0)
+           for i in range(4)]
+    cached = sum(e.cached_tokens for e in own)
+    assert cached == 3 * 4096 and inst.shared_fraction == pytest.approx(1.0)
+    before = inst.model.shared_blocks
+    assert before == 3 * 4096 // 16
+    remote = [inst.requests.upsert_remote(7, i, 4200, 100, 0, 0, 0.0, cached_tokens=4096)
+              for i in range(5)]
+    assert inst.model.shared_blocks == before + 5 * 4096 // 16
+    inst.requests.remove_remote(7, 0)
+    inst.requests.remove_remote(7, 0)  # twice: counted once
+    assert inst.model.shared_blocks == before + 4 * 4096 // 16
+    # a phantom (load nobody gossiped) shares nothing
+    inst.requests.upsert_remote(PHANTOM, 1, 4200, 100, 0, 0, 0.0, cached_tokens=4096)
+    assert inst.model.shared_blocks == before + 4 * 4096 // 16
+    # this proxy's requests end: the last share seen still applies to the others'
+    for e in own:
+        inst.release(e)
+    assert inst.shared_fraction == pytest.approx(1.0)
+    assert inst.model.shared_blocks == 4 * 4096 // 16
+    for e in remote[1:]:
+        inst.requests.remove_remote(e.origin, e.rid)
+    assert inst.model.shared_blocks == 0
+    # A proxy measures the share while it has 4 requests or more here: one of these
+    # cached the system prompt after its first holder ended, so half is held twice.
+    half = _instances(1)[0]
+    first = half.reserve_job(_job(system + [8001], prompt_tokens=4200), 0.0)
+    half.reserve_job(_job(system + [8002], prompt_tokens=4200), 0.0)
+    for i in range(3):
+        half.reserve_job(_job(list(range(1000 * i + 900, 1000 * i + 1028)), 4200), 0.0)
+    assert half.shared_fraction == pytest.approx(1.0)
+    half.release(first)  # one holder left: nothing held twice, but 4,096 tokens cached
+    assert half.shared_fraction == pytest.approx(0.0)
+    half.reserve_job(_job(system + [8003], prompt_tokens=4200), 0.0)
+    assert half.shared_fraction == pytest.approx(0.5)  # 4,096 of 8,192 cached held twice
 
 
 def test_a_comeback_after_ejection_forgets_the_cache() -> None:

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 #: takes none; held for auto-provisioning (the backends file's ``state``)
 ACTIVE, DRAINING, STANDBY = "active", "draining", "standby"
 
+#: this proxy's requests in flight on an instance from which it measures the share of a
+#: cached prefix that several requests hold (see :meth:`Instance.update_shared`)
+SHARE_SAMPLE = 4
+
 
 class Instance:
     """One vLLM instance: its configuration, health, simulator and active requests."""
@@ -67,6 +71,14 @@ class Instance:
         self.prefix = cache_for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
         #: prefix blocks this proxy's requests in flight here hold, counted per request
         self._held_blocks = 0
+        #: prompt tokens of this proxy's requests in flight here predicted cached, and how
+        #: many of those another of them holds too (the engine holds them once)
+        self._own_cached = 0
+        self._own_rows = 0
+        self._own_shared = 0.0
+        #: the share of a cached prefix another request in flight holds too, as last seen
+        #: among this proxy's own requests here (applied to other proxies' requests)
+        self.shared_fraction = 0.0
         #: the model's tokenizer (exact prompt tokens and engine blocks), when configured
         self.tokenizer = tokenizer.load(spec.tokenizer) if spec.tokenizer else None
         #: the engine's KV events drive the cache model, when it publishes them
@@ -172,20 +184,30 @@ class Instance:
             self.prefix.capacity = max(int(self.kv_tokens / job.block_tokens), 1)
             new = self.prefix.acquire(job.blocks)
             self._held_blocks += len(job.blocks)
-            self._share()
+            self._own_cached += cached
+            self._own_rows += 1
+            self._count_own_shared()
         return self.requests.reserve(job.prompt_tokens, job.output_tokens, now, cached,
                                      job.blocks, new)
 
-    def _share(self) -> None:
+    def _count_own_shared(self) -> None:
+        """Count the prefix tokens this proxy's requests in flight here hold more than
+        once: the prefix blocks they hold beyond the distinct ones the cache model has in
+        use.  Their share of the requests' cached tokens is the estimate for every other
+        proxy's request (whose blocks this proxy does not know), measured while it has
+        :data:`SHARE_SAMPLE` requests here or more (fewer say little)."""
+        duplicates = max(self._held_blocks - self.prefix.describe()["in_use"], 0)
+        self._own_shared = duplicates * self.kv_tokens / self.prefix.capacity
+        if self._own_rows >= SHARE_SAMPLE and self._own_cached > 0:
+            self.shared_fraction = min(self._own_shared / self._own_cached, 1.0)
+        self.update_shared()
+
+    def update_shared(self) -> None:
         """Tell the simulator how many KV blocks the requests in flight here share: each
         row holds its cached prefix, the engine holds a prefix several requests use once.
-        The duplicates are the prefix blocks this proxy's requests hold beyond the distinct
-        ones the cache model has in use (in engine blocks)."""
-        duplicates = self._held_blocks - self.prefix.describe()["in_use"]
-        if duplicates <= 0:
-            self.model.shared_blocks = 0
-            return
-        tokens = duplicates * self.kv_tokens / self.prefix.capacity
+        This proxy's requests count what they hold twice; other proxies' requests, the
+        same share of their cached tokens."""
+        tokens = self._own_shared + self.shared_fraction * self.requests.remote_cached
         self.model.shared_blocks = int(tokens) // self.limits.block_size
 
     def first_token(self, entry: Entry, now: float) -> None:
@@ -209,7 +231,9 @@ class Instance:
         if not entry.released and entry.blocks:
             self.prefix.release(entry.blocks)
             self._held_blocks -= len(entry.blocks)
-            self._share()
+            self._own_cached -= entry.cached_tokens
+            self._own_rows -= 1
+            self._count_own_shared()
         self.requests.release(entry)
 
     # ---- health -------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ class RequestTable:
         self.arrivals = 0
         #: remote and phantom entries by (origin, rid)
         self.remote: dict[tuple[int, int], Entry] = {}
+        #: prompt tokens of other proxies' requests here that they predicted cached
+        self.remote_cached = 0
         self.listener: RequestListener | None = None
 
     # ---- the proxy's own requests -------------------------------------------------------------
@@ -156,6 +158,9 @@ class RequestTable:
         entry.released = True
         if entry.origin != LOCAL:
             self.remote.pop((entry.origin, entry.rid), None)
+            if entry.cached_tokens and entry.origin != PHANTOM:
+                self.remote_cached -= entry.cached_tokens
+                self.owner.update_shared()
         elif self.listener is not None:
             self.listener.released(entry)
         if not entry.first_token_at:
@@ -184,6 +189,9 @@ class RequestTable:
             self.remote[(origin, rid)] = entry
             if origin != PHANTOM:
                 self.recent.record(now, prompt_tokens, cached_tokens, predicted_tokens)
+                if cached_tokens:
+                    self.remote_cached += cached_tokens
+                    self.owner.update_shared()
         elif entry.prompt_tokens != prompt_tokens or entry.predicted_tokens != predicted_tokens:
             entry.prompt_tokens, entry.predicted_tokens = prompt_tokens, predicted_tokens
             self.table[simulator.COL_PROMPT, entry.slot] = prompt_tokens
