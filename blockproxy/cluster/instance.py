@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 ACTIVE, DRAINING, STANDBY = "active", "draining", "standby"
 
 #: this proxy's requests in flight on an instance from which it measures the share of a
-#: cached prefix that several requests hold (see :meth:`Instance.update_shared`)
+#: cached prefix that several requests hold (see :meth:`Instance._count_own_shared`)
 SHARE_SAMPLE = 4
 
 
@@ -71,10 +71,11 @@ class Instance:
         self.prefix = cache_for_kv(self.limits.num_gpu_blocks, self.limits.block_size)
         #: prefix blocks this proxy's requests in flight here hold, counted per request
         self._held_blocks = 0
-        #: prompt tokens of this proxy's requests in flight here predicted cached, and how
-        #: many of those another of them holds too (the engine holds them once)
-        self._own_cached = 0
+        #: this proxy's requests in flight here with prefix blocks, the prompt tokens of
+        #: theirs predicted cached, and how many of those another of them holds too (the
+        #: engine holds them once)
         self._own_rows = 0
+        self._own_cached = 0
         self._own_shared = 0.0
         #: the share of a cached prefix another request in flight holds too, as last seen
         #: among this proxy's own requests here (applied to other proxies' requests)
