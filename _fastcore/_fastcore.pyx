@@ -233,14 +233,17 @@ cdef class InstanceModelC:
     def predict(self, state, n, new_prompt, new_cached, new_output, double bound=INFINITY,
                 double arrival_interval=INFINITY, arrival_prompt=0, arrival_cached=0,
                 arrival_output=0, arrival_limit=0, double new_at=0.0,
-                double delay_weight=0.0, double score_bound=INFINITY):
+                double delay_weight=0.0, double score_bound=INFINITY,
+                bint delay_first_tokens=False):
         """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
         every ``arrival_interval`` seconds).
 
         The simulation stops once its clock passes ``bound`` seconds from now, or its
         clock plus ``delay_weight`` times the delay so far passes ``score_bound`` (times
-        not reached are ``inf``); times are counted from the new request's arrival.
+        not reached are ``inf``); times are counted from the new request's arrival.  With
+        ``delay_first_tokens`` the delay counts only the others still before their first
+        token.
 
         ``state`` is a C-contiguous ``int64`` array of shape ``(5, capacity)`` (read-only
         is fine; other integer arrays are converted).  Returns ``(ttft, e2e,
@@ -300,7 +303,8 @@ cdef class InstanceModelC:
         self._reserve(nn + 1 + a_limit)
         out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound,
                         arrival_interval, a_prompt, a_cached, a_output, a_limit, new_at,
-                        False, INFINITY, NULL, NULL, delay_weight, score_bound)
+                        False, INFINITY, NULL, NULL, delay_weight, score_bound,
+                        delay_first_tokens)
         return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps,
                 out.delay)
 
@@ -333,7 +337,7 @@ cdef class InstanceModelC:
         out = self._run(&view[0, 0] if cap > 0 else NULL, cap, nn, 0, 0, 0, INFINITY,
                         INFINITY, 0, 0, 0, 0, 0.0, True, d,
                         &first_v[0] if nn > 0 else NULL, &done_v[0] if nn > 0 else NULL,
-                        0.0, INFINITY)
+                        0.0, INFINITY, False)
         req = self._s.req
         for i in range(nn):
             view[2, i] = req[i].gen
@@ -351,7 +355,7 @@ cdef class InstanceModelC:
                       int64_t a_prompt, int64_t a_cached, int64_t a_output,
                       int64_t a_limit, double new_at, bint stepping, double until,
                       double* first, double* done, double weight,
-                      double score_bound) noexcept nogil:
+                      double score_bound, bint first_tokens) noexcept nogil:
         # Stepping: no new request, steps start only before ``until``, and the rows'
         # first-token and finish times go into ``first`` and ``done`` (n entries each).
         cdef Req* req = self._s.req
@@ -384,6 +388,9 @@ cdef class InstanceModelC:
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
         cdef int64_t prefill_tokens, decode_seqs, ctx, new_comp
         cdef double delay = 0.0, d_new
+        # the others still before their first token (``first_tokens``: the only ones the
+        # new request's steps are counted as delaying)
+        cdef int64_t pending = 0
         cdef int64_t preemptions = 0, steps = 0, iterations = 0, tg, fit
         cdef int64_t kv_tokens = KV_TOKENS_CAP
         if num_gpu_blocks <= KV_TOKENS_CAP // bs:
@@ -407,6 +414,8 @@ cdef class InstanceModelC:
                 c = state[stride + i]
                 g = state[2 * stride + i]
                 pr = state[3 * stride + i]
+                if g == 0:
+                    pending += 1
             else:
                 p = new_prompt
                 c = new_cached
@@ -466,6 +475,7 @@ cdef class InstanceModelC:
                 req[n_req].gen = 0
                 req[n_req].comp = 0
                 req[n_req].blocks = 0
+                pending += 1
                 waiting[tail] = n_req
                 tail += 1
                 n_req += 1
@@ -557,7 +567,7 @@ cdef class InstanceModelC:
                             # request in flight by as much
                             delay += speed * (<double>j * (c_decode + c_context * <double>new_comp)
                                               + c_context * bp_tri_as_double(j)) * <double>(
-                                n_run - 1 + tail - head)
+                                pending if first_tokens else n_run - 1 + tail - head)
                         for k in range(n_run):
                             r = running[k]
                             req[r].comp += j
@@ -662,7 +672,8 @@ cdef class InstanceModelC:
             t += speed * (fixed + c_prefill * <double>prefill_tokens
                           + c_decode * <double>decode_seqs + c_context * <double>ctx)
             if d_new >= 0.0:
-                delay += speed * d_new * <double>(n_running - 1 + tail - head)
+                delay += speed * d_new * <double>(
+                    pending if first_tokens else n_running - 1 + tail - head)
             steps += 1
             finished_any = False
             for k in range(n_sched):
@@ -670,6 +681,8 @@ cdef class InstanceModelC:
                 req[r].comp += sched_new[k]
                 if req[r].comp == req[r].prompt + req[r].gen:
                     req[r].gen += 1
+                    if req[r].gen == 1 and r != new:
+                        pending -= 1
                     if r == new and out.ttft == INFINITY:
                         out.ttft = t - new_at
                     if stepping and req[r].gen == 1:

@@ -126,6 +126,28 @@ def test_block_delay_weight_counts_the_latency_added_to_the_others(
             make_policy("block", random.Random(0), **{option: -0.5})
 
 
+def test_block_ttft_delay_weight_counts_only_the_first_tokens_it_delays(
+        monkeypatch: pytest.MonkeyPatch):
+    """The same two instances: the thirty decodes on i1 have their first tokens, so the
+    long prompt's prefill there delays none (``block_ttft``), while on i0 it waits behind
+    the queued prompt.  ``block`` with the delay weight sends it to wait behind the queue
+    on i0, ``block_ttft`` with the same weight and no slack limit to i1."""
+    frozen(monkeypatch)
+    insts = cluster(2)
+    load(insts[0], 1, prompt=6000, output=300, started=False)
+    load(insts[1], 30, prompt=50, output=2000)
+    job = Job(prompt_tokens=16000, output_tokens=10)
+    options = {"delay_weight": 1.0, "delay_slack": math.inf}
+    assert make_policy("block", random.Random(0), **options).choose(insts, job)[0] is insts[0]
+    chosen, prediction = make_policy("block_ttft", random.Random(0), **options).choose(
+        insts, job)
+    assert chosen is insts[1] and prediction is not None and prediction.delay == 0.0
+    assert prediction.ttft < insts[0].predict_job(job).ttft
+    # the prompt waiting on i0 has no first token yet: a prefill beside its own delays it
+    first = insts[0].predict(6000, 0, 10, delay_weight=1.0, delay_first_tokens=True)
+    assert first.delay > 0.0
+
+
 @pytest.mark.parametrize("delay_weight, delay_slack",
                          [(0.0, 0.0), (1.0, 0.2), (1.0, 5.0), (1.0, math.inf)])
 def test_block_branch_and_bound_chooses_as_full_simulation_would(

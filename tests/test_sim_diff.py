@@ -185,15 +185,18 @@ NO_ARRIVALS = (math.inf, 0, 0, 0, 0)
 NEW_AT = st.sampled_from([0.0, 0.0, 0.0, 1e-6, 0.01, 0.7, 3.0, 50.0])
 
 
-#: (delay_weight, score_bound): none, or a bound on the clock plus the weighted delay
-SCORE_BOUNDS = st.sampled_from([(0.0, math.inf), (0.0, 1.0), (1.0, math.inf), (1.0, 0.5),
-                                (1.0, 5.0), (1.0, 40.0), (0.3, 2.0), (4.0, 10.0)])
+#: (delay_weight, score_bound, delay_first_tokens): none, or a bound on the clock plus the
+#: weighted delay, the delay to every other request or to their first tokens only
+SCORE_BOUNDS = st.tuples(
+    st.sampled_from([(0.0, math.inf), (0.0, 1.0), (1.0, math.inf), (1.0, 0.5), (1.0, 5.0),
+                     (1.0, 40.0), (0.3, 2.0), (4.0, 10.0)]),
+    st.booleans()).map(lambda t: (*t[0], t[1]))
 
 
 def run_both(c_cls: type, cfg: dict, arr: np.ndarray, n: int, new: tuple[int, int, int],
              bound: float = math.inf,
              arrive: tuple[float, int, int, int, int] = NO_ARRIVALS, new_at: float = 0.0,
-             score: tuple[float, float] = (0.0, math.inf), shared: int = 0):
+             score: tuple[float, float, bool] = (0.0, math.inf, False), shared: int = 0):
     prompt, cached, output = new
     interval, a_prompt, a_cached, a_output, limit = arrive
     c_model, py_model = c_cls(**cfg), InstanceModelPy(**cfg)
@@ -245,14 +248,14 @@ def test_a_score_bound_cuts_only_runs_that_would_end_past_it(data: st.DataObject
     cfg = data.draw(configs())
     arr, n, new = data.draw(states(cfg["block_size"]))
     arrive = data.draw(arrivals(cfg["block_size"]))
-    weight, score_bound = data.draw(SCORE_BOUNDS)
+    weight, score_bound, first_tokens = data.draw(SCORE_BOUNDS)
     model = InstanceModelPy(**cfg)
     prompt, cached, output = new
     interval, a_prompt, a_cached, a_output, limit = arrive
     full = model.predict(arr, n, prompt, cached, output, math.inf, interval, a_prompt,
-                         a_cached, a_output, limit)
+                         a_cached, a_output, limit, 0.0, weight, math.inf, first_tokens)
     cut = model.predict(arr, n, prompt, cached, output, math.inf, interval, a_prompt,
-                        a_cached, a_output, limit, 0.0, weight, score_bound)
+                        a_cached, a_output, limit, 0.0, weight, score_bound, first_tokens)
     if cut[1] < math.inf:
         assert cut == full
     elif full[1] < math.inf:

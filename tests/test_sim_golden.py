@@ -99,6 +99,35 @@ def test_delay_is_the_new_requests_share_of_steps_times_others_in_flight(sim_imp
     assert queued.delay == pytest.approx(2.6, rel=1e-12)
 
 
+def test_first_token_delay_counts_only_the_others_before_their_first_token(sim_impl,
+                                                                          fast_forward):
+    """``delay_first_tokens`` (``block_ttft``): a decode's first token is out, so the new
+    request's steps delay only the requests still waiting for theirs."""
+    model = make_model(sim_impl, fast_forward)
+
+    def delays(st, n, *arrivals):
+        args = (st, n, 100, 0, 3, math.inf, *(arrivals or (math.inf, 0, 0, 0, 0)), 0.0, 1.0,
+                math.inf)
+        every, first = (Prediction(*model.predict(*args, flag)) for flag in (False, True))
+        assert (every.ttft, every.e2e) == (first.ttft, first.e2e)  # only the delay differs
+        return every.delay, first.delay
+
+    decoding = (10, 0, 5, 100, 1)
+    assert delays(state(decoding, decoding), 2) == (pytest.approx(2.4, rel=1e-12), 0.0)
+    # A waiting 50-token prompt is prefilled beside the new one in step 1 (its first token
+    # 1 s later for the new request's 100 prefill tokens), then decodes: 2 * 1 + 2 * 2 * 0.1
+    # for every request in flight, 1 s for the first tokens.
+    waiting = (50, 0, 0, 100, 0)
+    every, first = delays(state(decoding, waiting), 2)
+    assert every == pytest.approx(2.4, rel=1e-12) and first == pytest.approx(1.0, rel=1e-12)
+    # The expected arrival that waits for a slot (3 slots) through steps 2 and 3 has no
+    # first token yet: 2 * 0.1 of the 2.6 s.
+    full = make_model(sim_impl, fast_forward, max_num_seqs=3)
+    model = full
+    every, first = delays(state(decoding, decoding), 2, 0.2, 10, 0, 10, 1)
+    assert every == pytest.approx(2.6, rel=1e-12) and first == pytest.approx(0.2, rel=1e-12)
+
+
 def test_sequence_cap_makes_new_request_wait(sim_impl, fast_forward):
     model = make_model(sim_impl, fast_forward, max_num_seqs=2)
     almost_done = (10, 0, 5, 10, 1)  # 5 more tokens to go

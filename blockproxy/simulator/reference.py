@@ -71,7 +71,7 @@ State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``;
 
 ``predict(state, n, new_prompt, new_cached, new_output, bound=inf, arrival_interval=inf,
 arrival_prompt=0, arrival_cached=0, arrival_output=0, arrival_limit=0, new_at=0,
-delay_weight=0, score_bound=inf)`` returns
+delay_weight=0, score_bound=inf, delay_first_tokens=False)`` returns
 ``(ttft, e2e, queue_delay, preemptions, peak_blocks, steps, delay)``:
 seconds from the new request's arrival (now, or ``new_at``) until its first token, until
 its last token, and until it is first scheduled; preemptions during the simulation; the
@@ -80,8 +80,10 @@ request adds to the others, in seconds summed over them.  ``delay`` is first-ord
 step the new request takes part in is longer by its share of the step-time model (its
 prefill tokens or its decode sequence, and its context), and that makes every other
 request in flight then (running or waiting, expected arrivals included) finish that much
-later.  A slot, a token budget or KV blocks the new request takes from a waiting one
-are not counted.  A request that can never be
+later; with ``delay_first_tokens``, only the others still before their first token
+then (their time to first token is what it delays; a decode's is already fixed).  A
+slot, a token budget or KV blocks the new request takes from a waiting one are not
+counted.  A request that can never be
 served (it does not fit in the KV cache), a simulation longer than ``max_iterations`` loop
 iterations, or one whose clock passes ``bound`` seconds from now (a caller that only wants
 to know whether this instance beats the best one so far) gives ``inf`` for the times not
@@ -162,12 +164,14 @@ class InstanceModelPy:
                 new_output: int, bound: float = INF, arrival_interval: float = INF,
                 arrival_prompt: int = 0, arrival_cached: int = 0, arrival_output: int = 0,
                 arrival_limit: int = 0, new_at: float = 0.0, delay_weight: float = 0.0,
-                score_bound: float = INF
+                score_bound: float = INF, delay_first_tokens: bool = False
                 ) -> tuple[float, float, float, int, int, int, float]:
         """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
         every ``arrival_interval`` seconds), until its clock passes ``bound`` or its
-        clock plus ``delay_weight`` times the delay so far passes ``score_bound``."""
+        clock plus ``delay_weight`` times the delay so far passes ``score_bound``; with
+        ``delay_first_tokens`` the delay counts only the others still before their first
+        token."""
         if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
             raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
         cols = state[:NUM_COLUMNS, :n].tolist()
@@ -200,7 +204,7 @@ class InstanceModelPy:
         return self._run(m, prompt_col, cached_col, gen_col, pred_col, started_col,
                          float(bound), interval, int(arrival_prompt), int(arrival_cached),
                          int(arrival_output), limit, new_at, weight=weight,
-                         score_bound=float(score_bound))
+                         score_bound=float(score_bound), first_tokens=bool(delay_first_tokens))
 
     def advance(self, state: Any, n: int, duration: float, first: Any, done: Any
                 ) -> tuple[float, int]:
@@ -239,7 +243,7 @@ class InstanceModelPy:
              a_interval: float = INF, a_prompt: int = 0, a_cached: int = 0,
              a_output: int = 0, a_limit: int = 0, new_at: float = 0.0,
              until: float = INF, record: dict[str, Any] | None = None,
-             weight: float = 0.0, score_bound: float = INF
+             weight: float = 0.0, score_bound: float = INF, first_tokens: bool = False
              ) -> tuple[float, float, float, int, int, int, float]:
         """The simulation.  With ``record`` (stepping, :meth:`advance`) there is no new
         request: the ``m`` rows are the instance's own, steps start only before
@@ -287,6 +291,9 @@ class InstanceModelPy:
                 running.append(i)
             elif i != new or new_at <= 0.0:
                 waiting.append(i)
+        # the others still before their first token (``first_tokens``: the only ones the
+        # new request's steps are counted as delaying)
+        pending = sum(1 for i in range(m) if i != new and gen[i] == 0)
         free = self.num_gpu_blocks - used
         shared = self.shared_blocks
         if shared > 0:  # prefix blocks the rows hold (or will hold) once each, held once
@@ -325,6 +332,7 @@ class InstanceModelPy:
                 gen.append(0)
                 comp.append(0)
                 blocks.append(0)
+                pending += 1
                 arrived += 1
                 next_at = (float(arrived) + 0.5) * a_interval
             if not joined and t >= new_at:
@@ -401,7 +409,7 @@ class InstanceModelPy:
                             # request in flight by as much
                             delay += speed * (float(j) * (c_decode + c_context * float(new_comp))
                                               + c_context * float(j * (j + 1) // 2)) * float(
-                                n_run - 1 + len(waiting))
+                                pending if first_tokens else n_run - 1 + len(waiting))
                         for r in running:
                             comp[r] += j
                             gen[r] += j
@@ -501,7 +509,8 @@ class InstanceModelPy:
             t += speed * (fixed + c_prefill * float(prefill_tokens)
                           + c_decode * float(decode_seqs) + c_context * float(ctx))
             if d_new >= 0.0:
-                delay += speed * d_new * float(len(running) - 1 + len(waiting))
+                delay += speed * d_new * float(
+                    pending if first_tokens else len(running) - 1 + len(waiting))
             steps += 1
             finished_any = False
             for k in range(len(sched_idx)):
@@ -509,6 +518,8 @@ class InstanceModelPy:
                 comp[r] += sched_new[k]
                 if comp[r] == prompt[r] + gen[r]:
                     gen[r] += 1
+                    if gen[r] == 1 and r != new:
+                        pending -= 1
                     if r == new and ttft == INF:
                         ttft = t - new_at
                     if stepping and gen[r] == 1:

@@ -19,10 +19,14 @@ alone is greedy: a long prompt sent where it starts soonest can stall many decod
 and a long answer sent where the batch is smallest slows every prefill that arrives there
 while it decodes; the mean latency over all requests pays for both.  At w = 1 the score
 is the change in the sum of all latencies (to first order), the quantity the mean
-end-to-end latency measures.  The requests still to come are most of those a long answer
-delays: counting only the ones already there sends long prompts, unboundedly, to wait
-for an instance where few others would notice them, while with the arrivals the
-instances that receive fewer prefills keep the long answers.  Only instances where the
+end-to-end latency measures.  The requests still to come are most of those a long
+answer delays: counting only the ones already there sends long prompts, unboundedly, to
+wait for an instance where few others would notice them, while with the arrivals the
+instances that receive fewer prefills keep the long answers.  For ``block_ttft`` the
+latency is the time to first token, its own and the others': its steps delay only the
+requests still before their first token (a decode's first token is out already), so a
+long prompt is not sent to wait behind a queue merely because the instances with no
+queue are busy decoding (what a TTFT SLO needs).  Only instances where the
 request's own predicted latency is within ``delay_slack`` (a fraction) of its best are
 candidates for it (``inf``: all of them).
 
@@ -83,6 +87,7 @@ class BlockPolicy(Policy):
             order.sort()
         prompt, output = job.prompt_tokens, job.output_tokens
         future = self.predicts_future  # the others it delays include those still to arrive
+        first_tokens = idx == 0  # block_ttft: the delay to the others' first tokens
         for neg_cached, _, _, inst in order:
             # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
             # With the delay and no slack limit, a run whose latency plus weighted delay so
@@ -94,7 +99,7 @@ class BlockPolicy(Policy):
             else:
                 bound = score_bound = math.inf
             prediction = inst.predict(prompt, -neg_cached, output, bound, future, w,
-                                      score_bound)
+                                      score_bound, first_tokens)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]
