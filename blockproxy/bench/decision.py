@@ -98,8 +98,9 @@ def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
     timed: list[tuple[str, str, dict[str, Any]]] = [
         (name, name, {}) for name in args.policies.split(",")]
     if args.delay_weight:  # every candidate simulated with its expected arrivals
-        timed.append((f"block --delay-weight {args.delay_weight:g}", "block",
-                      {"delay_weight": args.delay_weight, "delay_slack": math.inf}))
+        for name in ("block", "block_ttft"):  # end-to-end and first-token delay
+            timed.append((f"{name} --delay-weight {args.delay_weight:g}", name,
+                          {"delay_weight": args.delay_weight, "delay_slack": math.inf}))
     for label, policy_name, options in timed:
         per_size = {}
         for size in CLUSTER_SIZES:
