@@ -234,16 +234,18 @@ cdef class InstanceModelC:
                 double arrival_interval=INFINITY, arrival_prompt=0, arrival_cached=0,
                 arrival_output=0, arrival_limit=0, double new_at=0.0,
                 double delay_weight=0.0, double score_bound=INFINITY,
-                bint delay_first_tokens=False):
+                double decode_delay=1.0, bint score_ttft=False):
         """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
         every ``arrival_interval`` seconds).
 
         The simulation stops once its clock passes ``bound`` seconds from now, or its
         clock plus ``delay_weight`` times the delay so far passes ``score_bound`` (times
-        not reached are ``inf``); times are counted from the new request's arrival.  With
-        ``delay_first_tokens`` the delay counts only the others still before their first
-        token.
+        not reached are ``inf``); times are counted from the new request's arrival.  The
+        delay to an other request already past its first token counts ``decode_delay``
+        times (1: the end-to-end delay; 0: only the others' first tokens).  With
+        ``score_ttft`` the bounded score is the time to first token (once known) plus the
+        weighted delay.
 
         ``state`` is a C-contiguous ``int64`` array of shape ``(5, capacity)`` (read-only
         is fine; other integer arrays are converted).  Returns ``(ttft, e2e,
@@ -300,11 +302,13 @@ cdef class InstanceModelC:
         if not (delay_weight >= 0.0 and delay_weight < INFINITY):
             raise ValueError(f"delay_weight must be a finite non-negative number, "
                              f"got {delay_weight}")
+        if not (decode_delay >= 0.0 and decode_delay <= 1.0):
+            raise ValueError(f"decode_delay must be in [0, 1], got {decode_delay}")
         self._reserve(nn + 1 + a_limit)
         out = self._run(data, cap, nn, extra[0], extra[1], extra[3], bound,
                         arrival_interval, a_prompt, a_cached, a_output, a_limit, new_at,
                         False, INFINITY, NULL, NULL, delay_weight, score_bound,
-                        delay_first_tokens)
+                        decode_delay, score_ttft)
         return (out.ttft, out.e2e, out.queue_delay, out.preemptions, out.peak, out.steps,
                 out.delay)
 
@@ -337,7 +341,7 @@ cdef class InstanceModelC:
         out = self._run(&view[0, 0] if cap > 0 else NULL, cap, nn, 0, 0, 0, INFINITY,
                         INFINITY, 0, 0, 0, 0, 0.0, True, d,
                         &first_v[0] if nn > 0 else NULL, &done_v[0] if nn > 0 else NULL,
-                        0.0, INFINITY, False)
+                        0.0, INFINITY, 1.0, False)
         req = self._s.req
         for i in range(nn):
             view[2, i] = req[i].gen
@@ -355,7 +359,8 @@ cdef class InstanceModelC:
                       int64_t a_prompt, int64_t a_cached, int64_t a_output,
                       int64_t a_limit, double new_at, bint stepping, double until,
                       double* first, double* done, double weight,
-                      double score_bound, bint first_tokens) noexcept nogil:
+                      double score_bound, double decode_delay,
+                      bint score_ttft) noexcept nogil:
         # Stepping: no new request, steps start only before ``until``, and the rows'
         # first-token and finish times go into ``first`` and ``done`` (n entries each).
         cdef Req* req = self._s.req
@@ -388,9 +393,9 @@ cdef class InstanceModelC:
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
         cdef int64_t prefill_tokens, decode_seqs, ctx, new_comp
         cdef double delay = 0.0, d_new
-        # the others still before their first token (``first_tokens``: the only ones the
-        # new request's steps are counted as delaying)
-        cdef int64_t pending = 0
+        # the others still before their first token: the new request's steps delay each of
+        # them by the step's share, each other one by ``decode_delay`` times that
+        cdef int64_t pending = 0, others
         cdef int64_t preemptions = 0, steps = 0, iterations = 0, tg, fit
         cdef int64_t kv_tokens = KV_TOKENS_CAP
         if num_gpu_blocks <= KV_TOKENS_CAP // bs:
@@ -465,7 +470,8 @@ cdef class InstanceModelC:
         next_at = 0.5 * a_interval
 
         while (iterations < max_iterations and t <= bound
-               and t + weight * delay <= score_bound):
+               and (out.ttft if score_ttft and out.ttft != INFINITY else t) + weight * delay
+               <= score_bound):
             iterations += 1
             # ---- expected arrivals due by now join the waiting queue ----------------------
             while arrived < a_limit and t >= next_at:
@@ -565,9 +571,10 @@ cdef class InstanceModelC:
                         if new_comp >= 0:
                             # the new request's share of the j steps delays every other
                             # request in flight by as much
+                            others = n_run - 1 + tail - head
                             delay += speed * (<double>j * (c_decode + c_context * <double>new_comp)
-                                              + c_context * bp_tri_as_double(j)) * <double>(
-                                pending if first_tokens else n_run - 1 + tail - head)
+                                              + c_context * bp_tri_as_double(j)) * (
+                                <double>pending + decode_delay * <double>(others - pending))
                         for k in range(n_run):
                             r = running[k]
                             req[r].comp += j
@@ -672,8 +679,9 @@ cdef class InstanceModelC:
             t += speed * (fixed + c_prefill * <double>prefill_tokens
                           + c_decode * <double>decode_seqs + c_context * <double>ctx)
             if d_new >= 0.0:
-                delay += speed * d_new * <double>(
-                    pending if first_tokens else n_running - 1 + tail - head)
+                others = n_running - 1 + tail - head
+                delay += speed * d_new * (
+                    <double>pending + decode_delay * <double>(others - pending))
             steps += 1
             finished_any = False
             for k in range(n_sched):

@@ -39,6 +39,11 @@ class ProxyConfig:
     delay_slack: float = _opt(0.2, "block: with --delay-weight, how much longer (a fraction) a "
                                    "request's own predicted latency may be than its best, to "
                                    "spare the others (inf = no limit)")
+    delay_decodes: float = _opt(-1.0, "block: with --delay-weight, how much a request's "
+                                      "delay to another already past its first token "
+                                      "counts against one to a first token still to come, "
+                                      "in [0, 1] (1 = the end-to-end delay; negative = the "
+                                      "policy's own: 1 for block, 0 for block_ttft)")
     balance_abs: int = _opt(32, "prefix_affinity: route to the least loaded when the most and "
                                 "least loaded differ by more than this many requests ...")
     balance_rel: float = _opt(1.5, "prefix_affinity: ... and by more than this factor")

@@ -124,6 +124,11 @@ def test_block_delay_weight_counts_the_latency_added_to_the_others(
     for option in ("delay_weight", "delay_slack"):
         with pytest.raises(ValueError, match=option):
             make_policy("block", random.Random(0), **{option: -0.5})
+    for share in (1.5, math.nan):
+        with pytest.raises(ValueError, match="delay_decodes"):
+            make_policy("block_ttft", random.Random(0), delay_decodes=share)
+    assert make_policy("block", random.Random(0)).delay_decodes == 1.0
+    assert make_policy("block_ttft", random.Random(0)).delay_decodes == 0.0
 
 
 def test_block_ttft_delay_weight_counts_only_the_first_tokens_it_delays(
@@ -144,14 +149,21 @@ def test_block_ttft_delay_weight_counts_only_the_first_tokens_it_delays(
     assert chosen is insts[1] and prediction is not None and prediction.delay == 0.0
     assert prediction.ttft < insts[0].predict_job(job).ttft
     # the prompt waiting on i0 has no first token yet: a prefill beside its own delays it
-    first = insts[0].predict(6000, 0, 10, delay_weight=1.0, delay_first_tokens=True)
+    first = insts[0].predict(6000, 0, 10, delay_weight=1.0, decode_delay=0.0)
     assert first.delay > 0.0
 
 
-@pytest.mark.parametrize("delay_weight, delay_slack",
-                         [(0.0, 0.0), (1.0, 0.2), (1.0, 5.0), (1.0, math.inf)])
+@pytest.mark.parametrize("name, delay_weight, delay_slack, decodes",
+                         [("block", 0.0, 0.0, 1.0), ("block", 1.0, 0.2, 1.0),
+                          ("block", 1.0, 5.0, 1.0), ("block", 1.0, math.inf, 1.0),
+                          ("block", 1.0, math.inf, 0.25), ("block_ttft", 1.0, math.inf, 0.0),
+                          ("block_ttft", 1.0, math.inf, 0.25),
+                          ("block_ttft", 0.5, math.inf, 1.0)])
 def test_block_branch_and_bound_chooses_as_full_simulation_would(
-        delay_weight: float, delay_slack: float, monkeypatch: pytest.MonkeyPatch):
+        name: str, delay_weight: float, delay_slack: float, decodes: float,
+        monkeypatch: pytest.MonkeyPatch):
+    """The bounded runs choose what full simulations would: the best score, whose own
+    latency (end-to-end, or for ``block_ttft`` the first token) is within the slack."""
     frozen(monkeypatch)
     rng = random.Random(5)
     insts = cluster(8)
@@ -159,8 +171,9 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(
         load(inst, rng.randint(0, 120), prompt=rng.randint(100, 3000),
              output=rng.randint(50, 600))
         arrive(inst, rng.uniform(0.0, 40.0), rng.randint(100, 3000), rng.randint(50, 600))
-    policy = make_policy("block", random.Random(0), tie_tolerance=0.0,
-                         delay_weight=delay_weight, delay_slack=delay_slack)
+    policy = make_policy(name, random.Random(0), tie_tolerance=0.0, delay_weight=delay_weight,
+                         delay_slack=delay_slack, delay_decodes=decodes)
+    idx = 0 if name == "block_ttft" else 1
     runs: list[int] = []
     cuts: list[int] = []
     future = delay_weight > 0.0  # the delay counts the requests still to arrive
@@ -173,15 +186,18 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(
         monkeypatch.setattr(inst, "predict", predict)
     for _ in range(30):
         job = Job(rng.randint(10, 4000), rng.randint(1, 800))
-        full = {inst.name: inst.predict_job(job, future=future) for inst in insts}
-        own = min(p.e2e for p in full.values())
-        best = min(p.e2e + delay_weight * p.delay for p in full.values()
-                   if p.e2e <= own * (1 + delay_slack))
+        full = {inst.name: inst.predict(job.prompt_tokens, inst.cached_tokens(job),
+                                        job.output_tokens, math.inf, future, delay_weight,
+                                        math.inf, decodes, idx == 0)
+                for inst in insts}
+        own = min(p[idx] for p in full.values())
+        best = min(p[idx] + delay_weight * p.delay for p in full.values()
+                   if p[idx] <= own * (1 + delay_slack))
         cut.clear()
         chosen, prediction = policy.choose(insts, job)
         assert prediction is not None
         assert prediction == full[chosen.name]
-        assert prediction.e2e + delay_weight * prediction.delay == best
+        assert prediction[idx] + delay_weight * prediction.delay == best
         runs.append(len(cut))
         cuts.append(sum(cut))
     # the bound stops some runs (with the delay weight and no slack limit, at the best

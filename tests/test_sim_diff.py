@@ -185,18 +185,20 @@ NO_ARRIVALS = (math.inf, 0, 0, 0, 0)
 NEW_AT = st.sampled_from([0.0, 0.0, 0.0, 1e-6, 0.01, 0.7, 3.0, 50.0])
 
 
-#: (delay_weight, score_bound, delay_first_tokens): none, or a bound on the clock plus the
-#: weighted delay, the delay to every other request or to their first tokens only
+#: (delay_weight, score_bound, decode_delay, score_ttft): none, or a bound on the clock (or
+#: the first token) plus the weighted delay; the delay to a decode counted fully, not at
+#: all, or at a share
 SCORE_BOUNDS = st.tuples(
     st.sampled_from([(0.0, math.inf), (0.0, 1.0), (1.0, math.inf), (1.0, 0.5), (1.0, 5.0),
                      (1.0, 40.0), (0.3, 2.0), (4.0, 10.0)]),
-    st.booleans()).map(lambda t: (*t[0], t[1]))
+    st.sampled_from([1.0, 0.0, 0.25, 0.7]), st.booleans()).map(lambda t: (*t[0], *t[1:]))
 
 
 def run_both(c_cls: type, cfg: dict, arr: np.ndarray, n: int, new: tuple[int, int, int],
              bound: float = math.inf,
              arrive: tuple[float, int, int, int, int] = NO_ARRIVALS, new_at: float = 0.0,
-             score: tuple[float, float, bool] = (0.0, math.inf, False), shared: int = 0):
+             score: tuple[float, float, float, bool] = (0.0, math.inf, 1.0, False),
+             shared: int = 0):
     prompt, cached, output = new
     interval, a_prompt, a_cached, a_output, limit = arrive
     c_model, py_model = c_cls(**cfg), InstanceModelPy(**cfg)
@@ -243,23 +245,24 @@ def test_random_states_with_future_arrivals_identical(data: st.DataObject) -> No
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_score_bound_cuts_only_runs_that_would_end_past_it(data: st.DataObject) -> None:
-    """The clock plus the weighted delay so far never exceeds the final score: a run is cut
-    only where it would have ended past the bound, and one not cut is the full run."""
+    """The latency so far (the clock, or with ``score_ttft`` the first token once out)
+    plus the weighted delay so far never exceeds the final score: a run is cut only where
+    it would have ended past the bound, and one not cut is the full run."""
     cfg = data.draw(configs())
     arr, n, new = data.draw(states(cfg["block_size"]))
     arrive = data.draw(arrivals(cfg["block_size"]))
-    weight, score_bound, first_tokens = data.draw(SCORE_BOUNDS)
+    weight, score_bound, decodes, on_ttft = data.draw(SCORE_BOUNDS)
     model = InstanceModelPy(**cfg)
     prompt, cached, output = new
     interval, a_prompt, a_cached, a_output, limit = arrive
     full = model.predict(arr, n, prompt, cached, output, math.inf, interval, a_prompt,
-                         a_cached, a_output, limit, 0.0, weight, math.inf, first_tokens)
+                         a_cached, a_output, limit, 0.0, weight, math.inf, decodes, on_ttft)
     cut = model.predict(arr, n, prompt, cached, output, math.inf, interval, a_prompt,
-                        a_cached, a_output, limit, 0.0, weight, score_bound, first_tokens)
+                        a_cached, a_output, limit, 0.0, weight, score_bound, decodes, on_ttft)
     if cut[1] < math.inf:
         assert cut == full
     elif full[1] < math.inf:
-        assert full[1] + weight * full[6] > score_bound
+        assert full[0 if on_ttft else 1] + weight * full[6] > score_bound
 
 
 @settings(max_examples=300, deadline=None)

@@ -101,15 +101,20 @@ def test_delay_is_the_new_requests_share_of_steps_times_others_in_flight(sim_imp
 
 def test_first_token_delay_counts_only_the_others_before_their_first_token(sim_impl,
                                                                           fast_forward):
-    """``delay_first_tokens`` (``block_ttft``): a decode's first token is out, so the new
-    request's steps delay only the requests still waiting for theirs."""
+    """``decode_delay=0`` (``block_ttft``): a decode's first token is out, so the new
+    request's steps delay only the requests still waiting for theirs; at a share in
+    between, a decode's delay counts that share."""
     model = make_model(sim_impl, fast_forward)
 
     def delays(st, n, *arrivals):
         args = (st, n, 100, 0, 3, math.inf, *(arrivals or (math.inf, 0, 0, 0, 0)), 0.0, 1.0,
                 math.inf)
-        every, first = (Prediction(*model.predict(*args, flag)) for flag in (False, True))
+        every, first, quarter = (Prediction(*model.predict(*args, share))
+                                 for share in (1.0, 0.0, 0.25))
         assert (every.ttft, every.e2e) == (first.ttft, first.e2e)  # only the delay differs
+        assert (quarter.ttft, quarter.e2e) == (first.ttft, first.e2e)
+        assert quarter.delay == pytest.approx(first.delay + 0.25 * (every.delay - first.delay),
+                                              rel=1e-12)
         return every.delay, first.delay
 
     decoding = (10, 0, 5, 100, 1)

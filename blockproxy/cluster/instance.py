@@ -114,13 +114,14 @@ class Instance:
 
     def predict(self, prompt_tokens: int, cached_tokens: int, output_tokens: int,
                 bound: float = math.inf, future: bool = False, delay_weight: float = 0.0,
-                score_bound: float = math.inf, delay_first_tokens: bool = False
-                ) -> simulator.Prediction:
+                score_bound: float = math.inf, decode_delay: float = 1.0,
+                score_ttft: bool = False) -> simulator.Prediction:
         """Simulate this instance with one more request (stopping past ``bound`` seconds,
         or where its latency plus ``delay_weight`` times the delay it adds passes
-        ``score_bound``), its per-request overhead included; with ``future``, also the
-        requests expected to arrive here meanwhile (its recent arrival process).  With
-        ``delay_first_tokens`` the delay is to the others' first tokens only.
+        ``score_bound``; with ``score_ttft`` the latency is the time to first token), its
+        per-request overhead included; with ``future``, also the requests expected to
+        arrive here meanwhile (its recent arrival process).  The delay to an other request
+        already past its first token counts ``decode_delay`` times (0: first tokens only).
 
         Routing compares candidates without ``future`` (except ``block --delay-weight``,
         whose delay falls mostly on the requests still to arrive): an instance's recent
@@ -134,7 +135,7 @@ class Instance:
             arrivals = r.recent.expected(time.perf_counter()) if future else NO_ARRIVALS
             p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
                                    bound - o, *arrivals, 0.0, delay_weight, score_bound - o,
-                                   delay_first_tokens)
+                                   decode_delay, score_ttft)
         else:
             p = self.model.predict(r.table, r.n, prompt_tokens, cached_tokens, output_tokens,
                                    bound - o)

@@ -71,7 +71,7 @@ State columns (rows of the ``int64`` array ``state`` of shape ``(5, capacity)``;
 
 ``predict(state, n, new_prompt, new_cached, new_output, bound=inf, arrival_interval=inf,
 arrival_prompt=0, arrival_cached=0, arrival_output=0, arrival_limit=0, new_at=0,
-delay_weight=0, score_bound=inf, delay_first_tokens=False)`` returns
+delay_weight=0, score_bound=inf, decode_delay=1, score_ttft=False)`` returns
 ``(ttft, e2e, queue_delay, preemptions, peak_blocks, steps, delay)``:
 seconds from the new request's arrival (now, or ``new_at``) until its first token, until
 its last token, and until it is first scheduled; preemptions during the simulation; the
@@ -80,8 +80,11 @@ request adds to the others, in seconds summed over them.  ``delay`` is first-ord
 step the new request takes part in is longer by its share of the step-time model (its
 prefill tokens or its decode sequence, and its context), and that makes every other
 request in flight then (running or waiting, expected arrivals included) finish that much
-later; with ``delay_first_tokens``, only the others still before their first token
-then (their time to first token is what it delays; a decode's is already fixed).  A
+later.  The delay to an other request already past its first token counts
+``decode_delay`` times (in [0, 1]): 1 sums the others' end-to-end delays, 0 counts only
+the others still before their first token (their time to first token is what it delays;
+a decode's is already fixed), and a value between charges a decode's delay at a
+fraction of a first token's.  A
 slot, a token budget or KV blocks the new request takes from a waiting one are not
 counted.  A request that can never be
 served (it does not fit in the KV cache), a simulation longer than ``max_iterations`` loop
@@ -89,7 +92,9 @@ iterations, or one whose clock passes ``bound`` seconds from now (a caller that 
 to know whether this instance beats the best one so far) gives ``inf`` for the times not
 reached.  So does one whose clock plus ``delay_weight`` times the delay so far passes
 ``score_bound``: the delay only grows, so that sum is a lower bound of the score
-``e2e + delay_weight * delay`` the run would end with (``block --delay-weight``).
+``e2e + delay_weight * delay`` the run would end with (``block --delay-weight``).  With
+``score_ttft`` the score is ``ttft + delay_weight * delay`` (``block_ttft``), bounded
+below by the clock until the first token and by ``ttft`` after it.
 """
 
 from __future__ import annotations
@@ -164,14 +169,15 @@ class InstanceModelPy:
                 new_output: int, bound: float = INF, arrival_interval: float = INF,
                 arrival_prompt: int = 0, arrival_cached: int = 0, arrival_output: int = 0,
                 arrival_limit: int = 0, new_at: float = 0.0, delay_weight: float = 0.0,
-                score_bound: float = INF, delay_first_tokens: bool = False
+                score_bound: float = INF, decode_delay: float = 1.0,
+                score_ttft: bool = False
                 ) -> tuple[float, float, float, int, int, int, float]:
         """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
         every ``arrival_interval`` seconds), until its clock passes ``bound`` or its
-        clock plus ``delay_weight`` times the delay so far passes ``score_bound``; with
-        ``delay_first_tokens`` the delay counts only the others still before their first
-        token."""
+        clock (with ``score_ttft``, once known, the time to first token) plus
+        ``delay_weight`` times the delay so far passes ``score_bound``; the delay to an
+        other request past its first token counts ``decode_delay`` times."""
         if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
             raise ValueError(f"n={n} does not fit a state of shape {state.shape}")
         cols = state[:NUM_COLUMNS, :n].tolist()
@@ -201,10 +207,14 @@ class InstanceModelPy:
         if not (weight >= 0.0 and math.isfinite(weight)):
             raise ValueError(f"delay_weight must be a finite non-negative number, "
                              f"got {delay_weight}")
+        decode_delay = float(decode_delay)
+        if not 0.0 <= decode_delay <= 1.0:
+            raise ValueError(f"decode_delay must be in [0, 1], got {decode_delay}")
         return self._run(m, prompt_col, cached_col, gen_col, pred_col, started_col,
                          float(bound), interval, int(arrival_prompt), int(arrival_cached),
                          int(arrival_output), limit, new_at, weight=weight,
-                         score_bound=float(score_bound), first_tokens=bool(delay_first_tokens))
+                         score_bound=float(score_bound), decode_delay=decode_delay,
+                         score_ttft=bool(score_ttft))
 
     def advance(self, state: Any, n: int, duration: float, first: Any, done: Any
                 ) -> tuple[float, int]:
@@ -243,7 +253,8 @@ class InstanceModelPy:
              a_interval: float = INF, a_prompt: int = 0, a_cached: int = 0,
              a_output: int = 0, a_limit: int = 0, new_at: float = 0.0,
              until: float = INF, record: dict[str, Any] | None = None,
-             weight: float = 0.0, score_bound: float = INF, first_tokens: bool = False
+             weight: float = 0.0, score_bound: float = INF, decode_delay: float = 1.0,
+             score_ttft: bool = False
              ) -> tuple[float, float, float, int, int, int, float]:
         """The simulation.  With ``record`` (stepping, :meth:`advance`) there is no new
         request: the ``m`` rows are the instance's own, steps start only before
@@ -291,8 +302,8 @@ class InstanceModelPy:
                 running.append(i)
             elif i != new or new_at <= 0.0:
                 waiting.append(i)
-        # the others still before their first token (``first_tokens``: the only ones the
-        # new request's steps are counted as delaying)
+        # the others still before their first token: the new request's steps delay each of
+        # them by the step's share, each other one by ``decode_delay`` times that
         pending = sum(1 for i in range(m) if i != new and gen[i] == 0)
         free = self.num_gpu_blocks - used
         shared = self.shared_blocks
@@ -321,7 +332,8 @@ class InstanceModelPy:
         sched_idx: list[int] = []
         sched_new: list[int] = []
         while (iterations < self.max_iterations and t <= bound
-               and t + weight * delay <= score_bound):
+               and (ttft if score_ttft and ttft != INF else t) + weight * delay
+               <= score_bound):
             iterations += 1
             # ---- expected arrivals due by now join the waiting queue ----------------------
             while arrived < a_limit and t >= next_at:
@@ -408,8 +420,9 @@ class InstanceModelPy:
                             # the new request's share of the j steps delays every other
                             # request in flight by as much
                             delay += speed * (float(j) * (c_decode + c_context * float(new_comp))
-                                              + c_context * float(j * (j + 1) // 2)) * float(
-                                pending if first_tokens else n_run - 1 + len(waiting))
+                                              + c_context * float(j * (j + 1) // 2)) * (
+                                float(pending) + decode_delay * float(
+                                    n_run - 1 + len(waiting) - pending))
                         for r in running:
                             comp[r] += j
                             gen[r] += j
@@ -509,8 +522,8 @@ class InstanceModelPy:
             t += speed * (fixed + c_prefill * float(prefill_tokens)
                           + c_decode * float(decode_seqs) + c_context * float(ctx))
             if d_new >= 0.0:
-                delay += speed * d_new * float(
-                    pending if first_tokens else len(running) - 1 + len(waiting))
+                delay += speed * d_new * (float(pending) + decode_delay * float(
+                    len(running) - 1 + len(waiting) - pending))
             steps += 1
             finished_any = False
             for k in range(len(sched_idx)):

@@ -26,15 +26,19 @@ instances that receive fewer prefills keep the long answers.  For ``block_ttft``
 latency is the time to first token, its own and the others': its steps delay only the
 requests still before their first token (a decode's first token is out already), so a
 long prompt is not sent to wait behind a queue merely because the instances with no
-queue are busy decoding (what a TTFT SLO needs).  Only instances where the
-request's own predicted latency is within ``delay_slack`` (a fraction) of its best are
-candidates for it (``inf``: all of them).
+queue are busy decoding (what a TTFT SLO needs).  ``delay_decodes`` sets how much a
+delay to a request past its first token counts against one to a first token (1 for
+``block``, 0 for ``block_ttft`` unless set): between the two, a turn sent away from the
+instance caching its history is still charged a share of the decodes its recomputed
+prefill slows.  Only instances where the request's own predicted latency is within
+``delay_slack`` (a fraction) of its best are candidates for it (``inf``: all of them).
 
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
 soon as its clock passes the best prediction so far (plus the tie tolerance, or the delay
-slack), and with the delay weight and no slack limit as soon as its clock plus its
-weighted delay so far passes the best score so far (the delay only grows): an instance
+slack), and with the delay weight and no slack limit as soon as its latency so far (its
+clock, or for ``block_ttft`` its first token once out) plus its weighted delay so far
+passes the best score so far (the delay only grows): an instance
 already past that cannot win, and its exact latency is not needed.  The choice is the
 same as with full simulations, at a fraction of the cost.
 """
@@ -53,21 +57,27 @@ from blockproxy.simulator import Prediction
 
 @register("block", "block_ttft")
 class BlockPolicy(Policy):
-    OPTIONS = ("sample_k", "tie_tolerance", "delay_weight", "delay_slack")
+    OPTIONS = ("sample_k", "tie_tolerance", "delay_weight", "delay_slack", "delay_decodes")
 
     def __init__(self, name: str, rng: random.Random, sample_k: int = 0,
                  tie_tolerance: float = 0.02, delay_weight: float = 0.0,
-                 delay_slack: float = 0.2) -> None:
+                 delay_slack: float = 0.2, delay_decodes: float = -1.0) -> None:
         super().__init__(name, rng)
         for option, value in (("delay_weight", delay_weight), ("delay_slack", delay_slack)):
             if not value >= 0.0:
                 raise ValueError(f"{option} must be >= 0, got {value}")
+        if math.isnan(delay_decodes) or delay_decodes > 1.0:
+            raise ValueError(f"delay_decodes must be in [0, 1] (negative: the policy's "
+                             f"own), got {delay_decodes}")
         self.sample_k = sample_k
         self.tie_tolerance = tie_tolerance
         self.delay_weight = delay_weight
         self.delay_slack = delay_slack
         self.predicts_future = delay_weight > 0.0
         self.index = 0 if name == "block_ttft" else 1  # ttft or e2e in the prediction
+        if delay_decodes < 0.0:  # the policy's own: the delay to what it minimises
+            delay_decodes = 0.0 if self.index == 0 else 1.0
+        self.delay_decodes = delay_decodes
 
     def choose(self, candidates: Sequence[Instance], job: Job
                ) -> tuple[Instance, Prediction | None]:
@@ -82,24 +92,23 @@ class BlockPolicy(Policy):
         scored = []
         best = math.inf
         best_score = math.inf  # of own latency plus w times delay, over finished runs
+        # With the delay and no slack limit, a run whose latency plus weighted delay so far
+        # passes the best score cannot win (the delay only grows), whichever latency it is.
+        # (With a limit it must run on: its own latency may be the best, which rules others
+        # out.)  Without the delay only the end-to-end time can be bounded: a TTFT search
+        # must finish its runs, whose end-to-end times break its ties.
+        scores_bound = bool(w) and give == math.inf
         order = [(-inst.cached_tokens(job), inst.active, i, inst) for i, inst in enumerate(pool)]
-        if idx == 1:
+        if idx == 1 or scores_bound:
             order.sort()
         prompt, output = job.prompt_tokens, job.output_tokens
         future = self.predicts_future  # the others it delays include those still to arrive
-        first_tokens = idx == 0  # block_ttft: the delay to the others' first tokens
+        decodes, on_ttft = self.delay_decodes, idx == 0
         for neg_cached, _, _, inst in order:
-            # Only the end-to-end time can be bounded: a TTFT search must finish its runs.
-            # With the delay and no slack limit, a run whose latency plus weighted delay so
-            # far passes the best score cannot win either (the delay only grows).  (With a
-            # limit it must run on: its own latency may be the best, which rules others out.)
-            if idx == 1:
-                bound = _times(best, give)
-                score_bound = best_score * slack if bound == math.inf else math.inf
-            else:
-                bound = score_bound = math.inf
+            bound = _times(best, give) if idx == 1 else math.inf
+            score_bound = best_score * slack if scores_bound else math.inf
             prediction = inst.predict(prompt, -neg_cached, output, bound, future, w,
-                                      score_bound, first_tokens)
+                                      score_bound, decodes, on_ttft)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]
