@@ -75,6 +75,16 @@ cdef inline int64_t ceil_div(int64_t a, int64_t b, int shift) noexcept nogil:
     return (a + b - 1) // b
 
 
+cdef inline double end_at_least(double t, const Req* req, int64_t new,
+                                double min_step) noexcept nogil:
+    """A lower bound of the clock when the new request ends: a step for each token it has
+    still to produce, of at least ``min_step`` each, shrunk by a part in 10**9 so that
+    rounding never puts it past the end (twin: ``end_at_least`` in ``_run``)."""
+    if new < 0:
+        return t
+    return (t + min_step * <double>(req[new].target - req[new].gen)) * (1.0 - 1e-9)
+
+
 cdef inline int power_of_two_shift(int64_t b) noexcept nogil:
     """log2(b) when b is a power of two, else -1."""
     cdef int shift = 0
@@ -239,8 +249,10 @@ cdef class InstanceModelC:
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
         every ``arrival_interval`` seconds).
 
-        The simulation stops once its clock passes ``bound`` seconds from now, or its
-        clock plus ``delay_weight`` times the delay so far passes ``score_bound`` (times
+        The simulation stops once its clock plus the least time the new request's
+        remaining tokens take (a step each, of at least the fixed step time plus one
+        prefill token's or one decode sequence's share) passes ``bound`` seconds from now,
+        or that plus ``delay_weight`` times the delay so far passes ``score_bound`` (times
         not reached are ``inf``); times are counted from the new request's arrival.  The
         delay to an other request already past its first token counts ``decode_delay``
         times (1: the end-to-end delay; 0: only the others' first tokens).  With
@@ -392,7 +404,7 @@ cdef class InstanceModelC:
         cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
         cdef int64_t prefill_tokens, decode_seqs, ctx, new_comp
-        cdef double delay = 0.0, d_new
+        cdef double delay = 0.0, d_new, min_step = 0.0
         # the others still before their first token: the new request's steps delay each of
         # them by the step's share, each other one by ``decode_delay`` times that
         cdef int64_t pending = 0, others
@@ -469,8 +481,11 @@ cdef class InstanceModelC:
             a_tg = fit if fit > 1 else 1
         next_at = 0.5 * a_interval
 
-        while (iterations < max_iterations and t <= bound
-               and (out.ttft if score_ttft and out.ttft != INFINITY else t) + weight * delay
+        # a step with the new request in it takes at least this long
+        min_step = speed * (fixed + (c_prefill if c_prefill < c_decode else c_decode))
+        while (iterations < max_iterations and end_at_least(t, req, new, min_step) <= bound
+               and ((out.ttft if out.ttft != INFINITY else t) if score_ttft
+                    else end_at_least(t, req, new, min_step)) + weight * delay
                <= score_bound):
             iterations += 1
             # ---- expected arrivals due by now join the waiting queue ----------------------

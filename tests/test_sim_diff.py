@@ -265,6 +265,31 @@ def test_a_score_bound_cuts_only_runs_that_would_end_past_it(data: st.DataObject
         assert full[0 if on_ttft else 1] + weight * full[6] > score_bound
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_bound_cuts_only_runs_that_would_end_past_it(data: st.DataObject) -> None:
+    """The clock plus the least time the new request's remaining tokens take never exceeds
+    its end: a run is cut only where it would have ended past the bound, and one not cut
+    is the full run."""
+    cfg = data.draw(configs())
+    arr, n, new = data.draw(states(cfg["block_size"]))
+    arrive = data.draw(arrivals(cfg["block_size"]))
+    model = InstanceModelPy(**cfg)
+    prompt, cached, output = new
+    full = model.predict(arr, n, prompt, cached, output, math.inf, *arrive)
+    if not math.isfinite(full[1]):
+        return
+    # bounds around the run's own end, where a cut is closest to being wrong
+    for bound in (full[1], full[1] * (1 - 1e-12), full[1] * 0.9, full[1] * 0.5, 0.0):
+        cut = model.predict(arr, n, prompt, cached, output, bound, *arrive)
+        if cut[1] < math.inf:
+            assert cut == full
+        else:
+            assert full[1] > bound, bound
+        if bound == full[1]:
+            assert cut == full
+
+
 @settings(max_examples=300, deadline=None)
 @given(case=huge_cases())
 def test_values_up_to_2_pow_40_identical(case) -> None:

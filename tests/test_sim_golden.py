@@ -238,12 +238,23 @@ def test_request_longer_than_the_kv_cache_is_capped_not_preempted_forever(sim_im
     assert p.preemptions == 0 and p.peak_blocks == 2
 
 
-def test_bound_stops_a_simulation_that_is_already_too_slow(sim_impl, fast_forward):
+def test_bound_stops_a_simulation_that_can_no_longer_end_within_it(sim_impl, fast_forward):
+    """Each token still to come takes a step of at least 1 + 0.01 s (the fixed time and a
+    prefill token's share, the lesser of a token's and a sequence's): the run stops once
+    its clock plus that passes the bound, long before the clock itself does."""
     model = make_model(sim_impl, fast_forward)
     full = predict(model, state(), 0, 100, 0, 5)  # ttft 2.0, e2e 6.4
-    cut = Prediction(*model.predict(state(), 0, 100, 0, 5, 3.0))
+
+    def bounded(bound: float) -> Prediction:
+        return Prediction(*model.predict(state(), 0, 100, 0, 5, bound))
+
+    assert full.ttft == pytest.approx(2.0, rel=1e-12)
+    assert full.e2e == pytest.approx(6.4, rel=1e-12)
+    assert bounded(6.4) == full and bounded(10.0) == full  # 5.05, 6.04, ..., 6.31 <= 6.4
+    cut = bounded(6.0)  # at 2.0, four tokens to go: 2.0 + 4 * 1.01 > 6.0
     assert cut.ttft == full.ttft and math.isinf(cut.e2e)
-    assert Prediction(*model.predict(state(), 0, 100, 0, 5, 10.0)) == full
+    cut = bounded(5.0)  # at once: 5 * 1.01 > 5.0
+    assert math.isinf(cut.ttft) and math.isinf(cut.e2e) and cut.steps == 0
 
 
 def test_score_bound_stops_where_clock_plus_weighted_delay_passes_it(sim_impl, fast_forward):
@@ -258,13 +269,15 @@ def test_score_bound_stops_where_clock_plus_weighted_delay_passes_it(sim_impl, f
         return Prediction(*model.predict(st, 2, 100, 0, 3, math.inf, math.inf, 0, 0, 0, 0,
                                          0.0, weight, score_bound))
 
-    # clock + delay where each step starts: 0, 4.2, 5.7; the last step is not checked
-    assert bounded(1.0, 6.0) == full
-    assert bounded(0.0, 4.0) == full  # without the weight, the clock alone: 0, 2.2, 3.5
-    for weight, score_bound in ((1.0, 5.0), (1.0, 4.0), (10.0, 20.0)):
+    # Where each step starts, the clock plus 1.01 s for each token to come (0 + 3.03,
+    # 2.2 + 2.02, 3.5 + 1.01), plus the weighted delay so far (0, 2.0, 2.2): 3.03, 6.22,
+    # 6.71 with the weight 1; the end is not checked.
+    assert bounded(1.0, 6.8) == full
+    assert bounded(0.0, 4.6) == full  # without the weight: 3.03, 4.22, 4.51
+    for weight, score_bound in ((1.0, 6.5), (1.0, 6.0), (10.0, 20.0)):
         cut = bounded(weight, score_bound)
         assert cut.ttft == full.ttft and math.isinf(cut.e2e), (weight, score_bound)
-    assert math.isinf(bounded(0.0, 3.0).e2e)
+    assert math.isinf(bounded(0.0, 3.0).e2e)  # 3.03 > 3.0 at once
     for bad in (-1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="delay_weight"):
             bounded(bad, math.inf)

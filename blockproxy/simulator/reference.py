@@ -88,13 +88,17 @@ fraction of a first token's.  A
 slot, a token budget or KV blocks the new request takes from a waiting one are not
 counted.  A request that can never be
 served (it does not fit in the KV cache), a simulation longer than ``max_iterations`` loop
-iterations, or one whose clock passes ``bound`` seconds from now (a caller that only wants
-to know whether this instance beats the best one so far) gives ``inf`` for the times not
-reached.  So does one whose clock plus ``delay_weight`` times the delay so far passes
-``score_bound``: the delay only grows, so that sum is a lower bound of the score
-``e2e + delay_weight * delay`` the run would end with (``block --delay-weight``).  With
-``score_ttft`` the score is ``ttft + delay_weight * delay`` (``block_ttft``), bounded
-below by the clock until the first token and by ``ttft`` after it.
+iterations, or one that can no longer end within ``bound`` seconds from now (a caller
+that only wants to know whether this instance beats the best one so far) gives ``inf`` for
+the times not reached.  A run can end no sooner than its clock plus one step per token the
+new request still has to produce, each at least the fixed step time plus one prefill
+token's or one decode sequence's share (whichever is less; shrunk by a part in 10**9 for
+rounding), so it stops once that passes ``bound``.  So does one where that plus
+``delay_weight`` times the delay so far passes ``score_bound``: the delay only grows, so
+that sum is a lower bound of the score ``e2e + delay_weight * delay`` the run would end
+with (``block --delay-weight``).  With ``score_ttft`` the score is ``ttft +
+delay_weight * delay`` (``block_ttft``), bounded below by the clock until the first token
+and by ``ttft`` after it.
 """
 
 from __future__ import annotations
@@ -174,8 +178,9 @@ class InstanceModelPy:
                 ) -> tuple[float, float, float, int, int, int, float]:
         """Simulate the instance holding ``state[:, :n]`` plus one new request arriving
         ``new_at`` seconds from now (and up to ``arrival_limit`` expected arrivals, one
-        every ``arrival_interval`` seconds), until its clock passes ``bound`` or its
-        clock (with ``score_ttft``, once known, the time to first token) plus
+        every ``arrival_interval`` seconds), until it can no longer end within ``bound``
+        (its clock plus the least time its remaining tokens take) or that (with
+        ``score_ttft``, the clock or, once known, the time to first token) plus
         ``delay_weight`` times the delay so far passes ``score_bound``; the delay to an
         other request past its first token counts ``decode_delay`` times."""
         if n < 0 or n > state.shape[1] or state.shape[0] < NUM_COLUMNS:
@@ -331,9 +336,20 @@ class InstanceModelPy:
         iterations = 0
         sched_idx: list[int] = []
         sched_new: list[int] = []
-        while (iterations < self.max_iterations and t <= bound
-               and (ttft if score_ttft and ttft != INF else t) + weight * delay
-               <= score_bound):
+        # a step with the new request in it takes at least this long
+        min_step = speed * (fixed + (c_prefill if c_prefill < c_decode else c_decode))
+
+        def end_at_least(t: float) -> float:
+            """A lower bound of the clock when the new request ends: a step for each token
+            it has still to produce, shrunk by a part in 10**9 so that rounding never puts
+            it past the end."""
+            if new < 0:
+                return t
+            return (t + min_step * float(target[new] - gen[new])) * (1.0 - 1e-9)
+
+        while (iterations < self.max_iterations and end_at_least(t) <= bound
+               and ((ttft if ttft != INF else t) if score_ttft else end_at_least(t))
+               + weight * delay <= score_bound):
             iterations += 1
             # ---- expected arrivals due by now join the waiting queue ----------------------
             while arrived < a_limit and t >= next_at:

@@ -35,10 +35,11 @@ prefill slows.  Only instances where the request's own predicted latency is with
 
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
-soon as its clock passes the best prediction so far (plus the tie tolerance, or the delay
-slack), and with the delay weight and no slack limit as soon as its latency so far (its
-clock, or for ``block_ttft`` its first token once out) plus its weighted delay so far
-passes the best score so far (the delay only grows): an instance
+soon as it can no longer end within the best prediction so far (plus the tie tolerance, or
+the delay slack): its clock plus a step of at least the fixed step time for each token
+the request still has to produce passes it.  With the delay weight and no slack limit it
+stops as soon as that (for ``block_ttft`` its clock, or its first token once out) plus its
+weighted delay so far passes the best score so far (the delay only grows): an instance
 already past that cannot win, and its exact latency is not needed.  The choice is the
 same as with full simulations, at a fraction of the cost.
 """
