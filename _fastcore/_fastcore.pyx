@@ -79,7 +79,7 @@ cdef inline double end_at_least(double t, const Req* req, int64_t new,
                                 double min_step) noexcept nogil:
     """A lower bound of the clock when the new request ends: a step for each token it has
     still to produce, of at least ``min_step`` each, shrunk by a part in 10**9 so that
-    rounding never puts it past the end (twin: ``end_at_least`` in ``_run``)."""
+    rounding never puts it past the end (twin: ``end`` in ``_run``)."""
     if new < 0:
         return t
     return (t + min_step * <double>(req[new].target - req[new].gen)) * (1.0 - 1e-9)
@@ -404,7 +404,7 @@ cdef class InstanceModelC:
         cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
         cdef int64_t prefill_tokens, decode_seqs, ctx, new_comp
-        cdef double delay = 0.0, d_new, min_step = 0.0
+        cdef double delay = 0.0, d_new, min_step, end
         # the others still before their first token: the new request's steps delay each of
         # them by the step's share, each other one by ``decode_delay`` times that
         cdef int64_t pending = 0, others
@@ -483,10 +483,13 @@ cdef class InstanceModelC:
 
         # a step with the new request in it takes at least this long
         min_step = speed * (fixed + (c_prefill if c_prefill < c_decode else c_decode))
-        while (iterations < max_iterations and end_at_least(t, req, new, min_step) <= bound
-               and ((out.ttft if out.ttft != INFINITY else t) if score_ttft
-                    else end_at_least(t, req, new, min_step)) + weight * delay
-               <= score_bound):
+        while iterations < max_iterations:
+            # stop once the run can no longer end within ``bound``, or its score within
+            # ``score_bound``
+            end = end_at_least(t, req, new, min_step)
+            if not (end <= bound and ((out.ttft if out.ttft != INFINITY else t) if score_ttft
+                                      else end) + weight * delay <= score_bound):
+                break
             iterations += 1
             # ---- expected arrivals due by now join the waiting queue ----------------------
             while arrived < a_limit and t >= next_at:

@@ -338,18 +338,16 @@ class InstanceModelPy:
         sched_new: list[int] = []
         # a step with the new request in it takes at least this long
         min_step = speed * (fixed + (c_prefill if c_prefill < c_decode else c_decode))
-
-        def end_at_least(t: float) -> float:
-            """A lower bound of the clock when the new request ends: a step for each token
-            it has still to produce, shrunk by a part in 10**9 so that rounding never puts
-            it past the end."""
-            if new < 0:
-                return t
-            return (t + min_step * float(target[new] - gen[new])) * (1.0 - 1e-9)
-
-        while (iterations < self.max_iterations and end_at_least(t) <= bound
-               and ((ttft if ttft != INF else t) if score_ttft else end_at_least(t))
-               + weight * delay <= score_bound):
+        while iterations < self.max_iterations:
+            # Stop once the run can no longer end within ``bound``, or its score within
+            # ``score_bound``.  A lower bound of the clock when the new request ends: a
+            # step for each token it has still to produce, shrunk by a part in 10**9 so
+            # that rounding never puts it past the end.
+            end = t if new < 0 else (t + min_step * float(target[new] - gen[new])) * (
+                1.0 - 1e-9)
+            if not (end <= bound and ((ttft if ttft != INF else t) if score_ttft else end)
+                    + weight * delay <= score_bound):
+                break
             iterations += 1
             # ---- expected arrivals due by now join the waiting queue ----------------------
             while arrived < a_limit and t >= next_at:
