@@ -249,19 +249,29 @@ def heuristic(cluster: ClusterModel, d: Decision) -> int:
     return int(np.argmin([own + pen for own, pen in est]))
 
 
-def block(delay_weight: float = 0.0, delay_slack: float = math.inf) -> Chooser:
+def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
+          length: int = 0) -> Chooser:
     """Least predicted end-to-end latency, from each instance's state (``block``; an
     instance whose last step ends after now starts later by as much).  With
     ``delay_weight`` w: least own latency plus w times the latency it adds to the others
     (``Prediction.delay``), the requests expected to arrive meanwhile included, among
     the instances where its own is within ``delay_slack`` of its best (``block
-    --delay-weight --delay-slack``, without its tie-breaking)."""
+    --delay-weight --delay-slack``, without its tie-breaking).  With ``length`` > 0 it
+    knows no output length: every request, the new one, those in flight and those
+    expected, is predicted at ``length`` tokens (a proxy whose length model has learned
+    nothing but the typical length), while the cluster runs on the true ones."""
     def choose(cluster: ClusterModel, d: Decision) -> int:
         e2e, delay = [], []
+        output = length or d.output
         for i, model in enumerate(cluster.models):
             future = cluster.recent[i].expected(cluster.now) if delay_weight else ()
-            p = model.predict(cluster.tables[i], cluster.n[i], d.prompt, 0, d.output,
-                              math.inf, *future)
+            table, n = cluster.tables[i], cluster.n[i]
+            if length:
+                table = table[:, :n].copy()
+                table[simulator.COL_PREDICTED] = length
+                if future:
+                    future = (*future[:3], length, future[4])
+            p = model.predict(table, n, d.prompt, 0, output, math.inf, *future)
             e2e.append(p[1] + max(cluster.clock[i] - cluster.now, 0.0))
             delay.append(p[6])
         if not delay_weight:

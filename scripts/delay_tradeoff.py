@@ -61,6 +61,10 @@ def main() -> None:
                         help="delay slacks, comma-separated (inf: no limit)")
     parser.add_argument("--arrival-window", type=float, default=30.0,
                         help="decay time (s) of each instance's recent arrivals")
+    parser.add_argument("--blind", action="store_true",
+                        help="also each block router knowing no length: every request "
+                             "predicted at the median's (as a proxy whose length model "
+                             "has learned nothing else)")
     args = parser.parse_args()
     requests = rebase(read_requests(args.requests, args.num_requests))
     profile = load_profile(args.profile)
@@ -68,9 +72,14 @@ def main() -> None:
     routers: list[tuple[str, Chooser]] = [
         ("round_robin", round_robin()), ("heuristic", heuristic),
         ("heuristic, median length", one_bucket(median)), ("block", block())]
+    if args.blind:
+        routers.append(("block, median length", block(length=median)))
     for w in (float(x) for x in args.weights.split(",")):
         for slack in (float(x) for x in args.slacks.split(",")):
             routers.append((f"block w={w:g} slack={slack:g}", block(w, slack)))
+            if args.blind:
+                routers.append((f"block w={w:g} slack={slack:g}, median length",
+                                block(w, slack, median)))
     rows: list[dict[str, Any]] = []
     for name, choose in routers:
         began = time.perf_counter()

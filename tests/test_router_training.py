@@ -111,6 +111,22 @@ def test_the_cluster_model_s_weighted_block_expects_each_instance_s_arrivals() -
     assert block(1.0)(cluster, d) == 1
 
 
+def test_the_cluster_model_s_block_blind_to_lengths_takes_every_answer_at_one_length(
+        ) -> None:
+    """Instance 0 decodes one answer of 4,000 tokens, instance 1 two of 8.  Knowing the
+    lengths, 1 is nearly free; taking every answer at the same length, 1 is the busier."""
+    cluster = ClusterModel(load_profile(PROFILE), 2)
+    cluster.dispatch(0, 0, 100, 4000, 0.0)
+    cluster.dispatch(1, 1, 100, 8, 0.0)
+    cluster.dispatch(1, 2, 100, 8, 0.0)
+    cluster.advance(0.02)
+    assert cluster.n == [1, 2]
+    d = Decision(3, 100, 500, 0.02, 0, True)
+    assert block()(cluster, d) == 1
+    assert block(length=4000)(cluster, d) == 0
+    assert cluster.tables[1][3, :2].tolist() == [8, 8]  # the model's own state is kept
+
+
 def test_a_held_request_is_decided_again_until_it_must_be_routed() -> None:
     profile = load_profile(PROFILE)
     seen: list[tuple[int, bool]] = []
