@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -250,18 +251,23 @@ def heuristic(cluster: ClusterModel, d: Decision) -> int:
 
 
 def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
-          length: int = 0) -> Chooser:
+          length: int = 0, tie_tolerance: float = 0.0, seed: int = 1) -> Chooser:
     """Least predicted end-to-end latency, from each instance's state (``block``; an
     instance whose last step ends after now starts later by as much).  With
     ``delay_weight`` w: least own latency plus w times the latency it adds to the others
     (``Prediction.delay``), the requests expected to arrive meanwhile included, among
     the instances where its own is within ``delay_slack`` of its best (``block
-    --delay-weight --delay-slack``, without its tie-breaking).  With ``length`` > 0 it
-    knows no output length: every request, the new one, those in flight and those
-    expected, is predicted at ``length`` tokens (a proxy whose length model has learned
-    nothing but the typical length), while the cluster runs on the true ones."""
+    --delay-weight --delay-slack``).  With ``length`` > 0 it knows no output length:
+    every request, the new one, those in flight and those expected, is predicted at
+    ``length`` tokens (a proxy whose length model has learned nothing but the typical
+    length), while the cluster runs on the true ones.  With ``tie_tolerance`` the
+    candidates within that fraction of the best score are ties, broken as the proxy's
+    policy breaks them: the earliest first token (within the tolerance), then the fewest
+    requests, then at random (seeded); without it, the best score wins."""
+    rng = random.Random(seed)
+
     def choose(cluster: ClusterModel, d: Decision) -> int:
-        e2e, delay = [], []
+        e2e, delay, ttft = [], [], []
         output = length or d.output
         for i, model in enumerate(cluster.models):
             future = cluster.recent[i].expected(cluster.now) if delay_weight else ()
@@ -272,13 +278,21 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
                 if future:
                     future = (*future[:3], length, future[4])
             p = model.predict(table, n, d.prompt, 0, output, math.inf, *future)
-            e2e.append(p[1] + max(cluster.clock[i] - cluster.now, 0.0))
+            lag = max(cluster.clock[i] - cluster.now, 0.0)
+            e2e.append(p[1] + lag)
+            ttft.append(p[0] + lag)
             delay.append(p[6])
-        if not delay_weight:
-            return int(np.argmin(e2e))
-        limit = min(e2e) * (1.0 + delay_slack)
-        return min((i for i in range(len(e2e)) if e2e[i] <= limit),
-                   key=lambda i: e2e[i] + delay_weight * delay[i])
+        limit = min(e2e) * (1.0 + delay_slack) if delay_weight else min(e2e)
+        score = [e2e[i] + delay_weight * delay[i] for i in range(len(e2e))]
+        pool = [i for i in range(len(e2e)) if e2e[i] <= limit]
+        best = min(score[i] for i in pool)
+        if not tie_tolerance:
+            return next(i for i in pool if score[i] == best)
+        ties = [i for i in pool if score[i] <= best * (1.0 + tie_tolerance)]
+        first = min(ttft[i] for i in ties) * (1.0 + tie_tolerance)
+        ties = [i for i in ties if ttft[i] <= first]
+        fewest = min(cluster.n[i] for i in ties)
+        return rng.choice([i for i in ties if cluster.n[i] == fewest])
     return choose
 
 

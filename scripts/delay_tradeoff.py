@@ -65,6 +65,10 @@ def main() -> None:
                         help="also each block router knowing no length: every request "
                              "predicted at the median's (as a proxy whose length model "
                              "has learned nothing else)")
+    parser.add_argument("--tie-tolerance", type=float, default=0.0,
+                        help="also each weighted block router breaking ties within this "
+                             "fraction of the best score as the proxy does (its default "
+                             "--tie-tolerance is 0.02)")
     args = parser.parse_args()
     requests = rebase(read_requests(args.requests, args.num_requests))
     profile = load_profile(args.profile)
@@ -77,6 +81,10 @@ def main() -> None:
     for w in (float(x) for x in args.weights.split(",")):
         for slack in (float(x) for x in args.slacks.split(",")):
             routers.append((f"block w={w:g} slack={slack:g}", block(w, slack)))
+            if args.tie_tolerance:
+                routers.append((f"block w={w:g} slack={slack:g}, ties "
+                                f"{args.tie_tolerance:g}",
+                                block(w, slack, tie_tolerance=args.tie_tolerance)))
             if args.blind:
                 routers.append((f"block w={w:g} slack={slack:g}, median length",
                                 block(w, slack, median)))
