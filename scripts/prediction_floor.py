@@ -51,7 +51,7 @@ import numpy as np
 
 from blockproxy.cluster.arrivals import ArrivalProcess
 from blockproxy.profile import load_profile
-from blockproxy.train_router import ClusterModel, read_requests, rebase
+from blockproxy.train_router import ClusterModel, Decision, block, read_requests, rebase
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,42 +85,43 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     windows = [float(w) for w in args.windows.split(",") if w]
     others = {w: [ArrivalProcess(w) for _ in range(args.instances)] for w in windows}
     whole = ArrivalProcess(args.arrival_window)  # the cluster's arrivals, one process
+    choose = block()  # least predicted end-to-end latency, true lengths
     # per request: instance, dispatch time, predictions (ttft, e2e) by variant
     made: dict[int, tuple[int, float, dict[str, tuple[float, float]]]] = {}
     states: dict[int, tuple[np.ndarray, int, float]] = {}  # the instance as it was then
+
+    def stream(i: int, state: tuple[np.ndarray, int, float], rid: int, interval: float,
+               prompt: float, output: float) -> tuple[float, float]:
+        """(ttft, e2e) of request ``rid`` on instance ``i`` in ``state``, with a stream of
+        expected arrivals every ``interval`` seconds of those mean sizes (inf: none)."""
+        table, n, lag = state
+        if math.isfinite(interval):
+            p = cluster.models[i].predict(table, n, requests[rid][1], 0, requests[rid][2],
+                                          math.inf, interval, round(prompt), 0,
+                                          round(output), args.limit)
+        else:
+            p = cluster.models[i].predict(table, n, requests[rid][1], 0, requests[rid][2])
+        return p[0] + lag, p[1] + lag
+
     for rid, (t, prompt, output) in enumerate(requests):
         cluster.advance(t)
-        best, best_e2e = 0, math.inf
-        for i, model in enumerate(cluster.models):
-            p = model.predict(cluster.tables[i], cluster.n[i], prompt, 0, output, best_e2e)
-            e2e = p[1] + max(cluster.clock[i] - t, 0.0)
-            if e2e < best_e2e:
-                best, best_e2e = i, e2e
-        i = best
-        lag = max(cluster.clock[i] - t, 0.0)
-        model, table, n = cluster.models[i], cluster.tables[i], cluster.n[i]
-        none = model.predict(table, n, prompt, 0, output)
-        interval, a_p, a_c, a_o, _ = cluster.recent[i].expected(t)
-        recent = model.predict(table, n, prompt, 0, output, math.inf, interval, a_p, a_c,
-                               a_o, args.limit if math.isfinite(interval) else 0)
-        preds = {"none": (none[0] + lag, none[1] + lag),
-                 "recent": (recent[0] + lag, recent[1] + lag)}
+        i = choose(cluster, Decision(rid, prompt, output, t, 0, True))
+        n = cluster.n[i]
+        state = (cluster.tables[i][:, :n].copy(), n, max(cluster.clock[i] - t, 0.0))
+        preds = {"none": stream(i, state, rid, math.inf, 0, 0)}
+        interval, a_p, _, a_o, _ = cluster.recent[i].expected(t)
+        preds["recent"] = stream(i, state, rid, interval, a_p, a_o)
         for w, processes in others.items():
-            interval, a_p, a_c, a_o, _ = processes[i].expected(t)
-            p = model.predict(table, n, prompt, 0, output, math.inf, interval, a_p, a_c,
-                              a_o, args.limit if math.isfinite(interval) else 0)
-            preds[f"recent_{w:g}s"] = (p[0] + lag, p[1] + lag)
+            interval, a_p, _, a_o, _ = processes[i].expected(t)
+            preds[f"recent_{w:g}s"] = stream(i, state, rid, interval, a_p, a_o)
         # the cluster's recent rate shared evenly
-        interval, a_p, a_c, a_o, _ = whole.expected(t)
-        p = model.predict(table, n, prompt, 0, output, math.inf,
-                          interval * args.instances, a_p, a_c, a_o,
-                          args.limit if math.isfinite(interval) else 0)
-        preds["cluster_recent"] = (p[0] + lag, p[1] + lag)
+        interval, a_p, _, a_o, _ = whole.expected(t)
+        preds["cluster_recent"] = stream(i, state, rid, interval * args.instances, a_p, a_o)
         made[rid] = (i, t, preds)
+        states[rid] = state
         for processes in others.values():
             processes[i].record(t, prompt, 0, output)
         whole.record(t, prompt, 0, output)
-        states[rid] = (table[:, :n].copy(), n, lag)
         cluster.dispatch(i, rid, prompt, output, t)
     for _ in range(100):
         if not cluster.in_flight():
@@ -135,42 +136,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     times = [[r[0] for r in rows] for rows in received]
     all_times = [r[0] for r in requests]
 
-    lo = int(len(requests) * args.skip)
-    hi = len(requests)
     errors: dict[str, dict[str, list[float]]] = {}
     last = requests[-1][0]
-    tail = args.tail
     counted = []
-    for rid in range(lo, hi):
+    for rid in range(int(len(requests) * args.skip), len(requests)):
         i, t, preds = made[rid]
         ttft, e2e = actual[rid]
-        if not tail and t + e2e > last:  # it outlives the workload: its future is empty
+        if not args.tail and t + e2e > last:  # it outlives the workload: no future
             continue
         counted.append(rid)
-        table, n, lag = states[rid]
         # the requests that arrived there after it and before its end
         a = bisect.bisect_right(times[i], t)
         b = bisect.bisect_right(times[i], t + e2e)
         later = received[i][a:b]
-        if later:
-            rate = len(later) / e2e
-            a_p = round(float(np.mean([r[1] for r in later])))
-            a_o = round(float(np.mean([r[2] for r in later])))
-            p = cluster.models[i].predict(table, n, requests[rid][1], 0, requests[rid][2],
-                                          math.inf, 1.0 / rate, a_p, 0, a_o, args.limit)
-        else:
-            p = cluster.models[i].predict(table, n, requests[rid][1], 0, requests[rid][2])
-        preds["true_rate"] = (p[0] + lag, p[1] + lag)
+        preds["true_rate"] = stream(
+            i, states[rid], rid, e2e / len(later) if later else math.inf,
+            float(np.mean([r[1] for r in later])) if later else 0.0,
+            float(np.mean([r[2] for r in later])) if later else 0.0)
         # the cluster's true rate over its lifetime, shared evenly
         a = bisect.bisect_right(all_times, t)
         b = bisect.bisect_right(all_times, t + e2e)
-        if b > a:
-            rate = (b - a) / e2e / args.instances
-            a_p = round(float(np.mean([requests[k][1] for k in range(a, b)])))
-            a_o = round(float(np.mean([requests[k][2] for k in range(a, b)])))
-            p = cluster.models[i].predict(table, n, requests[rid][1], 0, requests[rid][2],
-                                          math.inf, 1.0 / rate, a_p, 0, a_o, args.limit)
-        preds["cluster_true_rate"] = (p[0] + lag, p[1] + lag)
+        preds["cluster_true_rate"] = stream(
+            i, states[rid], rid, e2e * args.instances / (b - a) if b > a else math.inf,
+            float(np.mean([requests[k][1] for k in range(a, b)])) if b > a else 0.0,
+            float(np.mean([requests[k][2] for k in range(a, b)])) if b > a else 0.0)
         for name, (pt, pe) in preds.items():
             e = errors.setdefault(name, {"ttft": [], "e2e": [], "e2e_signed": []})
             e["ttft"].append(abs(pt - ttft) / ttft)
