@@ -251,7 +251,8 @@ def heuristic(cluster: ClusterModel, d: Decision) -> int:
 
 
 def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
-          length: int = 0, tie_tolerance: float = 0.0, seed: int = 1) -> Chooser:
+          length: int | Sequence[int] = 0, tie_tolerance: float = 0.0,
+          seed: int = 1) -> Chooser:
     """Least predicted end-to-end latency, from each instance's state (``block``; an
     instance whose last step ends after now starts later by as much).  With
     ``delay_weight`` w: least own latency plus w times the latency it adds to the others
@@ -260,23 +261,37 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
     --delay-weight --delay-slack``).  With ``length`` > 0 it knows no output length:
     every request, the new one, those in flight and those expected, is predicted at
     ``length`` tokens (a proxy whose length model has learned nothing but the typical
-    length), while the cluster runs on the true ones.  With ``tie_tolerance`` the
+    length), while the cluster runs on the true ones.  With ``length`` a sequence, each
+    request is predicted at its own entry (indexed by request id: what a served proxy's
+    length model predicted for it), the expected arrivals at the decayed mean of the
+    predictions of those this router sent there.  With ``tie_tolerance`` the
     candidates within that fraction of the best score are ties, broken as the proxy's
     policy breaks them: the earliest first token (within the tolerance), then the fewest
     requests, then at random (seeded); without it, the best score wins."""
     rng = random.Random(seed)
+    constant = length if isinstance(length, int) else 0
+    each = None if isinstance(length, int) else np.asarray(length, dtype=np.int64)
+    #: with per-request predictions: each instance's arrivals at their predicted lengths
+    recent: list[ArrivalProcess] = []
 
     def choose(cluster: ClusterModel, d: Decision) -> int:
         e2e, delay, ttft = [], [], []
-        output = length or d.output
+        if each is not None and not recent:
+            recent.extend(ArrivalProcess(r.window) for r in cluster.recent)
+        output = int(each[d.rid]) if each is not None else constant or d.output
         for i, model in enumerate(cluster.models):
             future = cluster.recent[i].expected(cluster.now) if delay_weight else ()
             table, n = cluster.tables[i], cluster.n[i]
-            if length:
+            if each is not None:
                 table = table[:, :n].copy()
-                table[simulator.COL_PREDICTED] = length
+                table[simulator.COL_PREDICTED] = each[cluster.ids[i][:n]]
                 if future:
-                    future = (*future[:3], length, future[4])
+                    future = recent[i].expected(cluster.now)
+            elif constant:
+                table = table[:, :n].copy()
+                table[simulator.COL_PREDICTED] = constant
+                if future:
+                    future = (*future[:3], constant, future[4])
             p = model.predict(table, n, d.prompt, 0, output, math.inf, *future)
             lag = max(cluster.clock[i] - cluster.now, 0.0)
             e2e.append(p[1] + lag)
@@ -287,12 +302,16 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
         pool = [i for i in range(len(e2e)) if e2e[i] <= limit]
         best = min(score[i] for i in pool)
         if not tie_tolerance:
-            return next(i for i in pool if score[i] == best)
-        ties = [i for i in pool if score[i] <= best * (1.0 + tie_tolerance)]
-        first = min(ttft[i] for i in ties) * (1.0 + tie_tolerance)
-        ties = [i for i in ties if ttft[i] <= first]
-        fewest = min(cluster.n[i] for i in ties)
-        return rng.choice([i for i in ties if cluster.n[i] == fewest])
+            chosen = next(i for i in pool if score[i] == best)
+        else:
+            ties = [i for i in pool if score[i] <= best * (1.0 + tie_tolerance)]
+            first = min(ttft[i] for i in ties) * (1.0 + tie_tolerance)
+            ties = [i for i in ties if ttft[i] <= first]
+            fewest = min(cluster.n[i] for i in ties)
+            chosen = rng.choice([i for i in ties if cluster.n[i] == fewest])
+        if recent:
+            recent[chosen].record(cluster.now, d.prompt, 0, output)
+        return chosen
     return choose
 
 

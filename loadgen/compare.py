@@ -307,7 +307,8 @@ class Lab:
                  emulator_args: Sequence[str] = (), proxy_args: Sequence[str] = (),
                  proxies: int = 1, gossip: bool = True, peer_args: Sequence[str] = (),
                  kv_events: bool = False, hide_profiles: bool = False,
-                 standby: int = 0, log: Log = _stderr) -> None:
+                 standby: int = 0, log: Log = _stderr,
+                 log_dir: str | Path | None = None) -> None:
         if not 0 <= standby < instances:
             raise ValueError(f"--standby must be in [0, {instances - 1}], got {standby}")
         self.instances, self.time_scale = instances, time_scale
@@ -321,6 +322,9 @@ class Lab:
         self.emulator_args, self.proxy_args = list(emulator_args), list(proxy_args)
         self.peer_args = list(peer_args)
         self.log = log
+        #: where each run's process logs are kept (a folder per run), if anywhere
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._runs = 0
 
     def _proxy_args(self) -> list[str]:
         # The proxy is told the emulator's time scale (``--speed``), as an operator knows
@@ -341,12 +345,16 @@ class Lab:
             raise ValueError(f"--proxies {self.proxies} runs blockproxy only, not {policy}")
         run_dir = Path(tempfile.mkdtemp(prefix="loadgen-run-"))
         truth = run_dir / "truth.json"  # written by run_benchmark before its first send
+        self._runs += 1
+        logs = None if self.log_dir is None else self.log_dir / "{:03d}-seed{}-{}".format(
+            self._runs, seed, "".join(c if c.isalnum() or c in "-_." else "_"
+                                      for c in policy))
         cluster = EmulatedCluster(self.instances, profile=self.profiles,
                                   time_scale=self.time_scale, speed_factors=self.speed_factors,
                                   seed=seed, extra_args=[*self.emulator_args,
                                                          "--truth", str(truth)],
                                   kv_events=self.kv_events and peer is None,
-                                  hide_profiles=self.hide_profiles)
+                                  hide_profiles=self.hide_profiles, log_dir=logs)
         async with cluster, contextlib.AsyncExitStack() as stack:
             stack.callback(shutil.rmtree, run_dir, True)
             procs: list[ProxyProcess | PeerProcess]
@@ -358,10 +366,12 @@ class Lab:
                 for entry in entries[len(entries) - self.standby:] if self.standby else []:
                     entry["state"] = "standby"
                 procs = [ProxyProcess(entries, name, args,
-                                      profile=self.profiles[0] if single else None)
+                                      profile=self.profiles[0] if single else None,
+                                      log_dir=logs)
                          for args in self._all_proxy_args(run_dir)]
             else:
-                procs = [PeerProcess(peer, name, cluster.urls, run_dir, self.peer_args)]
+                procs = [PeerProcess(peer, name, cluster.urls, logs or run_dir,
+                                     self.peer_args)]
             for proc in procs:
                 await stack.enter_async_context(proc)
             router = procs[0].version if isinstance(procs[0], PeerProcess) else \
@@ -456,6 +466,7 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
                            proxies: int = 1, gossip: bool = True,
                            peer_args: Sequence[str] = (), kv_events: bool = False,
                            standby: int = 0, log: Log = _stderr,
+                           log_dir: str | Path | None = None,
                            **run_kwargs: Any) -> dict[str, Any]:
     """Run every policy on a fresh cluster + proxy with the same specs and seed.
 
@@ -469,7 +480,8 @@ async def compare_policies(policies: Sequence[str], specs: Sequence[RequestSpec]
     lab = Lab(instances=instances, profile=profile, time_scale=time_scale,
               speed_factors=speed_factors, emulator_args=emulator_args,
               proxy_args=proxy_args, proxies=proxies, gossip=gossip, peer_args=peer_args,
-              kv_events=kv_events, hide_profiles=hide_profiles, standby=standby, log=log)
+              kv_events=kv_events, hide_profiles=hide_profiles, standby=standby, log=log,
+              log_dir=log_dir)
     results: dict[str, Any] = {}
     for policy in policies:
         log(f"[seed {seed}] {policy}")
@@ -564,6 +576,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_search_arguments(parser, rate_lo=1.0, iterations=5)
     parser.add_argument("--json", metavar="OUT", help="write every result here (for "
                                                       "loadgen report)")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help="keep every run's process logs here, a folder per run "
+                             "(NNN-seedS-POLICY: the emulators', the proxy's or the peer's); "
+                             "by default they go with the run's temporary folder")
     parser.add_argument("--plot", metavar="OUT.png", help="draw CDFs and bars here")
 
 
@@ -630,7 +646,7 @@ async def _main(args: argparse.Namespace, kwargs: dict[str, Any],
         emulator_args=args.emulator_arg, proxy_args=args.proxy_arg, capacity=capacity,
         proxies=args.proxies, gossip=not args.no_gossip, peer_args=args.peer_arg,
         kv_events=args.kv_events, hide_profiles=args.hide_profiles, standby=args.standby,
-        **kwargs)
+        log_dir=args.log_dir, **kwargs)
     result["config"] = _config(args, kwargs)
     return result
 

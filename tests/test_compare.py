@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import signal
@@ -217,7 +218,8 @@ def test_compare_run_writes_json_table_and_plot(tmp_path: Path):
     proc = subprocess.run(
         _compare("--policies", "block,round_robin", "--num-requests", "30",
                  "--rate-multiplier", "8", "--time-scale", "0.5", "--goodput", "ttft:500",
-                 "--json", str(out), "--plot", str(png)),
+                 "--json", str(out), "--plot", str(png), "--log-dir", str(tmp_path / "logs"),
+                 "--proxy-arg=--log-level=debug"),
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "real-GPU times" in proc.stdout and "p99_ttft vs rr" in proc.stdout
@@ -237,6 +239,21 @@ def test_compare_run_writes_json_table_and_plot(tmp_path: Path):
     assert run["policies"]["block"]["proxy"]["prediction_error"]["ttft"] is not None
     assert result["summary"]["round_robin"]["median"]["completed"] == 30
     assert png.stat().st_size > 10_000
+    # --log-dir kept each run's logs: the proxy's debug lines are what
+    # scripts/replay_served.py reads
+    runs = sorted(d.name for d in (tmp_path / "logs").iterdir())
+    assert [r.split("-", 2)[::2] for r in runs] == [["001", "block"], ["002", "round_robin"]]
+    for folder in runs:
+        names = sorted(f.name for f in (tmp_path / "logs" / folder).iterdir())
+        assert any(n.startswith("emulator-") for n in names), names
+        (proxy_log,) = (tmp_path / "logs" / folder).glob("proxy-*.log")
+        spec = importlib.util.spec_from_file_location("replay_served",
+                                                      ROOT / "scripts" / "replay_served.py")
+        assert spec is not None and spec.loader is not None
+        replay_served = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(replay_served)
+        served = replay_served.read_log(proxy_log.read_text().splitlines())
+        assert len(served) == 30 and {s.instance for s in served} == {"i0", "i1"}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])

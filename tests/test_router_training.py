@@ -127,6 +127,38 @@ def test_the_cluster_model_s_block_blind_to_lengths_takes_every_answer_at_one_le
     assert cluster.tables[1][3, :2].tolist() == [8, 8]  # the model's own state is kept
 
 
+def test_the_cluster_model_s_block_takes_each_request_at_its_own_predicted_length(
+        ) -> None:
+    """Per-request lengths: told the true ones, it chooses as told nothing; told wrong
+    ones for the requests in flight, it chooses as if they were true."""
+    rng = np.random.default_rng(5)
+    t = np.cumsum(rng.exponential(1 / 60, 80))
+    requests = [(float(x), int(p), int(o)) for x, p, o in zip(
+        t, rng.integers(100, 3000, 80), rng.integers(10, 600, 80), strict=True)]
+    profile = load_profile(PROFILE)
+
+    def chosen(router) -> list[int]:
+        out: list[int] = []
+
+        def choose(cluster: ClusterModel, d: Decision) -> int:
+            out.append(router(cluster, d))
+            return out[-1]
+        run_episode(profile, 3, requests, choose, 0.05, 0, 2.0)
+        return out
+    # weighted: the expected arrivals at the predicted lengths of those sent there
+    assert chosen(block(1.0, length=[o for _, _, o in requests])) == chosen(block(1.0))
+    assert chosen(block(length=[150] * len(requests))) == chosen(block(length=150))
+    # the example above, each request told apart: 0's answer said to be short, 1's long
+    cluster = ClusterModel(profile, 2)
+    cluster.dispatch(0, 0, 100, 4000, 0.0)
+    cluster.dispatch(1, 1, 100, 8, 0.0)
+    cluster.dispatch(1, 2, 100, 8, 0.0)
+    cluster.advance(0.02)
+    d = Decision(3, 100, 500, 0.02, 0, True)
+    assert block(length=[8, 4000, 4000, 500])(cluster, d) == 0
+    assert block(length=[4000, 8, 8, 500])(cluster, d) == 1
+
+
 def test_a_held_request_is_decided_again_until_it_must_be_routed() -> None:
     profile = load_profile(PROFILE)
     seen: list[tuple[int, bool]] = []
