@@ -19,7 +19,8 @@ four ways:
 
 Prints one JSON object per row (real-GPU ms), then a table, with how often each router
 chose as the served proxy did on the served run's own states (the served assignment
-replayed, the router asked at each step).
+replayed, the router asked at each step; told the served predictions, a router keeps its
+own record of arrivals, so there its expected arrivals follow its own choices).
 
     LOADGEN_TRACE_PATH=../shared/traces loadgen compare --policies block \\
         --trace azure-conv --instances 8 --time-scale 12 --num-requests 4000 \\
@@ -96,35 +97,19 @@ def match(requests: Sequence[Request], served: Sequence[Served]) -> list[int]:
     found = []
     low = 0
     for k, (_, prompt, output) in enumerate(requests):
-        for j in range(max(low - REACH, 0), min(k + REACH, len(served))):
-            s = served[j]
-            if not taken[j] and s.prompt == prompt and s.output == output:
-                break
-        else:
-            for j in range(max(low - REACH, 0), min(k + REACH, len(served))):
-                s = served[j]
-                if not taken[j] and s.prompt == prompt and s.output < output:
-                    break
-            else:
-                raise ValueError(f"request {k} ({prompt} prompt, {output} output tokens) "
-                                 "has no line in the log: not the same workload?")
+        near = range(max(low - REACH, 0), min(k + REACH, len(served)))
+        j = next((j for same in (True, False) for j in near
+                  if not taken[j] and served[j].prompt == prompt
+                  and (served[j].output == output if same else served[j].output < output)),
+                 -1)
+        if j < 0:
+            raise ValueError(f"request {k} ({prompt} prompt, {output} output tokens) "
+                             "has no line in the log: not the same workload?")
         taken[j] = True
         found.append(j)
         while low < len(served) and taken[low]:
             low += 1
     return found
-
-
-def replaying(assignment: Sequence[int], ask: Chooser | None = None,
-              agree: list[int] | None = None) -> Chooser:
-    """Each request to its instance in ``assignment``; ``ask`` (if given) is asked too,
-    and ``agree`` counts [same choice, decisions]."""
-    def choose(cluster: ClusterModel, d: Decision) -> int:
-        if ask is not None and agree is not None:
-            agree[0] += ask(cluster, d) == assignment[d.rid]
-            agree[1] += 1
-        return assignment[d.rid]
-    return choose
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -156,27 +141,34 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             abs(median - t) / t for t in truth), 3)}]
     print(json.dumps(rows[0]), flush=True)
 
-    def episode(name: str, choose: Chooser, agree: list[int] | None = None) -> None:
+    def episode(name: str, choose: Chooser, agree: float | None = None) -> None:
         summary = summarize(run_episode(profile, n, requests, choose, 0.05, 0,
                                         args.arrival_window))
         row: dict[str, Any] = {"router": name}
         row.update({k.replace("_s", "_ms"): round(v * 1000.0) for k, v in summary.items()
                     if k.endswith("_s")})
         if agree is not None:
-            row["same_choice_as_served"] = round(agree[0] / max(agree[1], 1), 3)
+            row["same_choice_as_served"] = round(agree, 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    episode("the served assignment", replaying(assignment))
+    def agreement(router: Chooser) -> float:
+        """How often ``router`` chooses as the served proxy did, asked at each step of
+        the served assignment replayed."""
+        same: list[bool] = []
+
+        def choose(cluster: ClusterModel, d: Decision) -> int:
+            same.append(router(cluster, d) == assignment[d.rid])
+            return assignment[d.rid]
+        run_episode(profile, n, requests, choose, 0.05, 0, args.arrival_window)
+        return sum(same) / max(len(same), 1)
+
+    episode("the served assignment", lambda cluster, d: assignment[d.rid])
     w = args.delay_weight
     for name, lengths in ((f"block w={w:g}, the served predictions", predicted),
                           (f"block w={w:g}, the true lengths", 0),
                           (f"block w={w:g}, every length {median}", median)):
-        agree = [0, 0]
-        run_episode(profile, n, requests,
-                    replaying(assignment, block(w, length=lengths), agree), 0.05, 0,
-                    args.arrival_window)
-        episode(name, block(w, length=lengths), agree)
+        episode(name, block(w, length=lengths), agreement(block(w, length=lengths)))
     return rows
 
 
