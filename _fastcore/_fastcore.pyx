@@ -20,7 +20,7 @@ preemption and compacted in place when requests finish.
 
 from libc.stdint cimport int64_t
 from _fastcore cimport Outcome, Req, Scratch
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.math cimport INFINITY
 
 import math
@@ -60,6 +60,12 @@ cdef extern from *:
     """
     double bp_tri_as_double(int64_t j) noexcept nogil
 
+cdef extern from *:
+    """
+    #define bp_prefetch(p) __builtin_prefetch((const void*)(p))
+    """
+    void bp_prefetch(const void* p) noexcept nogil
+
 cdef int NUM_COLUMNS = 5
 cdef int64_t MAX_TOKENS = (<int64_t>1) << 40
 # No request holds more tokens than this, so a larger KV cache never limits a target.
@@ -75,14 +81,30 @@ cdef inline int64_t ceil_div(int64_t a, int64_t b, int shift) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline double end_at_least(double t, const Req* req, int64_t new,
-                                double min_step) noexcept nogil:
+cdef inline double end_at_least(double t, const Req* req, int64_t new, double min_step,
+                                double step_fixed, double token_prefill,
+                                int64_t budget) noexcept nogil:
     """A lower bound of the clock when the new request ends: a step for each token it has
-    still to produce, of at least ``min_step`` each, shrunk by a part in 10**9 so that
-    rounding never puts it past the end (twin: ``end`` in ``_run``)."""
+    still to produce, of at least ``min_step`` each, and before its first token its prompt
+    tokens still to compute, at most ``budget`` a step, each step at least ``step_fixed``
+    plus ``token_prefill`` per token; shrunk by a part in 10**9 so that rounding never
+    puts it past the end (twin: ``end`` in ``_run``)."""
+    cdef int64_t done, left
     if new < 0:
         return t
-    return (t + min_step * <double>(req[new].target - req[new].gen)) * (1.0 - 1e-9)
+    if req[new].gen > 0:
+        return (t + min_step * <double>(req[new].target - req[new].gen)) * (1.0 - 1e-9)
+    done = req[new].comp if req[new].comp > req[new].cached else req[new].cached
+    left = req[new].prompt - done
+    return (t + (step_fixed * <double>((left + budget - 1) // budget)
+                 + token_prefill * <double>left)
+            + min_step * <double>(req[new].target - 1)) * (1.0 - 1e-9)
+
+
+cdef inline bint is_decode(const Req* q) noexcept nogil:
+    """Whether a scheduled request's step is a decode: it has computed every token but
+    its last output (otherwise the step computes prompt or recomputed tokens)."""
+    return q.gen > 0 and q.comp == q.prompt + q.gen - 1
 
 
 cdef inline int power_of_two_shift(int64_t b) noexcept nogil:
@@ -403,8 +425,8 @@ cdef class InstanceModelC:
         cdef int64_t p, c, g, pr, r, h, victim, used = 0, free_blocks, peak
         cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
         cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
-        cdef int64_t prefill_tokens, decode_seqs, ctx, new_comp
-        cdef double delay = 0.0, d_new, min_step, end
+        cdef int64_t prefill_tokens, decode_seqs, ctx, new_comp, new_sched
+        cdef double delay = 0.0, d_new, min_step, step_fixed, token_prefill, end
         # the others still before their first token: the new request's steps delay each of
         # them by the step's share, each other one by ``decode_delay`` times that
         cdef int64_t pending = 0, others
@@ -412,7 +434,7 @@ cdef class InstanceModelC:
         cdef int64_t kv_tokens = KV_TOKENS_CAP
         if num_gpu_blocks <= KV_TOKENS_CAP // bs:
             kv_tokens = num_gpu_blocks * bs
-        cdef bint all_decode, admissible, preempted, self_preempted, finished_any
+        cdef bint all_decode, admissible, preempted, self_preempted, finished_any, joins
         cdef double t = 0.0, a, b
         cdef Outcome out
         out.ttft = INFINITY
@@ -483,10 +505,13 @@ cdef class InstanceModelC:
 
         # a step with the new request in it takes at least this long
         min_step = speed * (fixed + (c_prefill if c_prefill < c_decode else c_decode))
+        # a step that computes prompt tokens takes at least this long, plus this per token
+        step_fixed = speed * fixed
+        token_prefill = speed * c_prefill
         while iterations < max_iterations:
             # stop once the run can no longer end within ``bound``, or its score within
             # ``score_bound``
-            end = end_at_least(t, req, new, min_step)
+            end = end_at_least(t, req, new, min_step, step_fixed, token_prefill, budget_cap)
             if not (end <= bound and ((out.ttft if out.ttft != INFINITY else t) if score_ttft
                                       else end) + weight * delay <= score_bound):
                 break
@@ -513,7 +538,21 @@ cdef class InstanceModelC:
                 break
             # ---- fast-forward a decode-only stretch ----------------------------------------
             n_run = n_running
-            if fast_forward and n_run > 0 and n_run <= budget_cap:
+            # A stretch needs the head of the queue unable to join; it surely can join when
+            # it fits beside one more block for every running request (what one decode step
+            # can take at most), so the scan below is skipped: the step is the same.
+            if (fast_forward and n_run > 0 and head < tail and n_run < max_num_seqs
+                    and budget_cap - n_run > 0):
+                h = waiting[head]
+                total_h = req[h].prompt + req[h].gen
+                comp_h = req[h].cached if req[h].cached < total_h - 1 else total_h - 1
+                new_h = total_h - comp_h
+                if new_h > budget_cap - n_run:
+                    new_h = budget_cap - n_run
+                joins = ceil_div(comp_h + new_h, bs, bs_shift) <= free_blocks - n_run
+            else:
+                joins = False
+            if fast_forward and not joins and n_run > 0 and n_run <= budget_cap:
                 all_decode = True
                 k_finish = MAX_TOKENS
                 ctx_sum = 0
@@ -610,6 +649,12 @@ cdef class InstanceModelC:
             n_sched = 0
             preempted = False
             i = 0
+            # the step's size, counted as requests are scheduled (a scheduled request is
+            # never preempted later in the same step)
+            prefill_tokens = 0
+            decode_seqs = 0
+            ctx = 0
+            new_sched = -1  # tokens of the new request in the step (-1: not in it)
             while i < n_running and budget > 0:
                 r = running[i]
                 num_new = req[r].prompt + req[r].gen - req[r].comp
@@ -638,6 +683,13 @@ cdef class InstanceModelC:
                 req[r].blocks += need
                 sched_idx[n_sched] = r
                 sched_new[n_sched] = num_new
+                if is_decode(&req[r]):
+                    decode_seqs += 1
+                else:
+                    prefill_tokens += num_new
+                ctx += req[r].comp + num_new
+                if r == new:
+                    new_sched = num_new
                 n_sched += 1
                 budget -= num_new
                 i += 1
@@ -660,6 +712,13 @@ cdef class InstanceModelC:
                     free_blocks -= need
                     sched_idx[n_sched] = h
                     sched_new[n_sched] = num_new
+                    if is_decode(&req[h]):
+                        decode_seqs += 1
+                    else:
+                        prefill_tokens += num_new
+                    ctx += comp_h + num_new
+                    if h == new:
+                        new_sched = num_new
                     n_sched += 1
                     budget -= num_new
                     if h == new and out.queue_delay == INFINITY:
@@ -678,22 +737,13 @@ cdef class InstanceModelC:
                         t = new_at
                     continue
                 break  # nothing can ever run: the new request never finishes
-            prefill_tokens = 0
-            decode_seqs = 0
-            ctx = 0
             d_new = -1.0
-            for k in range(n_sched):
-                r = sched_idx[k]
-                if req[r].gen > 0 and req[r].comp == req[r].prompt + req[r].gen - 1:
-                    decode_seqs += 1
-                    if r == new:
-                        d_new = c_decode + c_context * <double>(req[r].comp + sched_new[k])
+            if new_sched >= 0:  # the new request's share of the step
+                if is_decode(&req[new]):
+                    d_new = c_decode + c_context * <double>(req[new].comp + new_sched)
                 else:
-                    prefill_tokens += sched_new[k]
-                    if r == new:
-                        d_new = (c_prefill * <double>sched_new[k]
-                                 + c_context * <double>(req[r].comp + sched_new[k]))
-                ctx += req[r].comp + sched_new[k]
+                    d_new = (c_prefill * <double>new_sched
+                             + c_context * <double>(req[new].comp + new_sched))
             t += speed * (fixed + c_prefill * <double>prefill_tokens
                           + c_decode * <double>decode_seqs + c_context * <double>ctx)
             if d_new >= 0.0:
@@ -814,7 +864,10 @@ def prefix_hashes(const unsigned char[::1] data, Py_ssize_t block, Py_ssize_t li
 # no tombstones).  Free nodes (cached, not referenced) are chained in LRU order, oldest at
 # the head; referenced nodes are in no list.  Freed node numbers are reused from a stack.
 
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, uint32_t
+
+#: lookups ahead whose table slot is prefetched (a cache model is larger than the caches)
+cdef Py_ssize_t PREFETCH = 8
 
 
 cdef class PrefixCacheC:
@@ -829,7 +882,9 @@ cdef class PrefixCacheC:
     cdef int32_t* nxt
     cdef int32_t* spare     # stack of unused node numbers
     cdef Py_ssize_t n_spare, n_nodes, node_cap
-    cdef int32_t* table     # node number + 1; 0 = empty slot
+    # Slots: 0 = empty, else the upper 32 bits of the key's mixed hash (the home slot and a
+    # tag: a probe reads the node's key only when the tag matches) over node number + 1.
+    cdef uint64_t* table
     cdef Py_ssize_t table_size, table_shift, count, n_free
     cdef int32_t head, tail
 
@@ -865,10 +920,10 @@ cdef class PrefixCacheC:
         return 0
 
     cdef int _rehash(self, Py_ssize_t size) except -1:
-        # ``size`` is a power of two; every node in use is re-entered
-        cdef int32_t* old = self.table
+        # ``size`` is a power of two, at most 2**32; every slot in use is re-entered
+        cdef uint64_t* old = self.table
         cdef Py_ssize_t old_size = self.table_size, i
-        cdef int32_t* t = <int32_t*>realloc(NULL, size * sizeof(int32_t))
+        cdef uint64_t* t = <uint64_t*>realloc(NULL, size * sizeof(uint64_t))
         if t == NULL: raise MemoryError()
         for i in range(size):
             t[i] = 0
@@ -879,49 +934,51 @@ cdef class PrefixCacheC:
             self.table_shift -= 1
         for i in range(old_size):
             if old[i]:
-                self._place(old[i] - 1)
+                self._put(old[i])
         free(old)
         return 0
 
-    cdef inline Py_ssize_t _home(self, uint64_t key) noexcept nogil:
-        return <Py_ssize_t>((key * _MIX) >> self.table_shift)
+    cdef inline uint64_t _slot_value(self, uint64_t key, int32_t node) noexcept nogil:
+        return (((key * _MIX) >> 32) << 32) | <uint64_t>(node + 1)
 
-    cdef inline void _place(self, int32_t node) noexcept nogil:
+    cdef inline void _put(self, uint64_t value) noexcept nogil:
+        # enter a slot value at the first free slot from its home
         cdef Py_ssize_t mask = self.table_size - 1
-        cdef Py_ssize_t i = self._home(self.keys[node])
+        cdef Py_ssize_t i = <Py_ssize_t>(value >> self.table_shift)
         while self.table[i]:
             i = (i + 1) & mask
-        self.table[i] = node + 1
+        self.table[i] = value
 
     cdef inline Py_ssize_t _slot(self, uint64_t key) noexcept nogil:
         # the table slot holding ``key``, or -1
         cdef Py_ssize_t mask = self.table_size - 1
-        cdef Py_ssize_t i = self._home(key)
-        cdef int32_t v
+        cdef uint64_t mixed = key * _MIX
+        cdef Py_ssize_t i = <Py_ssize_t>(mixed >> self.table_shift)
+        cdef uint64_t tag = mixed >> 32, v
         while True:
             v = self.table[i]
             if v == 0:
                 return -1
-            if self.keys[v - 1] == key:
+            if (v >> 32) == tag and self.keys[<uint32_t>v - 1] == key:
                 return i
             i = (i + 1) & mask
 
     cdef inline int32_t _find(self, uint64_t key) noexcept nogil:
         cdef Py_ssize_t s = self._slot(key)
-        return -1 if s < 0 else self.table[s] - 1
+        return -1 if s < 0 else <int32_t>(<uint32_t>self.table[s] - 1)
 
     cdef void _unslot(self, Py_ssize_t i) noexcept nogil:
         # backward-shift deletion of table slot i
         cdef Py_ssize_t mask = self.table_size - 1
         cdef Py_ssize_t j = i, home
-        cdef int32_t v
+        cdef uint64_t v
         self.table[i] = 0
         while True:
             j = (j + 1) & mask
             v = self.table[j]
             if v == 0:
                 return
-            home = self._home(self.keys[v - 1])
+            home = <Py_ssize_t>(v >> self.table_shift)
             # move v back to the hole at i unless its home lies cyclically in (i, j]
             if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
                 self.table[i] = v
@@ -942,7 +999,7 @@ cdef class PrefixCacheC:
         self.refs[node] = 0
         if (self.count + 1) * 2 > self.table_size:
             self._rehash(self.table_size * 2)
-        self._place(node)
+        self._put(self._slot_value(key, node))
         self.count += 1
         return node
 
@@ -976,9 +1033,21 @@ cdef class PrefixCacheC:
 
     cdef void _evict(self) noexcept nogil:
         cdef Py_ssize_t excess = self.count - self.capacity
-        cdef int32_t node
+        cdef int32_t node, ahead = self.head
+        cdef Py_ssize_t k
+        # the oldest blocks go first: their keys and slots are loaded a few evictions ahead
+        for k in range(PREFETCH if PREFETCH < excess else excess):
+            if ahead < 0:
+                break
+            bp_prefetch(&self.keys[ahead])
+            ahead = self.nxt[ahead]
         while excess > 0 and self.head >= 0:
             node = self.head
+            if ahead >= 0:
+                bp_prefetch(&self.keys[ahead])
+                ahead = self.nxt[ahead]
+            if self.nxt[node] >= 0:  # the next one's key is in by now: its slot
+                self._prefetch_slot(self.keys[self.nxt[node]])
             self._unlink(node)
             self._drop_node(node)
             self.evictions += 1
@@ -1004,24 +1073,47 @@ cdef class PrefixCacheC:
                 hi = mid - 1
         return lo
 
+    cdef uint64_t* _keys_of(self, object hashes, Py_ssize_t n) except NULL:
+        # ``hashes`` as a C array (the caller frees it), each slot prefetch in order
+        cdef uint64_t* keys = <uint64_t*>malloc((n if n > 0 else 1) * sizeof(uint64_t))
+        cdef Py_ssize_t i
+        if keys == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                keys[i] = <uint64_t>hashes[i]
+        except BaseException:
+            free(keys)
+            raise
+        return keys
+
+    cdef inline void _prefetch_slot(self, uint64_t key) noexcept nogil:
+        # load the table slot a later lookup of ``key`` starts at
+        bp_prefetch(&self.table[<Py_ssize_t>((key * _MIX) >> self.table_shift)])
+
     def acquire(self, hashes):
         """A request dispatched here holds these blocks (cached from now on); returns those
         that were not cached before."""
         cdef list new = []
-        cdef uint64_t key
+        cdef Py_ssize_t n = len(hashes), i
+        cdef uint64_t* keys = self._keys_of(hashes, n)
         cdef int32_t node
-        for h in hashes:
-            key = <uint64_t>h
-            node = self._find(key)
-            if node < 0:
-                new.append(h)
-                node = self._new_node(key)
-                self.refs[node] = 1
-            elif self.refs[node] == 0:
-                self._unlink(node)
-                self.refs[node] = 1
-            else:
-                self.refs[node] += 1
+        try:
+            for i in range(n):
+                if i + PREFETCH < n:
+                    self._prefetch_slot(keys[i + PREFETCH])
+                node = self._find(keys[i])
+                if node < 0:
+                    new.append(hashes[i])
+                    node = self._new_node(keys[i])
+                    self.refs[node] = 1
+                elif self.refs[node] == 0:
+                    self._unlink(node)
+                    self.refs[node] = 1
+                else:
+                    self.refs[node] += 1
+        finally:
+            free(keys)
         self._evict()
         return new
 
@@ -1052,15 +1144,19 @@ cdef class PrefixCacheC:
 
     def release(self, hashes):
         """The request ended: its blocks join the free queue, the last block first."""
-        cdef Py_ssize_t i
+        cdef Py_ssize_t n = len(hashes), i
+        cdef uint64_t* keys = self._keys_of(hashes, n)
         cdef int32_t node
-        for i in range(len(hashes) - 1, -1, -1):
-            node = self._find(<uint64_t>hashes[i])
+        for i in range(n - 1, -1, -1):
+            if i >= PREFETCH:
+                self._prefetch_slot(keys[i - PREFETCH])
+            node = self._find(keys[i])
             if node < 0 or self.refs[node] == 0:
                 continue  # forgotten meanwhile (clear), or not held
             self.refs[node] -= 1
             if self.refs[node] == 0:
                 self._link_tail(node)
+        free(keys)
         self._evict()
 
     def clear(self):
@@ -1078,7 +1174,7 @@ cdef class PrefixCacheC:
     def memory_bytes(self):
         """Bytes the model has allocated (nodes and table)."""
         return (self.node_cap * (sizeof(uint64_t) + sizeof(int64_t) + 3 * sizeof(int32_t))
-                + self.table_size * sizeof(int32_t))
+                + self.table_size * sizeof(uint64_t))
 
     def snapshot(self):
         """(free blocks oldest first, {held block: references}): for the twin tests."""
@@ -1090,8 +1186,10 @@ cdef class PrefixCacheC:
             order.append(<int64_t>self.keys[node])
             node = self.nxt[node]
         for i in range(self.table_size):
-            if self.table[i] and self.refs[self.table[i] - 1] > 0:
-                held[<int64_t>self.keys[self.table[i] - 1]] = self.refs[self.table[i] - 1]
+            if self.table[i]:
+                node = <int32_t>(<uint32_t>self.table[i] - 1)
+                if self.refs[node] > 0:
+                    held[<int64_t>self.keys[node]] = self.refs[node]
         return order, held
 
 

@@ -187,6 +187,28 @@ def test_compiled_and_twin_cache_models_agree(seed: int) -> None:
         assert (probe in comp) == (probe in twin)
 
 
+@pytest.mark.skipif(PrefixCacheC is None, reason="extension not built")
+def test_compiled_cache_model_tells_apart_keys_that_share_a_slot_and_tag() -> None:
+    """The compiled table keeps the upper half of each key's mixed hash as a tag beside
+    the node: keys whose mixed hashes agree in all those bits (same home slot, same tag)
+    must still be told apart by the key itself, through lookups, evictions and removal."""
+    mix = 0x9E3779B97F4A7C15
+    inverse = pow(mix, -1, 1 << 64)
+    # 63-bit keys (as the hasher makes) whose mixed hashes agree in their upper 32 bits
+    keys = [k for k in (((0x5DEECE66 << 32 | low) * inverse) % (1 << 64)
+                        for low in range(1, 100)) if k < 1 << 63][:6]
+    twin, comp = PrefixCachePy(4), PrefixCacheC(4)
+    for cache in (twin, comp):
+        assert cache.acquire(keys[:3]) == keys[:3]
+        assert cache.match(keys[:3]) == 3 and cache.match(keys[3:]) == 0
+        cache.release(keys[:3])  # free, oldest first: keys[2], keys[1], keys[0]
+        assert cache.acquire(keys[3:]) == keys[3:]  # evicts keys[2] and keys[1]
+        cache.remove([keys[0]])
+        cache.release(keys[3:])
+    assert comp.snapshot() == twin.snapshot() == (keys[:2:-1], {})
+    assert [k in comp for k in keys] == [False, False, False, True, True, True]
+
+
 # ---- instances and policies ---------------------------------------------------------------
 
 PROFILE = profiles.load_profile("llama-3.1-8b-h100-tp1")

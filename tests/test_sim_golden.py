@@ -240,8 +240,10 @@ def test_request_longer_than_the_kv_cache_is_capped_not_preempted_forever(sim_im
 
 def test_bound_stops_a_simulation_that_can_no_longer_end_within_it(sim_impl, fast_forward):
     """Each token still to come takes a step of at least 1 + 0.01 s (the fixed time and a
-    prefill token's share, the lesser of a token's and a sequence's): the run stops once
-    its clock plus that passes the bound, long before the clock itself does."""
+    prefill token's share, the lesser of a token's and a sequence's), and before the first
+    token the prompt's tokens take at least the fixed time per budget's worth plus 0.01 s
+    each: the run stops once its clock plus that passes the bound, long before the clock
+    itself does."""
     model = make_model(sim_impl, fast_forward)
     full = predict(model, state(), 0, 100, 0, 5)  # ttft 2.0, e2e 6.4
 
@@ -250,10 +252,10 @@ def test_bound_stops_a_simulation_that_can_no_longer_end_within_it(sim_impl, fas
 
     assert full.ttft == pytest.approx(2.0, rel=1e-12)
     assert full.e2e == pytest.approx(6.4, rel=1e-12)
-    assert bounded(6.4) == full and bounded(10.0) == full  # 5.05, 6.04, ..., 6.31 <= 6.4
-    cut = bounded(6.0)  # at 2.0, four tokens to go: 2.0 + 4 * 1.01 > 6.0
+    assert bounded(6.4) == full and bounded(10.0) == full  # 6.04, 6.04, ..., 6.31 <= 6.4
+    cut = bounded(6.1)  # at 3.1, three tokens to go: 3.1 + 3 * 1.01 > 6.1
     assert cut.ttft == full.ttft and math.isinf(cut.e2e)
-    cut = bounded(5.0)  # at once: 5 * 1.01 > 5.0
+    cut = bounded(6.0)  # at once: 1 + 100 * 0.01 for the prompt, 4 * 1.01 after it > 6.0
     assert math.isinf(cut.ttft) and math.isinf(cut.e2e) and cut.steps == 0
 
 

@@ -92,8 +92,10 @@ iterations, or one that can no longer end within ``bound`` seconds from now (a c
 that only wants to know whether this instance beats the best one so far) gives ``inf`` for
 the times not reached.  A run can end no sooner than its clock plus one step per token the
 new request still has to produce, each at least the fixed step time plus one prefill
-token's or one decode sequence's share (whichever is less; shrunk by a part in 10**9 for
-rounding), so it stops once that passes ``bound``.  So does one where that plus
+token's or one decode sequence's share (whichever is less), and before its first token
+its prompt tokens still to compute (the uncached ones) at the per-token prefill time, in
+steps of at most the token budget, each at least the fixed step time (shrunk by a part in
+10**9 for rounding), so it stops once that passes ``bound``.  So does one where that plus
 ``delay_weight`` times the delay so far passes ``score_bound``: the delay only grows, so
 that sum is a lower bound of the score ``e2e + delay_weight * delay`` the run would end
 with (``block --delay-weight``).  With ``score_ttft`` the score is ``ttft +
@@ -338,13 +340,25 @@ class InstanceModelPy:
         sched_new: list[int] = []
         # a step with the new request in it takes at least this long
         min_step = speed * (fixed + (c_prefill if c_prefill < c_decode else c_decode))
+        # a step that computes prompt tokens takes at least this long, plus this per token
+        step_fixed = speed * fixed
+        token_prefill = speed * c_prefill
         while iterations < self.max_iterations:
             # Stop once the run can no longer end within ``bound``, or its score within
             # ``score_bound``.  A lower bound of the clock when the new request ends: a
-            # step for each token it has still to produce, shrunk by a part in 10**9 so
-            # that rounding never puts it past the end.
-            end = t if new < 0 else (t + min_step * float(target[new] - gen[new])) * (
-                1.0 - 1e-9)
+            # step for each token it has still to produce, and before its first token its
+            # prompt tokens still to compute, at most a budget a step, each step at least
+            # the fixed time plus the per-token time of those it computes; shrunk by a
+            # part in 10**9 so that rounding never puts it past the end.
+            if new < 0:
+                end = t
+            elif gen[new] > 0:
+                end = (t + min_step * float(target[new] - gen[new])) * (1.0 - 1e-9)
+            else:
+                left = prompt[new] - (comp[new] if comp[new] > cached[new] else cached[new])
+                end = (t + (step_fixed * float((left + budget_cap - 1) // budget_cap)
+                            + token_prefill * float(left))
+                       + min_step * float(target[new] - 1)) * (1.0 - 1e-9)
             if not (end <= bound and ((ttft if ttft != INF else t) if score_ttft else end)
                     + weight * delay <= score_bound):
                 break

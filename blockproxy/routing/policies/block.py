@@ -37,7 +37,9 @@ Branch and bound: candidates are simulated from the most likely winner down (the
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
 soon as it can no longer end within the best prediction so far (plus the tie tolerance, or
 the delay slack): its clock plus a step of at least the fixed step time for each token
-the request still has to produce passes it.  With the delay weight and no slack limit it
+the request still has to produce, and the prefill of its uncached prompt tokens still to
+compute, passes it (so a long prompt's candidates without its prefix cached are cut at
+once when one with it cached ends sooner).  With the delay weight and no slack limit it
 stops as soon as that (for ``block_ttft`` its clock, or its first token once out) plus its
 weighted delay so far passes the best score so far (the delay only grows): an instance
 already past that cannot win, and its exact latency is not needed.  The choice is the
