@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,3 +187,19 @@ def summarize(errors: Mapping[str, Sequence[float]]) -> dict[str, dict[str, floa
     return {k: {"n": len(v), "median_ape_pct": 100 * statistics.median(v) if v else float("nan"),
                 "mean_ape_pct": 100 * statistics.fmean(v) if v else float("nan")}
             for k, v in errors.items()}
+
+
+def prediction_records(log: str) -> list[dict[str, Any]]:
+    """Each finished request's measured and predicted TTFT, e2e (seconds) and output
+    tokens, from the proxy's debug log: to see bias, not only the size of the errors."""
+    return [{"instance": m[1], "output": int(m[2]), "predicted_output": int(m[3]),
+             "ttft": float(m[4]), "predicted_ttft": float(m[5]),
+             "e2e": float(m[6]), "predicted_e2e": float(m[7])}
+            for m in DONE_LINE.finditer(log)]
+
+
+def signed_median_pct(records: Sequence[Mapping[str, Any]], quantity: str) -> float:
+    """Median of (predicted - measured) / measured, in percent: below 0, predictions short."""
+    values = [(r["predicted_" + quantity] - r[quantity]) / r[quantity] for r in records
+              if r[quantity] > 0 and math.isfinite(r["predicted_" + quantity])]
+    return 100 * statistics.median(values) if values else float("nan")

@@ -14,6 +14,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -30,8 +31,10 @@ from tests.real_vllm import (
     VllmServer,
     fit_profile,
     prediction_errors,
+    prediction_records,
     real_vllm,
     require_vllm,
+    signed_median_pct,
     start_servers,
     summarize,
     vllm_logs,
@@ -333,16 +336,35 @@ async def test_prediction_error_of_block(proxy: Proxy, tiny_profile: Path):
     profile.  The figures go to ``results/real_vllm_prediction_error.json`` (quoted in
     README.md); the assertions only check that every request was predicted.
     """
-    await concurrent_load(proxy.url, 8, 8, hint=False, seed=99)  # warm calibration
-    report: dict = {"profile": json.loads(tiny_profile.read_text())["step_time"]}
+    # Warm the online calibration up first (the step-time multiplier and the per-request
+    # overhead, each from 16 samples on): before it, predictions use the idle profile, which
+    # this shared CPU runs 2-3x slower under load, and the pass measured first would pay
+    # for that alone.
+    report: dict = {"profile": json.loads(tiny_profile.read_text())["step_time"],
+                    "warm_up_requests": 0}
+    deadline = time.monotonic() + 180
+    while True:
+        await concurrent_load(proxy.url, 16, 8, hint=False, seed=99 + report["warm_up_requests"])
+        report["warm_up_requests"] += 16
+        calibration = [i["calibration"] for i in proxy.cluster()["instances"]]
+        if all(c["samples"] >= 16 and c["overhead_samples"] >= 16 for c in calibration) \
+                or time.monotonic() > deadline:
+            break
+    report["calibration_before"] = calibration
     for hint in (False, True):
         mark = len(proxy.output())
         usages = await concurrent_load(proxy.url, 40, 8, hint=hint, seed=1)
         assert all(u["completion_tokens"] > 0 for u in usages)
         await asyncio.sleep(0.5)  # the last "done" lines
-        errors = prediction_errors(proxy.output()[mark:])
+        log = proxy.output()[mark:]
+        errors = prediction_errors(log)
         assert len(errors["e2e"]) == 40 and len(errors["ttft"]) == 40
-        report["hint" if hint else "learned_lengths"] = summarize(errors)
+        records = prediction_records(log)
+        key = "hint" if hint else "learned_lengths"
+        report[key] = summarize(errors)
+        report[key]["signed_median_pct"] = {q: signed_median_pct(records, q)
+                                            for q in ("ttft", "e2e", "output")}
+        report[key]["requests"] = records
     report["calibration"] = {i["name"]: i["calibration"] for i in proxy.cluster()["instances"]}
     text = proxy.metrics()
     for q in ("ttft", "e2e"):
