@@ -13,6 +13,10 @@ prompts of 8k and 32k tokens (text, 4 characters per token) of which half share 
 their blocks with what one instance caches.  ``describe`` is parsing the request body and
 describing it (hashing included), ``decision`` the dispatch with a prefix lookup per
 candidate; ``cache_model_mib`` is the memory of one instance's cache model when full.
+
+Each cluster size, and the ``prefix`` section, draws its states from a random stream of
+its own (``--seed`` and the size): every policy is timed on the same states, and the
+``prefix`` figures do not depend on which policies were timed before them.
 """
 
 from __future__ import annotations
@@ -104,7 +108,9 @@ def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
     for label, policy_name, options in timed:
         per_size = {}
         for size in CLUSTER_SIZES:
-            view, instances = build_cluster(size, args.active, args.profile, pairs, rng,
+            # the same cluster state of each size for every policy, whichever are timed
+            view, instances = build_cluster(size, args.active, args.profile, pairs,
+                                            np.random.default_rng([args.seed, size]),
                                             args.arrival_rate)
             time_decisions(view, instances, policy_name, jobs[:20], args.seed,
                            **options)  # warm-up
@@ -113,7 +119,8 @@ def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
             per_size[str(size)] = {"p50": round(float(np.percentile(samples, 50)), 1),
                                    "p99": round(float(np.percentile(samples, 99)), 1)}
         result[label] = per_size
-    result["prefix"] = bench_prefix(args, pairs, rng)
+    # its own random stream: the same states and prompts whichever policies were timed
+    result["prefix"] = bench_prefix(args, pairs, np.random.default_rng([args.seed, 0]))
     return result
 
 
