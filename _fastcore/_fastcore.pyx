@@ -424,7 +424,7 @@ cdef class InstanceModelC:
         cdef bint joined = new_at <= 0.0  # the new request is in the queue
         cdef int64_t p, c, g, pr, r, h, victim, used = 0, free_blocks, peak
         cdef int64_t num_new, need, budget, total_h, comp_h, new_h, nb, left, k_finish
-        cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1
+        cdef int64_t ctx_sum, j, lo, hi, mid, need_mid, free_after_1, head_need
         cdef int64_t prefill_tokens, decode_seqs, ctx, new_comp, new_sched
         cdef double delay = 0.0, d_new, min_step, step_fixed, token_prefill, end
         # the others still before their first token: the new request's steps delay each of
@@ -538,9 +538,9 @@ cdef class InstanceModelC:
                 break
             # ---- fast-forward a decode-only stretch ----------------------------------------
             n_run = n_running
-            # A stretch needs the head of the queue unable to join; it surely can join when
-            # it fits beside one more block for every running request (what one decode step
-            # can take at most), so the scan below is skipped: the step is the same.
+            # A stretch needs the head of the queue unable to join the next step: the KV
+            # blocks it would take then (-1: it could not join for other reasons).
+            head_need = -1
             if (fast_forward and n_run > 0 and head < tail and n_run < max_num_seqs
                     and budget_cap - n_run > 0):
                 h = waiting[head]
@@ -549,9 +549,11 @@ cdef class InstanceModelC:
                 new_h = total_h - comp_h
                 if new_h > budget_cap - n_run:
                     new_h = budget_cap - n_run
-                joins = ceil_div(comp_h + new_h, bs, bs_shift) <= free_blocks - n_run
-            else:
-                joins = False
+                head_need = ceil_div(comp_h + new_h, bs, bs_shift)
+            # It surely joins when it fits beside one more block for every running request
+            # (what one decode step can take at most): the scan below is skipped, the step
+            # is the same.
+            joins = 0 <= head_need <= free_blocks - n_run
             if fast_forward and not joins and n_run > 0 and n_run <= budget_cap:
                 all_decode = True
                 k_finish = MAX_TOKENS
@@ -611,16 +613,10 @@ cdef class InstanceModelC:
                             need = decode_blocks_needed(req, running, n_run, bs, bs_shift, j)
                     admissible = False
                     # Admissibility only matters for a stretch (j > 1) and has no side effect.
-                    if j > 1 and head < tail and n_run < max_num_seqs and budget_cap - n_run > 0:
-                        h = waiting[head]
-                        total_h = req[h].prompt + req[h].gen
-                        comp_h = req[h].cached if req[h].cached < total_h - 1 else total_h - 1
-                        new_h = total_h - comp_h
-                        if new_h > budget_cap - n_run:
-                            new_h = budget_cap - n_run
+                    if j > 1 and head_need >= 0:
                         free_after_1 = free_blocks - decode_blocks_needed(req, running, n_run,
                                                                           bs, bs_shift, 1)
-                        admissible = ceil_div(comp_h + new_h, bs, bs_shift) <= free_after_1
+                        admissible = head_need <= free_after_1
                     if j > 1 and not admissible:
                         a = fixed + c_decode * <double>n_run + c_context * <double>ctx_sum
                         b = c_context * (<double>n_run * bp_tri_as_double(j))

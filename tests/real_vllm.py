@@ -170,17 +170,8 @@ DONE_LINE = re.compile(r"done on (\S+): prompt \S+, output (\d+) \(predicted (\d
 
 def prediction_errors(log: str) -> dict[str, list[float]]:
     """Per-request absolute relative errors of TTFT, e2e and output length."""
-    out: dict[str, list[float]] = {"ttft": [], "e2e": [], "output": []}
-    for m in DONE_LINE.finditer(log):
-        output, p_output = int(m[2]), int(m[3])
-        ttft, p_ttft, e2e, p_e2e = (float(m[i]) for i in (4, 5, 6, 7))
-        if ttft > 0 and p_ttft != float("inf"):
-            out["ttft"].append(abs(p_ttft - ttft) / ttft)
-        if e2e > 0 and p_e2e != float("inf"):
-            out["e2e"].append(abs(p_e2e - e2e) / e2e)
-        if output > 0:
-            out["output"].append(abs(p_output - output) / output)
-    return out
+    records = prediction_records(log)
+    return {q: [abs(e) for e in relative_errors(records, q)] for q in ("ttft", "e2e", "output")}
 
 
 def summarize(errors: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
@@ -198,8 +189,13 @@ def prediction_records(log: str) -> list[dict[str, Any]]:
             for m in DONE_LINE.finditer(log)]
 
 
+def relative_errors(records: Sequence[Mapping[str, Any]], quantity: str) -> list[float]:
+    """(predicted - measured) / measured of ``quantity`` per request that has both."""
+    return [(r["predicted_" + quantity] - r[quantity]) / r[quantity] for r in records
+            if r[quantity] > 0 and r["predicted_" + quantity] != math.inf]
+
+
 def signed_median_pct(records: Sequence[Mapping[str, Any]], quantity: str) -> float:
     """Median of (predicted - measured) / measured, in percent: below 0, predictions short."""
-    values = [(r["predicted_" + quantity] - r[quantity]) / r[quantity] for r in records
-              if r[quantity] > 0 and math.isfinite(r["predicted_" + quantity])]
+    values = relative_errors(records, quantity)
     return 100 * statistics.median(values) if values else float("nan")
