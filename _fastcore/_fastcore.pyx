@@ -1204,3 +1204,39 @@ def all_ints(list values):
         if not PyLong_Check(v) or PyBool_Check(v):
             return False
     return True
+
+
+# ---- the baseline policies' load measures (twin: blockproxy.cluster.requests.table_loads_py) ---
+
+def table_loads(state, n, int64_t block_size):
+    """One pass over the first ``n`` columns of a request table (rows as the simulator's):
+    ``(waiting, their prompt tokens, their cached tokens, their predicted output tokens,
+    output tokens still expected (max(predicted - generated, 1), summed over all),
+    running, KV blocks of the running, KV blocks of the waiting)``, a request's blocks
+    being its prompt and generated tokens in ``block_size`` blocks (0: not counted)."""
+    cdef const int64_t[:, ::1] view = state
+    cdef Py_ssize_t nn = rows_of(n, view.shape[0], view.shape[1], state)
+    cdef Py_ssize_t i, stride = view.shape[1]
+    cdef int64_t waiting = 0, w_prompt = 0, w_cached = 0, w_predicted = 0, remaining = 0
+    cdef int64_t used = 0, wanted = 0, left, blocks = 0
+    cdef const int64_t* data
+    if block_size < 0:
+        raise ValueError(f"block_size must be >= 0, got {block_size}")
+    if nn == 0:
+        return (0, 0, 0, 0, 0, 0, 0, 0)
+    data = &view[0, 0]
+    with nogil:
+        for i in range(nn):
+            left = data[3 * stride + i] - data[2 * stride + i]
+            remaining += left if left > 1 else 1
+            if block_size > 0:
+                blocks = (data[i] + data[2 * stride + i] + block_size - 1) // block_size
+            if data[4 * stride + i] == 0:
+                waiting += 1
+                w_prompt += data[i]
+                w_cached += data[stride + i]
+                w_predicted += data[3 * stride + i]
+                wanted += blocks
+            else:
+                used += blocks
+    return (waiting, w_prompt, w_cached, w_predicted, remaining, nn - waiting, used, wanted)

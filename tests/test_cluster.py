@@ -81,6 +81,38 @@ def test_load_metrics_of_the_baselines():
     assert inst.llumnix_headroom() == 1000 - 11 - 20
 
 
+def test_compiled_and_twin_load_measures_agree() -> None:
+    from blockproxy.cluster.requests import table_loads_py
+    try:
+        from blockproxy._fastcore import table_loads as compiled
+    except ImportError:
+        pytest.skip("extension not built")
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        capacity = int(rng.integers(0, 40))
+        n = int(rng.integers(0, capacity + 1))
+        state = np.zeros((simulator.NUM_COLUMNS, capacity), dtype=np.int64)
+        if capacity:
+            state[simulator.COL_PROMPT] = rng.integers(0, 9000, capacity)
+            state[simulator.COL_CACHED] = rng.integers(0, 9000, capacity)
+            state[simulator.COL_GENERATED] = rng.integers(0, 3000, capacity)
+            state[simulator.COL_PREDICTED] = rng.integers(0, 3000, capacity)
+            state[simulator.COL_STARTED] = rng.integers(0, 2, capacity)
+        block_size = int(rng.choice([0, 1, 7, 16]))
+        assert compiled(state, n, block_size) == table_loads_py(state, n, block_size)
+    state = np.zeros((simulator.NUM_COLUMNS, 4), dtype=np.int64)
+    for loads in (compiled, table_loads_py):
+        with pytest.raises(ValueError):
+            loads(state, 5, 16)
+        with pytest.raises(ValueError):
+            loads(state, 2, -1)
+    # one request of each kind: (waiting, prompt, cached, predicted, still expected,
+    # running, running blocks, waiting blocks)
+    state[:, 0] = (160, 0, 1, 100, 1)  # running: 161 tokens in 11 blocks, 99 to go
+    state[:, 1] = (320, 64, 0, 50, 0)  # waiting: 320 tokens in 20 blocks
+    assert compiled(state, 2, 16) == (1, 320, 64, 50, 149, 1, 11, 20)
+
+
 def test_unobserved_requests_progress_along_their_prediction():
     inst = view_with("a").instances["a"]
     entry = inst.reserve(100, 11, now=0.0)
