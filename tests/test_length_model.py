@@ -270,7 +270,7 @@ async def test_a_loaded_model_predicts_from_the_first_request(
     path = tmp_path / "lengths.npz"
     model.save(path)
     config = ProxyConfig(backends="(in process)", scrape_interval=0.0,
-                         length_model=str(path))
+                         length_model=str(path), length_tail_every=1)
     proxy = Proxy(config, [BackendSpec(url=instance_url, name="i0", models=("tiny",))])
     client = await aiohttp_client(proxy.make_app())
     predicted = {}
@@ -302,6 +302,22 @@ async def test_a_loaded_model_predicts_from_the_first_request(
                [BackendSpec(url=instance_url, name="i0", models=("tiny",))])
     assert ir.predictor.model.learn_buckets is True
     assert ir.generate.describer.buckets and not proxy.generate.describer.buckets
+
+
+def test_the_tail_is_predicted_for_one_job_in_tail_every() -> None:
+    model = LengthModel(warmup=0)
+    train(task_log(400, seed=8), model)
+    predictor = LengthPredictor(model=model)
+    for every, sampled in ((1, [True] * 6), (3, [False, False, True] * 2), (0, [False] * 6)):
+        describer = Describer(predictor, tail_every=every)
+        jobs = [describer.describe(completion("story the text below"), None, 8192)
+                for _ in range(6)]
+        assert [job.output_high > job.output_tokens for job in jobs] == sampled, every
+        # a hint is the length: no tail, and it does not count
+        hinted = describer.describe(completion("story the text below"), "50", 8192)
+        assert hinted.output_high == 0
+    with pytest.raises(ValueError):
+        Describer(predictor, tail_every=-1)
 
 
 def test_a_bad_model_file_stops_the_proxy(tmp_path: Path) -> None:

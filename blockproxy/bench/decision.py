@@ -14,6 +14,10 @@ their blocks with what one instance caches.  ``describe`` is parsing the request
 describing it (hashing included), ``decision`` the dispatch with a prefix lookup per
 candidate; ``cache_model_mib`` is the memory of one instance's cache model when full.
 
+The jobs are as the server sees them once its length model is ready: one in
+``--length-tail-every`` (the server's default) also carries a tail length, four times
+its median, whose E2E the dispatch predicts as well.
+
 Each cluster size, and the ``prefix`` section, draws its states from a random stream of
 its own (``--seed`` and the size): every policy is timed on the same states, and the
 ``prefix`` figures do not depend on which policies were timed before them.
@@ -33,6 +37,7 @@ from blockproxy import simulator
 from blockproxy.backends import BackendSpec
 from blockproxy.bench import find_lengths_file, load_lengths, make_state
 from blockproxy.cluster import ClusterView, Instance
+from blockproxy.config import ProxyConfig
 from blockproxy.metrics import Metrics
 from blockproxy.request import COMPLETIONS, parse_request
 from blockproxy.routing.describe import Describer
@@ -42,6 +47,20 @@ from blockproxy.routing.lengths import LengthPredictor
 from blockproxy.routing.policies import make_policy
 
 CLUSTER_SIZES = (4, 16)
+#: the server predicts the tail E2E of one request in this many (``--length-tail-every``)
+TAIL_EVERY = ProxyConfig().length_tail_every
+#: a request's tail length against its median, as a length model gives it: the 0.9 and
+#: 0.5 quantiles of its log-length residuals on the Azure conversation trace are 1.50
+#: and 0.11 apart by e^1.39, about 4
+TAIL_RATIO = 4
+
+
+def with_tails(jobs: list[Job]) -> list[Job]:
+    """``jobs`` as a ready length model describes them to the server: one in
+    ``TAIL_EVERY`` also carries its tail length, whose E2E the dispatch predicts too."""
+    return [job._replace(output_high=TAIL_RATIO * job.output_tokens)
+            if TAIL_EVERY and k % TAIL_EVERY == TAIL_EVERY - 1 else job
+            for k, job in enumerate(jobs)]
 
 
 def build_cluster(size: int, active: int, profile: str, pairs: np.ndarray,
@@ -94,7 +113,8 @@ def time_decisions(view: ClusterView, instances: list[Instance], policy_name: st
 def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     pairs, source = load_lengths(find_lengths_file(args.lengths), rng)
-    jobs = [Job(int(p), 256) for p, _ in pairs[rng.integers(0, len(pairs), args.decisions)]]
+    jobs = with_tails([Job(int(p), 256)
+                       for p, _ in pairs[rng.integers(0, len(pairs), args.decisions)]])
     result: dict[str, Any] = {"simulator": simulator.IMPLEMENTATION, "lengths": source,
                               "active_per_instance": args.active, "decisions": args.decisions,
                               "arrival_rate_per_instance": args.arrival_rate,
@@ -165,9 +185,11 @@ def bench_prefix(args: argparse.Namespace, pairs: np.ndarray, rng: np.random.Gen
         instances[0].prefix.acquire(first.blocks or [])
         instances[0].prefix.release(first.blocks or [])
         describe_s, decide_s = [], []
-        for raw in bodies:
+        for k, raw in enumerate(bodies):
             start = time.perf_counter()
             job = describer.describe(parse_request(COMPLETIONS, raw), None, 1 << 20)
+            if TAIL_EVERY and k % TAIL_EVERY == TAIL_EVERY - 1:  # as a ready length model
+                job = job._replace(output_high=TAIL_RATIO * job.output_tokens)
             arrivals = [inst.requests.recent.snapshot() for inst in instances]
             mid = time.perf_counter()
             entry = dispatcher.dispatch(instances, job)

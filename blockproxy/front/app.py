@@ -90,7 +90,7 @@ class Proxy:
         model.learn_buckets = policy.USES_BUCKETS
         self.generate = GenerateHandler(config, self.view, Describer(
             self.predictor, tail_quantile=config.length_tail_quantile,
-            buckets=policy.USES_BUCKETS),
+            buckets=policy.USES_BUCKETS, tail_every=config.length_tail_every),
                                         Dispatcher(policy, self.metrics), self.upstream,
                                         self.metrics, self.gate)
         self.gossip: Gossiper | None = None

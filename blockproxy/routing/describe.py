@@ -33,12 +33,21 @@ TURN_SCAN = 256
 class Describer:
     def __init__(self, predictor: LengthPredictor,
                  tokens: PromptTokenEstimator | None = None,
-                 tail_quantile: float = 0.9, buckets: bool = False) -> None:
+                 tail_quantile: float = 0.9, buckets: bool = False,
+                 tail_every: int = 1) -> None:
         if not 0.0 < tail_quantile < 1.0:
             raise ValueError(f"tail_quantile must be in (0, 1), got {tail_quantile}")
+        if tail_every < 0:
+            raise ValueError(f"tail_every must be >= 0, got {tail_every}")
         self.predictor = predictor
         self.tokens = tokens or PromptTokenEstimator()
         self.tail_quantile = tail_quantile
+        #: one job in this many gets ``output_high`` (0: none).  Its E2E at that length is
+        #: one more simulation at dispatch, of a long answer with the expected arrivals
+        #: (several times the decision's own); it feeds only the tail-coverage metric,
+        #: which a sample estimates as well.
+        self.tail_every = tail_every
+        self._tail_count = 0
         #: also give each job its length bucket (the classifier head)
         self.buckets = buckets
         self._turns: OrderedDict[int, int] = OrderedDict()
@@ -87,9 +96,12 @@ class Describer:
         output = predictor.predict(info.model, prompt_tokens, info.max_tokens, context_left,
                                    parsed_hint, features)
         high = 0
-        if parsed_hint is None and predictor.model.ready(info.model):
-            high = predictor.predict(info.model, prompt_tokens, info.max_tokens, context_left,
-                                     None, features, self.tail_quantile)
+        if parsed_hint is None and self.tail_every and predictor.model.ready(info.model):
+            self._tail_count += 1
+            if self._tail_count >= self.tail_every:
+                self._tail_count = 0
+                high = predictor.predict(info.model, prompt_tokens, info.max_tokens,
+                                         context_left, None, features, self.tail_quantile)
         bucket = 0
         if self.buckets and parsed_hint is None and predictor.model.ready(info.model):
             head = predictor.model.buckets
