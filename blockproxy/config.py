@@ -67,7 +67,7 @@ class ProxyConfig:
                                   "predicts (a loaded model predicts at once)")
     length_tail_quantile: float = _opt(0.9, "quantile of a request's output length its tail "
                                             "E2E is predicted at")
-    length_tail_every: int = _opt(100, "predict the tail E2E for one request in this many "
+    length_tail_every: int = _opt(1000, "predict the tail E2E for one request in this many "
                                        "(the prediction_tail_total metric; each costs a "
                                        "simulation of a long answer; 0 = none)")
     past_prediction_tokens: int = _opt(16, "simulator: tokens still expected from a request "

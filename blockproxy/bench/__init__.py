@@ -75,6 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "chosen instance's prediction expects more of; 0 = none)")
     decision.add_argument("--policies", default="block,least_tokens,round_robin",
                           help="policies to time")
+    decision.add_argument("--tail-every", type=int, default=None,
+                          help="one job in this many carries a tail length (4x its "
+                               "median) whose E2E the dispatch predicts too, as the "
+                               "server's --length-tail-every (default: the server's; "
+                               "0 = none)")
     decision.add_argument("--delay-weight", type=float, default=1.0,
                           help="also time block with this --delay-weight (unbounded slack: "
                                "every candidate simulated with its expected arrivals; "

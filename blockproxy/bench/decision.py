@@ -15,8 +15,8 @@ describing it (hashing included), ``decision`` the dispatch with a prefix lookup
 candidate; ``cache_model_mib`` is the memory of one instance's cache model when full.
 
 The jobs are as the server sees them once its length model is ready: one in
-``--length-tail-every`` (the server's default) also carries a tail length, four times
-its median, whose E2E the dispatch predicts as well.
+``--tail-every`` (by default the server's ``--length-tail-every``) also carries a tail
+length, four times its median, whose E2E the dispatch predicts as well.
 
 Each cluster size, and the ``prefix`` section, draws its states from a random stream of
 its own (``--seed`` and the size): every policy is timed on the same states, and the
@@ -55,12 +55,12 @@ TAIL_EVERY = ProxyConfig().length_tail_every
 TAIL_RATIO = 4
 
 
-def with_tails(jobs: list[Job]) -> list[Job]:
-    """``jobs`` as a ready length model describes them to the server: one in
-    ``TAIL_EVERY`` also carries its tail length, whose E2E the dispatch predicts too."""
-    return [job._replace(output_high=TAIL_RATIO * job.output_tokens)
-            if TAIL_EVERY and k % TAIL_EVERY == TAIL_EVERY - 1 else job
-            for k, job in enumerate(jobs)]
+def with_tail(job: Job, k: int, every: int) -> Job:
+    """The ``k``-th job as a ready length model describes it to the server: one in
+    ``every`` also carries its tail length, whose E2E the dispatch predicts too."""
+    if every and k % every == every - 1:
+        return job._replace(output_high=TAIL_RATIO * job.output_tokens)
+    return job
 
 
 def build_cluster(size: int, active: int, profile: str, pairs: np.ndarray,
@@ -113,8 +113,9 @@ def time_decisions(view: ClusterView, instances: list[Instance], policy_name: st
 def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     pairs, source = load_lengths(find_lengths_file(args.lengths), rng)
-    jobs = with_tails([Job(int(p), 256)
-                       for p, _ in pairs[rng.integers(0, len(pairs), args.decisions)]])
+    every = TAIL_EVERY if args.tail_every is None else args.tail_every
+    jobs = [with_tail(Job(int(p), 256), k, every)
+            for k, (p, _) in enumerate(pairs[rng.integers(0, len(pairs), args.decisions)])]
     result: dict[str, Any] = {"simulator": simulator.IMPLEMENTATION, "lengths": source,
                               "active_per_instance": args.active, "decisions": args.decisions,
                               "arrival_rate_per_instance": args.arrival_rate,
@@ -167,6 +168,7 @@ def bench_prefix(args: argparse.Namespace, pairs: np.ndarray, rng: np.random.Gen
     from blockproxy.cluster.prefix import PrefixCache
 
     out: dict[str, Any] = {}
+    every = TAIL_EVERY if args.tail_every is None else args.tail_every
     words = np.array([f"w{i:03d}" for i in range(1000)])
     for tokens in PREFIX_PROMPT_TOKENS:
         view, instances = _filled_cluster(args, pairs, rng)
@@ -188,8 +190,7 @@ def bench_prefix(args: argparse.Namespace, pairs: np.ndarray, rng: np.random.Gen
         for k, raw in enumerate(bodies):
             start = time.perf_counter()
             job = describer.describe(parse_request(COMPLETIONS, raw), None, 1 << 20)
-            if TAIL_EVERY and k % TAIL_EVERY == TAIL_EVERY - 1:  # as a ready length model
-                job = job._replace(output_high=TAIL_RATIO * job.output_tokens)
+            job = with_tail(job, k, every)
             arrivals = [inst.requests.recent.snapshot() for inst in instances]
             mid = time.perf_counter()
             entry = dispatcher.dispatch(instances, job)
