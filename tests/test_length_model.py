@@ -316,6 +316,9 @@ def test_the_tail_is_predicted_for_one_job_in_tail_every() -> None:
         # a hint is the length: no tail, and it does not count
         hinted = describer.describe(completion("story the text below"), "50", 8192)
         assert hinted.output_high == 0
+        jobs = [describer.describe(completion("story the text below"), None, 8192)
+                for _ in range(3)]
+        assert [job.output_high > job.output_tokens for job in jobs] == sampled[:3], every
     with pytest.raises(ValueError):
         Describer(predictor, tail_every=-1)
 

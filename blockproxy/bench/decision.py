@@ -55,6 +55,11 @@ TAIL_EVERY = ProxyConfig().length_tail_every
 TAIL_RATIO = 4
 
 
+def tail_every(args: argparse.Namespace) -> int:
+    """``--tail-every``, or the server's rate when not given."""
+    return TAIL_EVERY if args.tail_every is None else int(args.tail_every)
+
+
 def with_tail(job: Job, k: int, every: int) -> Job:
     """The ``k``-th job as a ready length model describes it to the server: one in
     ``every`` also carries its tail length, whose E2E the dispatch predicts too."""
@@ -113,7 +118,7 @@ def time_decisions(view: ClusterView, instances: list[Instance], policy_name: st
 def bench_decision(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     pairs, source = load_lengths(find_lengths_file(args.lengths), rng)
-    every = TAIL_EVERY if args.tail_every is None else args.tail_every
+    every = tail_every(args)
     jobs = [with_tail(Job(int(p), 256), k, every)
             for k, (p, _) in enumerate(pairs[rng.integers(0, len(pairs), args.decisions)])]
     result: dict[str, Any] = {"simulator": simulator.IMPLEMENTATION, "lengths": source,
@@ -168,7 +173,7 @@ def bench_prefix(args: argparse.Namespace, pairs: np.ndarray, rng: np.random.Gen
     from blockproxy.cluster.prefix import PrefixCache
 
     out: dict[str, Any] = {}
-    every = TAIL_EVERY if args.tail_every is None else args.tail_every
+    every = tail_every(args)
     words = np.array([f"w{i:03d}" for i in range(1000)])
     for tokens in PREFIX_PROMPT_TOKENS:
         view, instances = _filled_cluster(args, pairs, rng)
