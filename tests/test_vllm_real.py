@@ -344,7 +344,8 @@ async def concurrent_load(url: str, count: int, concurrency: int, hint: bool,
 def repeat_spread(a: list[dict], b: list[dict]) -> dict[str, float]:
     """Median over requests of |b - a| / b, in percent, for TTFT and e2e: ``b`` is the same
     requests sent again the same way, so this is the error of a predictor that knew each
-    request's time in the first run exactly, the floor the machine's own variation sets."""
+    request's time in the first run exactly: the machine's own run-to-run variation (not
+    a strict floor, since the two runs' states differ)."""
     assert len(a) == len(b)
     return {q: 100 * statistics.median(abs(y[q] - x[q]) / y[q] for x, y in zip(a, b))
             for q in ("ttft", "e2e")}
