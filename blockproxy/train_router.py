@@ -252,7 +252,7 @@ def heuristic(cluster: ClusterModel, d: Decision) -> int:
 
 def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
           length: int | Sequence[int] = 0, tie_tolerance: float = 0.0,
-          seed: int = 1) -> Chooser:
+          seed: int = 1, arrivals: bool = True) -> Chooser:
     """Least predicted end-to-end latency, from each instance's state (``block``; an
     instance whose last step ends after now starts later by as much).  With
     ``delay_weight`` w: least own latency plus w times the latency it adds to the others
@@ -267,7 +267,9 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
     predictions of those this router sent there.  With ``tie_tolerance`` the
     candidates within that fraction of the best score are ties, broken as the proxy's
     policy breaks them: the earliest first token (within the tolerance), then the fewest
-    requests, then at random (seeded); without it, the best score wins."""
+    requests, then at random (seeded); without it, the best score wins.  With
+    ``arrivals`` False the simulations leave out the expected arrivals: the delay counts
+    only the requests already on the instance (``--future-arrivals 0``)."""
     rng = random.Random(seed)
     constant = length if isinstance(length, int) else 0
     each = None if isinstance(length, int) else np.asarray(length, dtype=np.int64)
@@ -280,7 +282,8 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
             recent.extend(ArrivalProcess(r.window) for r in cluster.recent)
         output = int(each[d.rid]) if each is not None else constant or d.output
         for i, model in enumerate(cluster.models):
-            future = cluster.recent[i].expected(cluster.now) if delay_weight else ()
+            future = (cluster.recent[i].expected(cluster.now)
+                      if delay_weight and arrivals else ())
             table, n = cluster.tables[i], cluster.n[i]
             if each is not None:
                 table = table[:, :n].copy()

@@ -65,6 +65,10 @@ def main() -> None:
                         help="also each block router knowing no length: every request "
                              "predicted at the median's (as a proxy whose length model "
                              "has learned nothing else)")
+    parser.add_argument("--without-arrivals", action="store_true",
+                        help="also each weighted block router without the expected "
+                             "arrivals in its simulations (the proxy's --future-arrivals 0: "
+                             "the delay counts only the requests already there)")
     parser.add_argument("--tie-tolerance", type=float, default=0.0,
                         help="also each weighted block router breaking ties within this "
                              "fraction of the best score as the proxy does (its default "
@@ -88,6 +92,12 @@ def main() -> None:
             if args.blind:
                 routers.append((f"block w={w:g} slack={slack:g}, median length",
                                 block(w, slack, median)))
+            if args.without_arrivals:
+                routers.append((f"block w={w:g} slack={slack:g}, no arrivals",
+                                block(w, slack, arrivals=False)))
+                if args.blind:
+                    routers.append((f"block w={w:g} slack={slack:g}, median, no arrivals",
+                                    block(w, slack, median, arrivals=False)))
     rows: list[dict[str, Any]] = []
     for name, choose in routers:
         began = time.perf_counter()
@@ -100,10 +110,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     rr = rows[0]["mean_e2e_ms"]
-    print(f"\n{'router':28s} {'mean E2E':>9s} {'vs RR':>6s} {'P99 E2E':>8s} "
+    print(f"\n{'router':40s} {'mean E2E':>9s} {'vs RR':>6s} {'P99 E2E':>8s} "
           f"{'mean TTFT':>9s} {'P99 TTFT':>8s}")
     for r in rows:
-        print(f"{r['router']:28s} {r['mean_e2e_ms']:9,d} {r['mean_e2e_ms'] / rr:6.3f} "
+        print(f"{r['router']:40s} {r['mean_e2e_ms']:9,d} {r['mean_e2e_ms'] / rr:6.3f} "
               f"{r['p99_e2e_ms']:8,d} {r['mean_ttft_ms']:9,d} {r['p99_ttft_ms']:8,d}")
 
 

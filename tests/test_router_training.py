@@ -97,7 +97,9 @@ def test_the_cluster_model_s_block_counts_the_delay_when_weighted() -> None:
 def test_the_cluster_model_s_weighted_block_expects_each_instance_s_arrivals() -> None:
     """As the proxy's (tests/test_policies.py): long prompts with short answers keep
     arriving at instance 0, forty long decodes run on instance 1.  A long answer is
-    predicted sooner done on 0 by what is there now, and with 0's arrivals on 1."""
+    predicted sooner done on 0 by what is there now, and with 0's arrivals on 1; with
+    the arrivals left out (``--future-arrivals 0``) the weighted router sees only what is
+    there now."""
     cluster = ClusterModel(load_profile(PROFILE), 2, arrival_window=5.0)
     for rid in range(40):
         cluster.dispatch(1, rid, 200, 2000, 0.0)
@@ -109,6 +111,7 @@ def test_the_cluster_model_s_weighted_block_expects_each_instance_s_arrivals() -
     d = Decision(500, 100, 1500, 5.0, 0, True)
     assert block()(cluster, d) == 0
     assert block(1.0)(cluster, d) == 1
+    assert block(1.0, arrivals=False)(cluster, d) == 0
 
 
 def test_the_cluster_model_s_block_blind_to_lengths_takes_every_answer_at_one_length(
