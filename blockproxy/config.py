@@ -36,14 +36,20 @@ class ProxyConfig:
                                     "add to the others on an instance (those expected to "
                                     "arrive included), added to its own (0 = its own only, "
                                     "as in the Block paper)")
-    delay_slack: float = _opt(0.2, "block: with --delay-weight, how much longer (a fraction) a "
-                                   "request's own predicted latency may be than its best, to "
-                                   "spare the others (inf = no limit)")
+    delay_slack: float = _opt(0.2, "block: with --delay-weight or --prefill-stall, how much "
+                                   "longer (a fraction) a request's own predicted latency "
+                                   "may be than its best, to spare the others (inf = no "
+                                   "limit)")
     delay_decodes: float = _opt(-1.0, "block: with --delay-weight, how much a request's "
                                       "delay to another already past its first token "
                                       "counts against one to a first token still to come, "
                                       "in [0, 1] (1 = the end-to-end delay; negative = the "
                                       "policy's own: 1 for block, 0 for block_ttft)")
+    prefill_stall: float = _opt(0.0, "block: weight of the time the request's prefill "
+                                     "holds up the requests running on an instance (its "
+                                     "prefill time times how many run there), added to its "
+                                     "score; the simulations then include the expected "
+                                     "arrivals (0 = off)")
     balance_abs: int = _opt(32, "prefix_affinity: route to the least loaded when the most and "
                                 "least loaded differ by more than this many requests ...")
     balance_rel: float = _opt(1.5, "prefix_affinity: ... and by more than this factor")

@@ -252,7 +252,7 @@ def heuristic(cluster: ClusterModel, d: Decision) -> int:
 
 def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
           length: int | Sequence[int] = 0, tie_tolerance: float = 0.0,
-          seed: int = 1, arrivals: bool = True) -> Chooser:
+          seed: int = 1, arrivals: bool = True, prefill_stall: float = 0.0) -> Chooser:
     """Least predicted end-to-end latency, from each instance's state (``block``; an
     instance whose last step ends after now starts later by as much).  With
     ``delay_weight`` w: least own latency plus w times the latency it adds to the others
@@ -269,7 +269,10 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
     policy breaks them: the earliest first token (within the tolerance), then the fewest
     requests, then at random (seeded); without it, the best score wins.  With
     ``arrivals`` False the simulations leave out the expected arrivals: the delay counts
-    only the requests already on the instance (``--future-arrivals 0``)."""
+    only the requests already on the instance (``--future-arrivals 0``).  With
+    ``prefill_stall`` s the score also holds s times the request's prefill time times the
+    requests running on the instance (``block --prefill-stall``), and the simulations
+    include the expected arrivals as with the delay weight."""
     rng = random.Random(seed)
     constant = length if isinstance(length, int) else 0
     each = None if isinstance(length, int) else np.asarray(length, dtype=np.int64)
@@ -277,13 +280,14 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
     recent: list[ArrivalProcess] = []
 
     def choose(cluster: ClusterModel, d: Decision) -> int:
-        e2e, delay, ttft = [], [], []
+        e2e, delay, ttft, stall = [], [], [], []
+        weighted = bool(delay_weight or prefill_stall)
         if each is not None and not recent:
             recent.extend(ArrivalProcess(r.window) for r in cluster.recent)
         output = int(each[d.rid]) if each is not None else constant or d.output
         for i, model in enumerate(cluster.models):
             future = (cluster.recent[i].expected(cluster.now)
-                      if delay_weight and arrivals else ())
+                      if weighted and arrivals else ())
             table, n = cluster.tables[i], cluster.n[i]
             if each is not None:
                 table = table[:, :n].copy()
@@ -300,8 +304,10 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
             e2e.append(p[1] + lag)
             ttft.append(p[0] + lag)
             delay.append(p[6])
-        limit = min(e2e) * (1.0 + delay_slack) if delay_weight else min(e2e)
-        score = [e2e[i] + delay_weight * delay[i] for i in range(len(e2e))]
+            running = int(np.count_nonzero(cluster.tables[i][simulator.COL_STARTED, :n]))
+            stall.append(prefill_stall * cluster.step.per_prefill_token_s * d.prompt * running)
+        limit = min(e2e) * (1.0 + delay_slack) if weighted else min(e2e)
+        score = [e2e[i] + delay_weight * delay[i] + stall[i] for i in range(len(e2e))]
         pool = [i for i in range(len(e2e)) if e2e[i] <= limit]
         best = min(score[i] for i in pool)
         if not tie_tolerance:

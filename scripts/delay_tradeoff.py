@@ -7,7 +7,8 @@ ClusterModel`), once per router: round robin, the Intelligent Router's heuristic
 each request's true length bucket, and with every answer taken as the median's length),
 ``block``, and ``block`` with each delay weight and slack asked for (their simulations
 include each instance's expected arrivals, decayed over ``--arrival-window`` seconds as
-the proxy's ``--arrival-window`` does).  Prints one JSON object per router (real-GPU
+the proxy's ``--arrival-window`` does), and ``block --prefill-stall`` with each weight in
+``--stalls``.  Prints one JSON object per router (real-GPU
 ms), then a table.  A run of 4,000 requests takes a few
 seconds per router; on the Azure study the model's round robin and ``block`` are within
 1% of the emulated cluster's mean E2E.
@@ -65,6 +66,9 @@ def main() -> None:
                         help="also each block router knowing no length: every request "
                              "predicted at the median's (as a proxy whose length model "
                              "has learned nothing else)")
+    parser.add_argument("--stalls", default="",
+                        help="also block with each of these --prefill-stall weights (comma-"
+                             "separated; no delay weight, no slack limit)")
     parser.add_argument("--without-arrivals", action="store_true",
                         help="also each weighted block router without the expected "
                              "arrivals in its simulations (the proxy's --future-arrivals 0: "
@@ -98,6 +102,11 @@ def main() -> None:
                 if args.blind:
                     routers.append((f"block w={w:g} slack={slack:g}, median, no arrivals",
                                     block(w, slack, median, arrivals=False)))
+    for stall in (float(x) for x in args.stalls.split(",") if x):
+        routers.append((f"block prefill stall {stall:g}", block(prefill_stall=stall)))
+        if args.blind:
+            routers.append((f"block prefill stall {stall:g}, median length",
+                            block(length=median, prefill_stall=stall)))
     rows: list[dict[str, Any]] = []
     for name, choose in routers:
         began = time.perf_counter()

@@ -155,14 +155,17 @@ def test_block_ttft_delay_weight_counts_only_the_first_tokens_it_delays(
     assert first.delay > 0.0
 
 
-@pytest.mark.parametrize("name, delay_weight, delay_slack, decodes",
-                         [("block", 0.0, 0.0, 1.0), ("block", 1.0, 0.2, 1.0),
-                          ("block", 1.0, 5.0, 1.0), ("block", 1.0, math.inf, 1.0),
-                          ("block", 1.0, math.inf, 0.25), ("block_ttft", 1.0, math.inf, 0.0),
-                          ("block_ttft", 1.0, math.inf, 0.25),
-                          ("block_ttft", 0.5, math.inf, 1.0)])
+@pytest.mark.parametrize("name, delay_weight, delay_slack, decodes, stall",
+                         [("block", 0.0, 0.0, 1.0, 0.0), ("block", 1.0, 0.2, 1.0, 0.0),
+                          ("block", 1.0, 5.0, 1.0, 0.0), ("block", 1.0, math.inf, 1.0, 0.0),
+                          ("block", 1.0, math.inf, 0.25, 0.0),
+                          ("block_ttft", 1.0, math.inf, 0.0, 0.0),
+                          ("block_ttft", 1.0, math.inf, 0.25, 0.0),
+                          ("block_ttft", 0.5, math.inf, 1.0, 0.0),
+                          ("block", 0.0, math.inf, 1.0, 2.0), ("block", 1.0, 0.2, 1.0, 1.0),
+                          ("block", 1.0, math.inf, 1.0, 1.0)])
 def test_block_branch_and_bound_chooses_as_full_simulation_would(
-        name: str, delay_weight: float, delay_slack: float, decodes: float,
+        name: str, delay_weight: float, delay_slack: float, decodes: float, stall: float,
         monkeypatch: pytest.MonkeyPatch):
     """The bounded runs choose what full simulations would: the best score, whose own
     latency (end-to-end, or for ``block_ttft`` the first token) is within the slack."""
@@ -174,11 +177,11 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(
              output=rng.randint(50, 600))
         arrive(inst, rng.uniform(0.0, 40.0), rng.randint(100, 3000), rng.randint(50, 600))
     policy = make_policy(name, random.Random(0), tie_tolerance=0.0, delay_weight=delay_weight,
-                         delay_slack=delay_slack, delay_decodes=decodes)
+                         delay_slack=delay_slack, delay_decodes=decodes, prefill_stall=stall)
     idx = 0 if name == "block_ttft" else 1
     runs: list[int] = []
     cuts: list[int] = []
-    future = delay_weight > 0.0  # the delay counts the requests still to arrive
+    future = delay_weight > 0.0 or stall > 0.0  # the others include those still to arrive
     cut = []  # the simulations stopped at their bound
     for inst in insts:
         def predict(*args: Any, _predict: Any = inst.predict) -> Prediction:
@@ -192,14 +195,16 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(
                                         job.output_tokens, math.inf, future, delay_weight,
                                         math.inf, decodes, idx == 0)
                 for inst in insts}
+        stalls = {inst.name: stall * inst.prefill_stall(job) for inst in insts}
+        assert stall == 0.0 or max(stalls.values()) > 0.0
         own = min(p[idx] for p in full.values())
-        best = min(p[idx] + delay_weight * p.delay for p in full.values()
+        best = min(p[idx] + delay_weight * p.delay + stalls[n] for n, p in full.items()
                    if p[idx] <= own * (1 + delay_slack))
         cut.clear()
         chosen, prediction = policy.choose(insts, job)
         assert prediction is not None
         assert prediction == full[chosen.name]
-        assert prediction[idx] + delay_weight * prediction.delay == best
+        assert prediction[idx] + delay_weight * prediction.delay + stalls[chosen.name] == best
         runs.append(len(cut))
         cuts.append(sum(cut))
     # the bound stops some runs (with the delay weight and no slack limit, at the best
@@ -207,6 +212,34 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(
     assert sum(runs) == 30 * len(insts)
     if delay_weight == 0.0 or delay_slack == math.inf:
         assert sum(cuts) > 0.2 * sum(runs), cuts
+
+
+def test_block_prefill_stall_keeps_a_long_prompt_away_from_running_requests(
+        monkeypatch: pytest.MonkeyPatch):
+    """i0 runs thirty short answers, i1 has one long prompt queued and nothing running.
+    A long prompt's own latency is lower on i0; charged its prefill time for each of the
+    thirty running there (``prefill_stall``), it goes to wait on i1, unless the slack
+    forbids giving up that much of its own latency."""
+    frozen(monkeypatch)
+    insts = cluster(2)
+    load(insts[0], 30, prompt=50, output=20)
+    load(insts[1], 1, prompt=6000, output=300, started=False)
+    job = Job(prompt_tokens=16000, output_tokens=10)
+    step = insts[0].profile.step_time
+    assert insts[0].prefill_stall(job) == pytest.approx(
+        step.per_prefill_token_s * insts[0].model.speed * 16000 * 30)
+    assert insts[1].prefill_stall(job) == 0.0
+    free = {"delay_slack": math.inf}
+    assert make_policy("block", random.Random(0)).choose(insts, job)[0] is insts[0]
+    chosen, prediction = make_policy("block", random.Random(0), prefill_stall=2.0,
+                                     **free).choose(insts, job)
+    assert chosen is insts[1] and prediction is not None
+    # the slack still bounds what its own latency may give up
+    cost = insts[1].predict_job(job).e2e / insts[0].predict_job(job).e2e - 1.0
+    assert make_policy("block", random.Random(0), prefill_stall=2.0,
+                       delay_slack=cost * 0.5).choose(insts, job)[0] is insts[0]
+    with pytest.raises(ValueError, match="prefill_stall"):
+        make_policy("block", random.Random(0), prefill_stall=-0.5)
 
 
 NOW = 1000.0  # the proxy's clock, frozen by :func:`frozen`

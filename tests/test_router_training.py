@@ -92,6 +92,9 @@ def test_the_cluster_model_s_block_counts_the_delay_when_weighted() -> None:
     assert block()(cluster, d) == 1
     assert block(1.0, cost * 0.95)(cluster, d) == 1
     assert block(1.0, cost * 1.05)(cluster, d) == 0
+    # charged its prefill time for each of the thirty running there (``--prefill-stall``)
+    assert block(prefill_stall=2.0)(cluster, d) == 0
+    assert block(delay_slack=cost * 0.95, prefill_stall=2.0)(cluster, d) == 1
 
 
 def test_the_cluster_model_s_weighted_block_expects_each_instance_s_arrivals() -> None:

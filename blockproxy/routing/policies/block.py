@@ -33,6 +33,16 @@ instance caching its history is still charged a share of the decodes its recompu
 prefill slows.  Only instances where the request's own predicted latency is within
 ``delay_slack`` (a fraction) of its best are candidates for it (``inf``: all of them).
 
+With ``prefill_stall`` s > 0 the score also holds s times the time the request's prefill
+holds up the requests running on the instance (``Instance.prefill_stall``: its uncached
+prefill time times how many run there, the Intelligent Router's mixing penalty for a
+prompt), and the simulations include the expected arrivals as with the delay weight.
+The simulated delay charges a prefill only to the requests the simulation has running
+when it is computed; with lengths the proxy cannot foresee, it takes those running now
+to end at their predicted lengths, often before a queued prefill runs, and past the
+cluster's capacity that sends long prompts where many decode.  ``delay_slack`` bounds
+either weight's trade.
+
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
 soon as it can no longer end within the best prediction so far (plus the tie tolerance, or
@@ -60,13 +70,16 @@ from blockproxy.simulator import Prediction
 
 @register("block", "block_ttft")
 class BlockPolicy(Policy):
-    OPTIONS = ("sample_k", "tie_tolerance", "delay_weight", "delay_slack", "delay_decodes")
+    OPTIONS = ("sample_k", "tie_tolerance", "delay_weight", "delay_slack", "delay_decodes",
+               "prefill_stall")
 
     def __init__(self, name: str, rng: random.Random, sample_k: int = 0,
                  tie_tolerance: float = 0.02, delay_weight: float = 0.0,
-                 delay_slack: float = 0.2, delay_decodes: float = -1.0) -> None:
+                 delay_slack: float = 0.2, delay_decodes: float = -1.0,
+                 prefill_stall: float = 0.0) -> None:
         super().__init__(name, rng)
-        for option, value in (("delay_weight", delay_weight), ("delay_slack", delay_slack)):
+        for option, value in (("delay_weight", delay_weight), ("delay_slack", delay_slack),
+                              ("prefill_stall", prefill_stall)):
             if not value >= 0.0:
                 raise ValueError(f"{option} must be >= 0, got {value}")
         if math.isnan(delay_decodes) or delay_decodes > 1.0:
@@ -76,7 +89,8 @@ class BlockPolicy(Policy):
         self.tie_tolerance = tie_tolerance
         self.delay_weight = delay_weight
         self.delay_slack = delay_slack
-        self.predicts_future = delay_weight > 0.0
+        self.prefill_stall = prefill_stall
+        self.predicts_future = delay_weight > 0.0 or prefill_stall > 0.0
         self.index = 0 if name == "block_ttft" else 1  # ttft or e2e in the prediction
         if delay_decodes < 0.0:  # the policy's own: the delay to what it minimises
             delay_decodes = 0.0 if self.index == 0 else 1.0
@@ -88,10 +102,11 @@ class BlockPolicy(Policy):
         if 0 < self.sample_k < len(candidates):
             pool = self.rng.sample(list(candidates), self.sample_k)
         idx = self.index
-        w = self.delay_weight
+        w, stall = self.delay_weight, self.prefill_stall
+        weighted = future = self.predicts_future  # w or stall
         slack = 1.0 + self.tie_tolerance
         # how much of its own latency the request may give up for the others
-        give = 1.0 + self.delay_slack if w else slack
+        give = 1.0 + self.delay_slack if weighted else slack
         scored = []
         best = math.inf
         best_score = math.inf  # of own latency plus w times delay, over finished runs
@@ -100,27 +115,30 @@ class BlockPolicy(Policy):
         # (With a limit it must run on: its own latency may be the best, which rules others
         # out.)  Without the delay only the end-to-end time can be bounded: a TTFT search
         # must finish its runs, whose end-to-end times break its ties.
-        scores_bound = bool(w) and give == math.inf
+        scores_bound = weighted and give == math.inf
         order = [(-inst.cached_tokens(job), inst.active, i, inst) for i, inst in enumerate(pool)]
         if idx == 1 or scores_bound:
             order.sort()
         prompt, output = job.prompt_tokens, job.output_tokens
-        future = self.predicts_future  # the others it delays include those still to arrive
+        # (``future``: the others it delays include those still to arrive)
         decodes, on_ttft = self.delay_decodes, idx == 0
+        stalls: dict[int, float] = {}  # id(instance): stall times the weight
         for neg_cached, _, _, inst in order:
+            extra = stall * inst.prefill_stall(job) if stall else 0.0
+            stalls[id(inst)] = extra
             bound = _times(best, give) if idx == 1 else math.inf
-            score_bound = best_score * slack if scores_bound else math.inf
+            score_bound = best_score * slack - extra if scores_bound else math.inf
             prediction = inst.predict(prompt, -neg_cached, output, bound, future, w,
                                       score_bound, decodes, on_ttft)
             scored.append((prediction, inst))
             if prediction[idx] < best:
                 best = prediction[idx]
-            if w and prediction[idx] < math.inf:
-                best_score = min(best_score, prediction[idx] + w * prediction.delay)
+            if weighted and prediction[idx] < math.inf:
+                best_score = min(best_score, prediction[idx] + w * prediction.delay + extra)
         limit = _times(best, give)
         ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
-        if w and len(ties) > 1:
-            scores = [p[idx] + w * p.delay for p, _ in ties]
+        if weighted and len(ties) > 1:
+            scores = [p[idx] + w * p.delay + stalls[id(inst)] for p, inst in ties]
             limit = min(scores) * slack
             ties = [tie for tie, score in zip(ties, scores) if score <= limit]
         if len(ties) > 1:
