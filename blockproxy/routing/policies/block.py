@@ -37,11 +37,9 @@ With ``prefill_stall`` s > 0 the score also holds s times the time the request's
 holds up the requests running on the instance (``Instance.prefill_stall``: its uncached
 prefill time times how many run there, the Intelligent Router's mixing penalty for a
 prompt), and the simulations include the expected arrivals as with the delay weight.
-The simulated delay charges a prefill only to the requests the simulation has running
-when it is computed; with lengths the proxy cannot foresee, it takes those running now
-to end at their predicted lengths, often before a queued prefill runs, and past the
-cluster's capacity that sends long prompts where many decode.  ``delay_slack`` bounds
-either weight's trade.
+Past the cluster's capacity, with lengths the proxy cannot foresee, this charge routes
+better than the simulated delay (README, the Intelligent Router study); why the delay
+falls short there is not established.  ``delay_slack`` bounds either weight's trade.
 
 Branch and bound: candidates are simulated from the most likely winner down (the longest
 cached prefix of the prompt first, then the least loaded), and each simulation stops as
