@@ -107,7 +107,7 @@ class BlockPolicy(Policy):
         give = 1.0 + self.delay_slack if weighted else slack
         scored = []
         best = math.inf
-        best_score = math.inf  # of own latency plus w times delay, over finished runs
+        best_score = math.inf  # own latency + w * delay (+ the stall), over finished runs
         # With the delay and no slack limit, a run whose latency plus weighted delay so far
         # passes the best score cannot win (the delay only grows), whichever latency it is.
         # (With a limit it must run on: its own latency may be the best, which rules others
