@@ -195,7 +195,9 @@ def test_block_branch_and_bound_chooses_as_full_simulation_would(
                                         job.output_tokens, math.inf, future, delay_weight,
                                         math.inf, decodes, idx == 0)
                 for inst in insts}
-        stalls = {inst.name: stall * inst.prefill_stall(job) for inst in insts}
+        stalls = {inst.name: stall * inst.prefill_stall(job.prompt_tokens
+                                                        - inst.cached_tokens(job))
+                  for inst in insts}
         assert stall == 0.0 or max(stalls.values()) > 0.0
         own = min(p[idx] for p in full.values())
         best = min(p[idx] + delay_weight * p.delay + stalls[n] for n, p in full.items()
@@ -226,9 +228,9 @@ def test_block_prefill_stall_keeps_a_long_prompt_away_from_running_requests(
     load(insts[1], 1, prompt=6000, output=300, started=False)
     job = Job(prompt_tokens=16000, output_tokens=10)
     step = insts[0].profile.step_time
-    assert insts[0].prefill_stall(job) == pytest.approx(
+    assert insts[0].prefill_stall(16000) == pytest.approx(
         step.per_prefill_token_s * insts[0].model.speed * 16000 * 30)
-    assert insts[1].prefill_stall(job) == 0.0
+    assert insts[1].prefill_stall(16000) == 0.0
     free = {"delay_slack": math.inf}
     assert make_policy("block", random.Random(0)).choose(insts, job)[0] is insts[0]
     chosen, prediction = make_policy("block", random.Random(0), prefill_stall=2.0,

@@ -143,18 +143,17 @@ class Instance:
             return simulator.Prediction(p[0] + o, p[1] + o, p[2] + o, p[3], p[4], p[5], p[6])
         return simulator.Prediction._make(p)
 
-    def prefill_stall(self, job: Job) -> float:
-        """Seconds ``job``'s uncached prefill holds up the requests running here, summed
-        over them: its prefill time (the step-time profile at this instance's speed)
-        times how many are running (the Intelligent Router's mixing penalty for a
+    def prefill_stall(self, uncached_tokens: int) -> float:
+        """Seconds a prefill of ``uncached_tokens`` holds up the requests running here,
+        summed over them: its prefill time (the step-time profile at this instance's
+        speed) times how many are running (the Intelligent Router's mixing penalty for a
         prompt, ``block --prefill-stall``)."""
         r = self.requests
         running = r.n - r.waiting()
         if not running:
             return 0.0
-        uncached = job.prompt_tokens - self.cached_tokens(job)
-        return (self.profile.step_time.per_prefill_token_s * self.model.speed * uncached
-                * running)
+        return (self.profile.step_time.per_prefill_token_s * self.model.speed
+                * uncached_tokens * running)
 
     def cached_tokens(self, job: Job) -> int:
         """Prompt tokens of ``job`` this instance probably has in its prefix cache: whole

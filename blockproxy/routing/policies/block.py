@@ -120,9 +120,9 @@ class BlockPolicy(Policy):
         prompt, output = job.prompt_tokens, job.output_tokens
         # (``future``: the others it delays include those still to arrive)
         decodes, on_ttft = self.delay_decodes, idx == 0
-        stalls: dict[int, float] = {}  # id(instance): stall times the weight
+        stalls: dict[int, float] = {}  # id(instance): the stall times its weight
         for neg_cached, _, _, inst in order:
-            extra = stall * inst.prefill_stall(job) if stall else 0.0
+            extra = stall * inst.prefill_stall(prompt + neg_cached) if stall else 0.0
             stalls[id(inst)] = extra
             bound = _times(best, give) if idx == 1 else math.inf
             score_bound = best_score * slack - extra if scores_bound else math.inf
