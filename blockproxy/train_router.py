@@ -304,8 +304,12 @@ def block(delay_weight: float = 0.0, delay_slack: float = math.inf,
             e2e.append(p[1] + lag)
             ttft.append(p[0] + lag)
             delay.append(p[6])
-            running = int(np.count_nonzero(cluster.tables[i][simulator.COL_STARTED, :n]))
-            stall.append(prefill_stall * cluster.step.per_prefill_token_s * d.prompt * running)
+            if prefill_stall:
+                running = np.count_nonzero(cluster.tables[i][simulator.COL_STARTED, :n])
+                stall.append(prefill_stall * cluster.step.per_prefill_token_s * d.prompt
+                             * int(running))
+            else:
+                stall.append(0.0)
         limit = min(e2e) * (1.0 + delay_slack) if weighted else min(e2e)
         score = [e2e[i] + delay_weight * delay[i] + stall[i] for i in range(len(e2e))]
         pool = [i for i in range(len(e2e)) if e2e[i] <= limit]

@@ -101,11 +101,12 @@ class BlockPolicy(Policy):
             pool = self.rng.sample(list(candidates), self.sample_k)
         idx = self.index
         w, stall = self.delay_weight, self.prefill_stall
-        weighted = future = self.predicts_future  # w or stall
+        # with either weight the others it delays include those still to arrive
+        weighted = future = self.predicts_future
         slack = 1.0 + self.tie_tolerance
         # how much of its own latency the request may give up for the others
         give = 1.0 + self.delay_slack if weighted else slack
-        scored = []
+        scored = []  # (prediction, instance, the stall term of its score)
         best = math.inf
         best_score = math.inf  # own latency + w * delay (+ the stall), over finished runs
         # With the delay and no slack limit, a run whose latency plus weighted delay so far
@@ -118,35 +119,32 @@ class BlockPolicy(Policy):
         if idx == 1 or scores_bound:
             order.sort()
         prompt, output = job.prompt_tokens, job.output_tokens
-        # (``future``: the others it delays include those still to arrive)
         decodes, on_ttft = self.delay_decodes, idx == 0
-        stalls: dict[int, float] = {}  # id(instance): the stall times its weight
         for neg_cached, _, _, inst in order:
             extra = stall * inst.prefill_stall(prompt + neg_cached) if stall else 0.0
-            stalls[id(inst)] = extra
             bound = _times(best, give) if idx == 1 else math.inf
             score_bound = best_score * slack - extra if scores_bound else math.inf
             prediction = inst.predict(prompt, -neg_cached, output, bound, future, w,
                                       score_bound, decodes, on_ttft)
-            scored.append((prediction, inst))
+            scored.append((prediction, inst, extra))
             if prediction[idx] < best:
                 best = prediction[idx]
             if weighted and prediction[idx] < math.inf:
                 best_score = min(best_score, prediction[idx] + w * prediction.delay + extra)
         limit = _times(best, give)
-        ties = [(p, inst) for p, inst in scored if p[idx] <= limit]
+        ties = [tie for tie in scored if tie[0][idx] <= limit]
         if weighted and len(ties) > 1:
-            scores = [p[idx] + w * p.delay + stalls[id(inst)] for p, inst in ties]
+            scores = [p[idx] + w * p.delay + extra for p, _, extra in ties]
             limit = min(scores) * slack
             ties = [tie for tie, score in zip(ties, scores) if score <= limit]
         if len(ties) > 1:
             other = 1 - idx
-            limit = min(p[other] for p, _ in ties) * slack
-            ties = [(p, inst) for p, inst in ties if p[other] <= limit]
+            limit = min(p[other] for p, _, _ in ties) * slack
+            ties = [tie for tie in ties if tie[0][other] <= limit]
         if len(ties) > 1:
-            fewest = min(inst.active for _, inst in ties)
-            ties = [(p, inst) for p, inst in ties if inst.active == fewest]
-        prediction, chosen = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+            fewest = min(inst.active for _, inst, _ in ties)
+            ties = [tie for tie in ties if tie[1].active == fewest]
+        prediction, chosen, _ = ties[0] if len(ties) == 1 else self.rng.choice(ties)
         return chosen, prediction
 
 
